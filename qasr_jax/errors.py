@@ -1,0 +1,51 @@
+"""Typed errors. Each names the input it is about and what is wrong with it."""
+
+from __future__ import annotations
+
+
+class QasrError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class ConfigError(QasrError, ValueError):
+    """A config.json is missing a field or holds values that do not fit together."""
+
+
+class CheckpointError(QasrError, ValueError):
+    """Weights that cannot be loaded: missing, unexpected or mis-shaped tensors, unknown layouts."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A pickle-based weight file (.bin/.pt/.pth/.ckpt); only safetensors and Orbax are read."""
+
+
+class AudioError(QasrError, ValueError):
+    """Audio input that cannot be used."""
+
+
+class AudioFileNotFoundError(AudioError, FileNotFoundError):
+    """An audio path that does not exist."""
+
+
+class AudioDecodeError(AudioError):
+    """A file or byte string that is not decodable audio (unreadable, not audio, truncated)."""
+
+
+class EmptyAudioError(AudioError):
+    """Audio with no samples."""
+
+
+class InvalidAudioError(AudioError):
+    """Samples or a sample rate that are not valid audio (NaN/Inf, wrong rank, rate <= 0)."""
+
+
+class TokenizerError(QasrError, ValueError):
+    """Tokenizer files that are missing or inconsistent."""
+
+
+class LanguageError(QasrError, ValueError):
+    """A language name that the model does not support."""
+
+
+class AlignmentError(QasrError, ValueError):
+    """An (audio, text) pair that cannot be aligned."""
