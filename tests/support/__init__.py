@@ -1,0 +1,1 @@
+"""Shared test support: speech synthesis, test vocabularies, and the official-code reference helpers."""
