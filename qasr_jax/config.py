@@ -219,7 +219,9 @@ def _text_config(d: dict, source: str) -> TextConfig:
         rope_theta=_typed(_require(d, "rope_theta", w, source), float, w + "rope_theta", source),
         mrope_section=section,  # type: ignore[arg-type]
         mrope_interleaved=interleaved,
-        tie_word_embeddings=_typed(d.get("tie_word_embeddings", False), bool, w + "tie_word_embeddings", source),
+        tie_word_embeddings=_typed(
+            d.get("tie_word_embeddings", False), bool, w + "tie_word_embeddings", source
+        ),
         max_position_embeddings=int(d.get("max_position_embeddings", 65536)),
         **kw,
     )
@@ -244,7 +246,9 @@ def config_from_dict(raw: dict, source: str = "config.json") -> ThinkerConfig:
     w = "thinker_config."
     audio_token_id = _typed(_require(thinker, "audio_token_id", w, source), int, w + "audio_token_id", source)
     if audio_token_id >= text.vocab_size:
-        raise ConfigError(f"{source}: {w}audio_token_id {audio_token_id} is outside the vocabulary ({text.vocab_size})")
+        raise ConfigError(
+            f"{source}: {w}audio_token_id {audio_token_id} is outside the vocabulary ({text.vocab_size})"
+        )
     optional_ids = {}
     for k in ("audio_start_token_id", "audio_end_token_id"):
         if thinker.get(k) is not None:
@@ -254,7 +258,9 @@ def config_from_dict(raw: dict, source: str = "config.json") -> ThinkerConfig:
     )
     aligner_kw: dict[str, Any] = {}
     if is_aligner:
-        aligner_kw["classify_num"] = _typed(_require(thinker, "classify_num", w, source), int, w + "classify_num", source)
+        aligner_kw["classify_num"] = _typed(
+            _require(thinker, "classify_num", w, source), int, w + "classify_num", source
+        )
         if aligner_kw["classify_num"] <= 0:
             raise ConfigError(f"{source}: {w}classify_num must be positive")
         aligner_kw["timestamp_token_id"] = _typed(

@@ -1,0 +1,113 @@
+"""The Qwen3 decoder: pre-norm layers (RMSNorm → GQA attention → RMSNorm → SwiGLU), scanned, with a KV cache.
+
+The cache is a dict ``{"k", "v"}`` of ``[layers, batch, cache_len, kv_heads, head_dim]``; a call writes its
+new keys/values at slots ``[cache_index, cache_index + seq)``. Rows are left-padded: row b's valid slots
+start at ``kv_start[b]``.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from qasr_jax.config import TextConfig
+from qasr_jax.model.attention import CausalSelfAttention, KVCache
+from qasr_jax.model.layers import Dense, Dtype, RMSNorm
+from qasr_jax.model.rope import rope_cos_sin
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) · up(x))."""
+
+    config: TextConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d, f = self.config.hidden_size, self.config.intermediate_size
+        kw = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
+        gate = Dense((d,), (f,), ("embed", "mlp"), name="gate_proj", **kw)(x)
+        up = Dense((d,), (f,), ("embed", "mlp"), name="up_proj", **kw)(x)
+        return Dense((f,), (d,), ("mlp", "embed"), name="down_proj", **kw)(jax.nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    config: TextConfig
+    attention_impl: str = "auto"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        layer_cache: KVCache | None,
+        cos: jax.Array,
+        sin: jax.Array,
+        kv_start: jax.Array,
+        cache_index: jax.Array,
+    ) -> tuple[jax.Array, KVCache | None]:
+        cfg = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = RMSNorm(cfg.rms_norm_eps, name="input_layernorm", **kw)(x)
+        h, layer_cache = CausalSelfAttention(cfg, self.attention_impl, name="self_attn", **kw)(
+            h, cos, sin, kv_start, layer_cache, cache_index
+        )
+        x = x + h
+        h = RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
+        x = x + MLP(cfg, name="mlp", **kw)(h)
+        x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+        return x, layer_cache
+
+
+class Decoder(nn.Module):
+    """Decoder layers + final norm over input embeddings. Returns hidden states and the updated cache."""
+
+    config: TextConfig
+    attention_impl: str = "auto"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    remat: bool = False
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        kv_start: jax.Array,
+        cache: KVCache | None = None,
+        cache_index: jax.Array | int = 0,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """x: [batch, seq, hidden]; positions: [3, batch, seq] (or [batch, seq]); kv_start: [batch]."""
+        cfg = self.config
+        cos, sin = rope_cos_sin(
+            positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, cfg.mrope_interleaved
+        )
+        layer = nn.remat(DecoderLayer, prevent_cse=False) if self.remat else DecoderLayer
+        stack = nn.scan(
+            layer,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            out_axes=0,
+            length=cfg.num_hidden_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        x, cache = stack(cfg, self.attention_impl, self.dtype, self.param_dtype, name="layers")(
+            x.astype(self.dtype),
+            cache,
+            cos,
+            sin,
+            jnp.asarray(kv_start, jnp.int32),
+            jnp.asarray(cache_index, jnp.int32),
+        )
+        x = RMSNorm(cfg.rms_norm_eps, name="norm", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        return x, cache
+
+
+def init_cache(config: TextConfig, batch: int, cache_len: int, dtype=jnp.float32) -> KVCache:
+    """An empty KV cache ``{"k", "v"}: [layers, batch, cache_len, kv_heads, head_dim]``."""
+    shape = (config.num_hidden_layers, batch, cache_len, config.num_key_value_heads, config.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}

@@ -1,0 +1,178 @@
+"""The AuT audio encoder: conv front end on 1-second mel chunks, windowed transformer, projector.
+
+Data flow for a batch of B audios, mel ``[B, n_mels, T]`` with per-audio frame counts:
+
+1. time is cut into chunks of ``C = 2·n_window`` frames (100 = 1 s); every chunk of every audio goes
+   through three stride-2 3×3 convolutions (+GELU) in one batch → ``[chunks, 13, d_model]`` after
+   ``conv_out``, plus sinusoidal positions 0..12 that restart in every chunk;
+2. ``window_chunks`` consecutive chunks of one audio form an attention window (8 chunks = 104 tokens = 8 s
+   in the released models). Only an audio's last chunk can be partial, so the valid tokens of a window
+   are a prefix and the valid tokens of an audio are a prefix of its flattened windows;
+3. pre-LN transformer layers (``nn.scan``), bidirectional inside a window only; ``ln_post``; the projector
+   (proj1 → GELU → proj2) to the text hidden size.
+
+Exactness per audio: the reference encodes each audio alone, zero-padding its last chunk to C frames
+when the audio has at least one full chunk, and not padding at all when the whole audio is shorter than
+one chunk. In the second case the convolutions see the clip's own end, so between the layers we zero
+the time steps past each layer's valid length; the result is then independent of batch composition.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qasr_jax.config import AudioEncoderConfig
+from qasr_jax.model.attention import WindowedSelfAttention
+from qasr_jax.model.layers import Dense, Dtype, LayerNorm, gelu
+
+
+def sinusoid_table(length: int, channels: int, max_timescale: float = 10000.0) -> np.ndarray:
+    """``[length, channels]`` float32: ``[sin | cos]`` with timescale step log(max)/(channels/2 − 1)."""
+    half = channels // 2
+    log_step = np.log(max_timescale) / (half - 1)
+    inv = np.exp(-log_step * np.arange(half, dtype=np.float32)).astype(np.float32)
+    t = np.arange(length, dtype=np.float32)[:, None] * inv[None, :]
+    return np.concatenate([np.sin(t), np.cos(t)], axis=1).astype(np.float32)
+
+
+def _conv_valid_len(n: jax.Array) -> jax.Array:
+    return jnp.where(n > 0, (n - 1) // 2 + 1, 0)
+
+
+class EncoderLayer(nn.Module):
+    """Pre-LN transformer layer: x += attn(LN(x)); x += fc2(GELU(fc1(LN(x))))."""
+
+    config: AudioEncoderConfig
+    attention_impl: str = "auto"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, valid_len: jax.Array) -> tuple[jax.Array, None]:
+        cfg = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = LayerNorm(cfg.layer_norm_eps, name="self_attn_layer_norm", **kw)(x)
+        x = x + WindowedSelfAttention(cfg.encoder_attention_heads, cfg.head_dim, self.attention_impl,
+                                      name="self_attn", **kw)(h, valid_len)  # fmt: skip
+        h = LayerNorm(cfg.layer_norm_eps, name="final_layer_norm", **kw)(x)
+        h = Dense((cfg.d_model,), (cfg.encoder_ffn_dim,), ("embed", "mlp"), name="fc1", **kw)(h)
+        h = Dense((cfg.encoder_ffn_dim,), (cfg.d_model,), ("mlp", "embed"), name="fc2", **kw)(gelu(h))
+        x = x + h
+        x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+        return x, None
+
+
+class AudioEncoder(nn.Module):
+    """Mel features → audio embeddings in the text hidden size."""
+
+    config: AudioEncoderConfig
+    attention_impl: str = "auto"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    remat: bool = False
+
+    def _conv(self, name: str, c_in: int, c_out: int) -> nn.Conv:
+        return nn.Conv(
+            c_out,
+            (3, 3),
+            strides=(2, 2),
+            padding=((1, 1), (1, 1)),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            precision=jax.lax.Precision.HIGHEST,
+            kernel_init=nn.with_logical_partitioning(
+                nn.initializers.normal(0.02), ("conv_height", "conv_width", "conv_in", "conv_out")
+            ),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
+            name=name,
+        )
+
+    @nn.compact
+    def __call__(
+        self, features: jax.Array, frames: jax.Array, window_chunks: int | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        """Encode a padded batch.
+
+        Args:
+          features: ``[batch, n_mels, time]`` log-mel; frames past an audio's length are ignored.
+          frames: ``[batch]`` int, valid mel frames per audio.
+          window_chunks: attention window in chunks (1 chunk = 1 s): None → the config's
+            ``n_window_infer``; 0 → one window spanning each whole clip.
+
+        Returns:
+          embeddings ``[batch, tokens, output_dim]`` (valid tokens of audio b are its first ``lengths[b]``)
+          and ``lengths [batch]`` (= 13·(T // 100) + f(f(f(T % 100))) for T frames).
+        """
+        cfg = self.config
+        batch, n_mels, time = features.shape
+        if n_mels != cfg.num_mel_bins:
+            raise ValueError(f"input_features has {n_mels} mel bins; the encoder expects {cfg.num_mel_bins}")
+        C, tpc = cfg.chunk_frames, cfg.tokens_per_chunk
+        n_chunks = max(1, -(-time // C))
+        wc = cfg.window_chunks if window_chunks is None else int(window_chunks)
+        wc = n_chunks if wc <= 0 else wc
+        n_chunks = -(-n_chunks // wc) * wc
+        frames = jnp.asarray(frames, jnp.int32)
+
+        # 1. chunks: zero everything past each audio's end, then [batch·chunks, n_mels, C, 1] (NHWC).
+        t_idx = jnp.arange(n_chunks * C)
+        x = jnp.pad(features.astype(self.dtype), ((0, 0), (0, 0), (0, n_chunks * C - time)))
+        x = jnp.where(t_idx[None, None, :] < frames[:, None, None], x, 0)
+        x = (
+            x.reshape(batch, n_mels, n_chunks, C)
+            .transpose(0, 2, 1, 3)
+            .reshape(batch * n_chunks, n_mels, C, 1)
+        )
+        chunk_len = jnp.clip(frames[:, None] - jnp.arange(n_chunks)[None, :] * C, 0, C)  # [B, n]
+        # Time steps each conv layer may see (see module docstring): the clip's own length when the whole
+        # audio is shorter than one chunk, else the full chunk.
+        seen = jnp.where(frames[:, None] < C, chunk_len, C).reshape(-1)
+
+        hidden = cfg.downsample_hidden_size
+        for i, (c_in, name) in enumerate(((1, "conv2d1"), (hidden, "conv2d2"), (hidden, "conv2d3"))):
+            x = gelu(self._conv(name, c_in, hidden)(x))
+            seen = _conv_valid_len(seen)
+            if i < 2:
+                x = jnp.where(jnp.arange(x.shape[2])[None, None, :, None] < seen[:, None, None, None], x, 0)
+        # [N, freq, tpc, ch] → [N, tpc, ch·freq] (channel-major flatten, as conv_out's weight expects).
+        n, freq, steps, ch = x.shape
+        x = x.transpose(0, 2, 3, 1).reshape(n, steps, ch * freq)
+        x = Dense((ch * freq,), (cfg.d_model,), ("conv_flat", "embed"), use_bias=False, name="conv_out",
+                  dtype=self.dtype, param_dtype=self.param_dtype)(x)  # fmt: skip
+        x = x + jnp.asarray(sinusoid_table(steps, cfg.d_model), self.dtype)[None]
+
+        # 2. windows: [batch·windows, wc·tpc, d] with the count of valid (prefix) tokens per window.
+        tok_valid = _conv_valid_len(_conv_valid_len(_conv_valid_len(chunk_len)))  # [B, n]
+        n_windows = n_chunks // wc
+        window_valid = tok_valid.reshape(batch, n_windows, wc).sum(-1).reshape(-1)
+        x = x.reshape(batch * n_windows, wc * tpc, cfg.d_model)
+
+        # 3. transformer layers, stacked with nn.scan.
+        layer = EncoderLayer
+        if self.remat:
+            layer = nn.remat(layer, prevent_cse=False)
+        stack = nn.scan(
+            layer,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=nn.broadcast,
+            length=cfg.encoder_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        x, _ = stack(cfg, self.attention_impl, self.dtype, self.param_dtype, name="layers")(x, window_valid)
+
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = LayerNorm(cfg.layer_norm_eps, name="ln_post", **kw)(x)
+        x = gelu(Dense((cfg.d_model,), (cfg.d_model,), ("embed", "mlp"), name="proj1", **kw)(x))
+        x = Dense((cfg.d_model,), (cfg.output_dim,), ("mlp", "embed_out"), name="proj2", **kw)(x)
+        x = x.reshape(batch, n_chunks * tpc, cfg.output_dim)
+        lengths = tok_valid.sum(-1)
+        return x, lengths
+
+
+def output_lengths(frames: np.ndarray, config: AudioEncoderConfig) -> np.ndarray:
+    """Host-side encoder output lengths for ``frames`` mel frames each."""
+    return np.asarray([config.output_length(int(f)) for f in np.asarray(frames).reshape(-1)], np.int64)

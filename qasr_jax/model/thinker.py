@@ -1,0 +1,118 @@
+"""The thinker: audio encoder + audio-embedding merge + Qwen3 decoder + head (vocabulary or aligner classes).
+
+Entry points (all pure: ``Qwen3ASR(config).apply({"params": p}, ..., method=...)``):
+
+* ``__call__(input_ids, attention_mask, input_features, feature_attention_mask)`` → logits, with the
+  arguments of the reference thinker forward: left-padded ids holding one ``<|audio_pad|>`` run per row
+  (its length = that row's encoder output length), padded log-mel ``[B, n_mels, T]``, frame mask ``[B, T]``.
+* ``encode_audio(input_features, feature_attention_mask)`` → (embeddings ``[B, N, D]``, lengths ``[B]``).
+* ``embed_inputs(input_ids, audio_embeds, audio_lengths)`` → input embeddings with audio merged.
+* ``decode(inputs_embeds, positions, kv_start, cache, cache_index)`` → (logits, cache): prefill and single
+  steps against an explicit KV cache (``init_cache``).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from qasr_jax.config import ThinkerConfig
+from qasr_jax.model.attention import KVCache
+from qasr_jax.model.decoder import Decoder, init_cache
+from qasr_jax.model.encoder import AudioEncoder
+from qasr_jax.model.layers import Dense, Dtype, default_init
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+    """Position ids ``[3, batch, seq]`` from a ``[batch, seq]`` mask: cumsum − 1 on valid slots, 1 on padding."""
+    mask = attention_mask.astype(jnp.int32)
+    pos = jnp.where(mask > 0, jnp.cumsum(mask, axis=-1) - 1, 1)
+    return jnp.broadcast_to(pos[None], (3, *pos.shape))
+
+
+def first_valid(attention_mask: jax.Array) -> jax.Array:
+    """Index of each row's first valid slot (its left padding), ``[batch]`` int32."""
+    return jnp.argmax(attention_mask.astype(jnp.int32) > 0, axis=-1).astype(jnp.int32)
+
+
+class Qwen3ASR(nn.Module):
+    config: ThinkerConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention_impl: str = "auto"
+    remat: bool = False
+
+    def setup(self) -> None:
+        cfg = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.audio_tower = AudioEncoder(cfg.audio, self.attention_impl, remat=self.remat, **kw)
+        self.embed_tokens = nn.Embed(
+            cfg.text.vocab_size,
+            cfg.text.hidden_size,
+            embedding_init=nn.with_logical_partitioning(default_init, ("vocab", "embed")),
+            **kw,
+        )
+        self.decoder = Decoder(cfg.text, self.attention_impl, remat=self.remat, **kw)
+        if not cfg.tied_head:
+            self.lm_head = Dense((cfg.text.hidden_size,), (cfg.head_size,), ("embed", "vocab"), use_bias=False,
+                                 **kw)  # fmt: skip
+
+    def encode_audio(
+        self, input_features: jax.Array, feature_attention_mask: jax.Array, window_chunks: int | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        """Audio embeddings for a batch: ``[batch, tokens, hidden]`` and valid lengths ``[batch]``."""
+        frames = jnp.sum(feature_attention_mask.astype(jnp.int32), axis=-1)
+        return self.audio_tower(input_features, frames, window_chunks)
+
+    def embed_inputs(self, input_ids: jax.Array, audio_embeds: jax.Array | None = None) -> jax.Array:
+        """Token embeddings ``[batch, seq, hidden]``; the k-th ``<|audio_pad|>`` of row b gets audio token k of b."""
+        x = self.embed_tokens(input_ids).astype(self.dtype)
+        if audio_embeds is None:
+            return x
+        is_audio = input_ids == self.config.audio_token_id
+        k = jnp.clip(jnp.cumsum(is_audio, axis=-1) - 1, 0, audio_embeds.shape[1] - 1)
+        gathered = jnp.take_along_axis(audio_embeds.astype(self.dtype), k[..., None], axis=1)
+        return jnp.where(is_audio[..., None], gathered, x)
+
+    def head(self, hidden: jax.Array) -> jax.Array:
+        """Logits (fp32) from final hidden states."""
+        if self.config.tied_head:
+            return self.embed_tokens.attend(hidden.astype(self.dtype)).astype(jnp.float32)
+        return self.lm_head(hidden).astype(jnp.float32)
+
+    def decode(
+        self,
+        inputs_embeds: jax.Array,
+        positions: jax.Array,
+        kv_start: jax.Array,
+        cache: KVCache | None = None,
+        cache_index: jax.Array | int = 0,
+        logits_slice: str = "all",
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Decoder + head. ``logits_slice="last"`` returns only the last position's logits ``[batch, 1, V]``."""
+        hidden, cache = self.decoder(inputs_embeds, positions, kv_start, cache, cache_index)
+        if logits_slice == "last":
+            hidden = hidden[:, -1:]
+        return self.head(hidden), cache
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array,
+        input_features: jax.Array | None = None,
+        feature_attention_mask: jax.Array | None = None,
+        window_chunks: int | None = None,
+    ) -> jax.Array:
+        """Logits ``[batch, seq, vocab]`` (or ``[batch, seq, classify_num]`` for the aligner), fp32."""
+        audio = None
+        if input_features is not None:
+            if feature_attention_mask is None:
+                feature_attention_mask = jnp.ones(input_features.shape[::2], jnp.int32)
+            audio, _ = self.encode_audio(input_features, feature_attention_mask, window_chunks)
+        x = self.embed_inputs(input_ids, audio)
+        logits, _ = self.decode(x, positions_from_mask(attention_mask), first_valid(attention_mask))
+        return logits
+
+
+__all__ = ["Qwen3ASR", "first_valid", "init_cache", "positions_from_mask"]
