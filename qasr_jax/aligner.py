@@ -291,7 +291,7 @@ class Qwen3ForcedAligner:
 
     def _prepare(self, index: int, audio: Any, text: str, language: str | None) -> _Pair | ForcedAlignResult:
         """The pair ready for the model, or its result when it needs none (no words) or cannot be aligned."""
-        label = f"item {index}"
+        label = os.fspath(audio) if isinstance(audio, (str, os.PathLike)) else f"item {index}"
         try:
             canonical = resolve_language(language)
             if text is None:
@@ -304,9 +304,7 @@ class Qwen3ForcedAligner:
                 raise AlignmentError(f"{label}: {error}") from error
             if isinstance(audio, np.ndarray):
                 audio = (audio, audio_io.SAMPLE_RATE)
-            samples = audio_io.load_audio(
-                audio, name=None if isinstance(audio, (str, os.PathLike)) else label
-            )
+            samples = audio_io.load_audio(audio, name=label)
             seconds = samples.shape[0] / audio_io.SAMPLE_RATE
             if seconds > self.max_seconds:
                 raise AlignmentError(
