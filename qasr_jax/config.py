@@ -232,6 +232,12 @@ def config_from_dict(raw: dict, source: str = "config.json") -> ThinkerConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a JSON object at the top level")
     thinker = raw.get("thinker_config")
+    if (
+        thinker is None
+        and isinstance(raw.get("audio_config"), dict)
+        and isinstance(raw.get("text_config"), dict)
+    ):
+        thinker = raw  # transformers-native exports keep the sub-configs at the top level
     if not isinstance(thinker, dict):
         raise ConfigError(f"{source}: field 'thinker_config' is missing (is this a Qwen3-ASR checkpoint?)")
     audio_raw = _require(thinker, "audio_config", "thinker_config.", source)

@@ -28,13 +28,15 @@ from qasr_jax.errors import CheckpointError, UnsafeCheckpointError
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 ORBAX_PARAMS_DIR = "params"
 
-# "-hf" (transformers-native) key prefixes → the released layout's names (without "thinker.").
+# "-hf" (transformers-native) key prefixes → the released layout's names (without "thinker."), following
+# transformers' Qwen3-ASR conversion: the projector is split out of the audio tower, the aligner head is "score".
 _HF_PREFIXES = (
     ("model.audio_tower.", "audio_tower."),
     ("model.multi_modal_projector.linear_1.", "audio_tower.proj1."),
     ("model.multi_modal_projector.linear_2.", "audio_tower.proj2."),
     ("model.language_model.", "model."),
     ("lm_head.", "lm_head."),
+    ("score.", "lm_head."),  # the aligner's class head in the -hf layout
 )
 _LAYER = re.compile(r"^(audio_tower|model)\.layers\.(\d+)\.(.+)$")
 

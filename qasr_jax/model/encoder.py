@@ -38,6 +38,11 @@ def sinusoid_table(length: int, channels: int, max_timescale: float = 10000.0) -
     return np.concatenate([np.sin(t), np.cos(t)], axis=1).astype(np.float32)
 
 
+def chunk_positions(n_chunks: int, steps: int, channels: int) -> np.ndarray:
+    """Position embeddings of ``n_chunks`` chunks of ``steps`` tokens: rows 0..steps−1 in every chunk."""
+    return np.broadcast_to(sinusoid_table(steps, channels)[None], (n_chunks, steps, channels))
+
+
 def _conv_valid_len(n: jax.Array) -> jax.Array:
     return jnp.where(n > 0, (n - 1) // 2 + 1, 0)
 
@@ -142,7 +147,8 @@ class AudioEncoder(nn.Module):
         x = x.transpose(0, 2, 3, 1).reshape(n, steps, ch * freq)
         x = Dense((ch * freq,), (cfg.d_model,), ("conv_flat", "embed"), use_bias=False, name="conv_out",
                   dtype=self.dtype, param_dtype=self.param_dtype)(x)  # fmt: skip
-        x = x + jnp.asarray(sinusoid_table(steps, cfg.d_model), self.dtype)[None]
+        pos = chunk_positions(n_chunks, steps, cfg.d_model)  # [n, steps, d]
+        x = (x.reshape(batch, n_chunks, steps, -1) + jnp.asarray(pos, self.dtype)).reshape(n, steps, -1)
 
         # 2. windows: [batch·windows, wc·tpc, d] with the count of valid (prefix) tokens per window.
         tok_valid = _conv_valid_len(_conv_valid_len(_conv_valid_len(chunk_len)))  # [B, n]

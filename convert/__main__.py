@@ -1,0 +1,37 @@
+"""Convert a Qwen3-ASR / ForcedAligner checkpoint dir into an Orbax checkpoint dir that loads by itself.
+
+DST gets the params as an Orbax checkpoint (``DST/params``) plus the config, tokenizer and processor files, so
+``qasr_jax.load_pretrained(DST)`` and the transcription programs accept it directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from qasr_jax.convert import convert_checkpoint, verify_conversion
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m convert", description=__doc__)
+    parser.add_argument("src", help="checkpoint dir: released (thinker.*) or -hf layout, safetensors")
+    parser.add_argument("dst", help="output dir (must not exist or be empty)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="store params in this dtype (default: keep the checkpoint's)")  # fmt: skip
+    parser.add_argument("--verify", action="store_true",
+                        help="reload SRC and DST and compare every tensor; non-zero exit on any difference")  # fmt: skip
+    args = parser.parse_args(argv)
+    t0 = time.perf_counter()
+    convert_checkpoint(args.src, args.dst, dtype=args.dtype)
+    print(f"wrote {os.path.abspath(args.dst)} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    if args.verify:
+        report = verify_conversion(args.src, args.dst, dtype=args.dtype)
+        print(report.summary())
+        return 0 if report.ok else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Checkpoint dir → Orbax checkpoint dir (params + config, tokenizer and processor files), and its check."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+
+import numpy as np
+
+from qasr_jax.checkpoint import save_params, tree_equal
+from qasr_jax.errors import CheckpointError
+from qasr_jax.weights import ORBAX_PARAMS_DIR, load_pretrained
+
+# Everything beside the weights that a checkpoint dir carries and a converted dir must carry too.
+SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "preprocessor_config.json",
+    "tokenizer_config.json",
+    "tokenizer.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.json",
+    "chat_template.jinja",
+)
+
+
+def convert_checkpoint(src: str, dst: str, dtype: str | None = None) -> None:
+    """Write ``dst`` = Orbax params of ``src`` (optionally cast to ``dtype``) + its side files."""
+    if os.path.exists(dst) and os.listdir(dst):
+        raise CheckpointError(f"{dst}: destination exists and is not empty")
+    _, params = load_pretrained(src, dtype=dtype)
+    os.makedirs(dst, exist_ok=True)
+    for name in SIDE_FILES:
+        if os.path.exists(os.path.join(src, name)):
+            shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
+    save_params(os.path.join(dst, ORBAX_PARAMS_DIR), params)
+
+
+@dataclasses.dataclass
+class VerifyReport:
+    tensors: int
+    differing: list[str]
+    missing_files: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.differing and not self.missing_files
+
+    def summary(self) -> str:
+        if self.ok:
+            return f"verified: {self.tensors} tensors identical; side files present"
+        return f"verification FAILED: differing tensors {self.differing}; missing files {self.missing_files}"
+
+
+def verify_conversion(src: str, dst: str, dtype: str | None = None) -> VerifyReport:
+    """Reload both dirs and compare every tensor (exactly, after the same dtype cast)."""
+    _, a = load_pretrained(src, dtype=dtype)
+    _, b = load_pretrained(dst)
+    missing = [
+        n
+        for n in SIDE_FILES
+        if os.path.exists(os.path.join(src, n)) and not os.path.exists(os.path.join(dst, n))
+    ]
+    count = sum(1 for _ in _leaves(a))
+    return VerifyReport(tensors=count, differing=tree_equal(a, b), missing_files=missing)
+
+
+def _leaves(tree: dict):
+    for v in tree.values():
+        if isinstance(v, dict):
+            yield from _leaves(v)
+        else:
+            yield np.asarray(v)

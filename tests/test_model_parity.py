@@ -1,0 +1,219 @@
+"""Our thinker against the official PyTorch model (qwen-asr 0.0.6) on checkpoints whose weights matter.
+
+Every comparison uses real speech (espeak-ng clips of ~0.7 s, ~5 s and ~20 s: a clip shorter than one chunk,
+partial last chunks, several attention windows), features from the official processor, and the official
+encoder with its attention windows wired in. Bar: max|Δ| ≤ 1e-3 · std(official) in fp32. The second half
+shows that the bar can fail: deliberately broken variants of our model exceed it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qasr_jax import load_pretrained
+from qasr_jax.model import Qwen3ASR
+from qasr_jax.model import decoder as decoder_module
+from qasr_jax.model import encoder as encoder_module
+from tests.support import official
+from tests.support.speech import speech_clips
+
+TOL = 1e-3
+
+CONFIGS = {
+    "gqa2-tied-window800": lambda: official.small_asr_config(),
+    "gqa1-untied-window200": lambda: official.small_asr_config(
+        text={"num_key_value_heads": 4}, audio={"n_window_infer": 200}, tie_word_embeddings=False
+    ),
+    "aligner-gqa2-window200": lambda: official.small_aligner_config(audio={"n_window_infer": 200}),
+}
+
+
+def rel_max_error(ours: np.ndarray, ref: np.ndarray) -> float:
+    """max|Δ| / std(ref)."""
+    return float(np.max(np.abs(np.asarray(ours, np.float64) - ref)) / np.std(ref))
+
+
+class Case:
+    """One checkpoint: its dir, the official model, features, and the official reference outputs."""
+
+    def __init__(self, root: str, name: str, config: dict):
+        self.dir = official.build_checkpoint(os.path.join(root, name), config, seed=1)
+        self.config_dict = config
+        self.torch_model = official.load_official(self.dir)
+        self.features = official.official_features(speech_clips(), self.dir)
+        self.ref_encoded = official.official_encode(self.torch_model, self.features, windowed=True)
+        lengths = [e.shape[0] for e in self.ref_encoded]
+        self.input_ids, self.attention_mask = official.make_audio_prompt_ids(lengths, seed=3)
+        self.ref_logits = official.official_logits(
+            self.torch_model, self.input_ids, self.attention_mask, self.features, windowed=True
+        )
+        self.input_features, self.feature_mask = official.pad_features(self.features)
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory) -> dict[str, Case]:
+    return {}
+
+
+def get_case(cases: dict, name: str, tmp_path_factory) -> Case:
+    if name not in cases:
+        cases[name] = Case(str(tmp_path_factory.mktemp("ckpt")), name, CONFIGS[name]())
+    return cases[name]
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def case(request, cases, tmp_path_factory) -> Case:
+    return get_case(cases, request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def base_case(cases, tmp_path_factory) -> Case:
+    return get_case(cases, "gqa2-tied-window800", tmp_path_factory)
+
+
+def encode(params, config, features, mask, window_chunks=None):
+    model = Qwen3ASR(config, attention_impl="xla")
+    fn = jax.jit(
+        lambda p, f, m: model.apply({"params": p}, f, m, window_chunks, method=Qwen3ASR.encode_audio)
+    )
+    emb, lengths = fn(params, jnp.asarray(features), jnp.asarray(mask))
+    return [np.asarray(emb[i, : int(n)]) for i, n in enumerate(np.asarray(lengths))]
+
+
+def logits(params, config, c: Case) -> np.ndarray:
+    model = Qwen3ASR(config, attention_impl="xla")
+    fn = jax.jit(lambda p, *a: model.apply({"params": p}, *a))
+    return np.asarray(fn(params, c.input_ids, c.attention_mask, c.input_features, c.feature_mask))
+
+
+def logits_error(ours: np.ndarray, c: Case) -> float:
+    valid = c.attention_mask.astype(bool)
+    return max(rel_max_error(ours[i][valid[i]], c.ref_logits[i][valid[i]]) for i in range(len(ours)))
+
+
+def test_encoder_matches_official_on_ragged_batch(case: Case):
+    config, params = load_pretrained(case.dir)
+    ours = encode(params, config, case.input_features, case.feature_mask)
+    for mine, ref in zip(ours, case.ref_encoded):
+        assert mine.shape == ref.shape
+        assert rel_max_error(mine, ref) <= TOL
+
+
+def test_encoder_batch_result_equals_each_item_alone(case: Case):
+    config, params = load_pretrained(case.dir)
+    batched = encode(params, config, case.input_features, case.feature_mask)
+    for i, (feats, frames) in enumerate(case.features):
+        alone = encode(params, config, feats[None], np.ones((1, frames), np.int32))[0]
+        np.testing.assert_allclose(batched[i], alone, rtol=0, atol=1e-5 * np.std(alone))
+
+
+def test_logits_match_official(case: Case):
+    config, params = load_pretrained(case.dir)
+    ours = logits(params, config, case)
+    assert ours.shape == case.ref_logits.shape
+    assert config.head_size == ours.shape[-1]
+    assert logits_error(ours, case) <= TOL
+
+
+def test_hf_layout_gives_the_same_logits(base_case: Case, tmp_path):
+    hf_dir = official.build_checkpoint(tmp_path / "hf", base_case.config_dict, seed=1, layout="hf")
+    config, params = load_pretrained(hf_dir)
+    assert logits_error(logits(params, config, base_case), base_case) <= TOL
+
+
+def test_hf_layout_aligner_head_loads(tmp_path):
+    cfg = official.small_aligner_config()
+    original = official.build_checkpoint(tmp_path / "orig", cfg, seed=2)
+    hf_dir = official.build_checkpoint(tmp_path / "hf", cfg, seed=2, layout="hf")
+    _, a = load_pretrained(original)
+    _, b = load_pretrained(hf_dir)
+    np.testing.assert_array_equal(np.asarray(a["lm_head"]["kernel"]), np.asarray(b["lm_head"]["kernel"]))
+
+
+def test_converted_orbax_checkpoint_gives_the_same_logits(base_case: Case, tmp_path):
+    from qasr_jax.convert import convert_checkpoint, verify_conversion
+
+    dst = str(tmp_path / "orbax")
+    convert_checkpoint(base_case.dir, dst)
+    assert verify_conversion(base_case.dir, dst).ok
+    config, params = load_pretrained(dst)
+    assert logits_error(logits(params, config, base_case), base_case) <= TOL
+
+
+def test_window_override_per_call_matches_official_window(base_case: Case):
+    """window_chunks=2 on an 8-chunk-window checkpoint equals the official encoder run with 2-s windows."""
+    config, params = load_pretrained(base_case.dir)
+    tower = base_case.torch_model.thinker.audio_tower
+    saved = tower.n_window_infer
+    tower.n_window_infer = 200
+    try:
+        ref = official.official_encode(base_case.torch_model, base_case.features, windowed=True)
+    finally:
+        tower.n_window_infer = saved
+    ours = encode(params, config, base_case.input_features, base_case.feature_mask, window_chunks=2)
+    assert rel_max_error(ours[2], ref[2]) <= TOL
+    assert rel_max_error(ours[2], base_case.ref_encoded[2]) > 10 * TOL  # and 2-s windows do differ from 8-s
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The bar can fail: broken variants exceed it.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_whole_clip_window_reproduces_unpatched_official_and_fails_windowed(base_case: Case):
+    config, params = load_pretrained(base_case.dir)
+    unpatched = official.official_encode(base_case.torch_model, base_case.features, windowed=False)
+    ours = encode(params, config, base_case.input_features, base_case.feature_mask, window_chunks=0)
+    for mine, ref in zip(ours, unpatched):
+        assert rel_max_error(mine, ref) <= TOL
+    # The ~20 s clip spans three 8-s windows: without windows it is far from the windowed reference.
+    assert rel_max_error(ours[2], base_case.ref_encoded[2]) > 10 * TOL
+
+
+def test_positions_not_restarting_per_chunk_fails(base_case: Case, monkeypatch):
+    def continuous(n_chunks, steps, channels):
+        return encoder_module.sinusoid_table(n_chunks * steps, channels).reshape(n_chunks, steps, channels)
+
+    monkeypatch.setattr(encoder_module, "chunk_positions", continuous)
+    config, params = load_pretrained(base_case.dir)
+    ours = encode(params, config, base_case.input_features, base_case.feature_mask)
+    assert rel_max_error(ours[0], base_case.ref_encoded[0]) <= TOL  # one chunk: nothing to restart
+    assert rel_max_error(ours[1], base_case.ref_encoded[1]) > 10 * TOL
+    assert rel_max_error(ours[2], base_case.ref_encoded[2]) > 10 * TOL
+
+
+def test_rope_off_by_one_fails(base_case: Case, monkeypatch):
+    """Rotary frequencies paired one dimension off. (A constant shift of every position is not a bug RoPE
+    can show: attention depends on relative positions only; the cached-decoding tests cover position gaps.)"""
+    right = decoder_module.rope_cos_sin
+
+    def off_by_one(*args, **kwargs):
+        cos, sin = right(*args, **kwargs)
+        return jnp.roll(cos, 1, axis=-1), jnp.roll(sin, 1, axis=-1)
+
+    monkeypatch.setattr(decoder_module, "rope_cos_sin", off_by_one)
+    config, params = load_pretrained(base_case.dir)
+    assert logits_error(logits(params, config, base_case), base_case) > 10 * TOL
+
+
+def test_wrong_gqa_grouping_fails(base_case: Case):
+    """Permuting query heads (consistently in q_proj, q's norm-free layout and o_proj) keeps every head's
+    computation but pairs heads 1 and 2 with the wrong kv head: the grouping h // (H / KV) becomes h % KV."""
+    config, params = load_pretrained(base_case.dir)
+    assert config.text.kv_groups == 2 and config.text.num_attention_heads == 4
+    perm = np.array([0, 2, 1, 3])
+    attn = params["decoder"]["layers"]["self_attn"]
+    broken = jax.tree_util.tree_map(lambda x: x, params)
+    broken["decoder"]["layers"]["self_attn"] = {
+        **attn,
+        "q_proj": {"kernel": attn["q_proj"]["kernel"][:, :, perm]},
+        "o_proj": {"kernel": attn["o_proj"]["kernel"][:, perm]},
+    }
+    # Sanity: with the identity permutation the logits still match.
+    assert logits_error(logits(params, config, base_case), base_case) <= TOL
+    assert logits_error(logits(broken, config, base_case), base_case) > 10 * TOL
