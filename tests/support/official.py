@@ -5,7 +5,7 @@ Parity tests and benchmarks use this module to
 * describe models: :func:`small_asr_config`, :func:`small_aligner_config` (tiny, fast on a CPU) and
   :func:`real_config` (the released sizes), all as complete top-level ``config.json`` dicts in the released layout;
 * write checkpoint directories from the official model class with seeded random weights that are scaled so that
-  every part of the model matters (:func:`build_checkpoint`, see :data:`WEIGHT_SCALING`), in the released
+  every part of the model matters (:func:`build_checkpoint`, see :data:`WEIGHT_GAINS`), in the released
   ``thinker.*`` layout or the transformers-native "-hf" layout, fp32 or bf16, single-file or sharded, with the
   tokenizer, chat-template, preprocessor and generation files the official ``from_pretrained`` expects;
 * run the official model as the numerical reference, with the audio encoder's attention windows wired in on the
@@ -305,9 +305,26 @@ def encoder_output_length(frames: int) -> int:
 # a rule to the encoder / decoder). Each matrix of the official init (N(0, 0.02²)) is multiplied by
 # gain / (0.02 · sqrt(fan_in)), so that afterwards its std is gain / sqrt(fan_in): a layer maps inputs of RMS r
 # to outputs of RMS ≈ gain · r whatever the model size (for the small test configs, fan_in 64, a gain of 1 is a
-# multiplier of 7.8; the conv gains below are the ×8 of REFERENCE.md's "conv weights ×8"). The token embedding
-# (and an untied vocabulary head) get std gain / sqrt(hidden_size), so logits have std ≈ gain. Biases and norm
-# parameters, constant at the official init, are drawn at random (see `_scale_weights`).
+# multiplier of 7.8; conv2d1's 0.5 is REFERENCE.md's "conv weights ×8"). The token embedding (and an untied
+# vocabulary head) get std gain / sqrt(hidden_size), so logits have std ≈ gain. Biases and norm parameters,
+# constant at the official init, are drawn at random (see `_scale_weights`).
+#
+# Measured effect (`measure_weight_effects`, seed 0, the espeak-ng clips of tests/support/speech.py; the
+# window effect is on the ~19 s clip, 264 encoder tokens):
+#
+#   quantity                                   small_asr_config()         real_config("asr-0.6b"), 2+2 layers
+#                                              official init   scaled     official init   scaled
+#   conv front-end RMS / sinusoid RMS (0.71)   0.0002          1.05       0.011           1.12
+#   encoder attention logit std                0.03            3.5        0.31            3.8
+#   encoder mean max attention weight          0.0098          0.31       0.013           0.30   (uniform 0.0096)
+#   windowed vs whole-clip encoder output      0.1%            35%        1.1%            29%    (relative)
+#   decoder attention logit std                0.97            5.2        1.0             5.1
+#   decoder mean max attention weight          0.23            0.71       0.23            0.75
+#   tied head: argmax logit == input token     90%             0%         2%              0%
+#
+# At the official init the encoder sees positions only, attends uniformly, and windows hardly matter; the small
+# tied model mostly echoes its input. Scaled, content and positions are comparable, attention is sharp but not
+# one-hot, and the windows change the output by a third (`n_window_infer=200`: 50%).
 WEIGHT_GAINS: dict[str, float] = {
     # audio encoder
     "audio_tower.conv2d1.weight": 0.5,
@@ -434,7 +451,7 @@ def _official_config(config: dict[str, Any]) -> Any:
 def build_official_model(config: dict[str, Any], *, seed: int = 0, scale: bool = True) -> Any:
     """The official ``Qwen3ASRForConditionalGeneration`` for `config` with seeded random weights, fp32, eval mode.
 
-    The global torch RNG is left as it was. With `scale`, weights are scaled as :data:`WEIGHT_SCALING` describes.
+    The global torch RNG is left as it was. With `scale`, weights are scaled as :data:`WEIGHT_GAINS` describes.
     """
     import torch
     from qwen_asr.core.transformers_backend import Qwen3ASRForConditionalGeneration
@@ -545,7 +562,7 @@ def build_checkpoint(
         layout: ``"original"`` — the released ``thinker.*`` names, loadable by the official
             ``Qwen3ASRModel.from_pretrained`` / ``Qwen3ForcedAligner.from_pretrained``; ``"hf"`` — the
             transformers-native names (:func:`hf_key`). config.json is the released nested layout either way.
-        scale: scale the weights so every part matters (:data:`WEIGHT_SCALING`); False keeps the official init.
+        scale: scale the weights so every part matters (:data:`WEIGHT_GAINS`); False keeps the official init.
         dtype: ``"float32"`` or ``"bfloat16"`` for the stored tensors (and config.json's ``dtype``).
         max_shard_bytes: None writes one ``model.safetensors``; otherwise shards of at most this many bytes
             (a bigger tensor gets a shard of its own) named ``model-0000i-of-0000n.safetensors`` plus
@@ -670,8 +687,9 @@ def official_encoder_windows() -> Iterator[None]:
     """Within the block, every official audio encoder attends only inside its windows (CPU included).
 
     Patches ``Qwen3ASRAudioEncoderLayer.forward`` so that, when no attention mask is given, it passes the
-    block-diagonal mask built from ``cu_seqlens`` (:func:`window_attention_mask`); restored on exit. Models
-    returned by :func:`load_official` carry their own per-instance setting, which takes precedence.
+    block-diagonal mask built from ``cu_seqlens`` (:func:`window_attention_mask`); restored on exit. A model's
+    own per-instance setting (``load_official(windowed=True)``, or a runner's `windowed` argument while it runs)
+    takes precedence.
     """
     cls = _layer_class()
     original = _original_layer_forward()
@@ -929,6 +947,86 @@ def make_audio_prompt_ids(
 
 
 def relative_difference(a: np.ndarray, b: np.ndarray) -> float:
-    """``||a - b|| / ||b||`` (Frobenius)."""
-    a64, b64 = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return float(np.linalg.norm(a64 - b64) / max(np.linalg.norm(b64), 1e-30))
+    """``||a - b|| / ||b||`` (Frobenius norms over all elements)."""
+    a, b = np.asarray(a), np.asarray(b)
+    return float(np.linalg.norm((a - b).ravel()) / max(float(np.linalg.norm(b.ravel())), 1e-30))
+
+
+def measure_weight_effects(model: Any, features_list: Sequence[Any]) -> dict[str, float]:
+    """How much each part of a model matters on real features: the numbers behind :data:`WEIGHT_GAINS`.
+
+    Runs the encoder on the longest item (windowed and across the whole clip) and the decoder on random text.
+
+    Returns:
+        ``conv_rms`` / ``position_rms``: RMS of the conv front end's output (``conv_out``, before positions are
+        added) and of the 13 sinusoid rows added to it; ``encoder_logit_std`` and ``encoder_max_attention``:
+        std of the encoder's attention logits and mean of each query's largest attention weight, inside the
+        first window, averaged over layers (``uniform_attention`` is 1 / window tokens);
+        ``window_effect``: relative difference between the windowed and whole-clip encoder outputs;
+        ``decoder_logit_std`` / ``decoder_max_attention``: the same two attention statistics for the decoder
+        (causal, before RoPE, GQA heads expanded); ``head_copies_input``: the fraction of positions whose argmax
+        logit is the input token (a negligible decoder lets a tied head copy its input).
+    """
+    import torch
+
+    thinker = getattr(model, "thinker", model)
+    tower = thinker.audio_tower
+    feats = max(_features_only(features_list), key=lambda a: a.shape[1])
+    captured: dict[str, Any] = {"ln": []}
+    hooks = [tower.conv_out.register_forward_hook(lambda m, i, o: captured.__setitem__("conv", o.detach()))]
+    hooks += [
+        layer.self_attn_layer_norm.register_forward_hook(lambda m, i, o: captured["ln"].append(o.detach()))
+        for layer in tower.layers
+    ]
+    try:
+        windowed = official_encode(model, [feats], windowed=True)[0]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    whole = official_encode(model, [feats], windowed=False)[0]
+    audio_cfg = tower.config
+    window = 13 * (audio_cfg.n_window_infer // (2 * audio_cfg.n_window))
+    enc_std, enc_max = [], []
+    with torch.no_grad():
+        for layer, normed in zip(tower.layers, captured["ln"]):
+            attn = layer.self_attn
+            x = normed[: min(window, normed.shape[0])]
+            q = attn.q_proj(x).view(x.shape[0], attn.num_heads, -1).transpose(0, 1)
+            k = attn.k_proj(x).view(x.shape[0], attn.num_heads, -1).transpose(0, 1)
+            logits = (q @ k.transpose(1, 2)) * attn.scaling
+            enc_std.append(float(logits.std()))
+            enc_max.append(float(logits.softmax(-1).max(-1).values.mean()))
+
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, 3000, (1, 48), generator=gen)
+        qk: list[torch.Tensor] = []
+        hooks = []
+        for layer in thinker.model.layers:
+            hooks.append(layer.self_attn.q_norm.register_forward_hook(lambda m, i, o: qk.append(o.detach())))
+            hooks.append(layer.self_attn.k_norm.register_forward_hook(lambda m, i, o: qk.append(o.detach())))
+        try:
+            logits_out = thinker(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+        finally:
+            for hook in hooks:
+                hook.remove()
+        dec_std, dec_max = [], []
+        causal = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool).tril()
+        for q, k in zip(qk[0::2], qk[1::2]):
+            k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
+            scores = torch.einsum("bshd,bthd->bhst", q, k) / math.sqrt(q.shape[-1])
+            dec_std.append(float(scores[..., causal].std()))
+            dec_max.append(
+                float(scores.masked_fill(~causal, float("-inf")).softmax(-1).max(-1).values.mean())
+            )
+        copies = float((logits_out.argmax(-1) == ids).float().mean()) if logits_out.shape[-1] > 3000 else 0.0
+    return {
+        "conv_rms": float(captured["conv"].pow(2).mean().sqrt()),
+        "position_rms": float(tower.positional_embedding.positional_embedding[:13].pow(2).mean().sqrt()),
+        "encoder_logit_std": float(np.mean(enc_std)),
+        "encoder_max_attention": float(np.mean(enc_max)),
+        "uniform_attention": 1.0 / min(window, windowed.shape[0]),
+        "window_effect": relative_difference(windowed, whole),
+        "decoder_logit_std": float(np.mean(dec_std)),
+        "decoder_max_attention": float(np.mean(dec_max)),
+        "head_copies_input": copies,
+    }
