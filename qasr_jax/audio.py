@@ -4,8 +4,8 @@ Three stages, each matching the official Qwen3-ASR pipeline numerically:
 
 - ``load_audio``: decode (soundfile), average channels, resample (soxr), peak-normalise and clip to [-1, 1].
 - ``log_mel``: 128-bin log-mel features in JAX over a padded batch, every item exactly as if it were alone
-  (the official processor lets the batch's padding leak into the last frames and the clamp level; this one
-  does not). ``features`` is the host-side wrapper that builds such a batch from a list of waveforms.
+  (in the official processor the batch's zero padding leaks into a shorter item's last frame and its mask
+  counts one frame more; here it does not). ``features`` builds such a batch from a list of waveforms.
 - ``split_audio``: cut long audio near a target length at the quietest 100 ms window.
 """
 
@@ -288,7 +288,7 @@ def log_mel(
 
     item_frames = lengths // HOP_LENGTH
     valid = jnp.arange(out_frames)[None, None, :] < item_frames[:, None, None]  # [batch, 1, frames]
-    item_max = jnp.max(jnp.where(valid, log_spec, -jnp.inf), axis=(1, 2), keepdims=True)
+    item_max = jnp.max(jnp.where(valid, log_spec, -jnp.inf), axis=(1, 2), keepdims=True, initial=-jnp.inf)
     log_spec = jnp.maximum(log_spec, item_max - 8.0)
     return jnp.where(valid, (log_spec + 4.0) / 4.0, 0.0), item_frames
 

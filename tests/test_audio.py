@@ -141,7 +141,7 @@ def test_official_features_depend_on_batch_and_ours_do_not(official_extractor):
 
 
 def test_features_batch_invariance_and_bucketing(mel_signals):
-    names = ["silence 0.31 s", "tone 7900 Hz", "white noise", *(["speech 5 s"] if have_espeak() else [])]
+    names = ["silence 0.31 s", "tone 7900 Hz", *(["speech 5 s"] if have_espeak() else ["white noise"])]
     wavs = [mel_signals[name] for name in names]
     batched, mask = audio.features(wavs, pad_to_multiple=100)
     assert batched.shape[2] % 100 == 0 and mask.shape == (len(wavs), batched.shape[2])
@@ -176,6 +176,9 @@ def test_log_mel_hand_computed_edge_cases():
     # Silence: every mel power is floored at 1e-10 → log10 = -10 → (-10 + 4) / 4.
     np.testing.assert_array_equal(mel[0], np.full((128, 20), -1.5, np.float32))
     np.testing.assert_array_equal(mel[1:], 0.0)
+    # A batch whose every item is shorter than one hop has no frames, and that is not an error.
+    input_features, mask = audio.features([np.full(100, 0.1, np.float32)], pad_to_multiple=8)
+    assert input_features.shape == (1, 128, 0) and mask.shape == (1, 0)
 
 
 def test_num_frames_matches_official_mask(official_extractor):
@@ -285,7 +288,13 @@ def test_load_audio_normalisation_by_hand():
 
 def truncated_copies(audio_files, directory) -> dict[str, str]:
     paths = {}
-    for name in ("float 44.1 kHz stereo.wav", "24-bit 48 kHz stereo.flac", "vorbis 22.05 kHz.ogg"):
+    names = (
+        "float 44.1 kHz stereo.wav",
+        "24-bit 48 kHz stereo.flac",
+        "vorbis 22.05 kHz.ogg",
+        "mp3 44.1 kHz stereo.mp3",
+    )
+    for name in names:
         with open(audio_files[name], "rb") as handle:
             data = handle.read()
         paths[name] = str(directory / f"truncated {name}")
@@ -414,8 +423,8 @@ def test_split_audio_matches_official_on_speech(official_utils):
 
 def test_split_audio_matches_official_on_random_signals(official_utils):
     rng = np.random.default_rng(3)
-    for _ in range(16):
-        length = int(rng.integers(2000, 40000))
+    for _ in range(12):
+        length = int(rng.integers(2000, 30000))
         wav = (rng.standard_normal(length) * rng.uniform(0.01, 1.0)).astype(np.float32)
         # Runs of exact silence make ties between windows; the first quietest window wins.
         for _ in range(int(rng.integers(0, 4))):
@@ -424,8 +433,8 @@ def test_split_audio_matches_official_on_random_signals(official_utils):
         assert_split_matches_official(
             official_utils,
             wav,
-            max_seconds=float(rng.uniform(0.1, 1.2)),
-            search_seconds=float(rng.choice([0.0, 0.01, 0.2, 0.5])),
+            max_seconds=float(rng.uniform(0.25, 1.2)),
+            search_seconds=float(rng.choice([0.0, 0.01, 0.1, 0.3])),
             window_ms=float(rng.choice([0.1, 5.0, 20.0, 100.0])),
         )
 
