@@ -567,14 +567,18 @@ def build_checkpoint(
         max_shard_bytes: None writes one ``model.safetensors``; otherwise shards of at most this many bytes
             (a bigger tensor gets a shard of its own) named ``model-0000i-of-0000n.safetensors`` plus
             ``model.safetensors.index.json``.
-        tokenizer: also write vocab.json, merges.txt, tokenizer_config.json, chat_template.json and
-            preprocessor_config.json (tests/support/vocab.py).
+        tokenizer: also write vocab.json, merges.txt, tokenizer_config.json and chat_template.json
+            (tests/support/vocab.py), which the official ``Qwen3ASRModel.from_pretrained`` needs; skip them to
+            save a little time when only the model is loaded.
         save_tied_head: with a tied head, whether to store the head as its own tensor (a copy of the embedding).
-            Default: yes in the original layout (the released checkpoints carry ``thinker.lm_head.weight``), no
-            in the "-hf" layout (transformers' save_pretrained drops tied copies). Both load.
+            Default: yes in the original layout (Qwen's tied releases store ``thinker.lm_head.weight`` as a copy;
+            loaders of the canonical checkpoints, e.g. m87-labs/kestrel, skip the duplicate), no in the "-hf"
+            layout (transformers' save_pretrained drops tied copies, as the official save_pretrained here does
+            too). The official loader accepts both.
 
     Returns:
-        The directory, as a string. It also holds generation_config.json (eos [151645, 151643]).
+        The directory, as a string. It always holds config.json, the weights, generation_config.json (eos
+        [151645, 151643], greedy) and preprocessor_config.json.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -601,11 +605,11 @@ def build_checkpoint(
     _write_safetensors(dst, tensors, max_shard_bytes)
     _write_config_json(dst, model, config, dtype)
     _write_generation_config(dst)
-    if tokenizer:
-        from tests.support import vocab
+    from . import vocab
 
+    vocab.write_preprocessor_config(dst)
+    if tokenizer:
         vocab.write_tokenizer_files(dst, seed=seed)
-        vocab.write_preprocessor_config(dst)
     return str(dst)
 
 
@@ -692,13 +696,13 @@ def official_encoder_windows() -> Iterator[None]:
     takes precedence.
     """
     cls = _layer_class()
-    original = _original_layer_forward()
+    _original_layer_forward()  # capture the unpatched forward before patching
     previous = cls.forward
     cls.forward = _windowed_layer_forward
     try:
         yield
     finally:
-        cls.forward = previous if previous is not _windowed_layer_forward else original
+        cls.forward = previous
 
 
 def _encoder_layers(model: Any) -> list[Any]:
@@ -771,7 +775,7 @@ def _feature_extractor(preprocessor_dir: str | os.PathLike[str] | None) -> Any:
     if preprocessor_dir is None:
         key = "<released>"
         if key not in _FEATURE_EXTRACTORS:
-            from tests.support import vocab
+            from . import vocab
 
             with tempfile.TemporaryDirectory() as tmp:
                 vocab.write_preprocessor_config(tmp)
@@ -894,7 +898,7 @@ def official_logits(
             feature_attention_mask=torch.from_numpy(feat_mask),
             use_cache=False,
         )
-    return out.logits.to(torch.float32).numpy().copy()
+    return out.logits.to(torch.float32).numpy()
 
 
 def make_audio_prompt_ids(
