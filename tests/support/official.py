@@ -7,10 +7,13 @@ Parity tests and benchmarks use this module to
 * write checkpoint directories from the official model class with seeded random weights that are scaled so that
   every part of the model matters (:func:`build_checkpoint`, see :data:`WEIGHT_GAINS`), in the released
   ``thinker.*`` layout or the transformers-native "-hf" layout, fp32 or bf16, single-file or sharded, with the
-  tokenizer, chat-template, preprocessor and generation files the official ``from_pretrained`` expects;
+  tokenizer, chat-template, preprocessor and generation files the official ``from_pretrained`` expects
+  (:func:`hf_key` names the "-hf" tensors; :func:`checkpoint_tensors` reads back what was stored,
+  :func:`official_state_dict` what the official loader makes of it);
 * run the official model as the numerical reference, with the audio encoder's attention windows wired in on the
   CPU (:func:`load_official`, :func:`official_encoder_windows`, :func:`official_features`,
-  :func:`official_encode`, :func:`official_logits`, :func:`make_audio_prompt_ids`).
+  :func:`official_encode`, :func:`official_logits`, :func:`make_audio_prompt_ids`, :func:`pad_features`);
+* check that a model's weights matter (:func:`measure_weight_effects`).
 
 torch, transformers and qwen_asr are test-only dependencies: they are imported inside the functions, so importing
 this module is cheap.
