@@ -12,6 +12,7 @@ import sys
 import time
 
 from qasr_jax.convert import convert_checkpoint, verify_conversion
+from qasr_jax.errors import QasrError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,12 +25,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="reload SRC and DST and compare every tensor; non-zero exit on any difference")  # fmt: skip
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
-    convert_checkpoint(args.src, args.dst, dtype=args.dtype)
-    print(f"wrote {os.path.abspath(args.dst)} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    if args.verify:
-        report = verify_conversion(args.src, args.dst, dtype=args.dtype)
-        print(report.summary())
-        return 0 if report.ok else 1
+    try:
+        convert_checkpoint(args.src, args.dst, dtype=args.dtype)
+        print(f"wrote {os.path.abspath(args.dst)} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        if args.verify:
+            report = verify_conversion(args.src, args.dst, dtype=args.dtype)
+            print(report.summary())
+            return 0 if report.ok else 1
+    except QasrError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

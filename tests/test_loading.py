@@ -1,0 +1,219 @@
+"""Config and weight loading: layouts, dtypes, shards, Orbax, and every error case with its typed error."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from qasr_jax import load_config, load_pretrained
+from qasr_jax.config import config_from_dict, config_to_dict
+from qasr_jax.errors import CheckpointError, ConfigError, UnsafeCheckpointError
+from tests.support import official
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> str:
+    return official.build_checkpoint(
+        tmp_path_factory.mktemp("load") / "ck", official.small_asr_config(), seed=7
+    )
+
+
+def _copy(src: str, dst) -> str:
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+# ---------------------------------------------------------------------------------------------------- config
+
+
+def test_config_reads_released_fields_and_token_ids():
+    raw = official.small_aligner_config()
+    cfg = config_from_dict(raw)
+    assert cfg.is_aligner and cfg.classify_num == 400 and cfg.head_size == 400
+    assert cfg.timestamp_token_id == 151705 and cfg.timestamp_segment_time == 80.0
+    assert cfg.audio_token_id == 151676 and cfg.audio_start_token_id == 151669
+    assert not cfg.tied_head
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+def test_real_configs_have_the_released_shapes():
+    for name, (d, layers, hidden) in {"asr-0.6b": (896, 18, 1024), "asr-1.7b": (1024, 24, 2048)}.items():
+        cfg = config_from_dict(official.real_config(name))
+        assert (cfg.audio.d_model, cfg.audio.encoder_layers, cfg.text.hidden_size) == (d, layers, hidden)
+        assert cfg.audio.window_chunks == 8 and cfg.text.mrope_section == (24, 20, 20)
+
+
+def _broken(mutate) -> dict:
+    raw = copy.deepcopy(official.small_asr_config())
+    mutate(raw)
+    return raw
+
+
+@pytest.mark.parametrize(
+    "mutate,needle",
+    [
+        (lambda r: r["thinker_config"].pop("audio_token_id"), "audio_token_id"),
+        (lambda r: r["thinker_config"]["audio_config"].pop("d_model"), "d_model"),
+        (lambda r: r["thinker_config"]["text_config"].pop("rope_theta"), "rope_theta"),
+        (lambda r: r["thinker_config"]["audio_config"].update(output_dim=32), "output_dim"),
+        (
+            lambda r: r["thinker_config"]["audio_config"].update(encoder_attention_heads=5),
+            "encoder_attention_heads",
+        ),
+        (lambda r: r["thinker_config"]["text_config"].update(num_key_value_heads=3), "num_key_value_heads"),
+        (lambda r: r["thinker_config"]["text_config"].update(hidden_size="64"), "hidden_size"),
+        (lambda r: r["thinker_config"]["audio_config"].update(n_window_infer=150), "n_window_infer"),
+        (
+            lambda r: r["thinker_config"]["text_config"]["rope_scaling"].update(mrope_section=[4, 4, 4]),
+            "mrope",
+        ),
+        (lambda r: r.pop("thinker_config"), "thinker_config"),
+    ],
+)
+def test_bad_config_raises_config_error_naming_the_field(mutate, needle):
+    with pytest.raises(ConfigError, match=needle):
+        config_from_dict(_broken(mutate))
+
+
+def test_aligner_config_requires_its_fields():
+    raw = official.small_aligner_config()
+    raw.pop("timestamp_segment_time")
+    with pytest.raises(ConfigError, match="timestamp_segment_time"):
+        config_from_dict(raw)
+    raw = official.small_aligner_config()
+    raw["thinker_config"].pop("classify_num")
+    with pytest.raises(ConfigError, match="classify_num"):
+        config_from_dict(raw)
+
+
+def test_missing_or_invalid_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config.json"):
+        load_config(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_config(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------- weights
+
+
+def test_sharded_and_single_file_checkpoints_load_identically(ckpt, tmp_path):
+    sharded = official.build_checkpoint(
+        tmp_path / "sh", official.small_asr_config(), seed=7, max_shard_bytes=2**20
+    )
+    assert os.path.exists(os.path.join(sharded, "model.safetensors.index.json"))
+    _, a = load_pretrained(ckpt)
+    _, b = load_pretrained(sharded)
+    from qasr_jax.checkpoint import tree_equal
+
+    assert tree_equal(a, b) == []
+
+
+def test_bf16_checkpoint_stays_bf16_unless_a_dtype_is_asked(tmp_path):
+    path = official.build_checkpoint(tmp_path / "bf", official.small_asr_config(), seed=7, dtype="bfloat16",
+                                     tokenizer=False)  # fmt: skip
+    _, params = load_pretrained(path)
+    kernel = params["decoder"]["layers"]["mlp"]["up_proj"]["kernel"]
+    assert kernel.dtype.name == "bfloat16"
+    _, params32 = load_pretrained(path, dtype="float32")
+    assert params32["decoder"]["layers"]["mlp"]["up_proj"]["kernel"].dtype.name == "float32"
+
+
+def test_weights_land_where_the_torch_layout_says(ckpt):
+    """Spot-check the layout conversion by hand: Linear transposed and split into heads, conv OIHW → HWIO."""
+    tensors = load_file(os.path.join(ckpt, "model.safetensors"))
+    config, params = load_pretrained(ckpt)
+    q = tensors["thinker.model.layers.1.self_attn.k_proj.weight"]  # [kv·hd, D]
+    ours = np.asarray(params["decoder"]["layers"]["self_attn"]["k_proj"]["kernel"][1])  # [D, kv, hd]
+    np.testing.assert_array_equal(ours[:, 1, 3], q[1 * config.text.head_dim + 3])
+    conv = tensors["thinker.audio_tower.conv2d2.weight"]  # [O, I, H, W]
+    np.testing.assert_array_equal(
+        np.asarray(params["audio_tower"]["conv2d2"]["kernel"])[2, 0, 5, 7], conv[7, 5, 2, 0]
+    )
+
+
+def test_pickle_checkpoints_are_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(official.small_asr_config()))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    with pytest.raises(UnsafeCheckpointError, match=r"pytorch_model\.bin"):
+        load_pretrained(tmp_path)
+    with pytest.raises(UnsafeCheckpointError, match="pickle"):
+        load_pretrained(tmp_path / "pytorch_model.bin")
+
+
+def test_missing_unexpected_and_misshaped_tensors_are_all_listed(ckpt, tmp_path):
+    path = _copy(ckpt, tmp_path / "bad")
+    file = os.path.join(path, "model.safetensors")
+    tensors = load_file(file)
+    del tensors["thinker.model.layers.1.mlp.up_proj.weight"]
+    del tensors["thinker.audio_tower.ln_post.bias"]
+    tensors["thinker.audio_tower.extra.weight"] = np.zeros(3, np.float32)
+    tensors["thinker.model.norm.weight"] = np.zeros(5, np.float32)
+    save_file(tensors, file)
+    with pytest.raises(CheckpointError) as err:
+        load_pretrained(path)
+    msg = str(err.value)
+    assert "decoder/layers/mlp/up_proj/kernel (layers [1])" in msg
+    assert "audio_tower/ln_post/bias" in msg
+    assert "thinker.audio_tower.extra.weight" in msg
+    assert "thinker.model.norm.weight: (5,)" in msg
+
+
+def test_shard_index_naming_a_missing_file_is_an_error(tmp_path):
+    path = official.build_checkpoint(tmp_path / "sh", official.small_asr_config(), seed=7, max_shard_bytes=2**20,
+                                     tokenizer=False)  # fmt: skip
+    index = json.load(open(os.path.join(path, "model.safetensors.index.json")))
+    os.remove(os.path.join(path, sorted(set(index["weight_map"].values()))[0]))
+    with pytest.raises(CheckpointError, match="not present"):
+        load_pretrained(path)
+
+
+def test_no_weights_at_all_is_an_error(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(official.small_asr_config()))
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        load_pretrained(tmp_path)
+
+
+def test_orbax_checkpoint_for_another_config_is_refused(ckpt, tmp_path):
+    from qasr_jax.convert import convert_checkpoint
+
+    dst = str(tmp_path / "orbax")
+    convert_checkpoint(ckpt, dst)
+    raw = json.load(open(os.path.join(dst, "config.json")))
+    raw["thinker_config"]["text_config"]["intermediate_size"] = 96
+    json.dump(raw, open(os.path.join(dst, "config.json"), "w"))
+    with pytest.raises(CheckpointError, match="mis-shaped"):
+        load_pretrained(dst)
+
+
+def test_convert_program_writes_a_loadable_dir_and_verifies(ckpt, tmp_path):
+    dst = tmp_path / "conv16"
+    run = subprocess.run(
+        [sys.executable, "-m", "convert", ckpt, str(dst), "--dtype", "bfloat16", "--verify"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "identical" in run.stdout
+    for name in (
+        "config.json",
+        "vocab.json",
+        "merges.txt",
+        "tokenizer_config.json",
+        "preprocessor_config.json",
+    ):
+        assert (dst / name).exists()
+    _, params = load_pretrained(dst)
+    assert params["embed_tokens"]["embedding"].dtype.name == "bfloat16"
+    again = subprocess.run([sys.executable, "-m", "convert", ckpt, str(dst)], cwd=REPO, capture_output=True,
+                           text=True, timeout=300)  # fmt: skip
+    assert again.returncode == 2 and "not empty" in again.stderr and "Traceback" not in again.stderr
