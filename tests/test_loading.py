@@ -97,7 +97,7 @@ def test_aligner_config_requires_its_fields():
 
 
 def test_missing_or_invalid_config_file(tmp_path):
-    with pytest.raises(ConfigError, match="config.json"):
+    with pytest.raises(ConfigError, match=r"config\.json"):
         load_config(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
@@ -172,7 +172,8 @@ def test_missing_unexpected_and_misshaped_tensors_are_all_listed(ckpt, tmp_path)
 def test_shard_index_naming_a_missing_file_is_an_error(tmp_path):
     path = official.build_checkpoint(tmp_path / "sh", official.small_asr_config(), seed=7, max_shard_bytes=2**20,
                                      tokenizer=False)  # fmt: skip
-    index = json.load(open(os.path.join(path, "model.safetensors.index.json")))
+    with open(os.path.join(path, "model.safetensors.index.json")) as f:
+        index = json.load(f)
     os.remove(os.path.join(path, sorted(set(index["weight_map"].values()))[0]))
     with pytest.raises(CheckpointError, match="not present"):
         load_pretrained(path)
@@ -180,7 +181,7 @@ def test_shard_index_naming_a_missing_file_is_an_error(tmp_path):
 
 def test_no_weights_at_all_is_an_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(official.small_asr_config()))
-    with pytest.raises(CheckpointError, match="no model.safetensors"):
+    with pytest.raises(CheckpointError, match=r"no model\.safetensors"):
         load_pretrained(tmp_path)
 
 
@@ -189,9 +190,11 @@ def test_orbax_checkpoint_for_another_config_is_refused(ckpt, tmp_path):
 
     dst = str(tmp_path / "orbax")
     convert_checkpoint(ckpt, dst)
-    raw = json.load(open(os.path.join(dst, "config.json")))
+    with open(os.path.join(dst, "config.json")) as f:
+        raw = json.load(f)
     raw["thinker_config"]["text_config"]["intermediate_size"] = 96
-    json.dump(raw, open(os.path.join(dst, "config.json"), "w"))
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(raw, f)
     with pytest.raises(CheckpointError, match="mis-shaped"):
         load_pretrained(dst)
 
