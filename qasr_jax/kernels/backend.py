@@ -1,4 +1,4 @@
-"""Choosing between a Pallas kernel and its XLA reference implementation.
+"""Choosing between a Pallas kernel and its XLA reference implementation, and between kernel variants.
 
 Every kernel in this package comes in two implementations with the same signature and semantics:
 
@@ -9,6 +9,19 @@ Every kernel in this package comes in two implementations with the same signatur
 ``impl="auto"`` picks ``"pallas"`` on TPU and GPU and ``"xla"`` on CPU, where Pallas has no compiled backend
 and would run through its (slow) interpreter. ``"xla"`` or ``"pallas"`` force one; forcing ``"pallas"`` on CPU
 runs the kernel in interpret mode, which is how the tests check kernels without an accelerator.
+
+TPU and GPU Pallas are different compilers with different rules, so each kernel has two launch variants
+(``target``) around one shared kernel body:
+
+- ``"tpu"`` (Mosaic): block shapes whose last two dimensions are multiples of 8×128 (or the whole array
+  dimension); per-window/per-row scalars arrive through scalar prefetch into SMEM, where index maps can read
+  them too; ``pltpu.CompilerParams`` marks grid axes parallel.
+- ``"gpu"`` (Triton, selected by passing ``pltriton.CompilerParams``; JAX's default GPU lowering is Mosaic GPU,
+  which these kernels do not target): every array a kernel touches has power-of-two size, ``tl.dot`` needs at
+  least 16 rows, there is no scalar prefetch, so scalars arrive as squeezed one-element blocks.
+
+The target defaults to the platform (``"tpu"`` on TPU, ``"gpu"`` on GPU; ``"tpu"`` on CPU, where interpret mode
+runs either variant).
 """
 
 from __future__ import annotations
@@ -18,6 +31,7 @@ from typing import Literal
 import jax
 
 Impl = Literal["auto", "xla", "pallas"]
+Target = Literal["tpu", "gpu"]
 
 _ACCELERATOR_PLATFORMS = ("tpu", "gpu")
 
@@ -42,3 +56,22 @@ def resolve_interpret(interpret: bool | None) -> bool:
     if interpret is not None:
         return interpret
     return platform() not in _ACCELERATOR_PLATFORMS
+
+
+def resolve_target(target: str | None) -> Target:
+    """The kernel variant to build: the caller's choice, else the one for the default platform."""
+    if target is None:
+        return "gpu" if platform() == "gpu" else "tpu"
+    if target in ("tpu", "gpu"):
+        return target
+    raise ValueError(f"target must be 'tpu' or 'gpu', got {target!r}")
+
+
+def round_up(value: int, multiple: int) -> int:
+    """The smallest multiple of ``multiple`` that is at least ``value``."""
+    return -(-value // multiple) * multiple
+
+
+def next_power_of_2(value: int) -> int:
+    """The smallest power of two that is at least ``value`` (and at least 1)."""
+    return 1 << max(value - 1, 0).bit_length()

@@ -5,15 +5,54 @@ tokens from slot ``kv_start[b]`` on. The queries of one call occupy slots ``q_of
 (the same for every row) and have already been written into the cache. Query ``i`` attends to slots ``j`` with
 ``kv_start[b] <= j <= q_offset + i``. Query heads share KV heads as in HF ``repeat_kv``: query head ``h`` reads
 KV head ``h // (q_heads // kv_heads)``.
+
+- ``causal_attention_xla``: the reference in plain XLA ops, any ``q_len`` (prefill and decode).
+- ``decode_attention_pallas``: a fused kernel for one new token (``q_len == 1``), the memory-bound step that
+  runs once per generated token.
+- ``causal_attention``: the dispatch the model calls. Prefill always runs XLA (its queries fill matmuls well
+  and it runs once per request); decode runs the kernel on TPU/GPU when the shapes fit it
+  (``decode_kernel_fits``), else XLA.
+
+Kernel design (split-K, "flash decoding"). The cache is read in place: ``[batch, kv_len, kv_heads, head_dim]``
+viewed as ``[batch, kv_len, kv_heads * head_dim]`` (a free reshape), so one (kv block, kv head) tile is a
+``[block_k, head_dim]`` block whose lane offset is the head. A grid step (row, kv head, kv block) attends the
+``q_heads // kv_heads`` queries of that kv head (padded to a matmul-friendly row count) to one kv block and writes
+an unnormalised partial output with its row max and row sum; a few XLA ops merge the partials. Every step is
+independent, so all grid axes are parallel even at batch 1. Blocks outside a row's visible range
+``[kv_start, q_offset]`` do no work: on TPU their index map re-points at a visible block (consecutive equal block
+indices skip the DMA), so the unused tail of the preallocated cache is never read; on GPU the loads sit behind
+``pl.when``.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
 
-from qasr_jax.kernels.backend import resolve_impl, resolve_interpret
+from qasr_jax.kernels.backend import (
+    Target,
+    next_power_of_2,
+    resolve_impl,
+    resolve_interpret,
+    resolve_target,
+    round_up,
+)
 from qasr_jax.kernels.softmax import masked_softmax
+
+# See windowed_attention: a finite mask keeps exp(mask - max) exactly 0 without inf - inf.
+_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+# Largest first. TPU: long blocks amortise the ~0.35 us per grid step (a 1024×128 bf16 K+V tile, double
+# buffered, is 1 MiB of VMEM). GPU: one block per program; 256 keeps the merged partials (16 padded query rows
+# × head_dim fp32) a small fraction of the cache bytes read, while leaving many programs for small batches.
+_TPU_BLOCK_CANDIDATES = (1024, 512, 256, 128, 64, 32, 16)
+_GPU_BLOCK_CANDIDATES = (256, 128, 64, 32, 16)
 
 
 def _check_shapes(q: jax.Array, k: jax.Array, v: jax.Array, kv_start: jax.Array) -> None:
@@ -64,6 +103,100 @@ def causal_attention_xla(
     return out.reshape(batch, q_len, q_heads, head_dim).astype(q.dtype)
 
 
+def _kv_block_size(kv_len: int, target: Target) -> int | None:
+    """The largest candidate block that divides ``kv_len`` (blocks never hang off the cache), or None."""
+    candidates = _TPU_BLOCK_CANDIDATES if target == "tpu" else _GPU_BLOCK_CANDIDATES
+    return next((block for block in candidates if kv_len % block == 0), None)
+
+
+def decode_kernel_fits(q_shape: tuple[int, ...], kv_shape: tuple[int, ...], target: Target) -> bool:
+    """Whether ``decode_attention_pallas`` takes these shapes on ``target``.
+
+    Needs one query per row, a cache length that is a multiple of 16 (allocate caches in multiples of 128 or
+    256) and, on TPU, a head_dim that is a multiple of 128 (a lane-aligned head slice; Qwen3 uses 128) unless
+    there is a single kv head; on GPU a power-of-two head_dim.
+    """
+    _, q_len, _, head_dim = q_shape
+    _, kv_len, kv_heads, _ = kv_shape
+    if q_len != 1 or _kv_block_size(kv_len, target) is None:
+        return False
+    if target == "tpu":
+        return head_dim % 128 == 0 or kv_heads == 1
+    return head_dim >= 16 and head_dim == next_power_of_2(head_dim)
+
+
+def _attend_kv_block(
+    q_offset: jax.Array,
+    kv_start: jax.Array,
+    q_ref,
+    k_ref,
+    v_ref,
+    out_ref,
+    max_ref,
+    sum_ref,
+    *,
+    scale: float,
+) -> None:
+    """The kernel body shared by both targets: one kv head's queries of one row against one kv block.
+
+    q_ref: ``[group_padded, head_dim]``; k_ref, v_ref: ``[block_k, head_dim]``; out_ref: fp32
+    ``[group_padded, head_dim]``, the unnormalised partial output; max_ref, sum_ref: fp32 ``[group_padded, 1]``,
+    the partial's row max and row sum. q_offset, kv_start: int32 scalars of this row.
+    """
+    group_padded, head_dim = q_ref.shape
+    block_k = k_ref.shape[0]
+    block_start = pl.program_id(2) * block_k
+    # The visible slots [kv_start, q_offset] meet this block (an empty range, kv_start > q_offset, meets none).
+    block_visible = jnp.maximum(kv_start, block_start) <= jnp.minimum(q_offset, block_start + block_k - 1)
+
+    @pl.when(jnp.logical_not(block_visible))
+    def _skip():
+        out_ref[...] = jnp.zeros((group_padded, head_dim), jnp.float32)
+        max_ref[...] = jnp.full((group_padded, 1), _MASK_VALUE, jnp.float32)
+        sum_ref[...] = jnp.zeros((group_padded, 1), jnp.float32)
+
+    @pl.when(block_visible)
+    def _attend():
+        q = q_ref[...]
+        k = k_ref[...]
+        v = v_ref[...]
+        # fp32 inputs must not be rounded to bf16 by the MXU (TPU default precision).
+        precision = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else jax.lax.Precision.DEFAULT
+        logits = jax.lax.dot_general(
+            q, k, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
+        )  # [group_padded, block_k]
+        logits = logits * scale
+        slot = block_start + jax.lax.broadcasted_iota(jnp.int32, (group_padded, block_k), 1)
+        logits = jnp.where((slot >= kv_start) & (slot <= q_offset), logits, _MASK_VALUE)
+        # The block holds at least one visible slot, so the row max is a real logit.
+        row_max = jnp.max(logits, axis=1, keepdims=True)
+        probs = jnp.exp(logits - row_max)
+        out_ref[...] = jax.lax.dot_general(
+            probs.astype(v.dtype),
+            v,
+            (((1,), (0,)), ((), ())),
+            precision=precision,
+            preferred_element_type=jnp.float32,
+        )
+        max_ref[...] = row_max
+        sum_ref[...] = jnp.sum(probs, axis=1, keepdims=True)
+
+
+def _tpu_kernel(q_offset_ref, kv_start_ref, q_ref, k_ref, v_ref, out_ref, max_ref, sum_ref, *, scale):
+    # Scalars are prefetched into SMEM: q_offset_ref [1], kv_start_ref [batch].
+    _attend_kv_block(
+        q_offset_ref[0], kv_start_ref[pl.program_id(0)], q_ref, k_ref, v_ref, out_ref, max_ref, sum_ref,
+        scale=scale,
+    )  # fmt: skip
+
+
+def _gpu_kernel(q_offset_ref, kv_start_ref, q_ref, k_ref, v_ref, out_ref, max_ref, sum_ref, *, scale):
+    # Scalars arrive as squeezed one-element blocks (Triton has no scalar prefetch).
+    _attend_kv_block(
+        q_offset_ref[()], kv_start_ref[()], q_ref, k_ref, v_ref, out_ref, max_ref, sum_ref, scale=scale
+    )
+
+
 def decode_attention_pallas(
     q: jax.Array,
     k: jax.Array,
@@ -73,9 +206,113 @@ def decode_attention_pallas(
     *,
     scale: float | None = None,
     interpret: bool = False,
+    target: Target | None = None,
 ) -> jax.Array:
-    """The fused Pallas kernel for one new token (``q_len == 1``); same contract as ``causal_attention_xla``."""
-    raise NotImplementedError("the Pallas decode-attention kernel is not available yet; use impl='xla'")
+    """The fused Pallas kernel for one new token; same contract as ``causal_attention_xla`` with ``q_len == 1``.
+
+    q: ``[batch, 1, q_heads, head_dim]``; k, v: ``[batch, kv_len, kv_heads, head_dim]``. Raises ValueError for
+    shapes outside ``decode_kernel_fits``. Forward only: decoding needs no gradient (training runs the XLA path).
+    """
+    _check_shapes(q, k, v, kv_start)
+    target = resolve_target(target)
+    if not decode_kernel_fits(q.shape, k.shape, target):
+        raise ValueError(
+            f"decode kernel ({target}) does not take q {q.shape} with cache {k.shape}; see decode_kernel_fits"
+        )
+    batch, _, q_heads, head_dim = q.shape
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    group = q_heads // kv_heads
+    scale = head_dim**-0.5 if scale is None else float(scale)
+    block_k = _kv_block_size(kv_len, target)
+    num_blocks = kv_len // block_k
+    # Query rows per kv head, padded: TPU sublanes come in 8s, Triton's tl.dot needs at least 16 rows.
+    group_padded = round_up(group, 8) if target == "tpu" else max(16, next_power_of_2(group))
+
+    q_grouped = q.reshape(batch, kv_heads, group, head_dim)
+    q_grouped = jnp.pad(q_grouped, ((0, 0), (0, 0), (0, group_padded - group), (0, 0)))
+    k_lanes = k.reshape(batch, kv_len, kv_heads * head_dim)
+    v_lanes = v.reshape(batch, kv_len, kv_heads * head_dim)
+    q_offset = jnp.reshape(jnp.asarray(q_offset, jnp.int32), (1,))
+    kv_start = kv_start.astype(jnp.int32)
+
+    grid = (batch, kv_heads, num_blocks)
+    query_block = (None, None, group_padded, head_dim)
+    kv_block = (None, block_k, head_dim)
+    partial_block = (None, None, None, group_padded, head_dim)
+    stat_block = (None, None, None, group_padded, 1)
+    out_shape = [
+        jax.ShapeDtypeStruct((batch, kv_heads, num_blocks, group_padded, head_dim), jnp.float32),
+        jax.ShapeDtypeStruct((batch, kv_heads, num_blocks, group_padded, 1), jnp.float32),
+        jax.ShapeDtypeStruct((batch, kv_heads, num_blocks, group_padded, 1), jnp.float32),
+    ]
+
+    if target == "tpu":
+
+        def kv_index(b, h, j, q_offset_ref, kv_start_ref):
+            # Steps outside the visible range re-point at the nearest visible block: the pipeline skips the
+            # copy when a block index repeats, so the cache is read only where this row has tokens.
+            first = jax.lax.div(jnp.maximum(kv_start_ref[b], 0), block_k)
+            last = jax.lax.div(jnp.clip(q_offset_ref[0], 0, kv_len - 1), block_k)
+            return b, jnp.clip(j, jnp.minimum(first, last), last), h
+
+        def fixed_index(b, h, j, *scalars):
+            return b, h, 0, 0
+
+        def partial_index(b, h, j, *scalars):
+            return b, h, j, 0, 0
+
+        call = pl.pallas_call(
+            functools.partial(_tpu_kernel, scale=scale),
+            grid_spec=pltpu.PrefetchScalarGridSpec(
+                num_scalar_prefetch=2,
+                grid=grid,
+                in_specs=[
+                    pl.BlockSpec(query_block, fixed_index),
+                    pl.BlockSpec(kv_block, kv_index),
+                    pl.BlockSpec(kv_block, kv_index),
+                ],
+                out_specs=[
+                    pl.BlockSpec(partial_block, partial_index),
+                    pl.BlockSpec(stat_block, partial_index),
+                    pl.BlockSpec(stat_block, partial_index),
+                ],
+            ),
+            out_shape=out_shape,
+            compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel")),
+            interpret=interpret,
+            name="decode_attention",
+        )
+    else:
+        call = pl.pallas_call(
+            functools.partial(_gpu_kernel, scale=scale),
+            grid=grid,
+            in_specs=[
+                pl.BlockSpec((None,), lambda b, h, j: (0,)),
+                pl.BlockSpec((None,), lambda b, h, j: (b,)),
+                pl.BlockSpec(query_block, lambda b, h, j: (b, h, 0, 0)),
+                pl.BlockSpec(kv_block, lambda b, h, j: (b, j, h)),
+                pl.BlockSpec(kv_block, lambda b, h, j: (b, j, h)),
+            ],
+            out_specs=[
+                pl.BlockSpec(partial_block, lambda b, h, j: (b, h, j, 0, 0)),
+                pl.BlockSpec(stat_block, lambda b, h, j: (b, h, j, 0, 0)),
+                pl.BlockSpec(stat_block, lambda b, h, j: (b, h, j, 0, 0)),
+            ],
+            out_shape=out_shape,
+            compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
+            interpret=interpret,
+            name="decode_attention",
+        )
+    partial_out, partial_max, partial_sum = call(q_offset, kv_start, q_grouped, k_lanes, v_lanes)
+
+    # Merge the per-block softmax partials. Skipped blocks carry max = mask value and sum = 0, so they weigh
+    # nothing unless the whole row is invisible, which the final guard turns into zeros.
+    overall_max = jnp.max(partial_max, axis=2, keepdims=True)
+    weight = jnp.exp(partial_max - overall_max)  # [batch, kv_heads, num_blocks, group_padded, 1]
+    numerator = jnp.sum(weight * partial_out, axis=2)  # [batch, kv_heads, group_padded, head_dim]
+    denominator = jnp.sum(weight * partial_sum, axis=2)  # [batch, kv_heads, group_padded, 1]
+    out = jnp.where(denominator > 0.0, numerator / jnp.where(denominator > 0.0, denominator, 1.0), 0.0)
+    return out[:, :, :group].reshape(batch, 1, q_heads, head_dim).astype(q.dtype)
 
 
 def causal_attention(
@@ -91,10 +328,11 @@ def causal_attention(
 ) -> jax.Array:
     """Cached causal attention on the implementation ``impl`` selects (see ``qasr_jax.kernels.backend``).
 
-    The Pallas kernel covers decoding (``q_len == 1``); prefill (``q_len > 1``) always runs the XLA reference.
-    Shapes as in ``causal_attention_xla``.
+    With ``"pallas"``, decoding (``q_len == 1``) runs the kernel when ``decode_kernel_fits`` the shapes on this
+    platform's target; prefill (``q_len > 1``) and other shapes run the XLA reference. Shapes as in
+    ``causal_attention_xla``.
     """
-    if resolve_impl(impl) == "pallas" and q.shape[1] == 1:
+    if resolve_impl(impl) == "pallas" and decode_kernel_fits(q.shape, k.shape, resolve_target(None)):
         return decode_attention_pallas(
             q, k, v, q_offset, kv_start, scale=scale, interpret=resolve_interpret(interpret)
         )
