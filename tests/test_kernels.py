@@ -21,6 +21,8 @@ from qasr_jax.kernels import (
     windowed_attention_pallas,
     windowed_attention_xla,
 )
+from qasr_jax.kernels.bench import clip_window_lengths
+from qasr_jax.kernels.bench import main as bench_main
 from qasr_jax.kernels.decode_attention import decode_kernel_fits
 from qasr_jax.kernels.windowed_attention import window_block_sizes
 
@@ -393,3 +395,17 @@ def test_kernels_lower_for_tpu_and_gpu(target, export_platform, custom_call, dty
         query, cache, cache, jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((4,), jnp.int32)
     )
     assert f"@{custom_call}" in exported.mlir_module()
+
+
+# --- Benchmark program -----------------------------------------------------------------------------------------
+
+
+def test_bench_lays_30_second_clips_into_ragged_windows_and_prints_a_table(capsys):
+    np.testing.assert_array_equal(clip_window_lengths(2, 30), [104, 104, 104, 78] * 2)
+    np.testing.assert_array_equal(clip_window_lengths(1, 8), [104])
+    bench_main(["--clips", "1", "--repeats", "1", "--seconds", "9"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("device: cpu")
+    rows = [line.split() for line in lines[2:]]
+    assert [(row[0], row[1], row[2]) for row in rows] == [("1", "2", "xla"), ("1", "2", "pallas")]
+    assert all(float(row[3]) > 0 for row in rows)

@@ -10,11 +10,17 @@ The model calls the dispatch functions:
 How to choose ``impl``: leave it at ``"auto"`` (Pallas on TPU/GPU, XLA on CPU). Force ``"xla"`` to rule a kernel
 out when debugging numerics or on a backend where the kernel does not lower; force ``"pallas"`` on CPU only to
 test a kernel (it runs in the Pallas interpreter, far slower than XLA). Both implementations compute the softmax
-in fp32 and return ``q.dtype``.
+in fp32 and return ``q.dtype``. ``qasr_jax.kernels.backend`` explains the TPU (Mosaic) and GPU (Triton) kernel
+variants; ``python -m qasr_jax.kernels.bench`` times kernel against XLA.
 """
 
-from qasr_jax.kernels.backend import Impl, resolve_impl, resolve_interpret
-from qasr_jax.kernels.decode_attention import causal_attention, causal_attention_xla, decode_attention_pallas
+from qasr_jax.kernels.backend import Impl, Target, resolve_impl, resolve_interpret, resolve_target
+from qasr_jax.kernels.decode_attention import (
+    causal_attention,
+    causal_attention_xla,
+    decode_attention_pallas,
+    decode_kernel_fits,
+)
 from qasr_jax.kernels.softmax import masked_softmax
 from qasr_jax.kernels.windowed_attention import (
     windowed_attention,
@@ -24,12 +30,15 @@ from qasr_jax.kernels.windowed_attention import (
 
 __all__ = [
     "Impl",
+    "Target",
     "causal_attention",
     "causal_attention_xla",
     "decode_attention_pallas",
+    "decode_kernel_fits",
     "masked_softmax",
     "resolve_impl",
     "resolve_interpret",
+    "resolve_target",
     "windowed_attention",
     "windowed_attention_pallas",
     "windowed_attention_xla",

@@ -184,10 +184,9 @@ def _attend_kv_block(
 
 def _tpu_kernel(q_offset_ref, kv_start_ref, q_ref, k_ref, v_ref, out_ref, max_ref, sum_ref, *, scale):
     # Scalars are prefetched into SMEM: q_offset_ref [1], kv_start_ref [batch].
-    _attend_kv_block(
-        q_offset_ref[0], kv_start_ref[pl.program_id(0)], q_ref, k_ref, v_ref, out_ref, max_ref, sum_ref,
-        scale=scale,
-    )  # fmt: skip
+    q_offset = q_offset_ref[0]
+    kv_start = kv_start_ref[pl.program_id(0)]
+    _attend_kv_block(q_offset, kv_start, q_ref, k_ref, v_ref, out_ref, max_ref, sum_ref, scale=scale)
 
 
 def _gpu_kernel(q_offset_ref, kv_start_ref, q_ref, k_ref, v_ref, out_ref, max_ref, sum_ref, *, scale):
