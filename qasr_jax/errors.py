@@ -49,3 +49,11 @@ class LanguageError(QasrError, ValueError):
 
 class AlignmentError(QasrError, ValueError):
     """An (audio, text) pair that cannot be aligned."""
+
+
+class MissingExtraError(QasrError, ImportError):
+    """An optional dependency (a pip extra such as ``qasr-jax[ja]``) that a requested feature needs."""
+
+
+class PromptError(QasrError, ValueError):
+    """Prompt text that would corrupt the model input (e.g. a context holding an audio placeholder)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import os
 import re
 import unicodedata
 from collections.abc import Iterable, Sequence
@@ -16,7 +17,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from qasr_jax.errors import LanguageError, TokenizerError
+from qasr_jax.errors import LanguageError, MissingExtraError, PromptError, TokenizerError
 
 SUPPORTED_LANGUAGES: tuple[str, ...] = (
     "Chinese",
@@ -473,7 +474,7 @@ def _expand_audio_slot(tokenizer: Tokenizer, ids: list[int], audio_tokens: int, 
     slots = [i for i, token_id in enumerate(ids) if token_id == pad]
     if len(slots) != 1:
         # A second <|audio_pad|> (from the context or the words) would take audio embeddings meant for the slot.
-        raise TokenizerError(f"{what} must hold exactly one {AUDIO_PAD}, found {len(slots)}")
+        raise PromptError(f"{what} must hold exactly one {AUDIO_PAD}, found {len(slots)}")
     slot = slots[0]
     return [*ids[:slot], *([pad] * audio_tokens), *ids[slot + 1 :]]
 
@@ -642,11 +643,36 @@ def _split_japanese(text: str) -> list[str]:
     try:
         import nagisa
     except ImportError:
-        raise ImportError("Japanese word segmentation needs nagisa: pip install 'qasr-jax[ja]'") from None
+        raise MissingExtraError(
+            "Japanese word segmentation needs nagisa: pip install 'qasr-jax[ja]'"
+        ) from None
     return [cleaned for word in nagisa.tagging(text).words if (cleaned := _keep_word_characters(word))]
 
 
-DEFAULT_KOREAN_DICTIONARY = Path(__file__).resolve().parent / "assets" / "korean_dict_jieba.dict"
+KOREAN_DICTIONARY_NAME = "korean_dict_jieba.dict"
+KOREAN_DICTIONARY_ENV = "QASR_KOREAN_DICT"
+
+
+def default_korean_dictionary() -> Path:
+    """Where the Korean word list (the one the official aligner segments with) is found.
+
+    In order: ``$QASR_KOREAN_DICT``; the copy inside an installed ``qwen-asr`` package (located without importing
+    it). The list is data of the official package and is not redistributed here.
+    """
+    env = os.environ.get(KOREAN_DICTIONARY_ENV)
+    if env:
+        return Path(env)
+    import importlib.util
+
+    spec = importlib.util.find_spec("qwen_asr")
+    if spec is not None and spec.submodule_search_locations:
+        for root in spec.submodule_search_locations:
+            found = sorted(Path(root).rglob(KOREAN_DICTIONARY_NAME))
+            if found:
+                return found[0]
+    return Path(KOREAN_DICTIONARY_NAME)
+
+
 _korean_segmenters: dict[Path, Any] = {}
 
 
@@ -657,14 +683,15 @@ def _korean_segmenter(dictionary: Path) -> Any:
     try:
         from soynlp.tokenizer import LTokenizer
     except ImportError:
-        raise ImportError("Korean word segmentation needs soynlp: pip install 'qasr-jax[ko]'") from None
+        raise MissingExtraError("Korean word segmentation needs soynlp: pip install 'qasr-jax[ko]'") from None
     try:
         # Text-mode line iteration (universal newlines), not str.splitlines, to split where the official reader does.
         with open(dictionary, encoding="utf-8") as handle:
             lines = list(handle)
     except FileNotFoundError:
-        raise TokenizerError(
-            f"{dictionary}: the Korean word list (korean_dict_jieba.dict of qwen-asr) is missing"
+        raise MissingExtraError(
+            f"{dictionary}: the Korean word list ({KOREAN_DICTIONARY_NAME}) is missing; set ${KOREAN_DICTIONARY_ENV} "
+            "to its path or install the qwen-asr package that carries it (pip install --no-deps qwen-asr)"
         ) from None
     # Every listed word scores 1.0: the segmenter picks the longest listed prefix of each space-separated part.
     scores = {line.split()[0]: 1.0 for line in lines if line.strip()}
@@ -691,7 +718,7 @@ def split_words(
     if key == "japanese":
         return _split_japanese(text)
     if key == "korean":
-        dictionary = Path(korean_dictionary) if korean_dictionary is not None else DEFAULT_KOREAN_DICTIONARY
+        dictionary = Path(korean_dictionary) if korean_dictionary is not None else default_korean_dictionary()
         return _split_korean(text, dictionary)
     return _split_space_delimited(text)
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from qasr_jax import text
-from qasr_jax.errors import LanguageError, TokenizerError
+from qasr_jax.errors import LanguageError, MissingExtraError, PromptError, TokenizerError
 from tests.support.vocab import write_preprocessor_config, write_tokenizer_files
 
 transformers = pytest.importorskip("transformers")
@@ -424,7 +424,7 @@ def test_prompt_ids_match_official_processor(tokenizer, official_processor, lang
 def test_prompt_rejects_unsupported_language_and_extra_audio_slot(tokenizer):
     with pytest.raises(LanguageError, match="Cantonese"):
         text.build_prompt_ids(tokenizer, 5, "", "Klingon")
-    with pytest.raises(TokenizerError, match="exactly one"):
+    with pytest.raises(PromptError, match="exactly one"):
         text.build_prompt_ids(tokenizer, 5, "a <|audio_pad|> in the context")
     assert text.build_prompt_ids(tokenizer, 0).count(151676) == 0
 
@@ -591,8 +591,17 @@ def test_missing_segmenters_name_the_extra(monkeypatch):
 
 
 def test_missing_korean_dictionary_is_named(tmp_path):
-    with pytest.raises(TokenizerError, match=r"nothing\.dict"):
+    with pytest.raises(MissingExtraError, match=r"nothing\.dict"):
         text.split_words("안녕하세요", "Korean", korean_dictionary=tmp_path / "nothing.dict")
+
+
+def test_default_korean_dictionary_is_found_from_the_environment_or_the_official_package(
+    tmp_path, monkeypatch, official_korean_dictionary
+):
+    monkeypatch.delenv(text.KOREAN_DICTIONARY_ENV, raising=False)
+    assert text.default_korean_dictionary().resolve() == official_korean_dictionary.resolve()
+    monkeypatch.setenv(text.KOREAN_DICTIONARY_ENV, str(tmp_path / "mine.dict"))
+    assert text.default_korean_dictionary() == tmp_path / "mine.dict"
 
 
 def _timestamp_cases(seed: int) -> list[np.ndarray]:
