@@ -76,8 +76,8 @@ def base_case(cases, tmp_path_factory) -> Case:
     return get_case(cases, "gqa2-tied-window800", tmp_path_factory)
 
 
-def encode(params, config, features, mask, window_chunks=None):
-    model = Qwen3ASR(config, attention_impl="xla")
+def encode(params, config, features, mask, window_chunks=None, attention_impl="xla"):
+    model = Qwen3ASR(config, attention_impl=attention_impl)
     fn = jax.jit(
         lambda p, f, m: model.apply({"params": p}, f, m, window_chunks, method=Qwen3ASR.encode_audio)
     )
@@ -101,6 +101,14 @@ def test_encoder_matches_official_on_ragged_batch(case: Case):
     ours = encode(params, config, case.input_features, case.feature_mask)
     for mine, ref in zip(ours, case.ref_encoded):
         assert mine.shape == ref.shape
+        assert rel_max_error(mine, ref) <= TOL
+
+
+def test_encoder_with_pallas_attention_matches_official(base_case: Case):
+    """The Pallas windowed-attention kernel (interpret mode on CPU) in the whole encoder."""
+    config, params = load_pretrained(base_case.dir)
+    ours = encode(params, config, base_case.input_features, base_case.feature_mask, attention_impl="pallas")
+    for mine, ref in zip(ours, base_case.ref_encoded):
         assert rel_max_error(mine, ref) <= TOL
 
 
