@@ -1,0 +1,334 @@
+"""The untrained demo checkpoints the demo training configs start from: configs and a tokenizer of their own.
+
+    python -m train.demo_init --out train/configs
+
+writes ``demo_asr_init/`` and ``demo_aligner_init/`` (config.json, generation_config.json,
+preprocessor_config.json and the tokenizer files, no weights: ``model.init = "random"`` builds them). Both
+directories are committed; rerunning the command reproduces them byte for byte.
+
+The tokenizer is a byte-level BPE in the Qwen2 layout trained on sentences of the synthetic corpus
+(``train.synth``), so every word the grammar can produce is one or two tokens. Its regular vocabulary has
+``REGULAR_VOCAB_SIZE`` entries (trained pieces, then unreachable filler) and the 63 added tokens of the released
+Qwen3-ASR tokenizer follow in their released order, so the whole vocabulary is 2048 ids instead of 151936. The
+ids of the special tokens therefore differ from the released ones (``<|im_end|>`` is 1987, not 151645); they are
+written into config.json, generation_config.json and tokenizer_config.json consistently, and everything in
+qasr_jax reads them from there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qasr_jax.config import AudioEncoderConfig, TextConfig, ThinkerConfig, config_to_dict
+from qasr_jax.text import QWEN2_PRETOKENIZE_REGEX
+from train.synth import LANGUAGES, SPLITS, sentence_split, sentence_text
+
+# Trained pieces plus filler; the added tokens take the next 63 ids, so the vocabulary is 2048 ids.
+REGULAR_VOCAB_SIZE = 1985
+TOKENIZER_SENTENCES = 40000
+TOKENIZER_SEED = 0
+
+# The added tokens of the released tokenizer by offset from the end of the regular vocabulary (the released
+# ids minus 151643), with their "special" flag. `<asr_text>` and `<timestamp>` are not special: the official
+# pipeline decodes with skip_special_tokens=True and then looks for `<asr_text>`.
+NAMED_ADDED_TOKENS: tuple[tuple[int, str, bool], ...] = (
+    (0, "<|endoftext|>", True),
+    (1, "<|im_start|>", True),
+    (2, "<|im_end|>", True),
+    (3, "<|object_ref_start|>", True),
+    (4, "<|object_ref_end|>", True),
+    (5, "<|box_start|>", True),
+    (6, "<|box_end|>", True),
+    (7, "<|quad_start|>", True),
+    (8, "<|quad_end|>", True),
+    (9, "<|vision_start|>", True),
+    (10, "<|vision_end|>", True),
+    (11, "<|vision_pad|>", True),
+    (12, "<|image_pad|>", True),
+    (13, "<|video_pad|>", True),
+    (14, "<tool_call>", False),
+    (15, "</tool_call>", False),
+    (16, "<|fim_prefix|>", False),
+    (17, "<|fim_middle|>", False),
+    (18, "<|fim_suffix|>", False),
+    (19, "<|fim_pad|>", False),
+    (20, "<|repo_name|>", False),
+    (21, "<|file_sep|>", False),
+    (22, "<tool_response>", False),
+    (23, "</tool_response>", False),
+    (24, "<think>", False),
+    (25, "</think>", False),
+    (26, "<|audio_start|>", True),
+    (27, "<|audio_end|>", True),
+    (28, "<tts_pad>", True),
+    (29, "<tts_text_bos>", True),
+    (30, "<tts_text_eod>", True),
+    (31, "<tts_text_bos_single>", True),
+    (33, "<|audio_pad|>", True),
+    (61, "<asr_text>", False),
+    (62, "<timestamp>", False),
+)
+ADDED_TOKEN_COUNT = 63
+VOCAB_SIZE = REGULAR_VOCAB_SIZE + ADDED_TOKEN_COUNT
+
+ADDITIONAL_SPECIAL_TOKENS = (
+    "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>",
+    "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
+    "<|video_pad|>", "<|audio_start|>", "<|audio_end|>", "<|audio_pad|>",
+)  # fmt: skip
+EXTRA_SPECIAL_TOKENS = {
+    "audio_bos_token": "<|audio_start|>",
+    "audio_eos_token": "<|audio_end|>",
+    "audio_token": "<|audio_pad|>",
+    "image_token": "<|image_pad|>",
+    "video_token": "<|video_pad|>",
+    "vision_bos_token": "<|vision_start|>",
+    "vision_eos_token": "<|vision_end|>",
+}
+# The Qwen3-ASR chat template: system text, user turns whose content is a string or a list of
+# {"type": "text" | "audio"} parts (an audio part becomes the audio slot), optional generation prompt.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}"
+    "{{- message['content'] -}}"
+    "{%- else -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'audio' or 'audio' in part or 'audio_url' in part -%}"
+    "{{- '<|audio_start|><|audio_pad|><|audio_end|>' -}}"
+    "{%- elif part['type'] == 'text' -%}"
+    "{{- part['text'] -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- endif -%}"
+)
+PREPROCESSOR_CONFIG = {
+    "chunk_length": 30,
+    "dither": 0.0,
+    "feature_extractor_type": "WhisperFeatureExtractor",
+    "feature_size": 128,
+    "hop_length": 160,
+    "n_fft": 400,
+    "n_samples": 480000,
+    "nb_max_frames": 3000,
+    "padding_side": "right",
+    "padding_value": 0.0,
+    "processor_class": "Qwen3ASRProcessor",
+    "return_attention_mask": True,
+    "sampling_rate": 16000,
+}
+
+
+def added_token_id(content: str) -> int:
+    """The id of a named added token in the demo vocabulary."""
+    for offset, name, _ in NAMED_ADDED_TOKENS:
+        if name == content:
+            return REGULAR_VOCAB_SIZE + offset
+    raise KeyError(content)
+
+
+# The small models. The audio front end keeps the released mel and chunk settings (128 bins, 1 s chunks, 8 s
+# attention windows) so features, chunking and windows are exercised exactly as with a released checkpoint.
+AUDIO_CONFIG = AudioEncoderConfig(
+    num_mel_bins=128,
+    d_model=192,
+    encoder_layers=4,
+    encoder_attention_heads=4,
+    encoder_ffn_dim=768,
+    output_dim=256,
+    n_window=50,
+    n_window_infer=800,
+    downsample_hidden_size=64,
+    max_source_positions=1500,
+    conv_chunksize=500,
+)
+TEXT_CONFIG = TextConfig(
+    vocab_size=VOCAB_SIZE,
+    hidden_size=256,
+    intermediate_size=768,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    rms_norm_eps=1e-6,
+    rope_theta=1e6,
+    mrope_section=(12, 10, 10),
+    mrope_interleaved=True,
+    tie_word_embeddings=True,
+)
+# The released aligner's head: 5000 classes of 80 ms (400 s).
+ALIGNER_CLASSES = 5000
+TIMESTAMP_SEGMENT_MS = 80.0
+
+
+def asr_config() -> ThinkerConfig:
+    return ThinkerConfig(
+        audio=AUDIO_CONFIG,
+        text=TEXT_CONFIG,
+        audio_token_id=added_token_id("<|audio_pad|>"),
+        audio_start_token_id=added_token_id("<|audio_start|>"),
+        audio_end_token_id=added_token_id("<|audio_end|>"),
+    )
+
+
+def aligner_config() -> ThinkerConfig:
+    return asr_config().replace(
+        text=dataclasses.replace(TEXT_CONFIG, tie_word_embeddings=False),
+        is_aligner=True,
+        classify_num=ALIGNER_CLASSES,
+        timestamp_token_id=added_token_id("<timestamp>"),
+        timestamp_segment_time=TIMESTAMP_SEGMENT_MS,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def tokenizer_corpus(count: int = TOKENIZER_SENTENCES, seed: int = TOKENIZER_SEED) -> list[str]:
+    """Training-split sentences of every language, and the language tags the model writes."""
+    rng = np.random.default_rng([seed, len(SPLITS)])
+    corpus = []
+    names = list(LANGUAGES)
+    while len(corpus) < count:
+        language = names[len(corpus) % len(names)]
+        text = sentence_text(LANGUAGES[language].sentence(rng))
+        if sentence_split(language, text) == "train":
+            corpus.append(text)
+    corpus += [f"language {name}" for name in names] * 100
+    return corpus
+
+
+def train_bpe(corpus: Sequence[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A byte-level BPE (Qwen2 pre-tokenizer) of at most REGULAR_VOCAB_SIZE pieces: (vocab, merges)."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=REGULAR_VOCAB_SIZE,
+        min_frequency=2,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(corpus, trainer=trainer)
+    model = json.loads(tokenizer.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    return dict(model["vocab"]), merges
+
+
+def write_tokenizer_files(dst: Path, vocab: dict[str, int], merges: Sequence[tuple[str, str]]) -> None:
+    """vocab.json, merges.txt, tokenizer_config.json and chat_template.json in the released layout."""
+    ordered = sorted(vocab.items(), key=lambda item: item[1])
+    if [token_id for _, token_id in ordered] != list(range(len(ordered))) or len(
+        ordered
+    ) > REGULAR_VOCAB_SIZE:
+        raise AssertionError(
+            "trained vocabulary ids must be contiguous from 0 and fit the regular vocabulary"
+        )
+    # transformers gives added tokens the next free ids in order, so the regular vocabulary must fill every id
+    # below them. Filler pieces contain a character run the byte-level alphabet never produces and no merge
+    # builds, so no input encodes to them.
+    full_vocab = dict(ordered)
+    for token_id in range(len(ordered), REGULAR_VOCAB_SIZE):
+        full_vocab[f"ĊĊĊ<unused_{token_id}>"] = token_id
+    (dst / "vocab.json").write_text(json.dumps(full_vocab, ensure_ascii=False), encoding="utf-8")
+    (dst / "merges.txt").write_text(
+        "#version: 0.2\n" + "".join(f"{left} {right}\n" for left, right in merges), encoding="utf-8"
+    )
+    named = {offset: (content, special) for offset, content, special in NAMED_ADDED_TOKENS}
+    added = {
+        REGULAR_VOCAB_SIZE + offset: named.get(offset, (f"<|reserved_special_token_{offset}|>", True))
+        for offset in range(ADDED_TOKEN_COUNT)
+    }
+    tokenizer_config: dict[str, Any] = {
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "added_tokens_decoder": {
+            str(token_id): {
+                "content": content,
+                "lstrip": False,
+                "normalized": False,
+                "rstrip": False,
+                "single_word": False,
+                "special": special,
+            }
+            for token_id, (content, special) in added.items()
+        },
+        "additional_special_tokens": list(ADDITIONAL_SPECIAL_TOKENS),
+        "bos_token": None,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|im_end|>",
+        "errors": "replace",
+        "extra_special_tokens": dict(EXTRA_SPECIAL_TOKENS),
+        "model_max_length": 131072,
+        "pad_token": "<|endoftext|>",
+        "processor_class": "Qwen3ASRProcessor",
+        "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "unk_token": None,
+        **EXTRA_SPECIAL_TOKENS,
+    }
+    (dst / "tokenizer_config.json").write_text(
+        json.dumps(tokenizer_config, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
+    )
+    (dst / "chat_template.json").write_text(
+        json.dumps({"chat_template": CHAT_TEMPLATE}, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
+    )
+
+
+def write_checkpoint_dir(
+    dst: Path, config: ThinkerConfig, vocab: dict[str, int], merges: Sequence[tuple[str, str]]
+) -> None:
+    """A weightless checkpoint dir: config.json, generation_config.json, preprocessor and tokenizer files."""
+    dst.mkdir(parents=True, exist_ok=True)
+
+    def write_json(name: str, value: Any) -> None:
+        (dst / name).write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
+
+    write_json("config.json", config_to_dict(config))
+    end_ids = [added_token_id("<|im_end|>"), added_token_id("<|endoftext|>")]
+    write_json(
+        "generation_config.json",
+        {"do_sample": False, "eos_token_id": end_ids, "pad_token_id": added_token_id("<|endoftext|>")},
+    )
+    write_json("preprocessor_config.json", PREPROCESSOR_CONFIG)
+    write_tokenizer_files(dst, vocab, merges)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m train.demo_init",
+        description="Write the untrained demo ASR and aligner checkpoint dirs (configs and tokenizer).",
+    )
+    parser.add_argument("--out", default="train/configs", help="parent directory (default train/configs)")
+    args = parser.parse_args(argv)
+    vocab, merges = train_bpe(tokenizer_corpus())
+    out = Path(args.out)
+    for name, config in (("demo_asr_init", asr_config()), ("demo_aligner_init", aligner_config())):
+        write_checkpoint_dir(out / name, config, vocab, merges)
+        print(f"{out / name}: {len(vocab)} trained pieces, vocabulary {VOCAB_SIZE}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
