@@ -1,0 +1,1 @@
+"""Programs over qasr_jax: ``python -m infer transcribe``, ``python -m infer align``, ``python -m infer.bench``."""

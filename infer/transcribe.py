@@ -1,0 +1,319 @@
+"""``python -m infer transcribe``: speech to text for audio files, or for a manifest of them as a resumable job.
+
+Two ways to name the audio:
+
+- ``FILE ...``: the results, in input order, go to stdout or ``--output`` as txt (one line per file), json (a
+  list of objects) or jsonl (one object per line).
+- ``--manifest LIST``: one item per line, either a path or a JSON object ``{"id": ..., "path": ...}`` with
+  optional ``"context"`` and ``"language"``. Results are appended to ``--output`` (default
+  ``LIST.results.jsonl``) as JSONL as they finish; a rerun skips the ids already written there. Failed items
+  are not written, so a rerun retries them.
+
+Failed items are reported on stderr with their error after every other item is written, and the exit status is
+then 1 (2 for bad arguments). Items whose text hit the token budget are written with ``"truncated": true`` and
+warned about.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+FORMATS = ("txt", "json", "jsonl")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One audio to transcribe: its id in the output, where it is, and per-item prompt options."""
+
+    id: str
+    path: str
+    context: str | None = None
+    language: str | None = None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m infer transcribe",
+        description="Speech to text with a Qwen3-ASR checkpoint.",
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("files", nargs="*", metavar="FILE", help="audio files (wav, flac, ogg, mp3, ...)")
+    parser.add_argument("--model", required=True, metavar="DIR", help="Qwen3-ASR checkpoint directory")
+    parser.add_argument("--manifest", metavar="LIST",
+                        help="file listing the audio, one path or JSON object {\"id\", \"path\", \"context\", "
+                             "\"language\"} per line; relative paths are relative to the manifest's folder")  # fmt: skip
+    parser.add_argument("--language", metavar="L",
+                        help="force the output language (e.g. English, Chinese); default: detect per file")  # fmt: skip
+    parser.add_argument("--context", metavar="TEXT", default="",
+                        help="context text for the system prompt (names, terms, topic) for every file")  # fmt: skip
+    parser.add_argument("--batch-size", type=int, default=32, metavar="N",
+                        help="audio chunks decoded together (default %(default)s)")  # fmt: skip
+    parser.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                        help="token budget per audio chunk (default: grows with the chunk's duration)")  # fmt: skip
+    parser.add_argument("--format", choices=FORMATS, default=None,
+                        help="output format for FILE mode (default txt; a manifest always writes jsonl)")  # fmt: skip
+    parser.add_argument("--output", metavar="PATH",
+                        help="file to write (FILE mode: default stdout; manifest: default LIST.results.jsonl, "
+                             "appended to)")  # fmt: skip
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                        help="params and compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")  # fmt: skip
+    parser.add_argument("--max-chunk-seconds", type=float, default=1200.0, metavar="S",
+                        help="long audio is split into chunks of at most S seconds (default %(default)s)")  # fmt: skip
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, metavar="P",
+                        help="> 1 discourages repeating generated tokens (default %(default)s: off)")  # fmt: skip
+    parser.add_argument("--no-repeat-ngram-size", type=int, default=0, metavar="N",
+                        help="forbid any N-gram of generated tokens from repeating (default %(default)s: off)")  # fmt: skip
+    parser.add_argument("--forced-aligner", metavar="DIR",
+                        help="Qwen3-ForcedAligner checkpoint directory, for --timestamps")  # fmt: skip
+    parser.add_argument("--timestamps", action="store_true",
+                        help="add word timestamps (needs --forced-aligner; json/jsonl output)")  # fmt: skip
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    return parser
+
+
+def read_manifest(path: str) -> list[Job]:
+    """Jobs from a manifest: a path per line, or a JSON object with "path" (or "audio") and optional "id",
+    "context", "language". Blank lines and lines starting with # are skipped; ids default to the path."""
+    base = os.path.dirname(os.path.abspath(path))
+    jobs: list[Job] = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            if line.startswith("{"):
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}:{number}: not valid JSON ({error})") from None
+                audio_path = entry.get("path", entry.get("audio"))
+                if not isinstance(audio_path, str):
+                    raise ValueError(f'{path}:{number}: a JSON line needs a "path" string')
+                job_id = str(entry.get("id", audio_path))
+                context, language = entry.get("context"), entry.get("language")
+            else:
+                audio_path, job_id, context, language = line, line, None, None
+            resolved = audio_path if os.path.isabs(audio_path) else os.path.join(base, audio_path)
+            jobs.append(Job(job_id, resolved, context, language))
+    ids = [job.id for job in jobs]
+    if len(set(ids)) != len(ids):
+        duplicate = next(i for i in ids if ids.count(i) > 1)
+        raise ValueError(f"{path}: id {duplicate!r} appears more than once")
+    return jobs
+
+
+def finished_ids(path: str) -> set[str]:
+    """Ids already in a results JSONL file (a torn last line from an interrupted run is ignored)."""
+    done: set[str] = set()
+    if not os.path.exists(path):
+        return done
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(entry, dict) and "id" in entry and not entry.get("error"):
+                done.add(str(entry["id"]))
+    return done
+
+
+def audio_seconds(path: str) -> float:
+    """Duration from the file header (0 when unreadable; the transcription reports the error)."""
+    import soundfile
+
+    try:
+        return float(soundfile.info(path).duration)
+    except Exception:
+        return 0.0
+
+
+def result_record(job: Job, result: Any) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "id": job.id,
+        "path": job.path,
+        "language": result.language,
+        "text": result.text,
+    }
+    if result.truncated:
+        record["truncated"] = True
+    if result.time_stamps is not None:
+        from qasr_jax import formats
+
+        record["time_stamps"] = formats.words_to_dicts(result.time_stamps)
+    if result.error:
+        record["error"] = result.error
+    return record
+
+
+def transcribe_jobs(model: Any, jobs: Sequence[Job], args: argparse.Namespace) -> Iterator[tuple[int, Any]]:
+    """(position in ``jobs``, ASRTranscription) as each finishes, in groups that bound how much audio is held
+    at once."""
+    group_size = max(4 * args.batch_size, 64)
+    for start in range(0, len(jobs), group_size):
+        group = list(jobs[start : start + group_size])
+        contexts = [job.context if job.context is not None else args.context for job in group]
+        languages = [job.language if job.language is not None else args.language for job in group]
+        stream = model.iter_transcribe(
+            [job.path for job in group],
+            context=contexts,
+            language=languages,
+            return_time_stamps=args.timestamps,
+        )
+        for index, result in stream:
+            yield start + index, result
+
+
+class Progress:
+    """Files and audio-seconds done, on stderr (a tqdm bar, or nothing)."""
+
+    def __init__(self, jobs: Sequence[Job], enabled: bool) -> None:
+        self.seconds = {job.id: audio_seconds(job.path) for job in jobs} if enabled else {}
+        self.total_seconds = sum(self.seconds.values())
+        self.done_seconds = 0.0
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=len(jobs), unit="file", file=sys.stderr, dynamic_ncols=True)
+            self._show()
+
+    def _show(self) -> None:
+        self.bar.set_postfix_str(f"audio {self.done_seconds:.1f}/{self.total_seconds:.1f} s")
+
+    def advance(self, job: Job) -> None:
+        if self.bar is not None:
+            self.done_seconds += self.seconds.get(job.id, 0.0)
+            self._show()
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def write_results(records: list[dict[str, Any]], fmt: str, out: TextIO) -> None:
+    if fmt == "json":
+        json.dump(records, out, ensure_ascii=False, indent=2)
+        out.write("\n")
+    elif fmt == "jsonl":
+        for record in records:
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    else:
+        for record in records:
+            out.write(" ".join(record.get("text", "").split()) + "\n")
+
+
+def report(failures: list[tuple[Job, str]], truncated: list[Job]) -> int:
+    for job in truncated:
+        print(f"warning: {job.id}: the text reached the token budget and may be cut short "
+              f"(raise --max-new-tokens)", file=sys.stderr)  # fmt: skip
+    for job, error in failures:
+        print(f"error: {job.id}: {error}", file=sys.stderr)
+    if failures:
+        print(f"{len(failures)} item(s) failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if bool(args.files) == bool(args.manifest):
+        parser.error("give either audio FILEs or --manifest LIST (one of them)")
+    if args.batch_size < 1:
+        parser.error("--batch-size must be >= 1")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        parser.error("--max-new-tokens must be >= 1")
+    if args.timestamps and not args.forced_aligner:
+        parser.error("--timestamps needs --forced-aligner DIR")
+    if args.manifest and args.format not in (None, "jsonl"):
+        parser.error("a manifest job writes jsonl")
+    if args.language:
+        from qasr_jax.text import normalize_language
+
+        try:
+            args.language = normalize_language(args.language)
+        except ValueError as error:
+            parser.error(str(error))
+
+    if args.manifest:
+        try:
+            jobs = read_manifest(args.manifest)
+        except (OSError, ValueError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        output = args.output or args.manifest + ".results.jsonl"
+        done = finished_ids(output)
+        jobs = [job for job in jobs if job.id not in done]
+        if done:
+            print(f"skipping {len(done)} item(s) already in {output}", file=sys.stderr)
+    else:
+        jobs = [Job(path, path) for path in args.files]
+        output = args.output
+    if not jobs:
+        return 0
+
+    from qasr_jax.asr import Qwen3ASRModel
+    from qasr_jax.errors import QasrError
+
+    try:
+        model = Qwen3ASRModel.from_pretrained(
+            args.model,
+            forced_aligner=args.forced_aligner,
+            max_inference_batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            dtype=args.dtype,
+            max_chunk_seconds=args.max_chunk_seconds,
+            repetition_penalty=args.repetition_penalty,
+            no_repeat_ngram_size=args.no_repeat_ngram_size,
+        )
+    except (QasrError, OSError, ValueError) as error:
+        print(f"error: cannot load the model: {error}", file=sys.stderr)
+        return 1
+
+    failures: list[tuple[Job, str]] = []
+    truncated: list[Job] = []
+    progress = Progress(jobs, enabled=not args.no_progress)
+    records: list[tuple[int, dict[str, Any]]] = []
+    sink = open(output, "a", encoding="utf-8") if args.manifest else None  # noqa: SIM115
+    try:
+        for position, result in transcribe_jobs(model, jobs, args):
+            job = jobs[position]
+            progress.advance(job)
+            if result.error:
+                failures.append((job, result.error))
+            elif result.truncated:
+                truncated.append(job)
+            record = result_record(job, result)
+            if sink is not None:
+                if not result.error:
+                    sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    sink.flush()
+            else:
+                records.append((position, record))
+    finally:
+        progress.close()
+        if sink is not None:
+            sink.close()
+
+    if sink is None:
+        in_order = [record for _, record in sorted(records, key=lambda pair: pair[0])]
+        fmt = args.format or "txt"
+        if output:
+            with open(output, "w", encoding="utf-8") as out:
+                write_results(in_order, fmt, out)
+        else:
+            write_results(in_order, fmt, sys.stdout)
+    return report(failures, truncated)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,391 @@
+"""Qwen3ASRModel: the official ``qwen_asr.Qwen3ASRModel`` API on the compiled JAX engine.
+
+``transcribe`` takes one audio or a list (paths, encoded bytes, ``(samples, sample_rate)``), with a context and a
+forced language that broadcast or come per item, and returns one ``ASRTranscription`` per input, in order:
+
+1. load every input (a bad one becomes that item's ``error``; the rest go on);
+2. split long audio with the official rule (≤ ``max_chunk_seconds``, 180 s when timestamps are asked for);
+3. build each chunk's prompt, give it a token budget (``max_new_tokens``, or one that grows with its duration);
+4. run all chunks of all items through ``qasr_jax.generate`` in batches of similar length;
+5. decode, parse ``language X<asr_text>text`` with the official repair, merge each item's chunks;
+6. optionally align the text with a forced aligner and shift its timestamps by each chunk's offset.
+
+``iter_transcribe`` yields ``(index, result)`` pairs as items complete, for progress reporting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from qasr_jax import audio as audio_io
+from qasr_jax import text as text_io
+from qasr_jax.config import ThinkerConfig
+from qasr_jax.errors import EmptyAudioError, QasrError
+from qasr_jax.generate import DecodeOptions, Generation, GenerationRequest, Generator
+from qasr_jax.weights import load_pretrained
+
+MAX_ASR_CHUNK_SECONDS = 1200.0
+MAX_ALIGN_CHUNK_SECONDS = 180.0
+
+# Token budget of a chunk when max_new_tokens is None: the "language X<asr_text>" header and the end token,
+# plus enough for very fast speech (about 12 tokens per second of audio; fast Mandarin is ~8 characters/s).
+BASE_NEW_TOKENS = 32
+NEW_TOKENS_PER_SECOND = 12.0
+
+
+class TimestampsUnavailableError(QasrError, NotImplementedError):
+    """Timestamps were asked for but no forced aligner can provide them."""
+
+
+@dataclasses.dataclass
+class ASRTranscription:
+    """One transcription result (the official fields first).
+
+    language: merged language of the item's chunks, e.g. "English" or "Chinese,English"; "" when unknown/silent.
+    text: the transcript.
+    time_stamps: the forced aligner's result (its items shifted to the item's time line), when asked for.
+    truncated: some chunk used its whole token budget without an end token; the text may be cut short.
+    error: why the item failed ("" text and language then), or None.
+    """
+
+    language: str
+    text: str
+    time_stamps: Any | None = None
+    truncated: bool = False
+    error: str | None = None
+
+
+def default_token_budget(seconds: float) -> int:
+    """Tokens a chunk of ``seconds`` of audio may generate when no fixed max_new_tokens is set."""
+    return BASE_NEW_TOKENS + math.ceil(NEW_TOKENS_PER_SECOND * max(seconds, 0.0))
+
+
+def resolve_dtype(dtype: Any) -> Any:
+    """A JAX dtype from None (fp32 on CPU, bf16 on accelerators), a name ("bfloat16", "torch.float16") or a dtype."""
+    if dtype is None:
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    if not isinstance(dtype, str) and not hasattr(dtype, "dtype") and not isinstance(dtype, type):
+        dtype = str(dtype)  # e.g. torch.bfloat16 → "torch.bfloat16"
+    if isinstance(dtype, str):
+        name = dtype.removeprefix("torch.").lower()
+        names = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
+                 "float16": jnp.float16, "fp16": jnp.float16, "auto": None}  # fmt: skip
+        if name not in names:
+            raise ValueError(f"unsupported dtype {dtype!r}; use float32, bfloat16 or float16")
+        return resolve_dtype(names[name])
+    return jnp.dtype(dtype).type
+
+
+def read_generation_ids(path: str | os.PathLike, tokenizer: text_io.Tokenizer) -> tuple[tuple[int, ...], int]:
+    """(end token ids, pad token id) from generation_config.json, else <|im_end|>/<|endoftext|>."""
+    eos: tuple[int, ...] = (tokenizer.im_end_id, tokenizer.endoftext_id)
+    pad = tokenizer.endoftext_id
+    file = os.path.join(os.fspath(path), "generation_config.json")
+    if os.path.isfile(file):
+        with open(file, encoding="utf-8") as f:
+            raw = json.load(f)
+        value = raw.get("eos_token_id")
+        if isinstance(value, int):
+            eos = (value,)
+        elif isinstance(value, list) and value:
+            eos = tuple(int(v) for v in value)
+        if isinstance(raw.get("pad_token_id"), int):
+            pad = raw["pad_token_id"]
+    return eos, pad
+
+
+def _load_forced_aligner(forced_aligner: Any, kwargs: dict[str, Any] | None) -> Any:
+    """An aligner object from a checkpoint path (or an already built aligner, passed through)."""
+    if forced_aligner is None or not isinstance(forced_aligner, (str, os.PathLike)):
+        return forced_aligner
+    try:
+        from qasr_jax.aligner import Qwen3ForcedAligner
+    except ImportError as error:
+        raise TimestampsUnavailableError(
+            f"forced_aligner={os.fspath(forced_aligner)!r}: this installation has no forced aligner "
+            f"(qasr_jax.aligner: {error})"
+        ) from error
+    return Qwen3ForcedAligner.from_pretrained(os.fspath(forced_aligner), **(kwargs or {}))
+
+
+def _broadcast(values: Any, n: int, name: str) -> list[Any]:
+    """A scalar or list argument as one value per item, with the official mismatch message."""
+    values = values if isinstance(values, list) else [values]
+    if len(values) == 1 and n > 1:
+        values = values * n
+    if len(values) != n:
+        raise ValueError(f"Batch size mismatch: audio={n}, {name}={len(values)}")
+    return values
+
+
+@dataclasses.dataclass
+class _Chunk:
+    """One piece of one input item, and where its result goes."""
+
+    item: int
+    piece: audio_io.AudioPiece
+    request: GenerationRequest
+    generation: Generation | None = None
+    language: str = ""
+    text: str = ""
+
+
+@dataclasses.dataclass
+class _Item:
+    language: str | None  # forced language (canonical) or None
+    context: str
+    chunks: list[_Chunk] = dataclasses.field(default_factory=list)
+    pending: int = 0
+    error: str | None = None
+
+
+class Qwen3ASRModel:
+    """Qwen3-ASR speech recognition on JAX (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: ThinkerConfig,
+        params: Any,
+        tokenizer: text_io.Tokenizer,
+        *,
+        forced_aligner: Any = None,
+        max_inference_batch_size: int = 32,
+        max_new_tokens: int | None = None,
+        dtype: Any = jnp.float32,
+        attention_impl: str = "auto",
+        max_chunk_seconds: float = MAX_ASR_CHUNK_SECONDS,
+        decode_options: DecodeOptions | None = None,
+    ) -> None:
+        if config.is_aligner:
+            raise ValueError("this checkpoint is a forced aligner, not an ASR model")
+        if max_new_tokens is not None and max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be None or >= 1, got {max_new_tokens}")
+        if not max_chunk_seconds > 0:
+            raise ValueError(f"max_chunk_seconds must be positive, got {max_chunk_seconds}")
+        self.config = config
+        self.tokenizer = tokenizer
+        self.forced_aligner = forced_aligner
+        # The official -1 (no limit) becomes one batch per call, bucketed to a power of two.
+        self.max_inference_batch_size = int(max_inference_batch_size)
+        self.max_new_tokens = max_new_tokens
+        self.max_chunk_seconds = float(max_chunk_seconds)
+        max_batch = self.max_inference_batch_size if self.max_inference_batch_size > 0 else 1 << 30
+        self.generator = Generator(
+            config, params, dtype=dtype, attention_impl=attention_impl, max_batch=max_batch,
+            options=decode_options,
+        )  # fmt: skip
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        forced_aligner: Any = None,
+        forced_aligner_kwargs: dict[str, Any] | None = None,
+        max_inference_batch_size: int = 32,
+        max_new_tokens: int | None = None,
+        dtype: Any = None,
+        *,
+        attention_impl: str = "auto",
+        max_chunk_seconds: float = MAX_ASR_CHUNK_SECONDS,
+        repetition_penalty: float = 1.0,
+        no_repeat_ngram_size: int = 0,
+        suppress_tokens: Sequence[int] = (),
+        eos_token_ids: Sequence[int] | None = None,
+    ) -> Qwen3ASRModel:
+        """Load a checkpoint dir (released, "-hf" or Orbax layout) with its tokenizer and generation config.
+
+        Args:
+          forced_aligner: a ForcedAligner checkpoint dir (or an aligner object with ``align``) for timestamps.
+          max_inference_batch_size: chunks decoded together; -1 for all of a call at once.
+          max_new_tokens: a fixed token budget per chunk; None (default) scales it with the chunk's duration
+            (``default_token_budget``) so fast speech is not cut off.
+          dtype: params and compute dtype; None = fp32 on CPU, bf16 on GPU/TPU.
+          max_chunk_seconds: long audio is split into chunks of at most this (timestamps: at most 180 s).
+          repetition_penalty, no_repeat_ngram_size: optional repetition control in the decode loop (off).
+          suppress_tokens: token ids never generated.
+          eos_token_ids: end tokens; default from generation_config.json (<|im_end|>, <|endoftext|>).
+        """
+        path = os.fspath(pretrained_model_name_or_path)
+        compute_dtype = resolve_dtype(dtype)
+        config, params = load_pretrained(path, dtype=compute_dtype)
+        tokenizer = text_io.Tokenizer.from_pretrained(path)
+        eos, pad = read_generation_ids(path, tokenizer)
+        options = DecodeOptions(
+            eos_token_ids=tuple(int(i) for i in eos_token_ids) if eos_token_ids is not None else eos,
+            pad_token_id=pad,
+            suppress_token_ids=tuple(int(i) for i in suppress_tokens),
+            repetition_penalty=float(repetition_penalty),
+            no_repeat_ngram_size=int(no_repeat_ngram_size),
+        )
+        return cls(
+            config,
+            params,
+            tokenizer,
+            forced_aligner=_load_forced_aligner(forced_aligner, forced_aligner_kwargs),
+            max_inference_batch_size=max_inference_batch_size,
+            max_new_tokens=max_new_tokens,
+            dtype=compute_dtype,
+            attention_impl=attention_impl,
+            max_chunk_seconds=max_chunk_seconds,
+            decode_options=options,
+        )
+
+    @property
+    def compile_count(self) -> int:
+        """Programs compiled so far by this model object (one per bucket shape)."""
+        return self.generator.compile_count
+
+    def get_supported_languages(self) -> list[str]:
+        return list(text_io.SUPPORTED_LANGUAGES)
+
+    def transcribe(
+        self,
+        audio: Any,
+        context: str | list[str] = "",
+        language: str | list[str | None] | None = None,
+        return_time_stamps: bool = False,
+    ) -> list[ASRTranscription]:
+        """Transcribe one audio or a list; one ``ASRTranscription`` per input, in order.
+
+        Raises ValueError for arguments that do not fit (mismatched list lengths, an unsupported language,
+        timestamps without a forced aligner); problems with one input (unreadable, empty) are reported in that
+        item's ``error`` instead.
+        """
+        results: dict[int, ASRTranscription] = dict(
+            self.iter_transcribe(audio, context, language, return_time_stamps)
+        )
+        return [results[i] for i in range(len(results))]
+
+    def iter_transcribe(
+        self,
+        audio: Any,
+        context: str | list[str] = "",
+        language: str | list[str | None] | None = None,
+        return_time_stamps: bool = False,
+    ) -> Iterator[tuple[int, ASRTranscription]]:
+        """Like ``transcribe``, but yields ``(input index, result)`` as each item completes."""
+        if return_time_stamps and self.forced_aligner is None:
+            raise ValueError(
+                "return_time_stamps=True requires `forced_aligner` to be provided at initialization."
+            )
+        sources = audio if isinstance(audio, list) else [audio]
+        n = len(sources)
+        contexts = _broadcast(context, n, "context")
+        languages = [None] * n if language is None else _broadcast(language, n, "language")
+        forced = [
+            None if lang is None or str(lang).strip() == "" else text_io.normalize_language(str(lang))
+            for lang in languages
+        ]
+        max_seconds = min(self.max_chunk_seconds, MAX_ALIGN_CHUNK_SECONDS) if return_time_stamps else (
+            self.max_chunk_seconds
+        )  # fmt: skip
+
+        items = [_Item(language=lang, context=ctx or "") for lang, ctx in zip(forced, contexts)]
+        chunks: list[_Chunk] = []
+        for index, (source, item) in enumerate(zip(sources, items)):
+            try:
+                item.chunks = self._prepare_chunks(index, source, item, max_seconds)
+            except Exception as error:  # any failure of one input is that input's result
+                item.error = _describe(error)
+            item.pending = len(item.chunks)
+            chunks.extend(item.chunks)
+            if item.error is not None:
+                yield index, self._merge(item)
+
+        # Similar lengths share a batch (less padding, fewer distinct shapes); longest first, so a batch that
+        # does not fit in memory fails before any work is spent on the others.
+        order = sorted(chunks, key=lambda c: -len(c.piece.samples))
+        batch_size = self.generator.max_batch
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            self._run_batch(batch, items)
+            completed = []
+            for chunk in batch:
+                items[chunk.item].pending -= 1
+                if items[chunk.item].pending == 0:
+                    completed.append(chunk.item)
+            results = {index: self._merge(items[index]) for index in completed}
+            if return_time_stamps:
+                self._align(items, [i for i in completed if items[i].error is None], results)
+            yield from sorted(results.items())
+
+    def _prepare_chunks(self, index: int, source: Any, item: _Item, max_seconds: float) -> list[_Chunk]:
+        samples = audio_io.load_audio(source, name=_source_name(index, source))
+        if audio_io.num_frames(len(samples)) == 0:
+            raise EmptyAudioError(
+                f"{_source_name(index, source)}: {len(samples)} samples is shorter than one feature frame "
+                f"({audio_io.HOP_LENGTH} samples at 16 kHz)"
+            )
+        chunks = []
+        for piece in audio_io.split_audio(samples, max_seconds):
+            frames = audio_io.num_frames(len(piece.samples))
+            prompt = text_io.build_prompt_ids(
+                self.tokenizer, self.config.audio.output_length(frames), item.context, item.language
+            )
+            budget = self.max_new_tokens or default_token_budget(len(piece.samples) / audio_io.SAMPLE_RATE)
+            chunks.append(_Chunk(index, piece, GenerationRequest(piece.samples, prompt, budget)))
+        return chunks
+
+    def _run_batch(self, batch: list[_Chunk], items: list[_Item]) -> None:
+        """Generate, decode and parse a batch; if the batch fails, retry its chunks one by one."""
+        try:
+            generations = self.generator.generate([c.request for c in batch])
+        except Exception as error:
+            if len(batch) == 1:
+                items[batch[0].item].error = _describe(error)
+                return
+            for chunk in batch:
+                self._run_batch([chunk], items)
+            return
+        for chunk, generation in zip(batch, generations):
+            chunk.generation = generation
+            raw = self.tokenizer.decode(generation.token_ids, skip_special_tokens=True)
+            chunk.language, chunk.text = text_io.parse_asr_output(raw, items[chunk.item].language)
+
+    def _align(self, items: list[_Item], indices: list[int], results: dict[int, ASRTranscription]) -> None:
+        """Word timestamps for the completed items ``indices``, aligned together, into their results."""
+        if not indices:
+            return
+        alignments = self.forced_aligner.align_transcripts(
+            [[c.piece for c in items[i].chunks] for i in indices],
+            [[c.text for c in items[i].chunks] for i in indices],
+            [[c.language for c in items[i].chunks] for i in indices],
+        )
+        for index, alignment in zip(indices, alignments):
+            results[index].time_stamps = alignment
+
+    def _merge(self, item: _Item) -> ASRTranscription:
+        if item.error is not None:
+            return ASRTranscription(language="", text="", error=item.error)
+        chunks = item.chunks
+        return ASRTranscription(
+            language=text_io.merge_languages(c.language for c in chunks),
+            text="".join(c.text for c in chunks),
+            truncated=any(c.generation is not None and c.generation.truncated for c in chunks),
+        )
+
+
+def _describe(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+def _source_name(index: int, source: Any) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source)
+    return f"item {index}"
+
+
+__all__ = [
+    "ASRTranscription",
+    "Qwen3ASRModel",
+    "TimestampsUnavailableError",
+    "default_token_budget",
+]
