@@ -38,6 +38,7 @@ _HF_PREFIXES = (
     ("lm_head.", "lm_head."),
     ("score.", "lm_head."),  # the aligner's class head in the -hf layout
 )
+_FRONTEND = {f"audio_tower.{m}" for m in ("conv2d1", "conv2d2", "conv2d3", "conv_out")}
 _LAYER = re.compile(r"^(audio_tower|model)\.layers\.(\d+)\.(.+)$")
 
 
@@ -66,6 +67,8 @@ def _flax_location(name: str) -> tuple[tuple[str, ...], int | None, str] | None:
         return ("decoder", "norm"), None, param
     if module == "lm_head":
         return ("lm_head",), None, param
+    if module in _FRONTEND:
+        return ("audio_tower", "frontend", module[len("audio_tower.") :]), None, param
     if module.startswith("audio_tower.") and "." not in module[len("audio_tower.") :]:
         return ("audio_tower", module[len("audio_tower.") :]), None, param
     return None

@@ -138,7 +138,7 @@ def test_weights_land_where_the_torch_layout_says(ckpt):
     np.testing.assert_array_equal(ours[:, 1, 3], q[1 * config.text.head_dim + 3])
     conv = tensors["thinker.audio_tower.conv2d2.weight"]  # [O, I, H, W]
     np.testing.assert_array_equal(
-        np.asarray(params["audio_tower"]["conv2d2"]["kernel"])[2, 0, 5, 7], conv[7, 5, 2, 0]
+        np.asarray(params["audio_tower"]["frontend"]["conv2d2"]["kernel"])[2, 0, 5, 7], conv[7, 5, 2, 0]
     )
 
 

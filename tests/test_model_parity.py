@@ -112,6 +112,17 @@ def test_encoder_with_pallas_attention_matches_official(base_case: Case):
         assert rel_max_error(mine, ref) <= TOL
 
 
+def test_conv_front_end_in_small_groups_matches_official(base_case: Case):
+    """conv_chunksize bounds the conv front end's batch (memory); it must not change the numbers."""
+    import dataclasses
+
+    config, params = load_pretrained(base_case.dir)
+    small = config.replace(audio=dataclasses.replace(config.audio, conv_chunksize=4))
+    ours = encode(params, small, base_case.input_features, base_case.feature_mask)
+    for mine, ref in zip(ours, base_case.ref_encoded):
+        assert rel_max_error(mine, ref) <= TOL
+
+
 def test_encoder_batch_result_equals_each_item_alone(case: Case):
     config, params = load_pretrained(case.dir)
     batched = encode(params, config, case.input_features, case.feature_mask)

@@ -70,16 +70,18 @@ class EncoderLayer(nn.Module):
         return x, None
 
 
-class AudioEncoder(nn.Module):
-    """Mel features → audio embeddings in the text hidden size."""
+class ConvFrontEnd(nn.Module):
+    """Three stride-2 3×3 convolutions (+GELU) and ``conv_out`` on a group of 1-second chunks.
+
+    Scanned over groups: ``(carry, (x [G, n_mels, C, 1], seen [G])) → (carry, [G, tokens_per_chunk, d_model])``,
+    ``seen`` being the time steps each chunk's first convolution may see (see the module docstring).
+    """
 
     config: AudioEncoderConfig
-    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    remat: bool = False
 
-    def _conv(self, name: str, c_in: int, c_out: int) -> nn.Conv:
+    def _conv(self, name: str, c_out: int) -> nn.Conv:
         return nn.Conv(
             c_out,
             (3, 3),
@@ -94,6 +96,32 @@ class AudioEncoder(nn.Module):
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
             name=name,
         )
+
+    @nn.compact
+    def __call__(self, carry: None, inputs: tuple[jax.Array, jax.Array]) -> tuple[None, jax.Array]:
+        x, seen = inputs
+        cfg = self.config
+        for i, name in enumerate(("conv2d1", "conv2d2", "conv2d3")):
+            x = gelu(self._conv(name, cfg.downsample_hidden_size)(x))
+            seen = _conv_valid_len(seen)
+            if i < 2:
+                x = jnp.where(jnp.arange(x.shape[2])[None, None, :, None] < seen[:, None, None, None], x, 0)
+        # [G, freq, tpc, ch] → [G, tpc, ch·freq] (channel-major flatten, as conv_out's weight expects).
+        g, freq, steps, ch = x.shape
+        x = x.transpose(0, 2, 3, 1).reshape(g, steps, ch * freq)
+        x = Dense((ch * freq,), (cfg.d_model,), ("conv_flat", "embed"), use_bias=False, name="conv_out",
+                  dtype=self.dtype, param_dtype=self.param_dtype)(x)  # fmt: skip
+        return carry, x
+
+
+class AudioEncoder(nn.Module):
+    """Mel features → audio embeddings in the text hidden size."""
+
+    config: AudioEncoderConfig
+    attention_impl: str = "auto"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(
@@ -136,17 +164,29 @@ class AudioEncoder(nn.Module):
         # audio is shorter than one chunk, else the full chunk.
         seen = jnp.where(frames[:, None] < C, chunk_len, C).reshape(-1)
 
-        hidden = cfg.downsample_hidden_size
-        for i, (c_in, name) in enumerate(((1, "conv2d1"), (hidden, "conv2d2"), (hidden, "conv2d3"))):
-            x = gelu(self._conv(name, c_in, hidden)(x))
-            seen = _conv_valid_len(seen)
-            if i < 2:
-                x = jnp.where(jnp.arange(x.shape[2])[None, None, :, None] < seen[:, None, None, None], x, 0)
-        # [N, freq, tpc, ch] → [N, tpc, ch·freq] (channel-major flatten, as conv_out's weight expects).
-        n, freq, steps, ch = x.shape
-        x = x.transpose(0, 2, 3, 1).reshape(n, steps, ch * freq)
-        x = Dense((ch * freq,), (cfg.d_model,), ("conv_flat", "embed"), use_bias=False, name="conv_out",
-                  dtype=self.dtype, param_dtype=self.param_dtype)(x)  # fmt: skip
+        # The conv front end runs over groups of at most conv_chunksize chunks (scanned, params shared) so
+        # its largest activation stays bounded whatever the batch's total audio length.
+        n = batch * n_chunks
+        group = min(n, cfg.conv_chunksize)
+        n_groups = -(-n // group)
+        x = jnp.pad(x, ((0, n_groups * group - n), (0, 0), (0, 0), (0, 0)))
+        seen = jnp.pad(seen, (0, n_groups * group - n))
+        front = ConvFrontEnd
+        if self.remat:
+            front = nn.remat(front, prevent_cse=False)
+        front = nn.scan(
+            front,
+            variable_broadcast="params",
+            split_rngs={"params": False},
+            in_axes=0,
+            out_axes=0,
+            length=n_groups,
+        )
+        _, x = front(cfg, self.dtype, self.param_dtype, name="frontend")(
+            None, (x.reshape(n_groups, group, *x.shape[1:]), seen.reshape(n_groups, group))
+        )
+        x = x.reshape(n_groups * group, *x.shape[2:])[:n]  # [batch·chunks, tpc, d]
+        steps = x.shape[1]
         pos = chunk_positions(n_chunks, steps, cfg.d_model)  # [n, steps, d]
         x = (x.reshape(batch, n_chunks, steps, -1) + jnp.asarray(pos, self.dtype)).reshape(n, steps, -1)
 
