@@ -1,0 +1,14 @@
+"""Fine-tuning Qwen3-ASR and the ForcedAligner on a device mesh (``python -m train --config ...``).
+
+* ``config``: the TOML config as frozen dataclasses; ``data``: manifests → grain batches;
+* ``losses``, ``optim``, ``step``: the objective, AdamW + schedules, the compiled sharded train/eval steps;
+* ``checkpointing``: Orbax train-state checkpoints (atomic, keep-last-K, resumable data position);
+* ``evaluate``: loss, WER/CER, aligner boundary shift; ``metrics``: JSONL + progress bar;
+* ``export``: trained params back to the released checkpoint layout; ``loop.train``: all of it together.
+"""
+
+from qasr_jax.train.config import TrainConfig, load_train_config
+from qasr_jax.train.export import export_checkpoint
+from qasr_jax.train.loop import train
+
+__all__ = ["TrainConfig", "export_checkpoint", "load_train_config", "train"]

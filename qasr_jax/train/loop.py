@@ -1,0 +1,180 @@
+"""The fine-tuning loop: set up the mesh, model, data and optimizer from a TrainConfig, resume, train, evaluate,
+checkpoint and export.
+
+Restarting the same command resumes from the newest complete checkpoint in ``run.output_dir``: params,
+optimizer state, step and the data pipeline's position are restored, so the loss trajectory continues exactly
+as it would have without the interruption.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from qasr_jax import sharding
+from qasr_jax import text as text_io
+from qasr_jax.config import load_config
+from qasr_jax.train import data as data_lib
+from qasr_jax.train.checkpointing import Checkpoints
+from qasr_jax.train.config import TrainConfig, config_to_dict
+from qasr_jax.train.evaluate import Evaluator
+from qasr_jax.train.export import export_checkpoint
+from qasr_jax.train.metrics import MetricsWriter, Progress
+from qasr_jax.train.step import StepCallback, Trainer
+
+log = logging.getLogger("qasr_jax.train")
+
+
+def _load_params(cfg: TrainConfig, trainer: Trainer) -> Any:
+    if cfg.model.init == "random":
+        return trainer.init_random_params(cfg.run.seed)
+    _, params = sharding.load_sharded(
+        cfg.model.checkpoint, trainer.mesh, trainer.rules, dtype=trainer.param_dtype
+    )
+    return params
+
+
+def train(cfg: TrainConfig, callbacks: Sequence[StepCallback] = ()) -> dict[str, Any]:
+    """Run (or resume) the training described by ``cfg``; returns the last train and eval metrics.
+
+    ``callbacks`` are called after every step with ``(step, metrics)`` (metrics as floats; calling them waits
+    for the step to finish).
+    """
+    if cfg.mesh.distributed:
+        jax.distributed.initialize()
+    run_dir = os.path.abspath(cfg.run.output_dir)
+    is_main = jax.process_index() == 0
+    if is_main:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(config_to_dict(cfg), f, indent=2)
+
+    mesh = sharding.make_mesh(cfg.mesh.spec)
+    rules = sharding.merge_rules(cfg.mesh.rules)
+    config = load_config(cfg.model.checkpoint)
+    if (cfg.run.objective == "aligner") != config.is_aligner:
+        raise ValueError(
+            f"run.objective = {cfg.run.objective!r} does not fit {cfg.model.checkpoint} "
+            f"({'an aligner' if config.is_aligner else 'an ASR model'})"
+        )
+    tokenizer = text_io.Tokenizer.from_pretrained(cfg.model.checkpoint)
+    tokens = data_lib.Tokenization(tokenizer, config)
+    shapes = data_lib.Shapes(config, cfg.data.token_multiple, cfg.data.label_multiple)
+    train_report = data_lib.read_manifest(
+        cfg.data.train_manifest, tokens, cfg.run.objective, cfg.data.max_audio_seconds
+    )
+    plan = data_lib.BatchPlan(
+        train_report.examples, shapes, cfg.data.batch_size, cfg.run.steps, cfg.data.seed, cfg.data.sort_window
+    )
+    loader = data_lib.BatchLoader(plan.examples, tokens, sharding.process_rows(cfg.data.batch_size))
+    batches = data_lib.train_iterator(plan, loader, cfg.data.num_threads, cfg.data.prefetch)
+
+    trainer = Trainer(config, cfg.model, cfg.optim, cfg.run.steps, mesh, rules)
+    evaluator = None
+    if cfg.data.eval_manifest:
+        eval_report = data_lib.read_manifest(
+            cfg.data.eval_manifest, tokens, cfg.run.objective, cfg.data.max_audio_seconds
+        )
+        if eval_report.examples:
+            evaluator = Evaluator(
+                trainer, eval_report.examples, data_lib.BatchLoader(eval_report.examples, tokens), shapes,
+                cfg.data.eval_batch_size, cfg.run.objective, tokenizer, cfg.run.eval_max_new_tokens,
+            )  # fmt: skip
+
+    checkpoints = Checkpoints(
+        os.path.join(run_dir, "checkpoints"), cfg.run.keep_last, cfg.run.async_checkpointing
+    )
+    metrics_log = MetricsWriter(os.path.join(run_dir, "metrics.jsonl"), enabled=is_main)
+    latest = checkpoints.latest_step()
+    bad_rows = 0
+    if latest is not None:
+        state, data_state, meta = checkpoints.restore(latest, trainer.abstract_state())
+        batches.set_state(data_state)
+        bad_rows = int(meta.get("bad_rows", 0))
+        log.info("resumed from %s at step %d", checkpoints.directory, latest)
+    else:
+        state = trainer.init_state(_load_params(cfg, trainer))
+        metrics_log.write("data", 0, {
+            "train_rows": len(train_report.examples), "skipped_rows": len(train_report.skipped),
+            **{f"skipped/{k}": v for k, v in train_report.reasons.items()},
+        })  # fmt: skip
+    start = int(jax.device_get(state.step))
+
+    progress = Progress(cfg.run.steps, initial=start, enabled=cfg.run.progress and is_main)
+    pending: list[tuple[int, dict[str, jax.Array], dict[str, float]]] = []
+    last_train: dict[str, Any] = {}
+    last_eval: dict[str, Any] = {}
+    interval_start = time.perf_counter()
+    step = start
+    try:
+        while step < cfg.run.steps:
+            host_batch = next(batches)
+            batch_info = {
+                "examples": float(len(host_batch["wave_lengths"]) * jax.process_count()),
+                "audio_seconds": float(np.sum(host_batch["wave_lengths"])) / 16000.0 * jax.process_count(),
+                "bad_rows": int(np.sum(host_batch["bad_rows"])),
+            }
+            state, metrics = trainer.train_step(state, trainer.shard_batch(host_batch))
+            step += 1
+            bad_rows += batch_info["bad_rows"]
+            pending.append((step, metrics, batch_info))
+            if callbacks or step % cfg.run.log_every == 0 or step == cfg.run.steps:
+                last_train = _flush(pending, metrics_log, progress, interval_start, bad_rows)
+                interval_start = time.perf_counter()
+                for callback in callbacks:
+                    callback(step, last_train)
+            if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == cfg.run.steps:
+                checkpoints.save(step, state, batches.get_state(), {"bad_rows": bad_rows})
+            if evaluator is not None and (
+                (cfg.run.eval_every and step % cfg.run.eval_every == 0) or step == cfg.run.steps
+            ):
+                last_eval = evaluator.evaluate(state.params)
+                metrics_log.write("eval", step, last_eval)
+        checkpoints.wait()
+        if cfg.run.export_dir:
+            out = export_checkpoint(
+                cfg.run.export_dir, config, state.params, cfg.model.checkpoint, cfg.run.export_dtype
+            )
+            log.info("exported the trained model to %s", out)
+    finally:
+        progress.close()
+        checkpoints.close()
+    return {"train": last_train, "eval": last_eval, "step": step}
+
+
+def _flush(
+    pending: list[tuple[int, dict[str, jax.Array], dict[str, float]]],
+    metrics_log: MetricsWriter,
+    progress: Progress,
+    interval_start: float,
+    bad_rows: int,
+) -> dict[str, Any]:
+    """Write one record per pending step (waiting for them), update the bar, clear ``pending``."""
+    if not pending:
+        return {}
+    fetched = jax.device_get([m for _, m, _ in pending])
+    seconds = max(time.perf_counter() - interval_start, 1e-9)
+    examples = sum(info["examples"] for _, _, info in pending)
+    audio_seconds = sum(info["audio_seconds"] for _, _, info in pending)
+    record: dict[str, Any] = {}
+    for i, ((step, _, _), values) in enumerate(zip(pending, fetched)):
+        record = {k: float(v) for k, v in values.items()}
+        record.update(
+            examples_per_second=examples / seconds,
+            audio_seconds_per_second=audio_seconds / seconds,
+            bad_rows=bad_rows,
+        )
+        metrics_log.write("train", step, record, echo=i == len(pending) - 1)
+    progress.update(len(pending), loss=record["loss"], ex_per_s=record["examples_per_second"])
+    pending.clear()
+    return record
+
+
+__all__ = ["train"]

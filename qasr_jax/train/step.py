@@ -1,0 +1,225 @@
+"""The train state and the compiled train/eval steps on a device mesh.
+
+One step: the global batch (sharded over ``data``×``fsdp``) is cut into ``grad_accum`` micro-batches that are
+processed one after another (``lax.scan``), each spread over every device; gradients and loss are summed and
+divided by the batch's total target weight, so accumulation gives the same update as one big batch. Frozen
+parts get no gradient computation (``stop_gradient``) and no optimizer update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from qasr_jax import sharding
+from qasr_jax.config import ThinkerConfig
+from qasr_jax.model import Qwen3ASR
+from qasr_jax.train import losses
+from qasr_jax.train.config import ModelConfig, OptimConfig
+from qasr_jax.train.optim import make_optimizer, trainable_mask
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step updates: the step count, master params and optimizer state."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def build_model(config: ThinkerConfig, cfg: ModelConfig) -> Qwen3ASR:
+    """The model with the compute/param dtypes and rematerialisation of the train config."""
+    return Qwen3ASR(
+        config,
+        dtype=DTYPES[cfg.dtype],
+        param_dtype=DTYPES[cfg.param_dtype],
+        attention_impl=cfg.attention_impl,
+        remat=cfg.remat == "layers",
+    )
+
+
+def _micro_batches(batch: dict[str, jax.Array], count: int) -> dict[str, jax.Array]:
+    """``[B, ...]`` → ``[count, B / count, ...]`` taking every count-th row, so each micro-batch keeps rows on
+    every device of the batch axis."""
+    return jax.tree_util.tree_map(
+        lambda x: x.reshape(x.shape[0] // count, count, *x.shape[1:]).swapaxes(0, 1), batch
+    )
+
+
+class Trainer:
+    """Compiled steps for one model, optimizer and mesh.
+
+    ``init_state(params)`` → TrainState placed on the mesh; ``train_step(state, batch)`` → (state, metrics);
+    ``eval_step(params, batch)`` → (argmax predictions ``[B, L]``, loss sums). Batches are global arrays from
+    ``sharding.shard_batch``.
+    """
+
+    def __init__(
+        self,
+        config: ThinkerConfig,
+        model_cfg: ModelConfig,
+        optim_cfg: OptimConfig,
+        total_steps: int,
+        mesh: Mesh,
+        rules: sharding.Rules = sharding.DEFAULT_RULES,
+    ) -> None:
+        self.config = config
+        self.model = build_model(config, model_cfg)
+        self.mesh = mesh
+        self.rules = rules
+        self.grad_accum = optim_cfg.grad_accum
+        self.freeze = tuple(model_cfg.freeze)
+        self.param_shardings = sharding.param_shardings(config, mesh, rules)
+        from qasr_jax.weights import abstract_params
+
+        shapes = abstract_params(config)
+        self.param_dtype = DTYPES[model_cfg.param_dtype]
+        self.abstract_params = jax.tree_util.tree_map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, self.param_dtype, sharding=sh),
+            shapes,
+            self.param_shardings,
+        )
+        self.tx, self.schedule = make_optimizer(optim_cfg, total_steps, self.abstract_params, self.freeze)
+        self.trainable = trainable_mask(shapes, self.freeze)
+        replicated = sharding.replicated(mesh)
+        abstract_opt = jax.eval_shape(self.tx.init, self.abstract_params)
+        opt_shardings = optax.tree_utils.tree_map_params(
+            self.tx,
+            lambda _, s: s,
+            abstract_opt,
+            self.param_shardings,
+            transform_non_params=lambda _: replicated,
+        )
+        self.state_shardings = TrainState(
+            step=replicated, params=self.param_shardings, opt_state=opt_shardings
+        )
+        self._init = jax.jit(self._init_state, out_shardings=self.state_shardings)
+        self._train = jax.jit(
+            self._train_step, out_shardings=(self.state_shardings, replicated), donate_argnums=0
+        )
+        self._eval = jax.jit(self._eval_step, out_shardings=replicated)
+
+    # -- state --
+
+    def _init_state(self, params: Any) -> TrainState:
+        params = jax.tree_util.tree_map(lambda p: p.astype(self.param_dtype), params)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
+
+    def init_state(self, params: Any) -> TrainState:
+        """A fresh state around ``params`` (any placement; they are moved into the mesh's shardings)."""
+        params = sharding.shard_params(params, self.param_shardings)
+        with sharding.use_mesh(self.mesh, self.rules):
+            return self._init(params)
+
+    def abstract_state(self) -> TrainState:
+        """Shapes, dtypes and shardings of the state (the target of a checkpoint restore)."""
+        shapes = jax.eval_shape(self._init_state, self.abstract_params)
+        return jax.tree_util.tree_map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, self.state_shardings
+        )
+
+    def init_random_params(self, seed: int) -> Any:
+        """Params from the model's own initialisers, created directly in their shardings."""
+        cfg = self.config
+
+        def init() -> Any:
+            ids = jnp.zeros((1, 4), jnp.int32)
+            feats = jnp.zeros((1, cfg.audio.num_mel_bins, cfg.audio.chunk_frames), jnp.float32)
+            fmask = jnp.ones((1, cfg.audio.chunk_frames), jnp.int32)
+            variables = self.model.init(jax.random.PRNGKey(seed), ids, jnp.ones_like(ids), feats, fmask)
+            return flax.core.meta.unbox(variables["params"])
+
+        with sharding.use_mesh(self.mesh, self.rules):
+            return jax.jit(init, out_shardings=self.param_shardings)()
+
+    # -- steps --
+
+    def _masked_params(self, params: Any) -> Any:
+        if not self.freeze:
+            return params
+        return jax.tree_util.tree_map(
+            lambda p, t: p if t else jax.lax.stop_gradient(p), params, self.trainable
+        )
+
+    def _train_step(
+        self, state: TrainState, batch: dict[str, jax.Array]
+    ) -> tuple[TrainState, dict[str, jax.Array]]:
+        batch = {k: v for k, v in batch.items() if k != "bad_rows"}
+
+        def objective(params: Any, micro: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+            return losses.loss_sums(self.model, self._masked_params(params), micro)
+
+        grad_fn = jax.value_and_grad(objective, has_aux=True)
+        if self.grad_accum == 1:
+            (ce_sum, counts), grads = grad_fn(state.params, batch)
+        else:
+
+            def accumulate(carry: tuple, micro: dict[str, jax.Array]) -> tuple[tuple, None]:
+                grads_sum, ce_total, weight_total, correct_total = carry
+                (ce, counts), grads = grad_fn(state.params, micro)
+                grads_sum = jax.tree_util.tree_map(jnp.add, grads_sum, grads)
+                return (grads_sum, ce_total + ce, weight_total + counts["weight"],
+                        correct_total + counts["correct"]), None  # fmt: skip
+
+            zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+            zero = jnp.zeros((), jnp.float32)
+            (grads, ce_sum, weight, correct), _ = jax.lax.scan(
+                accumulate, (zeros, zero, zero, zero), _micro_batches(batch, self.grad_accum)
+            )
+            counts = {"weight": weight, "correct": correct}
+        # A batch whose rows all failed to load has no targets: its update is zero rather than NaN.
+        denominator = jnp.maximum(counts["weight"], 1e-9)
+        grads = jax.tree_util.tree_map(lambda g, p: (g / denominator).astype(p.dtype), grads, state.params)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": ce_sum / denominator,
+            "accuracy": counts["correct"] / denominator,
+            "targets": counts["weight"],
+            "grad_norm": optax.global_norm(grads),
+            "learning_rate": self.schedule(state.step),
+        }
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    def train_step(
+        self, state: TrainState, batch: dict[str, jax.Array]
+    ) -> tuple[TrainState, dict[str, jax.Array]]:
+        """One optimizer update (``state`` is donated: do not use it afterwards)."""
+        with sharding.use_mesh(self.mesh, self.rules):
+            return self._train(state, batch)
+
+    def _eval_step(self, params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+        batch = {k: v for k, v in batch.items() if k != "bad_rows"}
+        return losses.predictions(self.model, params, batch)
+
+    def eval_step(self, params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Argmax predictions at the targets ``[B, L]`` and the loss sums (``ce_sum``, ``weight``, ``correct``)."""
+        with sharding.use_mesh(self.mesh, self.rules):
+            return self._eval(params, batch)
+
+    def shard_batch(self, batch: dict[str, Any]) -> dict[str, jax.Array]:
+        """Global arrays from this process's rows of a host batch."""
+        return sharding.shard_batch(batch, self.mesh, self.rules)
+
+    def compiled_programs(self) -> int:
+        """Train-step programs compiled so far (one per batch shape)."""
+        return self._train._cache_size()
+
+
+def state_callback_metrics(metrics: dict[str, jax.Array]) -> dict[str, float]:
+    """Device metrics → Python floats (waits for the step)."""
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+StepCallback = Callable[[int, dict[str, float]], None]
+
+__all__ = ["DTYPES", "StepCallback", "TrainState", "Trainer", "build_model", "state_callback_metrics"]
