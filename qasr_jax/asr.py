@@ -278,6 +278,8 @@ class Qwen3ASRModel:
             )
         sources = audio if isinstance(audio, list) else [audio]
         n = len(sources)
+        if n == 0:
+            return
         contexts = _broadcast(context, n, "context")
         languages = [None] * n if language is None else _broadcast(language, n, "language")
         forced = [

@@ -1,0 +1,285 @@
+"""Qwen3ASRModel against the official ``qwen_asr.Qwen3ASRModel`` (transformers backend), on a random-weight
+checkpoint whose weights matter.
+
+The reference runs each item alone (``max_inference_batch_size=1``: the official feature padding would otherwise
+leak between items) with its encoder's attention windows wired in; ours runs all items in one padded batch. The
+generated token ids, the prompts they follow, and the parsed language/text must be identical.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qasr_jax import audio as audio_io
+from qasr_jax.asr import ASRTranscription, Qwen3ASRModel, default_token_budget
+from qasr_jax.errors import LanguageError
+from tests.support import official, speech
+
+pytestmark = pytest.mark.skipif(not speech.have_espeak(), reason="espeak-ng is needed for speech clips")
+
+EOS = list(official.EOS_TOKEN_IDS)
+CACHE_ROOT = Path(tempfile.gettempdir()) / "qasr_test_checkpoints"
+
+
+def cached_small_checkpoint(seed: int = 0) -> str:
+    """The small ASR checkpoint dir for ``seed``, built once and shared by test files and runs.
+
+    Keyed by the config and the source of the helpers that write it, so a change to either builds a new one.
+    """
+    config = official.small_asr_config()
+    support = Path(official.__file__).parent
+    digest = hashlib.sha1(json.dumps(config, sort_keys=True).encode())
+    for name in ("official.py", "vocab.py"):
+        digest.update((support / name).read_bytes())
+    path = CACHE_ROOT / f"asr-small-{seed}-{digest.hexdigest()[:12]}"
+    if not (path / "config.json").exists():
+        CACHE_ROOT.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=CACHE_ROOT))
+        official.build_checkpoint(staging, config, seed=seed)
+        with contextlib.suppress(OSError):  # another process may have finished the same build first
+            os.replace(staging, path)
+    return str(path)
+
+
+def seconds(samples: np.ndarray, duration: float) -> np.ndarray:
+    return samples[: int(duration * audio_io.SAMPLE_RATE)]
+
+
+@contextlib.contextmanager
+def spy_generations(model: Qwen3ASRModel) -> Iterator[dict[tuple[int, ...], list[int]]]:
+    """Within the block, record every generated row as {prompt ids: generated ids}."""
+    captured: dict[tuple[int, ...], list[int]] = {}
+    original = model.generator.generate
+
+    def generate(requests, options=None):
+        out = original(requests, options)
+        for request, generation in zip(requests, out):
+            captured[tuple(int(i) for i in request.prompt_ids)] = generation.token_ids
+        return out
+
+    model.generator.generate = generate
+    try:
+        yield captured
+    finally:
+        del model.generator.generate
+
+
+def official_transcribe(reference, audio, context, language, max_new_tokens: int, suppress_eos: bool):
+    """The official transcribe, item by item, encoder windows wired in; (results, {prompt ids: new ids})."""
+    captured: dict[tuple[int, ...], list[int]] = {}
+    generate = reference.model.generate
+
+    def recording_generate(**inputs):
+        extra = {"suppress_tokens": EOS} if suppress_eos else {}
+        out = generate(**inputs, **extra)
+        prompt = inputs["input_ids"]
+        for row, ids in zip(prompt.tolist(), out.sequences[:, prompt.shape[1] :].tolist()):
+            captured[tuple(row)] = ids
+        return out
+
+    reference.model.generate = recording_generate
+    reference.max_new_tokens = max_new_tokens
+    try:
+        with official.official_encoder_windows():
+            results = reference.transcribe(audio, context=context, language=language)
+    finally:
+        del reference.model.generate
+    return results, captured
+
+
+@pytest.fixture(scope="module")
+def checkpoint() -> str:
+    return cached_small_checkpoint()
+
+
+@pytest.fixture(scope="module")
+def clips() -> dict[str, np.ndarray]:
+    short, medium, long = speech.speech_clips()
+    return {"short": short, "medium": medium, "long": long}
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint: str):
+    import torch
+    from qwen_asr import Qwen3ASRModel as OfficialASRModel
+
+    return OfficialASRModel.from_pretrained(checkpoint, max_inference_batch_size=1, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def job_model(checkpoint: str) -> Qwen3ASRModel:
+    """Batches of two, 8 tokens per chunk, end tokens suppressed (every row generates all 8)."""
+    return Qwen3ASRModel.from_pretrained(
+        checkpoint, max_inference_batch_size=2, max_new_tokens=8, suppress_tokens=EOS
+    )
+
+
+@pytest.fixture(scope="module")
+def mixed_job(clips) -> list[np.ndarray]:
+    """Six clips in three batches of two; the two middle batches share a bucket."""
+    medium = clips["medium"]
+    return [
+        seconds(medium, 4.9),
+        seconds(medium, 4.7),
+        seconds(medium, 4.3),
+        seconds(medium, 4.1),
+        clips["short"],
+        seconds(clips["short"], 0.6),
+    ]
+
+
+@pytest.fixture(scope="module")
+def mixed_results(job_model, mixed_job):
+    with spy_generations(job_model) as generated:
+        results = job_model.transcribe([(wav, 16000) for wav in mixed_job])
+    return results, generated, job_model.compile_count
+
+
+def test_token_ids_and_text_match_official_item_by_item(checkpoint, clips, reference):
+    # 0.7 s, 5 s and 20 s (three encoder windows) of speech; with and without context and a forced language.
+    cases = [
+        (clips["short"], "", None),
+        (clips["medium"], "Context: a fox, a dog and a river.", None),
+        (clips["long"], "", "English"),
+        (clips["medium"], "Speaker: Qwen.", "chinese"),
+    ]
+    audio = [(wav, 16000) for wav, _, _ in cases]
+    contexts = [context for _, context, _ in cases]
+    languages = [language for _, _, language in cases]
+    ours = Qwen3ASRModel.from_pretrained(checkpoint, max_new_tokens=32, suppress_tokens=EOS)
+    with spy_generations(ours) as generated:
+        results = ours.transcribe(audio, context=contexts, language=languages)
+    expected, expected_ids = official_transcribe(reference, audio, contexts, languages, 32, suppress_eos=True)
+
+    assert ours.compile_count == 1  # one padded batch of four
+    assert set(generated) == set(expected_ids)  # identical prompts, audio runs included
+    for prompt, ids in expected_ids.items():
+        assert len(ids) == 32
+        assert generated[prompt] == ids
+    # A demanding reference: the tokens depend on the audio and prompt, not a copy loop of one token.
+    assert all(len(set(ids)) >= 8 for ids in expected_ids.values())
+    assert len({tuple(ids[:8]) for ids in expected_ids.values()}) == len(cases)
+    for ours_result, official_result in zip(results, expected):
+        assert (ours_result.language, ours_result.text) == (official_result.language, official_result.text)
+        assert ours_result.truncated and ours_result.error is None
+    assert [r.language for r in results[2:]] == ["English", "Chinese"]  # forced languages are reported
+
+
+def test_long_audio_splits_and_merges_like_official(checkpoint, clips, reference, monkeypatch):
+    import qwen_asr.inference.qwen3_asr as official_pipeline
+
+    # 4.9 s of speech with a 2 s limit: the quietest 100 ms within ±5 s of the target is near the end, so
+    # the cut leaves a 0.34 s tail, which both pipelines zero-pad to 0.5 s.
+    limit = 2.0
+    monkeypatch.setattr(official_pipeline, "MAX_ASR_INPUT_SECONDS", limit)
+    audio = [(clips["medium"], 16000), (clips["short"], 16000)]
+    ours = Qwen3ASRModel.from_pretrained(checkpoint, max_new_tokens=12, max_chunk_seconds=limit)
+    with spy_generations(ours) as generated:
+        results = ours.transcribe(audio, context="Topic: animals.")
+    expected, expected_ids = official_transcribe(
+        reference, audio, "Topic: animals.", None, 12, suppress_eos=False
+    )
+
+    pieces = audio_io.split_audio(clips["medium"], limit)
+    assert [len(p.samples) > p.num_samples for p in pieces] == [False, True]
+    assert len(expected_ids) == 3  # two chunks + the short clip, each decoded on its own by the reference
+    assert generated == expected_ids
+    for ours_result, official_result in zip(results, expected):
+        assert (ours_result.language, ours_result.text) == (official_result.language, official_result.text)
+
+
+def test_compilations_stay_within_buckets_and_are_reused(job_model, mixed_results):
+    results, _, compiled = mixed_results
+    assert all(r.error is None for r in results)
+    shapes = job_model.generator.compiled_shapes
+    assert compiled == len(set(shapes)) == 2  # three batches, two buckets
+
+
+def test_rerunning_a_job_compiles_nothing(job_model, mixed_job, mixed_results):
+    results, _, compiled = mixed_results
+    again = job_model.transcribe([(wav, 16000) for wav in mixed_job])
+    assert job_model.compile_count == compiled
+    assert again == results
+
+
+def test_bad_items_fail_alone_and_batch_company_does_not_matter(
+    job_model, mixed_job, mixed_results, tmp_path
+):
+    results, generated, compiled = mixed_results
+    not_audio = tmp_path / "notes.wav"
+    not_audio.write_text("not a sound file")
+    audio = [
+        str(tmp_path / "missing.wav"),
+        (mixed_job[1], 16000),
+        str(not_audio),
+        (np.zeros(0, np.float32), 16000),
+        (mixed_job[5], 16000),
+        (np.zeros(100, np.float32), 16000),  # shorter than one feature frame
+    ]
+    with spy_generations(job_model) as regenerated:
+        out = job_model.transcribe(audio)
+
+    for index in (0, 2, 3, 5):
+        assert out[index].error and out[index].text == "" and out[index].language == ""
+    assert "missing.wav" in out[0].error and "AudioFileNotFound" in out[0].error
+    assert "EmptyAudioError" in out[3].error and "EmptyAudioError" in out[5].error
+    # The two good clips now share a batch with each other instead of their earlier partners, in the same
+    # bucket: the same tokens and results.
+    assert job_model.compile_count == compiled
+    assert out[1] == results[1] and out[4] == results[5]
+    assert all(generated[prompt] == ids for prompt, ids in regenerated.items())
+
+
+def test_arguments_are_checked_like_official(job_model, clips):
+    audio = [(clips["short"], 16000)] * 2
+    with pytest.raises(ValueError, match="Batch size mismatch: audio=2, context=3"):
+        job_model.transcribe(audio, context=["a", "b", "c"])
+    with pytest.raises(ValueError, match="Batch size mismatch: audio=2, language=3"):
+        job_model.transcribe(audio, language=["English"] * 3)
+    with pytest.raises(LanguageError, match="Klingon"):
+        job_model.transcribe(audio, language="Klingon")
+    with pytest.raises(ValueError, match="requires `forced_aligner`"):
+        job_model.transcribe(audio, return_time_stamps=True)
+    assert job_model.transcribe([]) == []
+    assert "Cantonese" in job_model.get_supported_languages()
+
+
+@dataclasses.dataclass
+class RecordingAligner:
+    """Stands in for Qwen3ForcedAligner: records what it is asked to align, answers with a marker."""
+
+    calls: list = dataclasses.field(default_factory=list)
+
+    def align_transcripts(self, pieces, texts, languages):
+        self.calls.append((pieces, texts, languages))
+        return [f"alignment of {len(p)} piece(s)" for p in pieces]
+
+
+def test_timestamps_come_from_the_forced_aligner(job_model, mixed_job, mixed_results, monkeypatch):
+    results, _, _ = mixed_results
+    aligner = RecordingAligner()
+    monkeypatch.setattr(job_model, "forced_aligner", aligner)
+    out = job_model.transcribe([(mixed_job[0], 16000), (mixed_job[1], 16000)], return_time_stamps=True)
+    assert [r.time_stamps for r in out] == ["alignment of 1 piece(s)"] * 2
+    assert [(r.language, r.text) for r in out] == [(r.language, r.text) for r in results[:2]]
+    ((pieces, texts, languages),) = aligner.calls
+    assert [p[0].num_samples for p in pieces] == [len(mixed_job[0]), len(mixed_job[1])]
+    assert texts == [[results[0].text], [results[1].text]]
+    assert languages == [[results[0].language], [results[1].language]]
+
+
+def test_token_budget_grows_with_duration():
+    assert default_token_budget(0.0) == 32
+    assert default_token_budget(30.0) == 32 + 360
+    assert default_token_budget(1200.0) > 1200 * 10  # faster than any speaker
+    assert ASRTranscription("English", "hi").truncated is False
