@@ -1,0 +1,108 @@
+"""``python -m infer transcribe`` as a subprocess: options, manifest jobs that resume, failures reported last."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import soundfile
+
+from tests.support import speech
+from tests.test_asr import cached_small_checkpoint
+
+pytestmark = pytest.mark.skipif(not speech.have_espeak(), reason="espeak-ng is needed for speech clips")
+
+REPO = Path(__file__).resolve().parent.parent
+ISSUE_OPTIONS = ("--model", "--language", "--context", "--batch-size", "--max-new-tokens", "--format",
+                 "--output", "--manifest")  # fmt: skip
+
+
+def run_cli(args: list[str], compile_cache: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "TOKENIZERS_PARALLELISM": "false"}
+    if compile_cache is not None:
+        # Later runs reuse the first run's compiled programs.
+        env.update(
+            JAX_COMPILATION_CACHE_DIR=str(compile_cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0"
+        )
+    return subprocess.run(
+        [sys.executable, "-m", "infer", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_help_explains_every_option():
+    result = run_cli(["transcribe", "--help"])
+    assert result.returncode == 0
+    for option in (*ISSUE_OPTIONS, "FILE", "--timestamps", "--repetition-penalty", "--no-repeat-ngram-size"):
+        assert option in result.stdout
+    assert "rerun skips" in result.stdout and "exit status" in result.stdout
+    top = run_cli(["--help"])
+    assert top.returncode == 0 and "transcribe" in top.stdout and "align" in top.stdout
+    assert run_cli(["recognise"]).returncode == 2
+
+
+def test_bad_arguments_exit_2(tmp_path):
+    assert run_cli(["transcribe", "--model", str(tmp_path)]).returncode == 2  # no audio named
+    both = run_cli(["transcribe", "a.wav", "--manifest", "m.txt", "--model", str(tmp_path)])
+    assert both.returncode == 2 and "either" in both.stderr
+    language = run_cli(["transcribe", "a.wav", "--language", "Klingon", "--model", str(tmp_path)])
+    assert language.returncode == 2 and "Klingon" in language.stderr
+
+
+def test_manifest_job_resumes_and_reports_failures_last(tmp_path):
+    checkpoint = cached_small_checkpoint()
+    cache = tmp_path / "jax-cache"
+    audio_dir = tmp_path / "audio"
+    audio_dir.mkdir()
+    soundfile.write(audio_dir / "hi.wav", speech.synth(speech.SHORT_EN), 16000)
+    soundfile.write(audio_dir / "fox.flac", speech.synth(speech.MEDIUM_EN)[: 3 * 16000], 16000)
+    (audio_dir / "notes.wav").write_text("not audio")
+    manifest = tmp_path / "job.txt"
+    manifest.write_text(
+        "\n".join([
+            "audio/hi.wav",
+            json.dumps({"id": "fox", "path": "audio/fox.flac", "context": "Topic: foxes."}),
+            json.dumps({"id": "gone", "path": "audio/missing.wav"}),
+            "# a comment",
+            "audio/notes.wav",
+        ])
+        + "\n"
+    )  # fmt: skip
+    common = ["--model", checkpoint, "--batch-size", "2", "--max-new-tokens", "4"]
+
+    first = run_cli(["transcribe", "--manifest", str(manifest), *common], cache)
+    assert first.returncode == 1
+    results = tmp_path / "job.txt.results.jsonl"
+    records = read_jsonl(results)
+    assert sorted(r["id"] for r in records) == ["audio/hi.wav", "fox"]
+    assert all(r["truncated"] and r["text"] and "error" not in r for r in records)
+    errors = [line for line in first.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and "gone" in errors[0] + errors[1] and "audio/notes.wav" in errors[0] + errors[1]
+    assert first.stderr.rstrip().endswith("2 item(s) failed")  # after everything else
+    assert "file" in first.stderr and "audio" in first.stderr  # the progress bar
+
+    again = run_cli(["transcribe", "--manifest", str(manifest), *common, "--no-progress"], cache)
+    assert again.returncode == 1
+    assert "skipping 2 item(s)" in again.stderr
+    assert read_jsonl(results) == records  # nothing written twice; failures are retried, not recorded
+
+    # FILE mode on the same audio, with the manifest's context for both: the same texts, in input order.
+    output = tmp_path / "out.json"
+    files = run_cli(
+        ["transcribe", str(audio_dir / "hi.wav"), str(audio_dir / "fox.flac"), *common,
+         "--context", "Topic: foxes.", "--format", "json", "--output", str(output), "--no-progress"],
+        cache,
+    )  # fmt: skip
+    assert files.returncode == 0, files.stderr
+    listed = json.loads(output.read_text(encoding="utf-8"))
+    by_id = {r["id"]: r for r in records}
+    assert [r["text"] for r in listed][1] == by_id["fox"]["text"]
+    assert [r["id"] for r in listed] == [str(audio_dir / "hi.wav"), str(audio_dir / "fox.flac")]
+    assert "warning:" in files.stderr  # truncated items are warned about
