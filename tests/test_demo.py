@@ -1,0 +1,171 @@
+"""The shipped demo models still meet their bars on freshly synthesised held-out speech, and their configs train.
+
+The held-out set is generated here with espeak-ng (``train.synth``): test-split sentences (never generated for
+training, whatever the seed) spoken by test-split voice variants (never used in training), with a seed of its own.
+Any regression in features, encoder, decoder, decoding, tokenizer or aligner code shows up as missed bars.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qasr_jax import demo
+from tests.support.speech import have_espeak
+
+pytestmark = pytest.mark.skipif(not have_espeak(), reason="espeak-ng is not installed")
+
+REPO = Path(__file__).resolve().parent.parent
+HELD_OUT_SEED = 7
+HELD_OUT_PER_LANGUAGE = 40
+MAX_MODEL_BYTES = 20 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from train import synth
+
+    out = tmp_path_factory.mktemp("demo_held_out")
+    return synth.write_split(
+        out, "test", 2 * HELD_OUT_PER_LANGUAGE, seed=HELD_OUT_SEED, languages=["English", "German"]
+    )
+
+
+def test_default_paths_are_the_shipped_models() -> None:
+    assert demo.default_model_path() == REPO / "models" / demo.ASR_DIR_NAME
+    assert demo.default_aligner_path() == REPO / "models" / demo.ALIGNER_DIR_NAME
+
+
+def test_default_paths_follow_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(demo.ASR_ENV, str(tmp_path / "asr"))
+    monkeypatch.setenv(demo.ALIGNER_ENV, str(tmp_path / "aligner"))
+    assert demo.default_model_path() == tmp_path / "asr"
+    assert demo.default_aligner_path() == tmp_path / "aligner"
+
+
+@pytest.mark.parametrize("name", [demo.ASR_DIR_NAME, demo.ALIGNER_DIR_NAME])
+def test_shipped_model_is_small_bf16_and_documented(name: str) -> None:
+    from safetensors import safe_open
+
+    model_dir = REPO / "models" / name
+    weights = model_dir / "model.safetensors"
+    assert weights.stat().st_size <= MAX_MODEL_BYTES
+    with safe_open(str(weights), "np") as f:
+        names = list(f.keys())
+        assert {f.get_slice(name).get_dtype() for name in names} == {"BF16"}
+    for file in ("config.json", "generation_config.json", "preprocessor_config.json", "vocab.json",
+                 "merges.txt", "tokenizer_config.json", "chat_template.json", "README.md"):  # fmt: skip
+        assert (model_dir / file).is_file(), file
+
+
+@pytest.mark.slow
+def test_demo_asr_meets_the_bars_on_fresh_held_out_speech(held_out: Path) -> None:
+    from qasr_jax.asr import Qwen3ASRModel
+
+    rows = demo.read_rows(held_out)
+    report = demo.asr_report(Qwen3ASRModel.from_pretrained(demo.default_model_path()), rows)
+    assert set(report["languages"]) == {"English", "German"}
+    assert demo.missed_bars(report, None) == [], json.dumps(report, indent=1, ensure_ascii=False)
+
+
+@pytest.mark.slow
+def test_demo_aligner_meets_the_bars_on_fresh_held_out_speech(held_out: Path) -> None:
+    from qasr_jax.aligner import Qwen3ForcedAligner
+
+    rows = demo.read_rows(held_out)
+    report = demo.aligner_report(Qwen3ForcedAligner.from_pretrained(demo.default_aligner_path()), rows)
+    assert demo.missed_bars(None, report) == [], json.dumps(report, indent=1)
+
+
+def test_proportional_baseline_spreads_words_by_length() -> None:
+    times = demo.proportional_times(["a", "bbb"], 1.0, 2.0)
+    assert times == [(1.0, 1.25), (1.25, 2.0)]
+
+
+def test_word_errors_count_substitutions_deletions_and_insertions() -> None:
+    assert demo.word_errors(["a", "b", "c"], ["a", "x", "c", "d"]) == 2
+    assert demo.word_errors([], ["a"]) == 1
+    assert demo.normalize_words("Der Hund, 12 Äpfel.") == ["der", "hund", "12", "äpfel"]
+
+
+@pytest.mark.parametrize("name", [demo.ASR_DIR_NAME, demo.ALIGNER_DIR_NAME])
+def test_official_code_loads_the_demo_model(name: str) -> None:
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("qwen_asr")
+    from qwen_asr.core.transformers_backend import Qwen3ASRForConditionalGeneration, Qwen3ASRProcessor
+
+    from qasr_jax.text import Tokenizer
+
+    model_dir = REPO / "models" / name
+    model = Qwen3ASRForConditionalGeneration.from_pretrained(str(model_dir), dtype=torch.float32)
+    config = json.loads((model_dir / "config.json").read_text())
+    thinker = config["thinker_config"]
+    assert model.config.thinker_config.audio_token_id == thinker["audio_token_id"]
+    processor = Qwen3ASRProcessor.from_pretrained(str(model_dir), fix_mistral_regex=True)
+    ours = Tokenizer.from_pretrained(model_dir)
+    text = "language German<asr_text>Es gibt 12 kleine Katzen im Garten."
+    assert processor.tokenizer.encode(text) == ours.encode(text)
+    assert processor.tokenizer.convert_tokens_to_ids("<|audio_pad|>") == thinker["audio_token_id"]
+    if "timestamp_token_id" in config:
+        assert processor.tokenizer.convert_tokens_to_ids("<timestamp>") == config["timestamp_token_id"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["demo_asr", "demo_aligner"])
+def test_demo_config_trains_a_few_steps(name: str, held_out: Path, tmp_path: Path) -> None:
+    from qasr_jax.train import load_train_config, train
+
+    overrides = [
+        f"data.train_manifest={json.dumps(str(held_out))}",
+        'data.eval_manifest=""',
+        "data.batch_size=4",
+        "run.steps=3",
+        "run.log_every=1",
+        "run.progress=false",
+        "run.async_checkpointing=false",
+        f"run.output_dir={json.dumps(str(tmp_path / 'run'))}",
+        'run.export_dir=""',
+    ]
+    losses: list[float] = []
+    config = load_train_config(REPO / "train" / "configs" / f"{name}.toml", overrides)
+    summary = train(config, callbacks=[lambda step, metrics: losses.append(metrics["loss"])])
+    assert summary["step"] == 3
+    assert len(losses) == 3 and np.all(np.isfinite(losses)) and losses[0] > 0
+
+
+def test_synth_splits_differ_in_sentences_and_voices() -> None:
+    from train import synth
+
+    plans = {split: synth.plan_split(split, 40, 0, ["English", "German"]) for split in synth.SPLITS}
+    texts = {split: {(p.language, p.text) for p in plan} for split, plan in plans.items()}
+    variants = {split: {p.voice.split("+")[1] for p in plan} for split, plan in plans.items()}
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        assert not texts[a] & texts[b]
+        assert not variants[a] & variants[b]
+    assert all(synth.sentence_split(lang, text) == "test" for lang, text in texts["test"])
+
+
+def test_synth_word_times_are_where_the_speech_is(tmp_path: Path) -> None:
+    import soundfile
+
+    from train import synth
+
+    espeak = synth.Espeak()
+    plan = synth.plan_split("val", 1, 3, ["English"])[0]
+    clean = synth.render(plan, espeak)
+    again = synth.render(plan, espeak)
+    np.testing.assert_array_equal(clean.audio, again.audio)
+    assert [w for w, _, _ in clean.word_times] == [synth.aligner_word(w) for w in plan.words]
+    manifest = synth.write_split(tmp_path, "val", 2, seed=3, languages=["German"])
+    row = json.loads(manifest.read_text().splitlines()[0])
+    audio, rate = soundfile.read(tmp_path / row["audio"])
+    assert rate == synth.SAMPLE_RATE and abs(len(audio) / rate - row["duration"]) < 1e-3
+    envelope = np.abs(audio)
+    for word in row["words"]:
+        inside = envelope[int(word["start"] * rate) : int(word["end"] * rate)]
+        gap_before = envelope[max(int(word["start"] * rate) - 400, 0) : int(word["start"] * rate) - 80]
+        # Inside a word there is speech well above anything in the pause just before it (noise included).
+        assert inside.max() > 2 * gap_before.max(initial=1e-4)
