@@ -441,11 +441,17 @@ class BatchLoader:
                 self._fill(batch, r, example, weight, spec)
             except (QasrError, BadRow, OSError) as error:
                 log.warning("%s: row dropped from step %d: %s", example.audio, spec.step, error)
-                for key in ("waveforms", "wave_lengths", "attention_mask", "label_weights"):
-                    batch[key][r] = 0
-                batch["input_ids"][r] = self.tokens.pad_id
-                batch["bad_rows"][r] = 1
+                self._blank(batch, r)
         return batch
+
+    def _blank(self, batch: Batch, r: int) -> None:
+        """A row without loss that still computes finite numbers: 0.5 s of silence, one valid token."""
+        for key in ("waveforms", "attention_mask", "label_positions", "labels", "label_weights"):
+            batch[key][r] = 0
+        batch["wave_lengths"][r] = padded_samples(0)
+        batch["input_ids"][r] = self.tokens.pad_id
+        batch["attention_mask"][r, 0] = 1
+        batch["bad_rows"][r] = 1
 
     def _fill(self, batch: Batch, r: int, example: Example, weight: float, spec: BatchSpec) -> None:
         samples = load_samples(example)

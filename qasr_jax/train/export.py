@@ -37,16 +37,29 @@ SIDE_FILES = (
 _MERGED_INPUT = ("o_proj", "out_proj")
 
 
-def _module_name(path: tuple[str, ...]) -> str:
-    """The released (torch) module name of a param path, without the ``thinker.`` prefix or layer index."""
-    root, rest = path[0], path[1:]
-    if root == "embed_tokens":
-        return "model.embed_tokens"
-    if root == "lm_head":
-        return "lm_head"
-    if root == "decoder":
-        return "model." + ".".join(rest)
-    return "audio_tower." + ".".join(rest)
+def _torch_name(path: tuple[str, ...], layer: int | None) -> str:
+    """The released name (without ``thinker.``) of a param path (``layer``: index into a stacked leaf).
+
+    Checked against ``weights._flax_location``, the loader's mapping, so export and load cannot drift apart.
+    """
+    from qasr_jax.weights import _flax_location
+
+    *module, leaf = path
+    param = "bias" if leaf == "bias" else "weight"
+    if layer is not None:
+        tower = "audio_tower" if module[0] == "audio_tower" else "model"
+        name = f"{tower}.layers.{layer}.{'.'.join(module[2:])}.{param}"
+    elif module[0] == "embed_tokens":
+        name = f"model.embed_tokens.{param}"
+    elif module[0] == "lm_head":
+        name = f"lm_head.{param}"
+    elif module == ["decoder", "norm"]:
+        name = f"model.norm.{param}"
+    else:  # audio tower modules keep their own name whatever group they sit in (e.g. the conv front end)
+        name = f"audio_tower.{module[-1]}.{param}"
+    if _flax_location(name) != (tuple(module), layer, param):
+        raise ValueError(f"no released name for param {'/'.join(path)} (tried {name})")
+    return name
 
 
 def _torch_layout(value: np.ndarray, path: tuple[str, ...]) -> np.ndarray:
@@ -58,6 +71,8 @@ def _torch_layout(value: np.ndarray, path: tuple[str, ...]) -> np.ndarray:
         n_in = 2 if path[-2] in _MERGED_INPUT else 1
         fan_in = int(np.prod(value.shape[:n_in]))
         return value.reshape(fan_in, -1).T  # [in, out] → Linear [out, in]
+    if leaf == "bias":
+        return value.reshape(-1)  # per-head biases [heads, head_dim] → [out]
     return value
 
 
@@ -79,19 +94,12 @@ def released_tensors(
         host = _host(value)
         if dtype is not None:
             host = host.astype(dtype)
-        suffix = "bias" if path[-1] == "bias" else "weight"
-        module = _module_name(path[:-1])
         if len(path) > 2 and path[1] == "layers":
-            root = "audio_tower" if path[0] == "audio_tower" else "model"
-            sub = ".".join(path[2:-1])
             for i in range(host.shape[0]):
-                yield (
-                    f"thinker.{root}.layers.{i}.{sub}.{suffix}",
-                    np.ascontiguousarray(_torch_layout(host[i], path)),
-                )
+                yield f"thinker.{_torch_name(path, i)}", np.ascontiguousarray(_torch_layout(host[i], path))
             continue
         array = np.ascontiguousarray(_torch_layout(host, path))
-        yield f"thinker.{module}.{suffix}", array
+        yield f"thinker.{_torch_name(path, None)}", array
         if path == ("embed_tokens", "embedding") and config.tied_head:
             yield "thinker.lm_head.weight", array
 

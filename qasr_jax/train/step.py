@@ -92,12 +92,15 @@ class Trainer:
         self.trainable = trainable_mask(shapes, self.freeze)
         replicated = sharding.replicated(mesh)
         abstract_opt = jax.eval_shape(self.tx.init, self.abstract_params)
+        # Optimizer moments are placed like their params; counters and the like are replicated. Frozen parts
+        # hold MaskedNode placeholders (no state), which stay as they are.
         opt_shardings = optax.tree_utils.tree_map_params(
             self.tx,
-            lambda _, s: s,
+            lambda leaf, s: leaf if isinstance(leaf, optax.MaskedNode) else s,
             abstract_opt,
             self.param_shardings,
             transform_non_params=lambda _: replicated,
+            is_leaf=lambda x: isinstance(x, optax.MaskedNode),
         )
         self.state_shardings = TrainState(
             step=replicated, params=self.param_shardings, opt_state=opt_shardings
@@ -128,14 +131,20 @@ class Trainer:
         )
 
     def init_random_params(self, seed: int) -> Any:
-        """Params from the model's own initialisers, created directly in their shardings."""
+        """Params from the model's own initialisers, created directly in their shardings.
+
+        The "rbg" generator compiles several times faster than the default on CPU; its values depend on the
+        seed and, unlike the default's, may also depend on the mesh shape.
+        """
         cfg = self.config
 
         def init() -> Any:
             ids = jnp.zeros((1, 4), jnp.int32)
             feats = jnp.zeros((1, cfg.audio.num_mel_bins, cfg.audio.chunk_frames), jnp.float32)
             fmask = jnp.ones((1, cfg.audio.chunk_frames), jnp.int32)
-            variables = self.model.init(jax.random.PRNGKey(seed), ids, jnp.ones_like(ids), feats, fmask)
+            variables = self.model.init(
+                jax.random.key(seed, impl="rbg"), ids, jnp.ones_like(ids), feats, fmask
+            )
             return flax.core.meta.unbox(variables["params"])
 
         with sharding.use_mesh(self.mesh, self.rules):
@@ -185,7 +194,7 @@ class Trainer:
             "loss": ce_sum / denominator,
             "accuracy": counts["correct"] / denominator,
             "targets": counts["weight"],
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "learning_rate": self.schedule(state.step),
         }
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics

@@ -1,0 +1,226 @@
+"""Runs in a subprocess with 8 simulated CPU devices: sharded results next to single-device ones.
+
+    python -m tests.support.train_mesh_check train|infer WORK_DIR MESH_SPEC [MESH_SPEC ...]
+
+``train``: one optimizer step of the tiny model on a fixed batch, on one device and on each mesh (the last mesh
+with gradient accumulation over 2 micro-batches). ``infer``: logits of
+the full forward pass and greedy tokens from a checkpoint dir loaded with ``sharding.load_sharded`` (released
+safetensors and Orbax), on each mesh, against ``load_pretrained`` on one device. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before jax is imported: 8 CPU devices and exact fp32 matmuls (the process must not inherit a 1-device setup).
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"
+
+import dataclasses
+import functools
+import json
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qasr_jax import sharding
+from qasr_jax.config import config_from_dict
+from qasr_jax.weights import _flatten
+
+# The encoder key bias only shifts every attention logit of a query by the same amount, which softmax ignores:
+# its gradient is exactly zero, so the optimizer sees rounding noise there (Adam turns noise into ±lr steps).
+ZERO_GRADIENT_LEAVES = ("audio_tower/layers/self_attn/k_proj/bias",)
+
+
+def mesh_test_config() -> Any:
+    """The tiny model with 8 attention heads everywhere (so ``tensor=8`` splits heads) and 4 kv heads."""
+    from tests.support.train_fixtures import tiny_config_dict
+
+    raw = tiny_config_dict()
+    raw["thinker_config"]["audio_config"]["encoder_attention_heads"] = 8
+    raw["thinker_config"]["text_config"].update(num_attention_heads=8, num_key_value_heads=4, head_dim=4)
+    raw["thinker_config"]["text_config"]["rope_scaling"]["mrope_section"] = [1, 1, 0]
+    return config_from_dict(raw)
+
+
+def random_params(config: Any, seed: int = 0, scale: float = 0.15) -> dict:
+    """Host params whose every part matters: kernels N(0, scale²/fan-in·…), norms near 1, small biases."""
+    from qasr_jax.weights import _unflatten, abstract_params
+
+    rng = np.random.default_rng(seed)
+    flat = {}
+    for path, leaf in _flatten(abstract_params(config)):
+        shape = leaf.shape
+        if path[-1] == "scale":
+            value = 1.0 + 0.2 * rng.standard_normal(shape)
+        elif path[-1] == "bias":
+            value = 0.05 * rng.standard_normal(shape)
+        else:
+            value = scale * rng.standard_normal(shape)
+        flat[path] = value.astype(np.float32)
+    return _unflatten(flat)
+
+
+def synthetic_batch(config: Any, rows: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
+    """A right-padded ASR-shaped batch: ragged audio, audio pads, targets at the end, one zero-weight row."""
+    rng = np.random.default_rng(seed)
+    frames = 200
+    width = (frames + 1) * 160
+    seq, labels = 48, 16
+    batch = {
+        "waveforms": (0.1 * rng.standard_normal((rows, width))).astype(np.float32),
+        "wave_lengths": rng.integers(8000, 32000, rows).astype(np.int32),
+        "input_ids": rng.integers(0, 1900, (rows, seq)).astype(np.int32),
+        "attention_mask": np.zeros((rows, seq), np.int32),
+        "label_positions": np.zeros((rows, labels), np.int32),
+        "labels": rng.integers(0, config.head_size, (rows, labels)).astype(np.int32),
+        "label_weights": np.zeros((rows, labels), np.float32),
+        "bad_rows": np.zeros((rows,), np.int32),
+    }
+    for r in range(rows):
+        n_audio = config.audio.output_length(int(batch["wave_lengths"][r]) // 160)
+        batch["input_ids"][r, 2 : 2 + n_audio] = config.audio_token_id
+        length = 2 + n_audio + int(rng.integers(4, 12))
+        batch["attention_mask"][r, :length] = 1
+        n_labels = int(rng.integers(3, labels))
+        batch["label_positions"][r, :n_labels] = np.arange(length - n_labels, length)
+        batch["label_weights"][r, :n_labels] = 1.0
+    batch["label_weights"][-1] = 0.0
+    return batch
+
+
+def relative(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def run_train(work_dir: str, specs: list[str]) -> dict[str, Any]:
+    from qasr_jax.train.config import ModelConfig, OptimConfig
+    from qasr_jax.train.step import Trainer
+
+    config = mesh_test_config()
+    params = random_params(config)
+    batch = synthetic_batch(config)
+    model_cfg = ModelConfig(checkpoint=work_dir)
+    optim_cfg = OptimConfig(learning_rate=1e-3, warmup_steps=0, weight_decay=0.1, clip_norm=1.0)
+
+    def one_step(spec: str, devices: Any = None, **changes: Any) -> tuple[dict, dict, float]:
+        started = time.perf_counter()
+        optim_c = dataclasses.replace(optim_cfg, **changes)
+        trainer = Trainer(config, model_cfg, optim_c, 10, sharding.make_mesh(spec, devices))
+        state = trainer.init_state(params)
+        state, metrics = trainer.train_step(state, trainer.shard_batch(batch))
+        new = {"/".join(p): np.asarray(v) for p, v in _flatten(jax.device_get(state.params))}
+        return new, {k: float(v) for k, v in jax.device_get(metrics).items()}, time.perf_counter() - started
+
+    ref_params, ref_metrics, ref_seconds = one_step("data=1", jax.devices()[:1])
+    before = {"/".join(p): v for p, v in _flatten(params)}
+    out: dict[str, Any] = {"reference": {"metrics": ref_metrics, "seconds": ref_seconds}, "meshes": {}}
+    # The last mesh accumulates gradients over 2 micro-batches: still the same update as one device.
+    runs = [(spec, {}) for spec in specs[:-1]] + [(specs[-1], {"grad_accum": 2})]
+    for spec, changes in runs:
+        new, metrics, seconds = one_step(spec, **changes)
+        compared = {k: relative(new[k], ref_params[k]) for k in ref_params if k not in ZERO_GRADIENT_LEAVES}
+        key = spec + "".join(f" {k}={v}" for k, v in changes.items())
+        out["meshes"][key] = {
+            "seconds": seconds,
+            "loss_rel": abs(metrics["loss"] - ref_metrics["loss"]) / abs(ref_metrics["loss"]),
+            "grad_norm_rel": abs(metrics["grad_norm"] - ref_metrics["grad_norm"]) / ref_metrics["grad_norm"],
+            "param_rel_max": max(compared.values()),
+            "param_rel_worst": max(compared, key=compared.get),
+            # Bounded by the learning rate whatever the rounding noise is.
+            "zero_gradient_leaf_step": max(
+                float(np.max(np.abs(new[k] - before[k]))) for k in ZERO_GRADIENT_LEAVES
+            ),
+        }
+    return out
+
+
+def run_infer(work_dir: str, specs: list[str]) -> dict[str, Any]:
+    from qasr_jax.checkpoint import save_params
+    from qasr_jax.generate import DecodeOptions, generate_batch
+    from qasr_jax.model import Qwen3ASR
+    from qasr_jax.train.export import export_checkpoint
+    from qasr_jax.weights import load_pretrained
+    from tests.support.train_fixtures import DEMO_ASR_DIR
+
+    config = mesh_test_config()
+    released = export_checkpoint(os.path.join(work_dir, "released"), config, random_params(config, seed=1),
+                                 DEMO_ASR_DIR, dtype="float32")  # fmt: skip
+    orbax_dir = os.path.join(work_dir, "orbax")
+    os.makedirs(orbax_dir, exist_ok=True)
+    _, single_params = load_pretrained(released)
+    save_params(os.path.join(orbax_dir, "params"), single_params)
+    with open(os.path.join(released, "config.json"), encoding="utf-8") as f:
+        config_text = f.read()
+    with open(os.path.join(orbax_dir, "config.json"), "w", encoding="utf-8") as f:
+        f.write(config_text)
+
+    batch = synthetic_batch(config, seed=3)
+    frames = 200
+    from qasr_jax import audio
+
+    features, feature_frames = audio.log_mel(jnp.asarray(batch["waveforms"]), jnp.asarray(batch["wave_lengths"]),
+                                             frames=frames)  # fmt: skip
+    feature_mask = (np.arange(frames)[None, :] < np.asarray(feature_frames)[:, None]).astype(np.int32)
+    inputs = (batch["input_ids"], batch["attention_mask"], np.asarray(features), feature_mask)
+    model = Qwen3ASR(config)
+    forward = jax.jit(lambda p, *a: model.apply({"params": p}, *a))
+    options = DecodeOptions(eos_token_ids=(), pad_token_id=0)
+    # Greedy decoding of left-padded prompts (the prompt is each row's valid prefix, moved to the right).
+    prompts = np.zeros_like(batch["input_ids"])
+    prompt_mask = np.zeros_like(batch["attention_mask"])
+    for r in range(prompts.shape[0]):
+        n = int(batch["attention_mask"][r].sum())
+        prompts[r, -n:] = batch["input_ids"][r, :n]
+        prompt_mask[r, -n:] = 1
+    decode_inputs = (
+        batch["waveforms"],
+        batch["wave_lengths"],
+        prompts,
+        prompt_mask,
+        np.full((8,), 12, np.int32),
+    )
+    generate = jax.jit(functools.partial(generate_batch, model, options, 12, frames))
+
+    ref_logits = np.asarray(forward(single_params, *inputs))
+    ref_tokens = np.asarray(generate(single_params, *decode_inputs)[0])
+    out: dict[str, Any] = {"meshes": {}}
+    for spec in specs:
+        started = time.perf_counter()
+        mesh = sharding.make_mesh(spec)
+        result: dict[str, Any] = {}
+        for layout, path in (("released", released), ("orbax", orbax_dir)):
+            _, params = sharding.load_sharded(path, mesh)
+            result[f"{layout}_params_equal"] = all(
+                np.array_equal(np.asarray(a), np.asarray(b))
+                for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(single_params))
+            )
+        result["sharded_leaves"] = sum(
+            any(axis is not None for axis in leaf.sharding.spec) for leaf in jax.tree_util.tree_leaves(params)
+        )
+        with sharding.use_mesh(mesh):
+            logits = np.asarray(forward(params, *sharding.shard_batch(inputs, mesh)))
+            tokens = np.asarray(generate(params, *sharding.shard_batch(decode_inputs, mesh))[0])
+        result["logits_rel"] = relative(logits, ref_logits)
+        result["logits_max_abs"] = float(np.max(np.abs(logits - ref_logits)))
+        result["tokens_equal"] = bool(np.array_equal(tokens, ref_tokens))
+        result["seconds"] = time.perf_counter() - started
+        out["meshes"][spec] = result
+    return out
+
+
+def main() -> None:
+    mode, work_dir, *specs = sys.argv[1:]
+    out = run_train(work_dir, specs) if mode == "train" else run_infer(work_dir, specs)
+    out["devices"] = jax.device_count()
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
