@@ -13,7 +13,7 @@ extra (torch, transformers, qwen-asr) and espeak-ng.
 from __future__ import annotations
 
 import argparse
-import gc
+import contextlib
 import os
 import statistics
 import sys
@@ -36,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--batch-sizes", default="1,8", help="comma-separated batch sizes (default %(default)s)"
     )
-    parser.add_argument("--repeats", type=int, default=1, help="timed calls per batch size, median reported")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="timed calls per batch size and side, alternating sides; median reported")  # fmt: skip
     parser.add_argument(
         "--dtype", choices=("float32", "bfloat16"), default="float32", help="our compute dtype"
     )
@@ -53,13 +54,10 @@ def _defaults() -> argparse.Namespace:
     return parser.parse_args([])
 
 
-def _median_seconds(call: Callable[[], Any], repeats: int) -> float:
-    times = []
-    for _ in range(max(1, repeats)):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _seconds(call: Callable[..., Any], *args: Any) -> float:
+    start = time.perf_counter()
+    call(*args)
+    return time.perf_counter() - start
 
 
 def speech_clip(seconds: float) -> tuple[np.ndarray, str]:
@@ -86,22 +84,14 @@ def checkpoint_dir(model: str, workdir: str) -> str:
     return path
 
 
-def _ours(path: str, dtype: str, batches: dict[int, tuple[list, list]], repeats: int) -> dict[int, float]:
+def _load_ours(path: str, dtype: str, max_batch_size: int) -> Callable[[list, list], Any]:
     from qasr_jax.aligner import Qwen3ForcedAligner
 
-    aligner = Qwen3ForcedAligner.from_pretrained(path, dtype=dtype, max_batch_size=max(batches))
-    seconds = {}
-    for size, (audios, texts) in batches.items():
-        aligner.align(audios, texts, "English", strict=True)  # compiles this batch's program
-        seconds[size] = _median_seconds(lambda a=audios, t=texts: aligner.align(a, t, "English"), repeats)
-    return seconds
+    aligner = Qwen3ForcedAligner.from_pretrained(path, dtype=dtype, max_batch_size=max_batch_size)
+    return lambda audios, texts: aligner.align(audios, texts, "English", strict=True)
 
 
-def _official(
-    path: str, batches: dict[int, tuple[list, list]], repeats: int, windows: bool
-) -> dict[int, float]:
-    import contextlib
-
+def _load_official(path: str, windows: bool) -> Callable[[list, list], Any]:
     import torch
     from qwen_asr.inference.qwen3_forced_aligner import Qwen3ForcedAligner as OfficialAligner
 
@@ -109,14 +99,12 @@ def _official(
 
     torch.set_num_threads(os.cpu_count() or 1)
     aligner = OfficialAligner.from_pretrained(path, dtype=torch.float32)
-    seconds = {}
-    with official.official_encoder_windows() if windows else contextlib.nullcontext():
-        for size, (audios, texts) in batches.items():
-            seconds[size] = _median_seconds(
-                lambda a=audios, t=texts: aligner.align(audio=a, text=t, language=["English"] * len(a)),
-                repeats,
-            )
-    return seconds
+
+    def align(audios: list, texts: list) -> Any:
+        with official.official_encoder_windows() if windows else contextlib.nullcontext():
+            return aligner.align(audio=audios, text=texts, language=["English"] * len(audios))
+
+    return align
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -138,11 +126,19 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     clips = [(np.roll(samples, 16000 * k), 16000) for k in range(sizes[-1])]
     batches = {size: (clips[:size], [text] * size) for size in sizes}
 
-    ours = _ours(path, options["dtype"], batches, options["repeats"])
-    gc.collect()
-    theirs = {}
+    aligners = {"ours": _load_ours(path, options["dtype"], sizes[-1])}
     if not options["skip_official"]:
-        theirs = _official(path, batches, options["repeats"], options["official_windows"])
+        aligners["official"] = _load_official(path, options["official_windows"])
+    seconds: dict[str, dict[int, list[float]]] = {name: {size: [] for size in sizes} for name in aligners}
+    for size in sizes:
+        audios, texts = batches[size]
+        aligners["ours"](audios, texts)  # compiles this batch's program
+        # Alternating the two sides gives both the same share of a machine that others may be using.
+        for _ in range(max(1, options["repeats"])):
+            for name, align in aligners.items():
+                seconds[name][size].append(_seconds(align, audios, texts))
+    ours = {size: statistics.median(times) for size, times in seconds["ours"].items()}
+    theirs = {size: statistics.median(times) for size, times in seconds.get("official", {}).items()}
 
     rows = []
     for size in sizes:

@@ -226,15 +226,17 @@ class Qwen3ForcedAligner:
         ``dtype`` is the params' and computation's dtype (default float32, which reproduces the official fp32
         results exactly; bfloat16 is faster on accelerators).
         """
+        from qasr_jax.config import load_config
         from qasr_jax.weights import load_pretrained
 
-        compute_dtype = jnp.dtype(dtype if dtype is not None else jnp.float32)
-        config, params = load_pretrained(path, dtype=compute_dtype)
-        if not config.is_aligner:
+        # The config first: refusing a transcription checkpoint should not cost loading its weights.
+        if not load_config(path).is_aligner:
             raise ConfigError(
                 f"{os.fspath(path)}: not a ForcedAligner checkpoint (thinker_config.model_type has no "
                 "'forced_aligner'); use Qwen3ASRModel for transcription checkpoints"
             )
+        compute_dtype = jnp.dtype(dtype if dtype is not None else jnp.float32)
+        config, params = load_pretrained(path, dtype=compute_dtype)
         tokenizer = text_io.Tokenizer.from_pretrained(path)
         return cls(
             config,
