@@ -297,6 +297,41 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def resolve_mesh(mesh: Mesh | str | Mapping[str, int] | None) -> Mesh | None:
+    """A Mesh from a Mesh, a spec (``"data=2,tensor=4"``, ``{"fsdp": -1}``) or None (no mesh)."""
+    if mesh is None or isinstance(mesh, Mesh):
+        return mesh
+    return make_mesh(mesh)
+
+
+def place_batch(arrays: Any, mesh: Mesh | None, rules: Rules = DEFAULT_RULES) -> Any:
+    """Host ``[batch, ...]`` arrays (the whole batch, on every process) as device arrays split like the batch.
+
+    Without a mesh they simply go to the default device, so single-device callers can use it unconditionally.
+    """
+    if mesh is None:
+        return jax.tree_util.tree_map(jnp.asarray, arrays)
+    return jax.tree_util.tree_map(lambda a: shard_array(a, batch_sharding(mesh, np.shape(a), rules)), arrays)
+
+
+def batch_struct(
+    shape: Sequence[int], dtype: Any, mesh: Mesh | None, rules: Rules = DEFAULT_RULES
+) -> jax.ShapeDtypeStruct:
+    """The abstract value of a batch input for ``jit(...).lower`` (with its batch sharding on a mesh)."""
+    sharding = None if mesh is None else batch_sharding(mesh, shape, rules)
+    return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)
+
+
+def abstract_arrays(tree: Any) -> Any:
+    """ShapeDtypeStructs of a tree of arrays, keeping the shardings of committed device arrays."""
+
+    def abstract(x: Any) -> jax.ShapeDtypeStruct:
+        placed = getattr(x, "sharding", None) if isinstance(x, jax.Array) and x.committed else None
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placed)
+
+    return jax.tree_util.tree_map(abstract, tree)
+
+
 def shard_batch(batch: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
     """Global arrays from this process's rows of a batch (a pytree of ``[local_batch, ...]`` host arrays).
 
@@ -352,7 +387,9 @@ __all__ = [
     "DEFAULT_RULES",
     "MESH_AXES",
     "Rules",
+    "abstract_arrays",
     "batch_sharding",
+    "batch_struct",
     "describe",
     "load_sharded",
     "logical_axes",
@@ -361,8 +398,10 @@ __all__ = [
     "merge_rules",
     "param_shardings",
     "parse_mesh_spec",
+    "place_batch",
     "process_rows",
     "replicated",
+    "resolve_mesh",
     "shard_array",
     "shard_batch",
     "shard_params",

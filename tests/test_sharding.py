@@ -112,3 +112,20 @@ def test_sharded_inference_matches_single_device(tmp_path):
     assert result["meshes"]["data=8"]["sharded_leaves"] == 0
     for spec in MESHES[1:]:
         assert result["meshes"][spec]["sharded_leaves"] > 20, spec
+
+
+def test_batch_placement_helpers_work_with_and_without_a_mesh():
+    import numpy as np
+
+    host = [np.arange(8, dtype=np.int32).reshape(4, 2), np.ones((4,), np.float32)]
+    plain = sharding.place_batch(host, None)
+    assert all(isinstance(a, jax.Array) for a in plain)
+    mesh = sharding.resolve_mesh("data=-1")
+    assert sharding.resolve_mesh(mesh) is mesh and sharding.resolve_mesh(None) is None
+    placed = sharding.place_batch(host, mesh)
+    assert [a.sharding for a in placed] == [sharding.batch_sharding(mesh, a.shape) for a in host]
+    assert np.array_equal(np.asarray(placed[0]), host[0])
+    structs = sharding.abstract_arrays({"placed": placed[0], "host": jax.numpy.asarray(host[1])})
+    assert structs["placed"].sharding == placed[0].sharding and structs["host"].sharding is None
+    assert sharding.batch_struct((4, 2), np.int32, None).sharding is None
+    assert sharding.batch_struct((4, 2), np.int32, mesh).sharding == sharding.batch_sharding(mesh, (4, 2))

@@ -153,11 +153,7 @@ class Evaluator:
         self._programs: dict[BatchShape, Any] = {}
 
     def _place(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        mesh, rules = self.trainer.mesh, self.trainer.rules
-        return {
-            k: sharding.shard_array(v, sharding.batch_sharding(mesh, v.shape, rules))
-            for k, v in batch.items()
-        }
+        return sharding.place_batch(batch, self.trainer.mesh, self.trainer.rules)
 
     def loss_and_predictions(self, params: Any) -> tuple[dict[str, float], list[tuple[Example, np.ndarray]]]:
         """Token-mean loss and accuracy over the set, and each example's argmax at its targets."""
@@ -208,12 +204,7 @@ class Evaluator:
                 steps=bucket_size(self.max_new_tokens, MIN_STEP_BUCKET),
             )
             arrays = pack_batch(requests, shape, self.options.pad_token_id)
-            placed = [
-                sharding.shard_array(
-                    a, sharding.batch_sharding(self.trainer.mesh, a.shape, self.trainer.rules)
-                )
-                for a in arrays
-            ]
+            placed = sharding.place_batch(list(arrays), self.trainer.mesh, self.trainer.rules)
             with sharding.use_mesh(self.trainer.mesh, self.trainer.rules):
                 tokens, counts, _ = jax.device_get(self._program(shape)(params, *placed))
             for i in range(len(chunk)):
