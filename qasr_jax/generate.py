@@ -6,8 +6,9 @@ single-token steps with per-row positions, budgets and stop flags, which ends as
 an end token or used its budget. Nothing returns to the host between steps.
 
 Shapes are bucketed so that a job over clips of mixed lengths compiles a handful of programs: the batch to a
-power of two, the audio to whole encoder windows, the prompt length and the step count to a half-octave ladder
-(1, 1.5, 2, 3, 4, 6, 8, ... times a minimum). A ``Generator`` keeps its compiled programs for its lifetime and
+power of two, the audio to whole encoder windows on a half-octave ladder (1, 1.5, 2, 3, 4, 6, ... windows), the
+prompt length on a quarter-octave ladder (32, 40, 48, 56, 64, 80, ...: prefill cost grows with it), the step
+count on a half-octave ladder from 16 (it only sizes the cache; the loop stops when every row is done). A ``Generator`` keeps its compiled programs for its lifetime and
 counts them.
 
 Rows are independent: each row's features, audio embeddings, prompt (left-padded, masked) and stop flag are
@@ -29,6 +30,10 @@ import numpy as np
 from qasr_jax import audio
 from qasr_jax.config import ThinkerConfig
 from qasr_jax.model import Qwen3ASR, first_valid, init_cache, positions_from_mask
+from qasr_jax.model.attention import KVCache
+from qasr_jax.model.decoder import DecoderLayer
+from qasr_jax.model.layers import RMSNorm
+from qasr_jax.model.rope import rope_cos_sin
 
 # The released generation_config.json stops on <|im_end|> or <|endoftext|>.
 DEFAULT_EOS_TOKEN_IDS = (151645, 151643)
@@ -38,18 +43,20 @@ MIN_PROMPT_BUCKET = 32
 MIN_STEP_BUCKET = 16
 
 
-def bucket_size(n: int, minimum: int = 1) -> int:
-    """The smallest size ≥ ``n`` on the ladder ``minimum · (1, 1.5, 2, 3, 4, 6, 8, 12, ...)``.
+def bucket_size(n: int, minimum: int = 1, steps_per_octave: int = 2) -> int:
+    """The smallest size ≥ ``n`` on a geometric ladder from ``minimum`` with ``steps_per_octave`` sizes per
+    doubling: ``minimum · (1, 1.5, 2, 3, 4, 6, ...)`` for 2, ``minimum · (1, 1.25, 1.5, 1.75, 2, 2.5, ...)`` for 4.
 
-    Consecutive sizes differ by at most 1.5×, so padding wastes at most a third of a bucket, and ``k``
-    doublings of the input range need only ``2k`` programs.
+    Padding wastes at most 1/(steps_per_octave + 1) of a bucket, and inputs spanning ``k`` doublings need
+    ``k · steps_per_octave`` programs.
     """
     size = minimum
-    while size < n:
-        if size % 2 == 0 and size * 3 // 2 >= n:
-            return size * 3 // 2
+    while True:
+        for step in range(steps_per_octave):
+            candidate = size + size * step // steps_per_octave
+            if candidate >= n:
+                return candidate
         size *= 2
-    return size
 
 
 def batch_bucket(n: int, max_batch: int) -> int:
@@ -165,6 +172,45 @@ def _is_eos(tokens: jax.Array, options: DecodeOptions) -> jax.Array:
     return jnp.isin(tokens, jnp.asarray(options.eos_token_ids, jnp.int32))
 
 
+def unstack_layers(stacked: Any, num_layers: int) -> list[Any]:
+    """Per-layer trees from a tree whose leaves carry a leading layer axis (the scanned decoder's params or
+    cache)."""
+    return [jax.tree_util.tree_map(lambda leaf, i=i: leaf[i], stacked) for i in range(num_layers)]
+
+
+def decode_token(
+    model: Qwen3ASR,
+    params: Any,
+    layer_params: list[Any],
+    x: jax.Array,
+    positions: jax.Array,
+    kv_start: jax.Array,
+    layer_caches: list[KVCache],
+    slot: jax.Array,
+) -> tuple[jax.Array, list[KVCache]]:
+    """One decoder step with the layers unrolled over separate per-layer weights and caches.
+
+    The same layers as ``Qwen3ASR.decode``, run one by one instead of scanned: a scan reads each layer's weights
+    and cache as slices of stacked arrays, which XLA copies out before every matrix-vector product; with one
+    token per row those copies cost more than the products (2-3x the step time on CPU).
+
+    x: ``[batch, 1, hidden]``; positions: ``[3, batch, 1]``; slot: the cache slot of this token.
+    Returns last-position logits ``[batch, vocab]`` (fp32) and the updated caches.
+    """
+    cfg = model.config.text
+    cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, cfg.mrope_interleaved)
+    layer = DecoderLayer(
+        cfg, attention_impl=model.attention_impl, dtype=model.dtype, param_dtype=model.param_dtype
+    )
+    updated = []
+    for weights, cache in zip(layer_params, layer_caches):
+        x, cache = layer.apply({"params": weights}, x, cache, cos, sin, kv_start, slot)
+        updated.append(cache)
+    norm = RMSNorm(cfg.rms_norm_eps, dtype=model.dtype, param_dtype=model.param_dtype)
+    x = norm.apply({"params": params["decoder"]["norm"]}, x)
+    return model.apply({"params": params}, x, method=Qwen3ASR.head)[:, 0], updated
+
+
 def generate_batch(
     model: Qwen3ASR,
     options: DecodeOptions,
@@ -206,6 +252,12 @@ def generate_batch(
     )
     prompt_tokens = jnp.sum(attention_mask, axis=-1).astype(jnp.int32)
 
+    # Separate buffers for the step loop, made once per batch (see decode_token).
+    num_layers = cfg.text.num_hidden_layers
+    layer_params = unstack_layers(params["decoder"]["layers"], num_layers)
+    layer_caches = unstack_layers(cache, num_layers)
+    del cache
+
     generated = jnp.full((batch, steps), options.pad_token_id, jnp.int32)
     track_seen = options.repetition_penalty != 1.0
     seen = jnp.zeros((batch, cfg.text.vocab_size), bool) if track_seen else None
@@ -222,14 +274,14 @@ def generate_batch(
         return (step < steps) & ~jnp.all(done)
 
     def one_step(state: tuple) -> tuple:
-        step, cache, generated, token, seen, done, stopped, counts = state
+        step, caches, generated, token, seen, done, stopped, counts = state
         # Token step-1 is fed at cache slot prompt_len+step-1, position (row's prompt length)+step-1.
         x = model.apply(variables, token[:, None], method=Qwen3ASR.embed_inputs)
         positions = jnp.broadcast_to((prompt_tokens + step - 1)[None, :, None], (3, batch, 1))
-        logits, cache = model.apply(
-            variables, x, positions, kv_start, cache, prompt_len + step - 1, "last", method=Qwen3ASR.decode
+        logits, caches = decode_token(
+            model, params, layer_params, x, positions, kv_start, caches, prompt_len + step - 1
         )
-        new = _next_token(logits[:, 0], generated, step, seen, options)
+        new = _next_token(logits, generated, step, seen, options)
         new = jnp.where(done, options.pad_token_id, new)
         generated = jax.lax.dynamic_update_index_in_dim(generated, new, step, axis=1)
         if seen is not None:
@@ -238,9 +290,9 @@ def generate_batch(
         ended = ~done & _is_eos(new, options)
         stopped = stopped | ended
         done = done | ended | (step + 1 >= budgets)
-        return step + 1, cache, generated, new, seen, done, stopped, counts
+        return step + 1, caches, generated, new, seen, done, stopped, counts
 
-    state = (jnp.int32(1), cache, generated, token, seen, done, stopped, counts)
+    state = (jnp.int32(1), layer_caches, generated, token, seen, done, stopped, counts)
     _, _, generated, _, _, _, stopped, counts = jax.lax.while_loop(keep_going, one_step, state)
     return generated, counts, stopped
 
@@ -288,7 +340,7 @@ class Generator:
         return BatchShape(
             batch=batch_bucket(len(requests), self.max_batch),
             frames=bucket_size(max(1, -(-frames // window_frames))) * window_frames,
-            prompt_len=bucket_size(max(len(r.prompt_ids) for r in requests), MIN_PROMPT_BUCKET),
+            prompt_len=bucket_size(max(len(r.prompt_ids) for r in requests), MIN_PROMPT_BUCKET, 4),
             steps=bucket_size(max(r.max_new_tokens for r in requests), MIN_STEP_BUCKET),
         )
 
@@ -370,6 +422,7 @@ __all__ = [
     "Generator",
     "batch_bucket",
     "bucket_size",
+    "decode_token",
     "generate_batch",
     "pack_batch",
 ]

@@ -112,6 +112,7 @@ def test_bucket_ladders():
     assert [bucket_size(n, 32) for n in (1, 32, 33, 49, 65, 97, 129, 200, 385)] == [
         32, 32, 48, 64, 96, 128, 192, 256, 512,
     ]  # fmt: skip
+    assert [bucket_size(n, 32, 4) for n in (33, 41, 57, 65, 81, 200, 407)] == [40, 48, 64, 80, 96, 224, 448]
     assert [batch_bucket(n, 32) for n in (1, 2, 3, 5, 17, 32)] == [1, 2, 4, 8, 32, 32]
     assert batch_bucket(5, 6) == 6
     with pytest.raises(ValueError):

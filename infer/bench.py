@@ -1,0 +1,301 @@
+"""Transcription speed, ours vs the official ``qwen_asr`` (transformers backend), same checkpoint and audio, one run.
+
+    python -m infer.bench [--clip-seconds 30] [--batch-sizes 1,8] [--new-tokens 96] [--aligner]
+
+Builds (once, cached under --workdir) a random-weight checkpoint at the released Qwen3-ASR-0.6B config with the
+official code, then runs each side in its own subprocess (so peak memory is each side's own), one after the
+other, on the same clip of speech:
+
+- encoder: audio-seconds per second for a batch of clips, log-mel features included (official: its processor's
+  features, then ``get_audio_features``, which encodes clip by clip);
+- end to end: ``transcribe`` of ``b`` clips at each batch size with exactly ``--new-tokens`` new tokens each
+  (end tokens suppressed on both sides), reported as wall time and generated tokens per second;
+- time to first token: ``transcribe`` of one clip with a budget of one token;
+- peak memory (max resident set size of the side's process) and our compile time (the official code runs
+  eagerly and compiles nothing).
+
+Timings are the median of --repeats runs after one warm-up run (ours: the warm-up compiles). The official
+model runs as shipped: on the CPU its encoder attends across the whole clip rather than within 8 s windows.
+``--aligner`` also runs the forced-aligner section (``infer.bench_aligner``). Needs the test extra (torch,
+transformers, qwen-asr) for the official side and the checkpoint build.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+SAMPLE_RATE = 16000
+EOS_TOKEN_IDS = (151645, 151643)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m infer.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", default="asr-0.6b", choices=("asr-0.6b", "asr-1.7b"),
+                        help="released config to build with random weights (default %(default)s)")  # fmt: skip
+    parser.add_argument("--checkpoint", metavar="DIR",
+                        help="use this checkpoint dir instead of building one under --workdir")  # fmt: skip
+    parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "qasr_bench"),
+                        help="where built checkpoints are cached (default %(default)s)")  # fmt: skip
+    parser.add_argument(
+        "--clip-seconds", type=float, default=30.0, help="length of each clip (default %(default)s)"
+    )
+    parser.add_argument("--batch-sizes", default="1,8",
+                        help="comma-separated batch sizes for end-to-end runs (default %(default)s)")  # fmt: skip
+    parser.add_argument("--new-tokens", type=int, default=96,
+                        help="tokens generated per clip end to end (default %(default)s)")  # fmt: skip
+    parser.add_argument("--encoder-batch", type=int, default=8,
+                        help="clips per encoder-throughput run (default %(default)s)")  # fmt: skip
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="timed runs per measurement (default %(default)s)"
+    )
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="params and compute dtype on both sides (default %(default)s)")  # fmt: skip
+    parser.add_argument("--skip-official", action="store_true", help="time ours only")
+    parser.add_argument("--aligner", action="store_true", help="also run the forced-aligner benchmark")
+    parser.add_argument("--worker", choices=("ours", "official"), help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    return parser
+
+
+def batch_sizes(args: argparse.Namespace) -> list[int]:
+    sizes = [int(s) for s in str(args.batch_sizes).split(",") if s.strip()]
+    if not sizes or min(sizes) < 1:
+        raise SystemExit("--batch-sizes needs positive integers")
+    return sizes
+
+
+def speech_clip(seconds: float) -> np.ndarray:
+    """``seconds`` of English speech (espeak-ng, repeated), or seeded noise where espeak-ng is missing."""
+    from tests.support import speech
+
+    if speech.have_espeak():
+        clip = speech.synth(speech.LONG_EN)
+    else:
+        clip = (0.1 * np.random.default_rng(0).standard_normal(20 * SAMPLE_RATE)).astype(np.float32)
+    repeats = int(np.ceil(seconds * SAMPLE_RATE / len(clip)))
+    return np.tile(clip, repeats)[: int(seconds * SAMPLE_RATE)]
+
+
+def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
+    """(first call's seconds, median of ``repeats`` further calls)."""
+    started = time.perf_counter()
+    fn()
+    first = time.perf_counter() - started
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return first, statistics.median(times)
+
+
+def peak_memory_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def run_ours(args: argparse.Namespace, checkpoint: str, clip: np.ndarray) -> dict[str, float]:
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    from qasr_jax import audio as audio_io
+    from qasr_jax.asr import Qwen3ASRModel
+    from qasr_jax.model import Qwen3ASR
+
+    out: dict[str, float] = {}
+    started = time.perf_counter()
+    loaded = Qwen3ASRModel.from_pretrained(checkpoint, dtype=args.dtype)
+    jax.block_until_ready(loaded.generator.params)
+    out["load_s"] = time.perf_counter() - started
+    config, params, tokenizer = loaded.config, loaded.generator.params, loaded.tokenizer
+    dtype = jnp.dtype(args.dtype).type
+
+    # Encoder: log-mel + encoder over a batch of clips, one compiled program.
+    model = Qwen3ASR(config, dtype=dtype, param_dtype=dtype)
+    frames = audio_io.num_frames(len(clip))
+
+    def encode(p, waveforms, lengths):
+        features, valid = audio_io.log_mel(waveforms, lengths, frames=frames)
+        mask = (jnp.arange(frames)[None, :] < valid[:, None]).astype(jnp.int32)
+        return model.apply({"params": p}, features, mask, method=Qwen3ASR.encode_audio)[0]
+
+    n = args.encoder_batch
+    waveforms = jnp.asarray(np.stack([np.pad(clip, (0, 160))] * n))
+    lengths = jnp.full((n,), len(clip), jnp.int32)
+    encoder = jax.jit(encode)
+    first, steady = timed(lambda: jax.block_until_ready(encoder(params, waveforms, lengths)), args.repeats)
+    out["encoder_compile_s"] = first - steady
+    out["encoder_audio_s_per_s"] = n * len(clip) / SAMPLE_RATE / steady
+
+    suppress_eos = dataclasses.replace(loaded.generator.options, suppress_token_ids=EOS_TOKEN_IDS)
+
+    def engine(batch: int, new_tokens: int) -> Qwen3ASRModel:
+        # The loaded params, shared: a model object per setting, each with its own compiled programs.
+        return Qwen3ASRModel(config, params, tokenizer, max_inference_batch_size=batch, max_new_tokens=new_tokens,
+                             dtype=dtype, decode_options=suppress_eos)  # fmt: skip
+
+    compile_s = 0.0
+    for batch in batch_sizes(args):
+        asr = engine(batch, args.new_tokens)
+        audio = [(clip, SAMPLE_RATE)] * batch
+        first, steady = timed(lambda asr=asr, audio=audio: asr.transcribe(audio), args.repeats)
+        out[f"e2e_b{batch}_s"] = steady
+        compile_s += asr.generator.compile_seconds
+    asr = engine(1, 1)
+    first, steady = timed(lambda: asr.transcribe((clip, SAMPLE_RATE)), args.repeats)
+    out["ttft_s"] = steady
+    out["compile_s"] = compile_s + asr.generator.compile_seconds
+    out["peak_memory_gb"] = peak_memory_gb()
+    return out
+
+
+def run_official(args: argparse.Namespace, checkpoint: str, clip: np.ndarray) -> dict[str, float]:
+    import torch
+    from qwen_asr import Qwen3ASRModel as OfficialASRModel
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    out: dict[str, float] = {}
+    started = time.perf_counter()
+    asr = OfficialASRModel.from_pretrained(checkpoint, dtype=getattr(torch, args.dtype))
+    out["load_s"] = time.perf_counter() - started
+    thinker = asr.model.thinker
+
+    n = args.encoder_batch
+
+    def encode() -> None:
+        inputs = asr.processor.feature_extractor(
+            [clip] * n, sampling_rate=SAMPLE_RATE, padding=True, truncation=False,
+            return_attention_mask=True, return_tensors="pt",
+        )  # fmt: skip
+        with torch.no_grad():
+            thinker.get_audio_features(
+                inputs["input_features"].to(thinker.dtype), feature_attention_mask=inputs["attention_mask"]
+            )
+
+    _, steady = timed(encode, args.repeats)
+    out["encoder_audio_s_per_s"] = n * len(clip) / SAMPLE_RATE / steady
+
+    generate = asr.model.generate
+    asr.model.generate = lambda **inputs: generate(**inputs, suppress_tokens=list(EOS_TOKEN_IDS))
+    for batch in batch_sizes(args):
+        asr.max_inference_batch_size, asr.max_new_tokens = batch, args.new_tokens
+        audio = [(clip, SAMPLE_RATE)] * batch
+        _, out[f"e2e_b{batch}_s"] = timed(lambda audio=audio: asr.transcribe(audio), args.repeats)
+    asr.max_inference_batch_size, asr.max_new_tokens = 1, 1
+    _, out["ttft_s"] = timed(lambda: asr.transcribe((clip, SAMPLE_RATE)), args.repeats)
+    out["peak_memory_gb"] = peak_memory_gb()
+    return out
+
+
+def checkpoint_dir(args: argparse.Namespace) -> str:
+    if args.checkpoint:
+        return args.checkpoint
+    path = os.path.join(args.workdir, f"{args.model}-random")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        from tests.support import official
+
+        print(f"building {args.model} with random weights in {path} ...", file=sys.stderr, flush=True)
+        official.build_checkpoint(path, official.real_config(args.model), seed=0)
+    return path
+
+
+def run_worker(side: str, argv: list[str]) -> dict[str, float]:
+    """One side in a fresh process; its measurements."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
+        result = handle.name
+    try:
+        command = [sys.executable, "-m", "infer.bench", *argv, "--worker", side, "--result", result]
+        subprocess.run(command, check=True)
+        with open(result, encoding="utf-8") as f:
+            return json.load(f)
+    finally:
+        os.unlink(result)
+
+
+def tokens_per_second(measured: dict[str, float], key: str, tokens: int) -> float | None:
+    return tokens / measured[key] if key in measured else None
+
+
+def _number(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
+def table(args: argparse.Namespace, ours: dict[str, float], theirs: dict[str, float]) -> str:
+    n_tokens = args.new_tokens
+    rows: list[tuple[str, float | None, float | None, bool]] = [
+        (f"encoder audio-s/s (b={args.encoder_batch})", ours.get("encoder_audio_s_per_s"),
+         theirs.get("encoder_audio_s_per_s"), True),
+    ]  # fmt: skip
+    for batch in batch_sizes(args):
+        key = f"e2e_b{batch}_s"
+        rows.append((f"e2e b={batch}, {n_tokens} tok (s)", ours.get(key), theirs.get(key), False))
+        rows.append((f"e2e b={batch} tokens/s", tokens_per_second(ours, key, batch * n_tokens),
+                     tokens_per_second(theirs, key, batch * n_tokens), True))  # fmt: skip
+    rows += [
+        ("time to first token (s)", ours.get("ttft_s"), theirs.get("ttft_s"), False),
+        ("peak memory (GB)", ours.get("peak_memory_gb"), theirs.get("peak_memory_gb"), False),
+        ("compile, all programs (s)", ours.get("compile_s"), None, False),
+        ("load (s)", ours.get("load_s"), theirs.get("load_s"), False),
+    ]
+    lines = ["| metric | qasr-jax | official | ours/official | better |", "|---|---:|---:|---:|---|"]
+    for name, mine, other, higher_is_better in rows:
+        ratio = f"{mine / other:.2f}" if mine is not None and other else "—"
+        lines.append(f"| {name} | {_number(mine)} | {_number(other)} | {ratio} | "
+                     f"{'higher' if higher_is_better else 'lower'} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.worker:
+        clip = speech_clip(args.clip_seconds)
+        runner = run_ours if args.worker == "ours" else run_official
+        with open(args.result, "w", encoding="utf-8") as f:
+            json.dump(runner(args, args.checkpoint, clip), f)
+        return 0
+
+    import jax
+
+    checkpoint = checkpoint_dir(args)
+    forwarded = [a for a in argv if a != "--aligner"]
+    if not args.checkpoint:
+        forwarded += ["--checkpoint", checkpoint]
+    print(f"{args.model} (random weights), {args.dtype}, {jax.devices()[0].device_kind} "
+          f"({os.cpu_count()} CPUs), {args.clip_seconds:g} s clips", file=sys.stderr, flush=True)  # fmt: skip
+    ours = run_worker("ours", forwarded)
+    theirs = {} if args.skip_official else run_worker("official", forwarded)
+    print(f"\n{args.model}, random weights, {args.dtype}, {args.clip_seconds:g} s clips, "
+          f"{args.new_tokens} new tokens (end tokens suppressed), {jax.devices()[0].device_kind}\n")  # fmt: skip
+    print(table(args, ours, theirs))
+
+    if args.aligner:
+        try:
+            from infer import bench_aligner
+        except ImportError:
+            print("\n(aligner benchmark: infer.bench_aligner is not available)", file=sys.stderr)
+        else:
+            print()
+            bench_aligner.run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
