@@ -372,8 +372,8 @@ class BatchPlan:
 
 
 def eval_specs(examples: Sequence[Example], shapes: Shapes, batch_size: int) -> list[BatchSpec]:
-    """Held-out batches in manifest order (sorted by length within the set); the last one is filled with
-    zero-weight copies of its last row."""
+    """Held-out batches of rows sorted by length (little padding); the last batch is filled up with zero-weight
+    copies of its last row."""
     order = sorted(range(len(examples)), key=lambda i: shapes.length_key(examples[i]))
     specs = []
     for start in range(0, len(order), batch_size):
