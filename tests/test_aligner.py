@@ -214,3 +214,47 @@ def test_transcription_checkpoints_are_refused_before_loading(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(official.small_asr_config()))
     with pytest.raises(ConfigError, match="not a ForcedAligner"):
         Qwen3ForcedAligner.from_pretrained(tmp_path)
+
+
+def test_align_command_writes_what_the_library_computes(checkpoint, aligner, tmp_path):
+    """``python -m infer align`` end to end (a subprocess) against the library call and the VTT writer."""
+    import os
+    import subprocess
+    import sys
+
+    from qasr_jax import formats
+
+    wav_path = speech.synth_wav(speech.MEDIUM_EN)
+    text_file = tmp_path / "transcript.txt"
+    text_file.write_text(speech.MEDIUM_EN + "\n", encoding="utf-8")
+    output = tmp_path / "out.vtt"
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    command = [sys.executable, "-m", "infer", "align", wav_path, str(text_file), "--model", checkpoint,
+               "--language", "English", "--output", str(output), "--max-line-chars", "20"]  # fmt: skip
+    completed = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr
+
+    (result,) = aligner.align(wav_path, speech.MEDIUM_EN, "English", strict=True)
+    expected = formats.to_vtt(result, speech.MEDIUM_EN, formats.CueOptions(max_chars_per_line=20))
+    assert output.read_text(encoding="utf-8") == expected
+    assert len(result) == len(speech.MEDIUM_EN.split())
+
+
+def test_align_command_reports_bad_inputs(checkpoint, capsys, tmp_path):
+    import json
+
+    from infer.align import main
+
+    assert main([str(tmp_path / "missing.wav"), "hello", "--model", checkpoint, "--language", "English"]) == 1
+    assert "missing.wav: no such audio file" in capsys.readouterr().err
+    wav_path = speech.synth_wav(speech.SHORT_EN)
+    assert main([wav_path, "hello", "--model", checkpoint, "--language", "Klingon"]) == 1
+    assert "unsupported language 'Klingon'" in capsys.readouterr().err
+    # No words: an empty but well-formed document.
+    assert main([wav_path, "?!", "--model", checkpoint, "--language", "English", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {
+        "audio": wav_path,
+        "language": "English",
+        "text": "?!",
+        "words": [],
+    }
