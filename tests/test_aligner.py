@@ -50,7 +50,7 @@ def aligner(checkpoint: str) -> Qwen3ForcedAligner:
 @pytest.fixture(scope="module")
 def pairs() -> list[tuple[np.ndarray, str, str]]:
     """(16 kHz samples, text, language): 0.7 s, 5 s and 19 s of English (the last spans three encoder
-    windows), Chinese, and Chinese speech with a mixed Chinese/English text."""
+    windows), Chinese, and Chinese speech with a mixed Chinese/English, a Japanese and a Korean text."""
     zh = speech.synth(speech.MEDIUM_ZH, voice="cmn")
     return [
         (speech.synth(speech.SHORT_EN), speech.SHORT_EN, "English"),
@@ -58,6 +58,9 @@ def pairs() -> list[tuple[np.ndarray, str, str]]:
         (speech.synth(speech.LONG_EN), speech.LONG_EN, "English"),
         (zh, speech.MEDIUM_ZH, "Chinese"),
         (zh, MIXED_ZH_EN, "chinese"),
+        # The word segmenters of Japanese (nagisa) and Korean (soynlp) on the same speech.
+        (zh, "今日はいい天気ですね。公園に行きましょう。", "Japanese"),
+        (zh, "오늘은 날씨가 좋네요. 공원에 갑시다.", "Korean"),
     ]
 
 
@@ -105,6 +108,8 @@ def test_reference_is_a_demanding_one(official_results):
     # Interpolated repairs give times off the 80 ms grid.
     assert any(round(t * 1000) % 80 for result in official_results for _, s, e in result for t in (s, e))
     assert [word for word, _, _ in official_results[4]][:7] == ["今", "天", "天", "气", "很", "好", "we"]
+    assert [word for word, _, _ in official_results[5]][:2] == ["今日", "は"]
+    assert [word for word, _, _ in official_results[6]][:2] == ["오늘", "은"]
 
 
 def test_parity_fails_without_encoder_windows(official_aligner, pairs, batched_results):
@@ -116,8 +121,8 @@ def test_parity_fails_without_encoder_windows(official_aligner, pairs, batched_r
 
 def test_same_bucket_reuses_its_program(aligner, pairs, batched_results):
     before = aligner.compiled_programs
-    # Six pairs (padded to the same eight rows) in another order: same program, same results.
-    subset = [pairs[4], pairs[2], pairs[0], pairs[1], pairs[1], pairs[3]]
+    # Six pairs (padded to the same eight rows as seven) in another order: same program, same results.
+    subset = [pairs[4], pairs[2], pairs[0], pairs[1], pairs[1], pairs[6]]
     again = aligner.align(
         [(s, 16000) for s, _, _ in subset], [t for _, t, _ in subset], [g for *_, g in subset]
     )
