@@ -1,10 +1,11 @@
 """The untrained demo checkpoints the demo training configs start from: configs and a tokenizer of their own.
 
-    python -m train.demo_init --out train/configs
+    python -m train.demo_init [--out train/configs] [--init-weights data/demo]
 
-writes ``demo_asr_init/`` and ``demo_aligner_init/`` (config.json, generation_config.json,
-preprocessor_config.json and the tokenizer files, no weights: ``model.init = "random"`` builds them). Both
-directories are committed; rerunning the command reproduces them byte for byte.
+writes ``demo_asr_init/`` and ``demo_aligner_init/`` under --out (config.json, generation_config.json,
+preprocessor_config.json and the tokenizer files, no weights; both are committed and rerunning reproduces them
+byte for byte) and, with --init-weights DIR, the starting checkpoints ``DIR/asr_init`` and ``DIR/aligner_init``
+(the same files plus seeded initial weights, see ``initial_params``) that the demo training configs load.
 
 The tokenizer is a byte-level BPE in the Qwen2 layout trained on sentences of the synthetic corpus
 (``train.synth``), so every word the grammar can produce is one or two tokens. Its regular vocabulary has
@@ -196,6 +197,52 @@ def aligner_config() -> ThinkerConfig:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Initial weights
+
+INIT_SEED = 0
+
+
+def initial_params(config: ThinkerConfig, seed: int = INIT_SEED) -> Any:
+    """The model's own seeded random init, with the conv front end rescaled to He scale.
+
+    At the default init (normal, std 0.02) the three stacked convolutions shrink the log-mel input so much that
+    the encoder output hardly depends on the audio (it is the sinusoidal positions; across different clips it
+    varies by 0.5% of its RMS), and a model trained from there settles into a language model that ignores the
+    audio. Kernels with std sqrt(2 / fan_in) (sqrt(1 / fan_in) for the linear ``conv_out``) keep the audio's
+    content in the encoder output (40% variation across clips).
+    """
+    import flax
+    import jax
+    import jax.numpy as jnp
+
+    from qasr_jax.model import Qwen3ASR
+
+    ids = jnp.zeros((1, 4), jnp.int32)
+    frames = config.audio.chunk_frames
+    features = jnp.zeros((1, config.audio.num_mel_bins, frames), jnp.float32)
+    variables = Qwen3ASR(config).init(
+        jax.random.PRNGKey(seed), ids, jnp.ones_like(ids), features, jnp.ones((1, frames), jnp.int32)
+    )
+    params = flax.core.meta.unbox(variables["params"])
+    frontend = params["audio_tower"]["frontend"]
+    channels = config.audio.downsample_hidden_size
+    fan_in = {"conv2d1": 9, "conv2d2": 9 * channels, "conv2d3": 9 * channels}
+    for name, fan in fan_in.items():
+        kernel = frontend[name]["kernel"]
+        frontend[name]["kernel"] = kernel * (np.sqrt(2.0 / fan) / float(jnp.std(kernel)))
+    conv_out = frontend["conv_out"]["kernel"]
+    frontend["conv_out"]["kernel"] = conv_out * (np.sqrt(1.0 / conv_out.shape[0]) / float(jnp.std(conv_out)))
+    return params
+
+
+def write_initial_checkpoint(dst: Path, source: Path, config: ThinkerConfig) -> None:
+    """``source``'s files plus ``initial_params`` in float32, as a released-layout checkpoint dir."""
+    from qasr_jax.train.export import export_checkpoint
+
+    export_checkpoint(dst, config, initial_params(config), source_dir=source, dtype="float32")
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Tokenizer
 
 
@@ -322,12 +369,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Write the untrained demo ASR and aligner checkpoint dirs (configs and tokenizer).",
     )
     parser.add_argument("--out", default="train/configs", help="parent directory (default train/configs)")
+    parser.add_argument("--init-weights", metavar="DIR",
+                        help="also write the starting checkpoints DIR/asr_init and DIR/aligner_init")  # fmt: skip
     args = parser.parse_args(argv)
     vocab, merges = train_bpe(tokenizer_corpus())
     out = Path(args.out)
-    for name, config in (("demo_asr_init", asr_config()), ("demo_aligner_init", aligner_config())):
-        write_checkpoint_dir(out / name, config, vocab, merges)
-        print(f"{out / name}: {len(vocab)} trained pieces, vocabulary {VOCAB_SIZE}", file=sys.stderr)
+    for kind, config in (("asr", asr_config()), ("aligner", aligner_config())):
+        weightless = out / f"demo_{kind}_init"
+        write_checkpoint_dir(weightless, config, vocab, merges)
+        print(f"{weightless}: {len(vocab)} trained pieces, vocabulary {VOCAB_SIZE}", file=sys.stderr)
+        if args.init_weights:
+            start = Path(args.init_weights) / f"{kind}_init"
+            write_initial_checkpoint(start, weightless, config)
+            print(f"{start}: initial weights (seed {INIT_SEED})", file=sys.stderr)
     return 0
 
 
