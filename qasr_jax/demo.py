@@ -18,9 +18,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 ASR_DIR_NAME = "qwen3-asr-demo"
 ALIGNER_DIR_NAME = "qwen3-forced-aligner-demo"
@@ -58,6 +59,29 @@ def default_model_path() -> Path:
 def default_aligner_path() -> Path:
     """The demo ForcedAligner checkpoint dir (``$QASR_DEMO_ALIGNER`` when set)."""
     return _demo_path(ALIGNER_ENV, ALIGNER_DIR_NAME)
+
+
+RELEASED = {False: "Qwen/Qwen3-ASR-0.6B", True: "Qwen/Qwen3-ForcedAligner-0.6B"}
+
+
+def model_or_demo(
+    path: str | os.PathLike | None, *, aligner: bool = False, stream: TextIO | None = None
+) -> str:
+    """``path`` when given; otherwise the demo model's dir, saying so (and how to use a real checkpoint) on
+    ``stream`` (default stderr). For the programs' ``--model`` options."""
+    if path is not None:
+        return os.fspath(path)
+    demo_dir = default_aligner_path() if aligner else default_model_path()
+    what = "forced aligner" if aligner else "model"
+    released = RELEASED[aligner]
+    local = released.split("/")[1]
+    print(
+        f"note: no --model given, using the demo {what} {demo_dir}: a small model trained on synthetic English "
+        f"and German espeak-ng speech that knows only its few hundred words. For real speech download a released "
+        f"checkpoint (huggingface-cli download {released} --local-dir {local}) and pass --model {local}.",
+        file=stream if stream is not None else sys.stderr,
+    )
+    return os.fspath(demo_dir)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -218,6 +242,7 @@ __all__ = [
     "default_aligner_path",
     "default_model_path",
     "missed_bars",
+    "model_or_demo",
     "normalize_words",
     "proportional_times",
     "read_rows",

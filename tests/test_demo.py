@@ -117,8 +117,14 @@ def test_official_code_loads_the_demo_model(name: str) -> None:
 @pytest.mark.parametrize("name", ["demo_asr", "demo_aligner"])
 def test_demo_config_trains_a_few_steps(name: str, held_out: Path, tmp_path: Path) -> None:
     from qasr_jax.train import load_train_config, train
+    from train import demo_init
 
+    kind = name.removeprefix("demo_")
+    config = demo_init.asr_config() if kind == "asr" else demo_init.aligner_config()
+    start = tmp_path / "init"
+    demo_init.write_initial_checkpoint(start, REPO / "train" / "configs" / f"{name}_init", config)
     overrides = [
+        f"model.checkpoint={json.dumps(str(start))}",
         f"data.train_manifest={json.dumps(str(held_out))}",
         'data.eval_manifest=""',
         "data.batch_size=4",
@@ -169,3 +175,26 @@ def test_synth_word_times_are_where_the_speech_is(tmp_path: Path) -> None:
         gap_before = envelope[max(int(word["start"] * rate) - 400, 0) : int(word["start"] * rate) - 80]
         # Inside a word there is speech well above anything in the pause just before it (noise included).
         assert inside.max() > 2 * gap_before.max(initial=1e-4)
+
+
+def test_model_or_demo_names_the_demo_model_and_the_way_to_a_real_one() -> None:
+    import io
+
+    stream = io.StringIO()
+    assert demo.model_or_demo("some/dir", stream=stream) == "some/dir" and stream.getvalue() == ""
+    assert demo.model_or_demo(None, stream=stream) == str(demo.default_model_path())
+    assert "demo model" in stream.getvalue() and "--model" in stream.getvalue()
+    assert demo.model_or_demo(None, aligner=True, stream=stream) == str(demo.default_aligner_path())
+    assert "Qwen3-ForcedAligner-0.6B" in stream.getvalue()
+
+
+def test_demo_init_reproduces_the_committed_configs_and_tokenizer(tmp_path: Path) -> None:
+    from train import demo_init
+
+    assert demo_init.main(["--out", str(tmp_path)]) == 0
+    for name in ("demo_asr_init", "demo_aligner_init"):
+        committed = REPO / "train" / "configs" / name
+        files = sorted(p.name for p in committed.iterdir())
+        assert files == sorted(p.name for p in (tmp_path / name).iterdir())
+        for file in files:
+            assert (tmp_path / name / file).read_bytes() == (committed / file).read_bytes(), f"{name}/{file}"
