@@ -339,23 +339,24 @@ class Qwen3ForcedAligner:
         window = self.config.audio.chunk_frames * self.config.audio.window_chunks
         return _round_up(max(frames, 1), window)
 
-    def _padded_length(self, pair: _Pair) -> int:
-        frames = self._frames_bucket(pair.frames)
-        text_tokens = _round_up(pair.text_tokens, TEXT_BUCKET_TOKENS)
+    def _padded_length(self, pairs: Sequence[_Pair]) -> int:
+        """Sequence length of a batch of ``pairs``: the longest audio's tokens and the longest text, bucketed."""
+        frames = self._frames_bucket(max(pair.frames for pair in pairs))
+        text_tokens = _round_up(max(pair.text_tokens for pair in pairs), TEXT_BUCKET_TOKENS)
         return self.config.audio.output_length(frames) + 2 + text_tokens
 
     def _batches(self, pairs: list[_Pair]) -> Iterator[list[_Pair]]:
         """Pairs packed into batches, longest first, within max_batch_size and max_batch_tokens."""
-        ordered = sorted(pairs, key=self._padded_length, reverse=True)
+        ordered = sorted(pairs, key=lambda pair: self._padded_length([pair]), reverse=True)
         batch: list[_Pair] = []
         for pair in ordered:
-            rows = _batch_rows_bucket(len(batch) + 1, self.max_batch_size)
-            # The first pair of a batch is its longest, so it sets the padded length.
-            if batch and (len(batch) == self.max_batch_size or
-                          rows * self._padded_length(batch[0]) > self.max_batch_tokens):  # fmt: skip
+            grown = [*batch, pair]
+            rows = _batch_rows_bucket(len(grown), self.max_batch_size)
+            if batch and (len(grown) > self.max_batch_size or
+                          rows * self._padded_length(grown) > self.max_batch_tokens):  # fmt: skip
                 yield batch
-                batch = []
-            batch.append(pair)
+                grown = [pair]
+            batch = grown
         if batch:
             yield batch
 
@@ -363,9 +364,9 @@ class Qwen3ForcedAligner:
         rows = _batch_rows_bucket(len(batch), self.max_batch_size)
         # Filler rows repeat the last pair so that every row computes finite numbers; their output is dropped.
         padded = batch + [batch[-1]] * (rows - len(batch))
-        frames = self._frames_bucket(max(pair.frames for pair in padded))
-        text_tokens = _round_up(max(pair.text_tokens for pair in padded), TEXT_BUCKET_TOKENS)
-        seq = self.config.audio.output_length(frames) + 2 + text_tokens
+        frames = self._frames_bucket(max(pair.frames for pair in batch))
+        text_tokens = _round_up(max(pair.text_tokens for pair in batch), TEXT_BUCKET_TOKENS)
+        seq = self._padded_length(batch)
 
         input_features, feature_mask = audio_io.features(
             [pair.samples for pair in padded], pad_to_multiple=frames

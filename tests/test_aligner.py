@@ -131,6 +131,16 @@ def test_same_bucket_reuses_its_program(aligner, pairs, batched_results):
     assert [as_tuples(r) for r in again] == [expected[id(p)] for p in subset]
 
 
+def test_results_do_not_depend_on_batching(aligner, pairs, batched_results):
+    """Batches of at most three rows (and an odd one out): the same times as one batch of seven."""
+    small_batches = Qwen3ForcedAligner(aligner.config, aligner.params, aligner.tokenizer, max_batch_size=3)
+    results = small_batches.align(
+        [(s, 16000) for s, _, _ in pairs], [t for _, t, _ in pairs], [g for *_, g in pairs]
+    )
+    assert [as_tuples(r) for r in results] == [as_tuples(r) for r in batched_results]
+    assert sorted(rows for rows, _, _ in small_batches.buckets) == [1, 3, 3]
+
+
 def test_bad_items_fail_alone_with_typed_errors(aligner, pairs, batched_results, tmp_path):
     good_samples, good_text, _ = pairs[1]
     too_long = np.zeros(int((aligner.max_seconds + 1) * 16000), np.float32)
