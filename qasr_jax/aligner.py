@@ -208,8 +208,8 @@ class Qwen3ForcedAligner:
         self.timestamp_segment_time = float(config.timestamp_segment_time)
         self._model = Qwen3ASR(config, dtype=dtype, param_dtype=dtype, attention_impl=attention_impl)
         self._program = jax.jit(self._timestamp_classes, static_argnames=("text_tokens",))
-        # (rows, frames, text tokens) of every batch shape run so far: one compiled program each.
-        self.buckets: set[tuple[int, int, int]] = set()
+        # One compiled program per batch bucket, keyed by (rows, mel frames, text tokens).
+        self._executables: dict[tuple[int, int, int], Any] = {}
 
     @classmethod
     def from_pretrained(
@@ -256,9 +256,25 @@ class Qwen3ForcedAligner:
         return self.config.classify_num * self.timestamp_segment_time / 1000.0
 
     @property
+    def buckets(self) -> set[tuple[int, int, int]]:
+        """The (rows, mel frames, text tokens) batch shapes compiled so far."""
+        return set(self._executables)
+
+    @property
     def compiled_programs(self) -> int:
         """Programs compiled so far (one per batch bucket)."""
-        return self._program._cache_size()
+        return len(self._executables)
+
+    def _executable(self, rows: int, frames: int, text_tokens: int) -> Any:
+        """The compiled program of one batch bucket, compiled on first use."""
+        key = (rows, frames, text_tokens)
+        if key not in self._executables:
+            tokens = jax.ShapeDtypeStruct((rows, self._sequence_length(frames, text_tokens)), jnp.int32)
+            mel = jax.ShapeDtypeStruct((rows, self.config.audio.num_mel_bins, frames), jnp.float32)
+            mel_mask = jax.ShapeDtypeStruct((rows, frames), jnp.int32)
+            lowered = self._program.lower(self.params, tokens, tokens, mel, mel_mask, text_tokens=text_tokens)
+            self._executables[key] = lowered.compile()
+        return self._executables[key]
 
     # -- the device program --
 
@@ -339,21 +355,29 @@ class Qwen3ForcedAligner:
         window = self.config.audio.chunk_frames * self.config.audio.window_chunks
         return _round_up(max(frames, 1), window)
 
-    def _padded_length(self, pairs: Sequence[_Pair]) -> int:
-        """Sequence length of a batch of ``pairs``: the longest audio's tokens and the longest text, bucketed."""
+    def _bucket(self, pairs: Sequence[_Pair]) -> tuple[int, int, int]:
+        """(rows, mel frames, text tokens) of the batch holding ``pairs``: rows to a power of two, frames to whole
+        attention windows, text to a multiple of TEXT_BUCKET_TOKENS."""
+        rows = _batch_rows_bucket(len(pairs), self.max_batch_size)
         frames = self._frames_bucket(max(pair.frames for pair in pairs))
         text_tokens = _round_up(max(pair.text_tokens for pair in pairs), TEXT_BUCKET_TOKENS)
+        return rows, frames, text_tokens
+
+    def _sequence_length(self, frames: int, text_tokens: int) -> int:
+        # <|audio_start|>, the audio tokens, <|audio_end|>, then the words and their slots.
         return self.config.audio.output_length(frames) + 2 + text_tokens
 
     def _batches(self, pairs: list[_Pair]) -> Iterator[list[_Pair]]:
         """Pairs packed into batches, longest first, within max_batch_size and max_batch_tokens."""
-        ordered = sorted(pairs, key=lambda pair: self._padded_length([pair]), reverse=True)
+        ordered = sorted(
+            pairs, key=lambda pair: self._sequence_length(*self._bucket([pair])[1:]), reverse=True
+        )
         batch: list[_Pair] = []
         for pair in ordered:
             grown = [*batch, pair]
-            rows = _batch_rows_bucket(len(grown), self.max_batch_size)
+            rows, frames, text_tokens = self._bucket(grown)
             if batch and (len(grown) > self.max_batch_size or
-                          rows * self._padded_length(grown) > self.max_batch_tokens):  # fmt: skip
+                          rows * self._sequence_length(frames, text_tokens) > self.max_batch_tokens):  # fmt: skip
                 yield batch
                 grown = [pair]
             batch = grown
@@ -361,12 +385,10 @@ class Qwen3ForcedAligner:
             yield batch
 
     def _run_batch(self, batch: list[_Pair]) -> list[ForcedAlignResult]:
-        rows = _batch_rows_bucket(len(batch), self.max_batch_size)
+        rows, frames, text_tokens = self._bucket(batch)
+        seq = self._sequence_length(frames, text_tokens)
         # Filler rows repeat the last pair so that every row computes finite numbers; their output is dropped.
         padded = batch + [batch[-1]] * (rows - len(batch))
-        frames = self._frames_bucket(max(pair.frames for pair in batch))
-        text_tokens = _round_up(max(pair.text_tokens for pair in batch), TEXT_BUCKET_TOKENS)
-        seq = self._padded_length(batch)
 
         input_features, feature_mask = audio_io.features(
             [pair.samples for pair in padded], pad_to_multiple=frames
@@ -377,14 +399,12 @@ class Qwen3ForcedAligner:
             input_ids[row, seq - len(pair.token_ids) :] = pair.token_ids
             attention_mask[row, seq - len(pair.token_ids) :] = 1
 
-        self.buckets.add((rows, frames, text_tokens))
-        classes = self._program(
+        classes = self._executable(rows, frames, text_tokens)(
             self.params,
             jnp.asarray(input_ids),
             jnp.asarray(attention_mask),
-            jnp.asarray(input_features),
-            jnp.asarray(feature_mask),
-            text_tokens=text_tokens,
+            jnp.asarray(input_features, dtype=jnp.float32),
+            jnp.asarray(feature_mask, dtype=jnp.int32),
         )
         classes = np.asarray(classes)
         is_slot = input_ids[:, -text_tokens:] == self.timestamp_token_id
@@ -404,6 +424,41 @@ class Qwen3ForcedAligner:
         return ForcedAlignResult(items)
 
     # -- public API --
+
+    def _prepare_all(self, audio: Any, text: Any, language: Any) -> list[_Pair | ForcedAlignResult]:
+        """``align``'s arguments as one prepared pair (or finished result) per pair."""
+        single = _is_single_audio(audio)
+        audios = _as_list(audio, single)
+        texts = _as_list(text, isinstance(text, str) or text is None)
+        if language is None or isinstance(language, str):
+            languages = [language] * len(audios)
+        else:
+            languages = list(language)
+            if len(languages) == 1:
+                languages = languages * len(audios)
+        if not (len(audios) == len(texts) == len(languages)):
+            raise ValueError(
+                f"batch size mismatch: {len(audios)} audios, {len(texts)} texts, {len(languages)} languages"
+            )
+        return [self._prepare(i, a, t, lang) for i, (a, t, lang) in enumerate(zip(audios, texts, languages))]
+
+    def precompile(
+        self, audio: Any, text: str | Sequence[str], language: str | Sequence[str | None] | None
+    ) -> int:
+        """Compile the programs that ``align`` with these arguments would run, without running the model.
+
+        Returns how many programs were compiled (0 when every bucket was compiled already).
+        """
+        before = len(self._executables)
+        pairs = [item for item in self._prepare_all(audio, text, language) if isinstance(item, _Pair)]
+        for batch in self._batches(pairs):
+            rows, frames, text_tokens = self._bucket(batch)
+            self._executable(rows, frames, text_tokens)
+            # The feature extractor compiles per batch shape too.
+            audio_io.features(
+                [np.zeros(frames * audio_io.HOP_LENGTH, np.float32)] * rows, pad_to_multiple=frames
+            )
+        return len(self._executables) - before
 
     def align(
         self,
@@ -430,23 +485,7 @@ class Qwen3ForcedAligner:
             unsupported language, AlignmentError for audio longer than ``max_seconds``) and no items; the other
             pairs are unaffected. Audio shorter than 0.5 s is zero-padded to 0.5 s.
         """
-        single = _is_single_audio(audio)
-        audios = _as_list(audio, single)
-        texts = _as_list(text, isinstance(text, str) or text is None)
-        if language is None or isinstance(language, str):
-            languages = [language] * len(audios)
-        else:
-            languages = list(language)
-            if len(languages) == 1:
-                languages = languages * len(audios)
-        if not (len(audios) == len(texts) == len(languages)):
-            raise ValueError(
-                f"batch size mismatch: {len(audios)} audios, {len(texts)} texts, {len(languages)} languages"
-            )
-
-        prepared = [
-            self._prepare(i, a, t, lang) for i, (a, t, lang) in enumerate(zip(audios, texts, languages))
-        ]
+        prepared = self._prepare_all(audio, text, language)
         if strict:
             for item in prepared:
                 if isinstance(item, ForcedAlignResult) and item.error is not None:

@@ -119,14 +119,15 @@ def test_parity_fails_without_encoder_windows(official_aligner, pairs, batched_r
     assert unwindowed != as_tuples(batched_results[2])
 
 
-def test_same_bucket_reuses_its_program(aligner, pairs, batched_results):
-    before = aligner.compiled_programs
-    # Six pairs (padded to the same eight rows as seven) in another order: same program, same results.
+def test_one_program_per_bucket(aligner, pairs, batched_results):
+    fresh = Qwen3ForcedAligner(aligner.config, aligner.params, aligner.tokenizer)
+    assert fresh.precompile([(s, 16000) for s, _, _ in pairs], [t for _, t, _ in pairs], "English") == 1
+    # Six pairs (padded to the same eight rows as seven) in another order: no new program, same results.
     subset = [pairs[4], pairs[2], pairs[0], pairs[1], pairs[1], pairs[6]]
-    again = aligner.align(
+    again = fresh.align(
         [(s, 16000) for s, _, _ in subset], [t for _, t, _ in subset], [g for *_, g in subset]
     )
-    assert aligner.compiled_programs == before
+    assert fresh.compiled_programs == 1 and fresh.buckets == aligner.buckets
     expected = {id(p): as_tuples(r) for p, r in zip(pairs, batched_results)}
     assert [as_tuples(r) for r in again] == [expected[id(p)] for p in subset]
 
