@@ -29,7 +29,7 @@ import numpy as np
 from qasr_jax import audio as audio_io
 from qasr_jax import text as text_io
 from qasr_jax.config import ThinkerConfig
-from qasr_jax.errors import AlignmentError, ConfigError, QasrError
+from qasr_jax.errors import AlignmentError, ConfigError, LanguageError, QasrError
 from qasr_jax.model import Qwen3ASR, first_valid, positions_from_mask
 
 # The transcription pipeline aligns transcripts in pieces of at most this many seconds (the official
@@ -162,6 +162,16 @@ def resolve_language(language: str | None) -> str | None:
     if language is None or not str(language).strip():
         return None
     return text_io.normalize_language(language)
+
+
+def _detected_language(language: str | None) -> str | None:
+    """A language the transcription model reported, or None (plain whitespace splitting) for one that is not
+    supported: every language but Japanese and Korean splits that way, so this is what the official pipeline
+    does with it too."""
+    try:
+        return resolve_language(language)
+    except LanguageError:
+        return None
 
 
 class Qwen3ForcedAligner:
@@ -510,7 +520,8 @@ class Qwen3ForcedAligner:
         Args:
             pieces: per audio, its pieces from ``audio.split_audio(wav, MAX_ALIGN_SECONDS)``.
             texts: per audio, the transcript of each piece.
-            languages: per audio, the language of each piece (as detected or forced; None/"" when unknown).
+            languages: per audio, the language of each piece (as detected or forced; None/"" when unknown; a
+                name that is not supported is treated as unknown).
 
         Returns:
             Per audio, the words of all its pieces with times offset to the audio's start, or None when no piece
@@ -534,7 +545,7 @@ class Qwen3ForcedAligner:
                 jobs.append((audio_index, offset))
                 job_audio.append((piece.samples, piece.sample_rate))
                 job_text.append(piece_text)
-                job_language.append(piece_language)
+                job_language.append(_detected_language(piece_language))
         per_audio: list[list[ForcedAlignResult]] = [[] for _ in pieces]
         if jobs:
             for (audio_index, offset), result in zip(jobs, self.align(job_audio, job_text, job_language)):
