@@ -295,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
             print("\n(aligner benchmark: infer.bench_aligner is not available)", file=sys.stderr)
         else:
             print()
-            bench_aligner.run(args)
+            shared = ("clip_seconds", "batch_sizes", "repeats", "dtype", "workdir", "skip_official")
+            bench_aligner.run(argparse.Namespace(**{name: getattr(args, name) for name in shared}))
     return 0
 
 
