@@ -54,10 +54,11 @@ def _defaults() -> argparse.Namespace:
     return parser.parse_args([])
 
 
-def _seconds(call: Callable[..., Any], *args: Any) -> float:
-    start = time.perf_counter()
+def _seconds(call: Callable[..., Any], *args: Any) -> tuple[float, float]:
+    """Wall-clock and CPU seconds (all threads of this process) of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
     call(*args)
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def speech_clip(seconds: float) -> tuple[np.ndarray, str]:
@@ -135,7 +136,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     aligners = {"ours": _load_ours(path, options["dtype"], sizes[-1])}
     if not options["skip_official"]:
         aligners["official"] = _load_official(path, options["official_windows"])
-    seconds: dict[str, dict[int, list[float]]] = {name: {size: [] for size in sizes} for name in aligners}
+    seconds: dict[str, dict[int, list[tuple[float, float]]]] = {
+        name: {n: [] for n in sizes} for name in aligners
+    }
     for size in sizes:
         audios, texts = batches[size]
         aligners["ours"](audios, texts, compile_only=True)
@@ -143,17 +146,20 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         for _ in range(max(1, options["repeats"])):
             for name, align in aligners.items():
                 seconds[name][size].append(_seconds(align, audios, texts))
-    ours = {size: statistics.median(times) for size, times in seconds["ours"].items()}
-    theirs = {size: statistics.median(times) for size, times in seconds.get("official", {}).items()}
 
     rows = []
     for size in sizes:
         audio_seconds = size * clip_seconds
-        row = {"batch": size, "ours_audio_s_per_s": audio_seconds / ours[size], "ours_seconds": ours[size]}
-        if size in theirs:
-            row["official_audio_s_per_s"] = audio_seconds / theirs[size]
-            row["official_seconds"] = theirs[size]
-            row["ratio"] = theirs[size] / ours[size]
+        row: dict[str, Any] = {"batch": size, "audio_seconds": audio_seconds}
+        for name, times in seconds.items():
+            wall = statistics.median(t for t, _ in times[size])
+            cpu = statistics.median(c for _, c in times[size])
+            row[f"{name}_wall_s"], row[f"{name}_cpu_s"] = wall, cpu
+            row[f"{name}_audio_s_per_s"] = audio_seconds / wall
+            row[f"{name}_audio_s_per_cpu_s"] = audio_seconds / cpu
+        if "official" in seconds:
+            row["ratio"] = row["official_wall_s"] / row["ours_wall_s"]
+            row["cpu_ratio"] = row["official_cpu_s"] / row["ours_cpu_s"]
         rows.append(row)
 
     device = jax.devices()[0]
@@ -162,11 +168,15 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         f"({os.cpu_count()} CPU cores), {clip_seconds:g} s clips of {len(text.split())} words; official fp32 "
         f"{'with' if options['official_windows'] else 'without'} encoder windows"
     )
-    print(f"{'batch':>5s} {'ours (audio s/s)':>17s} {'official (audio s/s)':>21s} {'ours/official':>14s}")
+    nan = float("nan")
+    print(f"{'':5s} {'audio-seconds per second':^37s}   {'audio-seconds per CPU-second':^37s}")
+    print(f"{'batch':>5s}" + f" {'ours':>10s} {'official':>10s} {'ours/official':>14s}  " * 2)
     for row in rows:
-        theirs_rate = row.get("official_audio_s_per_s", float("nan"))
-        ratio = row.get("ratio", float("nan"))
-        print(f"{row['batch']:5d} {row['ours_audio_s_per_s']:17.2f} {theirs_rate:21.2f} {ratio:14.2f}")
+        cells = [f"{row['batch']:5d}"]
+        for unit, ratio in (("audio_s_per_s", "ratio"), ("audio_s_per_cpu_s", "cpu_ratio")):
+            cells.append(f"{row[f'ours_{unit}']:10.2f} {row.get(f'official_{unit}', nan):10.2f} "
+                         f"{row.get(ratio, nan):14.2f} ")  # fmt: skip
+        print(" ".join(cells).rstrip())
     return rows
 
 
