@@ -25,8 +25,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from qasr_jax import audio as audio_io
+from qasr_jax import sharding
 from qasr_jax import text as text_io
 from qasr_jax.config import ThinkerConfig
 from qasr_jax.errors import AlignmentError, ConfigError, LanguageError, QasrError
@@ -191,6 +193,8 @@ class Qwen3ForcedAligner:
         max_batch_size: int = 8,
         max_batch_tokens: int = 16384,
         attention_impl: str = "auto",
+        mesh: Mesh | None = None,
+        sharding_rules: sharding.Rules = sharding.DEFAULT_RULES,
     ) -> None:
         """
         Args:
@@ -202,6 +206,8 @@ class Qwen3ForcedAligner:
             max_batch_tokens: most padded decoder tokens (rows × sequence length) in one forward pass; a longer
                 pair still runs, alone.
             attention_impl: attention kernel choice passed to the model ("auto", "xla", "pallas").
+            mesh: run on this device mesh (params already placed, e.g. by ``sharding.load_sharded``); each
+                batch is split over it as ``sharding_rules`` say.
         """
         if not config.is_aligner or not config.classify_num or not config.timestamp_segment_time:
             raise ConfigError(
@@ -217,7 +223,10 @@ class Qwen3ForcedAligner:
         self.timestamp_token_id = int(config.timestamp_token_id)
         self.timestamp_segment_time = float(config.timestamp_segment_time)
         self._model = Qwen3ASR(config, dtype=dtype, param_dtype=dtype, attention_impl=attention_impl)
-        self._program = jax.jit(self._timestamp_classes, static_argnames=("text_tokens",))
+        self.mesh = mesh
+        self.sharding_rules = sharding_rules
+        placement = {} if mesh is None else {"out_shardings": sharding.replicated(mesh)}
+        self._program = jax.jit(self._timestamp_classes, static_argnames=("text_tokens",), **placement)
         # One compiled program per batch bucket, keyed by (rows, mel frames, text tokens).
         self._executables: dict[tuple[int, int, int], Any] = {}
 
@@ -230,6 +239,8 @@ class Qwen3ForcedAligner:
         max_batch_size: int = 8,
         max_batch_tokens: int = 16384,
         attention_impl: str = "auto",
+        mesh: Mesh | str | None = None,
+        sharding_rules: Any = None,
     ) -> Qwen3ForcedAligner:
         """Load a ForcedAligner checkpoint dir (released, "-hf" or Orbax layout) and its tokenizer.
 
@@ -246,7 +257,12 @@ class Qwen3ForcedAligner:
                 "'forced_aligner'); use Qwen3ASRModel for transcription checkpoints"
             )
         compute_dtype = jnp.dtype(dtype if dtype is not None else jnp.float32)
-        config, params = load_pretrained(path, dtype=compute_dtype)
+        mesh = sharding.resolve_mesh(mesh)
+        rules = sharding.merge_rules(sharding_rules)
+        if mesh is None:
+            config, params = load_pretrained(path, dtype=compute_dtype)
+        else:
+            config, params = sharding.load_sharded(path, mesh, rules, dtype=compute_dtype)
         tokenizer = text_io.Tokenizer.from_pretrained(path)
         return cls(
             config,
@@ -256,6 +272,8 @@ class Qwen3ForcedAligner:
             max_batch_size=max_batch_size,
             max_batch_tokens=max_batch_tokens,
             attention_impl=attention_impl,
+            mesh=mesh,
+            sharding_rules=rules,
         )
 
     # -- limits --
@@ -279,11 +297,24 @@ class Qwen3ForcedAligner:
         """The compiled program of one batch bucket, compiled on first use."""
         key = (rows, frames, text_tokens)
         if key not in self._executables:
-            tokens = jax.ShapeDtypeStruct((rows, self._sequence_length(frames, text_tokens)), jnp.int32)
-            mel = jax.ShapeDtypeStruct((rows, self.config.audio.num_mel_bins, frames), jnp.float32)
-            mel_mask = jax.ShapeDtypeStruct((rows, frames), jnp.int32)
-            lowered = self._program.lower(self.params, tokens, tokens, mel, mel_mask, text_tokens=text_tokens)
-            self._executables[key] = lowered.compile()
+            mesh, rules = self.mesh, self.sharding_rules
+            tokens = sharding.batch_struct(
+                (rows, self._sequence_length(frames, text_tokens)), jnp.int32, mesh, rules
+            )
+            mel = sharding.batch_struct(
+                (rows, self.config.audio.num_mel_bins, frames), jnp.float32, mesh, rules
+            )
+            mel_mask = sharding.batch_struct((rows, frames), jnp.int32, mesh, rules)
+            with sharding.use_mesh(mesh, rules):
+                lowered = self._program.lower(
+                    sharding.abstract_arrays(self.params),
+                    tokens,
+                    tokens,
+                    mel,
+                    mel_mask,
+                    text_tokens=text_tokens,
+                )
+                self._executables[key] = lowered.compile()
         return self._executables[key]
 
     # -- the device program --
@@ -409,13 +440,18 @@ class Qwen3ForcedAligner:
             input_ids[row, seq - len(pair.token_ids) :] = pair.token_ids
             attention_mask[row, seq - len(pair.token_ids) :] = 1
 
-        classes = self._executable(rows, frames, text_tokens)(
-            self.params,
-            jnp.asarray(input_ids),
-            jnp.asarray(attention_mask),
-            jnp.asarray(input_features, dtype=jnp.float32),
-            jnp.asarray(feature_mask, dtype=jnp.int32),
+        inputs = sharding.place_batch(
+            [
+                np.asarray(input_ids, np.int32),
+                np.asarray(attention_mask, np.int32),
+                np.asarray(input_features, np.float32),
+                np.asarray(feature_mask, np.int32),
+            ],
+            self.mesh,
+            self.sharding_rules,
         )
+        with sharding.use_mesh(self.mesh, self.sharding_rules):
+            classes = self._executable(rows, frames, text_tokens)(self.params, *inputs)
         classes = np.asarray(classes)
         is_slot = input_ids[:, -text_tokens:] == self.timestamp_token_id
         return [self._words_with_times(pair, classes[row][is_slot[row]]) for row, pair in enumerate(batch)]

@@ -24,8 +24,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from qasr_jax import audio as audio_io
+from qasr_jax import sharding
 from qasr_jax import text as text_io
 from qasr_jax.config import ThinkerConfig
 from qasr_jax.errors import EmptyAudioError, QasrError
@@ -163,6 +165,8 @@ class Qwen3ASRModel:
         attention_impl: str = "auto",
         max_chunk_seconds: float = MAX_ASR_CHUNK_SECONDS,
         decode_options: DecodeOptions | None = None,
+        mesh: Mesh | None = None,
+        sharding_rules: sharding.Rules = sharding.DEFAULT_RULES,
     ) -> None:
         if config.is_aligner:
             raise ValueError("this checkpoint is a forced aligner, not an ASR model")
@@ -180,7 +184,7 @@ class Qwen3ASRModel:
         max_batch = self.max_inference_batch_size if self.max_inference_batch_size > 0 else 1 << 30
         self.generator = Generator(
             config, params, dtype=dtype, attention_impl=attention_impl, max_batch=max_batch,
-            options=decode_options,
+            options=decode_options, mesh=mesh, sharding_rules=sharding_rules,
         )  # fmt: skip
 
     @classmethod
@@ -199,6 +203,8 @@ class Qwen3ASRModel:
         no_repeat_ngram_size: int = 0,
         suppress_tokens: Sequence[int] = (),
         eos_token_ids: Sequence[int] | None = None,
+        mesh: Mesh | str | None = None,
+        sharding_rules: Any = None,
     ) -> Qwen3ASRModel:
         """Load a checkpoint dir (released, "-hf" or Orbax layout) with its tokenizer and generation config.
 
@@ -212,10 +218,19 @@ class Qwen3ASRModel:
           repetition_penalty, no_repeat_ngram_size: optional repetition control in the decode loop (off).
           suppress_tokens: token ids never generated.
           eos_token_ids: end tokens; default from generation_config.json (<|im_end|>, <|endoftext|>).
+          mesh: a device mesh or a spec such as "data=2,tensor=4" (``qasr_jax.sharding``): params are loaded
+            straight into it and every batch is split over it; a forced aligner loaded here shares it.
+          sharding_rules: overrides of ``sharding.DEFAULT_RULES`` (logical axis → mesh axes).
         """
         path = os.fspath(pretrained_model_name_or_path)
         compute_dtype = resolve_dtype(dtype)
-        config, params = load_pretrained(path, dtype=compute_dtype)
+        mesh = sharding.resolve_mesh(mesh)
+        rules = sharding.merge_rules(sharding_rules)
+        if mesh is None:
+            config, params = load_pretrained(path, dtype=compute_dtype)
+        else:
+            config, params = sharding.load_sharded(path, mesh, rules, dtype=compute_dtype)
+            forced_aligner_kwargs = {"mesh": mesh, "sharding_rules": rules, **(forced_aligner_kwargs or {})}
         tokenizer = text_io.Tokenizer.from_pretrained(path)
         eos, pad = read_generation_ids(path, tokenizer)
         options = DecodeOptions(
@@ -236,6 +251,8 @@ class Qwen3ASRModel:
             attention_impl=attention_impl,
             max_chunk_seconds=max_chunk_seconds,
             decode_options=options,
+            mesh=mesh,
+            sharding_rules=rules,
         )
 
     @property

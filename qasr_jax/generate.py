@@ -26,8 +26,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
-from qasr_jax import audio
+from qasr_jax import audio, sharding
 from qasr_jax.config import ThinkerConfig
 from qasr_jax.model import Qwen3ASR, first_valid, init_cache, positions_from_mask
 from qasr_jax.model.attention import KVCache
@@ -314,7 +315,11 @@ class Generator:
         attention_impl: str = "auto",
         max_batch: int = 32,
         options: DecodeOptions | None = None,
+        mesh: Mesh | None = None,
+        sharding_rules: sharding.Rules = sharding.DEFAULT_RULES,
     ) -> None:
+        """``mesh``: run on a device mesh; ``params`` are then already placed (``sharding.load_sharded``) and
+        each batch is split over it as ``sharding_rules`` say."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.config = config
@@ -322,6 +327,8 @@ class Generator:
         self.model = Qwen3ASR(config, dtype=dtype, param_dtype=dtype, attention_impl=attention_impl)
         self.max_batch = max_batch
         self.options = options or DecodeOptions()
+        self.mesh = mesh
+        self.sharding_rules = sharding_rules
         self._programs: dict[tuple[BatchShape, DecodeOptions], Any] = {}
         self.compile_seconds = 0.0
 
@@ -349,18 +356,23 @@ class Generator:
         program = self._programs.get(key)
         if program is None:
             started = time.perf_counter()
-            fn = jax.jit(functools.partial(generate_batch, self.model, options, shape.steps, shape.frames))
-            b = shape.batch
-            int_vec = jax.ShapeDtypeStruct((b,), jnp.int32)
-            prompt = jax.ShapeDtypeStruct((b, shape.prompt_len), jnp.int32)
-            program = fn.lower(
-                jax.tree_util.tree_map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), self.params),
-                jax.ShapeDtypeStruct((b, shape.samples), jnp.float32),
-                int_vec,
-                prompt,
-                prompt,
-                int_vec,
-            ).compile()
+            # On a mesh the results are replicated, so every process can read them.
+            placement = {} if self.mesh is None else {"out_shardings": sharding.replicated(self.mesh)}
+            fn = jax.jit(
+                functools.partial(generate_batch, self.model, options, shape.steps, shape.frames), **placement
+            )
+            b, mesh, rules = shape.batch, self.mesh, self.sharding_rules
+            int_vec = sharding.batch_struct((b,), jnp.int32, mesh, rules)
+            prompt = sharding.batch_struct((b, shape.prompt_len), jnp.int32, mesh, rules)
+            with sharding.use_mesh(mesh, rules):
+                program = fn.lower(
+                    sharding.abstract_arrays(self.params),
+                    sharding.batch_struct((b, shape.samples), jnp.float32, mesh, rules),
+                    int_vec,
+                    prompt,
+                    prompt,
+                    int_vec,
+                ).compile()
             self.compile_seconds += time.perf_counter() - started
             self._programs[key] = program
         return program
@@ -374,6 +386,7 @@ class Generator:
         options = options or self.options
         shape = self.shape_for(requests)
         inputs = pack_batch(requests, shape, options.pad_token_id)
+        inputs = sharding.place_batch(list(inputs), self.mesh, self.sharding_rules)
         tokens, counts, stopped = self._program(shape, options)(self.params, *inputs)
         tokens, counts, stopped = np.asarray(tokens), np.asarray(counts), np.asarray(stopped)
         return [

@@ -215,9 +215,34 @@ def run_infer(work_dir: str, specs: list[str]) -> dict[str, Any]:
     return out
 
 
+def run_api(work_dir: str, specs: list[str]) -> dict[str, Any]:
+    """``Qwen3ASRModel.from_pretrained(..., mesh=spec).transcribe`` against the single-device model."""
+    from qasr_jax.asr import Qwen3ASRModel
+    from qasr_jax.train.export import export_checkpoint
+    from tests.support.speech import MEDIUM_EN, SHORT_EN, synth
+    from tests.support.train_fixtures import DEMO_ASR_DIR
+
+    config = mesh_test_config()
+    released = export_checkpoint(os.path.join(work_dir, "released"), config, random_params(config, seed=2),
+                                 DEMO_ASR_DIR, dtype="float32")  # fmt: skip
+    clips = [(synth(SHORT_EN), 16000), (synth(MEDIUM_EN), 16000)]
+    kwargs = dict(max_new_tokens=10, eos_token_ids=())
+
+    def run(mesh: Any) -> list[tuple[str, str]]:
+        model = Qwen3ASRModel.from_pretrained(released, mesh=mesh, **kwargs)
+        return [(r.language, r.text) for r in model.transcribe(clips, language=[None, "English"])]
+
+    reference = run(None)
+    out: dict[str, Any] = {"reference": reference, "meshes": {}}
+    for spec in specs:
+        out["meshes"][spec] = {"equal": run(spec) == reference}
+    return out
+
+
 def main() -> None:
     mode, work_dir, *specs = sys.argv[1:]
-    out = run_train(work_dir, specs) if mode == "train" else run_infer(work_dir, specs)
+    runners = {"train": run_train, "infer": run_infer, "api": run_api}
+    out = runners[mode](work_dir, specs)
     out["devices"] = jax.device_count()
     print(json.dumps(out))
 
