@@ -23,6 +23,7 @@ import pytest
 from qasr_jax import audio as audio_io
 from qasr_jax.asr import ASRTranscription, Qwen3ASRModel, default_token_budget
 from qasr_jax.errors import LanguageError
+from qasr_jax.generate import Generation
 from tests.support import official, speech
 
 pytestmark = pytest.mark.skipif(not speech.have_espeak(), reason="espeak-ng is needed for speech clips")
@@ -278,8 +279,25 @@ def test_timestamps_come_from_the_forced_aligner(job_model, mixed_job, mixed_res
     assert languages == [[results[0].language], [results[1].language]]
 
 
-def test_token_budget_grows_with_duration():
+def test_token_budget_grows_with_duration_and_truncation_is_flagged(job_model, clips):
     assert default_token_budget(0.0) == 32
     assert default_token_budget(30.0) == 32 + 360
     assert default_token_budget(1200.0) > 1200 * 10  # faster than any speaker
     assert ASRTranscription("English", "hi").truncated is False
+
+    scaled = Qwen3ASRModel(
+        job_model.config, job_model.generator.params, job_model.tokenizer, max_chunk_seconds=2.0
+    )
+    budgets = []
+
+    def generate(
+        requests, options=None
+    ):  # stands in for the decode: chunk 0 of the long item hits its budget
+        budgets.extend(r.max_new_tokens for r in requests)
+        return [Generation([15, 16], stopped=r.max_new_tokens != max(budgets)) for r in requests]
+
+    scaled.generator.generate = generate
+    out = scaled.transcribe([(clips["medium"], 16000), (clips["short"], 16000)])
+    pieces = audio_io.split_audio(clips["medium"], 2.0) + audio_io.split_audio(clips["short"], 2.0)
+    assert sorted(budgets) == sorted(default_token_budget(len(p.samples) / 16000) for p in pieces)
+    assert [r.truncated for r in out] == [True, False]
