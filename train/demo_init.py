@@ -5,7 +5,9 @@
 writes ``demo_asr_init/`` and ``demo_aligner_init/`` under --out (config.json, generation_config.json,
 preprocessor_config.json and the tokenizer files, no weights; both are committed and rerunning reproduces them
 byte for byte) and, with --init-weights DIR, the starting checkpoints ``DIR/asr_init`` and ``DIR/aligner_init``
-(the same files plus seeded initial weights, see ``initial_params``) that the demo training configs load.
+(the same files plus seeded initial weights, see ``initial_params``) that the demo training configs load. With
+``--aligner-from ASR_DIR`` the aligner starts from a trained demo ASR model instead (``aligner_params_from_asr``):
+it then only has to learn to read times off an encoder and decoder that already follow the speech.
 
 The tokenizer is a byte-level BPE in the Qwen2 layout trained on sentences of the synthetic corpus
 (``train.synth``), so every word the grammar can produce is one or two tokens. Its regular vocabulary has
@@ -235,11 +237,31 @@ def initial_params(config: ThinkerConfig, seed: int = INIT_SEED) -> Any:
     return params
 
 
-def write_initial_checkpoint(dst: Path, source: Path, config: ThinkerConfig) -> None:
-    """``source``'s files plus ``initial_params`` in float32, as a released-layout checkpoint dir."""
+def aligner_params_from_asr(asr_dir: str | Path, seed: int = INIT_SEED) -> Any:
+    """Aligner weights that start from a trained demo ASR model: its encoder, embeddings and decoder, and a fresh
+    class head (the ASR model's head is its tied embedding)."""
+    import jax.numpy as jnp
+
+    from qasr_jax.weights import load_pretrained
+
+    asr_config_loaded, asr_params = load_pretrained(asr_dir, dtype=jnp.float32)
+    config = aligner_config()
+    if (
+        asr_config_loaded.audio != config.audio
+        or asr_config_loaded.text.hidden_size != config.text.hidden_size
+    ):
+        raise ValueError(f"{asr_dir}: not a demo ASR checkpoint of this shape")
+    params = initial_params(config, seed)
+    params.update({name: value for name, value in asr_params.items() if name != "lm_head"})
+    return params
+
+
+def write_initial_checkpoint(dst: Path, source: Path, config: ThinkerConfig, params: Any = None) -> None:
+    """``source``'s files plus ``params`` (default ``initial_params``) in float32, as a released-layout dir."""
     from qasr_jax.train.export import export_checkpoint
 
-    export_checkpoint(dst, config, initial_params(config), source_dir=source, dtype="float32")
+    params = initial_params(config) if params is None else params
+    export_checkpoint(dst, config, params, source_dir=source, dtype="float32")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -371,7 +393,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default="train/configs", help="parent directory (default train/configs)")
     parser.add_argument("--init-weights", metavar="DIR",
                         help="also write the starting checkpoints DIR/asr_init and DIR/aligner_init")  # fmt: skip
+    parser.add_argument("--aligner-from", metavar="ASR_DIR",
+                        help="start the aligner from this trained demo ASR checkpoint (with --init-weights)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.aligner_from and not args.init_weights:
+        parser.error("--aligner-from needs --init-weights DIR")
     vocab, merges = train_bpe(tokenizer_corpus())
     out = Path(args.out)
     for kind, config in (("asr", asr_config()), ("aligner", aligner_config())):
@@ -380,8 +406,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{weightless}: {len(vocab)} trained pieces, vocabulary {VOCAB_SIZE}", file=sys.stderr)
         if args.init_weights:
             start = Path(args.init_weights) / f"{kind}_init"
-            write_initial_checkpoint(start, weightless, config)
-            print(f"{start}: initial weights (seed {INIT_SEED})", file=sys.stderr)
+            if kind == "aligner" and args.aligner_from:
+                write_initial_checkpoint(
+                    start, weightless, config, aligner_params_from_asr(args.aligner_from)
+                )
+                print(f"{start}: weights of {args.aligner_from}, new class head", file=sys.stderr)
+            else:
+                write_initial_checkpoint(start, weightless, config)
+                print(f"{start}: initial weights (seed {INIT_SEED})", file=sys.stderr)
     return 0
 
 

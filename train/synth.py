@@ -3,7 +3,8 @@
     python -m train.synth --out data/demo --train 4000 --val 200 --test 400 --seed 0
 
 Each utterance is a sentence from a small grammar over a few hundred words and numbers (English and German),
-spoken by one espeak-ng voice variant at one speed and pitch. Every word is synthesised on its own, trimmed to
+spoken by one espeak-ng voice variant at one speed and pitch; in the train split a share of the utterances
+(``--short-fraction``) are phrases of one to three words instead. Every word is synthesised on its own, trimmed to
 the samples espeak-ng actually voiced, and the words are joined with random pauses, so each word's start and
 end are known exactly. Leading and trailing silence, gain and additive noise (white, pink, brown or mains hum at
 a random SNR) vary per utterance.
@@ -216,6 +217,21 @@ def english_sentence(rng: np.random.Generator) -> list[str]:
     return words
 
 
+def english_phrase(rng: np.random.Generator) -> list[str]:
+    """One to three words: a noun phrase, a counted noun or a pronoun with a verb."""
+    roll = rng.random()
+    if roll < 0.2:
+        return [_pick(rng, EN_NOUNS)[int(_chance(rng, 0.5))]]
+    if roll < 0.5:
+        return _english_noun_phrase(rng, _chance(rng, 0.4))
+    if roll < 0.75:
+        adjective = [_pick(rng, EN_ADJECTIVES)] if _chance(rng, 0.4) else []
+        return [str(_pick(rng, NUMBERS)), *adjective, _pick(rng, EN_NOUNS)[1]]
+    third_person = _chance(rng, 0.4)
+    pronoun = _pick(rng, EN_SINGULAR_PRONOUNS if third_person else EN_PLURAL_PRONOUNS)
+    return [pronoun, _pick(rng, (*EN_INTRANSITIVE_VERBS, *EN_TRANSITIVE_VERBS))[third_person]]
+
+
 # --------------------------------------------------------------------------------------------------------------
 # German grammar: nouns carry their gender, so articles and adjective endings agree in nominative, accusative
 # and dative. Weak masculine nouns (Löwe, Affe, ...) are left out; their case endings would need a second table.
@@ -374,16 +390,31 @@ def german_sentence(rng: np.random.Generator) -> list[str]:
     return words
 
 
+def german_phrase(rng: np.random.Generator) -> list[str]:
+    """One to three words: a noun phrase, a counted noun or a pronoun with a verb."""
+    roll = rng.random()
+    if roll < 0.2:
+        return [_pick(rng, DE_NOUNS)[int(_chance(rng, 0.5))]]
+    if roll < 0.5:
+        return _german_noun_phrase(rng, "nom", _chance(rng, 0.4), numbers=False)
+    if roll < 0.75:
+        adjective = [_german_adjective(_pick(rng, DE_ADJECTIVES), "e")] if _chance(rng, 0.4) else []
+        return [str(_pick(rng, NUMBERS)), *adjective, _pick(rng, DE_NOUNS)[1]]
+    pronoun = _pick(rng, tuple(DE_PRONOUNS))
+    return [pronoun, _pick(rng, (*DE_INTRANSITIVE_VERBS, *DE_TRANSITIVE_VERBS))[DE_PRONOUNS[pronoun]]]
+
+
 @dataclasses.dataclass(frozen=True)
 class LanguageSpec:
     name: str
     code: str
     sentence: Callable[[np.random.Generator], list[str]]
+    phrase: Callable[[np.random.Generator], list[str]]
 
 
 LANGUAGES: dict[str, LanguageSpec] = {
-    "English": LanguageSpec("English", "en", english_sentence),
-    "German": LanguageSpec("German", "de", german_sentence),
+    "English": LanguageSpec("English", "en", english_sentence, english_phrase),
+    "German": LanguageSpec("German", "de", german_sentence, german_phrase),
 }
 
 
@@ -514,16 +545,24 @@ class UtterancePlan:
         return sentence_text(self.words)
 
 
-def plan_split(split: str, count: int, seed: int, languages: Sequence[str]) -> list[UtterancePlan]:
-    """``count`` utterances of ``split``, languages taking turns, sentences unique within the split."""
+def plan_split(
+    split: str, count: int, seed: int, languages: Sequence[str], short_fraction: float = 0.0
+) -> list[UtterancePlan]:
+    """``count`` utterances of ``split``, languages taking turns, texts unique within the split.
+
+    ``short_fraction`` of them are short phrases (one to three words) rather than sentences: in training they
+    let the model learn what single words sound like before it has learnt to find them in a sentence.
+    """
     rng = np.random.default_rng([seed, SPLITS.index(split)])
     seen: set[str] = set()
     plans = []
     for index in range(count):
         language = languages[index % len(languages)]
         spec = LANGUAGES[language]
+        # Drawn only when asked for, so sets without phrases are the same as before phrases existed.
+        make = spec.phrase if short_fraction > 0 and rng.random() < short_fraction else spec.sentence
         while True:
-            words = spec.sentence(rng)
+            words = make(rng)
             text = sentence_text(words)
             if len(words) <= MAX_WORDS and sentence_split(language, text) == split and text not in seen:
                 break
@@ -657,11 +696,12 @@ def write_split(
     seed: int,
     languages: Sequence[str],
     workers: int = 1,
+    short_fraction: float = 0.0,
 ) -> Path:
     """Render ``count`` utterances of ``split`` into ``out_dir`` and write ``<out_dir>/<split>.jsonl``."""
     out = Path(out_dir)
     (out / split).mkdir(parents=True, exist_ok=True)
-    plans = plan_split(split, count, seed, languages)
+    plans = plan_split(split, count, seed, languages, short_fraction)
     manifest = out / f"{split}.jsonl"
     tmp = manifest.with_suffix(".jsonl.tmp")
     args = (plans, [os.fspath(out)] * len(plans), [split] * len(plans))
@@ -691,6 +731,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--languages", default="English,German", help="comma-separated languages (default English,German)"
     )
+    parser.add_argument(
+        "--short-fraction",
+        type=float,
+        default=0.3,
+        help="share of training utterances that are 1-3 word phrases (default 0.3; val and test have none)",
+    )
     parser.add_argument("--workers", type=int, default=1, help="parallel synthesis processes (default 1)")
     args = parser.parse_args(argv)
     languages = [name.strip() for name in args.languages.split(",") if name.strip()]
@@ -703,7 +749,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         started = time.monotonic()
         manifest = write_split(
-            args.out, split, count, seed=args.seed, languages=languages, workers=args.workers
+            args.out,
+            split,
+            count,
+            seed=args.seed,
+            languages=languages,
+            workers=args.workers,
+            short_fraction=args.short_fraction if split == "train" else 0.0,
         )
         print(
             f"{split}: {count} utterances -> {manifest} ({time.monotonic() - started:.1f} s)", file=sys.stderr
