@@ -54,9 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "qasr_bench"),
                         help="where built checkpoints are cached (default %(default)s)")  # fmt: skip
     parser.add_argument(
-        "--clip-seconds", type=float, default=30.0, help="length of each clip (default %(default)s)"
+        "--clip-seconds", type=float, default=10.0, help="length of each clip (default %(default)s)"
     )
-    parser.add_argument("--batch-sizes", default="1,8",
+    parser.add_argument("--batch-sizes", default="1,4",
                         help="comma-separated batch sizes for end-to-end runs (default %(default)s)")  # fmt: skip
     parser.add_argument("--new-tokens", type=int, default=32,
                         help="tokens generated per clip end to end (default %(default)s)")  # fmt: skip
