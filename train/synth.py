@@ -505,6 +505,8 @@ class Espeak:
         for parameter, value in ((self._RATE, rate), (self._PITCH, pitch), (self._RANGE, pitch_range)):
             self._lib.espeak_SetParameter(parameter, int(value), 0)
         self._pieces = []
+        # The library keeps one callback per process: claim it, in case another instance took it since.
+        self._lib.espeak_SetSynthCallback(self._callback)
         data = text.encode() + b"\0"
         self._lib.espeak_Synth(data, len(data), 0, 1, 0, self._CHARS_UTF8, None, None)
         if not self._pieces:
