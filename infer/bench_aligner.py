@@ -169,8 +169,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         f"{'with' if options['official_windows'] else 'without'} encoder windows"
     )
     nan = float("nan")
-    print(f"{'':5s} {'audio-seconds per second':^37s}   {'audio-seconds per CPU-second':^37s}")
-    print(f"{'batch':>5s}" + f" {'ours':>10s} {'official':>10s} {'ours/official':>14s}  " * 2)
+    print(f"{'':5s} {'audio-seconds per second':^37s}   {'audio-seconds per CPU-second':^37s}".rstrip())
+    print((f"{'batch':>5s}" + f" {'ours':>10s} {'official':>10s} {'ours/official':>14s}  " * 2).rstrip())
     for row in rows:
         cells = [f"{row['batch']:5d}"]
         for unit, ratio in (("audio_s_per_s", "ratio"), ("audio_s_per_cpu_s", "cpu_ratio")):
