@@ -1,6 +1,6 @@
 """Transcription speed, ours vs the official ``qwen_asr`` (transformers backend), same checkpoint and audio, one run.
 
-    python -m infer.bench [--clip-seconds 10] [--batch-sizes 1,4] [--new-tokens 32] [--aligner]
+    python -m infer.bench [--clip-seconds 10] [--batch-sizes 1,2] [--new-tokens 16] [--aligner]
     python -m infer.bench --clip-seconds 30 --batch-sizes 1,8 --new-tokens 96 --encoder-batch 8   # the full size
 
 Builds (once, cached under --workdir) a random-weight checkpoint at the released Qwen3-ASR-0.6B config with the
@@ -56,11 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--clip-seconds", type=float, default=10.0, help="length of each clip (default %(default)s)"
     )
-    parser.add_argument("--batch-sizes", default="1,4",
+    parser.add_argument("--batch-sizes", default="1,2",
                         help="comma-separated batch sizes for end-to-end runs (default %(default)s)")  # fmt: skip
-    parser.add_argument("--new-tokens", type=int, default=32,
+    parser.add_argument("--new-tokens", type=int, default=16,
                         help="tokens generated per clip end to end (default %(default)s)")  # fmt: skip
-    parser.add_argument("--encoder-batch", type=int, default=4,
+    parser.add_argument("--encoder-batch", type=int, default=2,
                         help="clips per encoder-throughput run (default %(default)s)")  # fmt: skip
     parser.add_argument(
         "--repeats", type=int, default=1, help="timed runs per measurement (default %(default)s)"
