@@ -12,6 +12,22 @@ import numpy as np
 from qasr_jax.config import ThinkerConfig
 from qasr_jax.errors import CheckpointError
 
+# Files beside the weights that the tokenizer and the processors read; a converted or exported checkpoint dir
+# carries them along (config.json is written or copied separately).
+SIDE_FILES = (
+    "tokenizer_config.json",
+    "tokenizer.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "generation_config.json",
+)
+
 
 def save_params(path: str | os.PathLike, params: dict) -> None:
     """Write ``params`` as an Orbax PyTree checkpoint at ``path`` (which must not exist yet)."""

@@ -8,24 +8,12 @@ import shutil
 
 import numpy as np
 
-from qasr_jax.checkpoint import save_params, tree_equal
+from qasr_jax.checkpoint import SIDE_FILES, save_params, tree_equal
 from qasr_jax.errors import CheckpointError
 from qasr_jax.weights import ORBAX_PARAMS_DIR, load_pretrained
 
-# Everything beside the weights that a checkpoint dir carries and a converted dir must carry too.
-SIDE_FILES = (
-    "config.json",
-    "generation_config.json",
-    "preprocessor_config.json",
-    "tokenizer_config.json",
-    "tokenizer.json",
-    "vocab.json",
-    "merges.txt",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.json",
-    "chat_template.jinja",
-)
+# Everything beside the weights that a converted dir must carry too.
+CARRIED_FILES = ("config.json", *SIDE_FILES)
 
 
 def convert_checkpoint(src: str, dst: str, dtype: str | None = None) -> None:
@@ -34,7 +22,7 @@ def convert_checkpoint(src: str, dst: str, dtype: str | None = None) -> None:
         raise CheckpointError(f"{dst}: destination exists and is not empty")
     _, params = load_pretrained(src, dtype=dtype)
     os.makedirs(dst, exist_ok=True)
-    for name in SIDE_FILES:
+    for name in CARRIED_FILES:
         if os.path.exists(os.path.join(src, name)):
             shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
     save_params(os.path.join(dst, ORBAX_PARAMS_DIR), params)
@@ -62,7 +50,7 @@ def verify_conversion(src: str, dst: str, dtype: str | None = None) -> VerifyRep
     _, b = load_pretrained(dst)
     missing = [
         n
-        for n in SIDE_FILES
+        for n in CARRIED_FILES
         if os.path.exists(os.path.join(src, n)) and not os.path.exists(os.path.join(dst, n))
     ]
     count = sum(1 for _ in _leaves(a))

@@ -17,22 +17,9 @@ from typing import Any
 import jax
 import numpy as np
 
+from qasr_jax.checkpoint import SIDE_FILES
 from qasr_jax.config import ThinkerConfig, config_to_dict
 
-# Files next to the weights that the official processor and our tokenizer read.
-SIDE_FILES = (
-    "tokenizer_config.json",
-    "tokenizer.json",
-    "vocab.json",
-    "merges.txt",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.json",
-    "chat_template.jinja",
-    "preprocessor_config.json",
-    "processor_config.json",
-    "generation_config.json",
-)
 # Linear layers whose kernel has two input axes (heads, head_dim) rather than one.
 _MERGED_INPUT = ("o_proj", "out_proj")
 
