@@ -690,23 +690,41 @@ def _render_row(plan: UtterancePlan, out_dir: str, split: str) -> dict[str, Any]
     }
 
 
-def write_split(
-    out_dir: str | os.PathLike,
-    split: str,
-    count: int,
-    *,
-    seed: int,
-    languages: Sequence[str],
-    workers: int = 1,
-    short_fraction: float = 0.0,
+def plan_words(count: int, seed: int, languages: Sequence[str]) -> list[UtterancePlan]:
+    """``count`` single-word utterances in training voices, going through every word form of each language in
+    turn: for a first training stage where the model learns what each word sounds like on its own (a test
+    sentence always has two or more words, so none of these texts is a test text)."""
+    rng = np.random.default_rng([seed, len(SPLITS)])
+    forms = {language: sorted(vocabulary(language)) for language in languages}
+    plans = []
+    for index in range(count):
+        language = languages[index % len(languages)]
+        words = forms[language]
+        text = sentence_text([words[(index // len(languages)) % len(words)]])
+        plans.append(
+            UtterancePlan(
+                id=f"words-{LANGUAGES[language].code}-{index:05d}",
+                language=language,
+                words=(text[:-1],),
+                voice=f"{_pick(rng, ACCENTS[language])}+{_pick(rng, VARIANTS['train'])}",
+                rate=int(rng.integers(*RATE_RANGE, endpoint=True)),
+                pitch=int(rng.integers(*PITCH_RANGE, endpoint=True)),
+                pitch_range=int(rng.integers(*PITCH_SPREAD_RANGE, endpoint=True)),
+                seed=int(rng.integers(2**31)),
+            )
+        )
+    return plans
+
+
+def write_manifest(
+    out_dir: str | os.PathLike, name: str, plans: Sequence[UtterancePlan], workers: int = 1
 ) -> Path:
-    """Render ``count`` utterances of ``split`` into ``out_dir`` and write ``<out_dir>/<split>.jsonl``."""
+    """Render ``plans`` into ``<out_dir>/<name>/`` and write ``<out_dir>/<name>.jsonl``."""
     out = Path(out_dir)
-    (out / split).mkdir(parents=True, exist_ok=True)
-    plans = plan_split(split, count, seed, languages, short_fraction)
-    manifest = out / f"{split}.jsonl"
+    (out / name).mkdir(parents=True, exist_ok=True)
+    manifest = out / f"{name}.jsonl"
     tmp = manifest.with_suffix(".jsonl.tmp")
-    args = (plans, [os.fspath(out)] * len(plans), [split] * len(plans))
+    args = (plans, [os.fspath(out)] * len(plans), [name] * len(plans))
     with open(tmp, "w", encoding="utf-8") as f:
         if workers <= 1:
             rows = map(_render_row, *args)
@@ -720,6 +738,20 @@ def write_split(
     return manifest
 
 
+def write_split(
+    out_dir: str | os.PathLike,
+    split: str,
+    count: int,
+    *,
+    seed: int,
+    languages: Sequence[str],
+    workers: int = 1,
+    short_fraction: float = 0.0,
+) -> Path:
+    """Render ``count`` utterances of ``split`` into ``out_dir`` and write ``<out_dir>/<split>.jsonl``."""
+    return write_manifest(out_dir, split, plan_split(split, count, seed, languages, short_fraction), workers)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m train.synth",
@@ -729,6 +761,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--train", type=int, default=4000, help="train utterances (default 4000)")
     parser.add_argument("--val", type=int, default=200, help="validation utterances (default 200)")
     parser.add_argument("--test", type=int, default=400, help="test utterances (default 400)")
+    parser.add_argument(
+        "--words",
+        type=int,
+        default=0,
+        help="also write words.jsonl: this many single-word utterances in training voices (default 0)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument(
         "--languages", default="English,German", help="comma-separated languages (default English,German)"
@@ -761,6 +799,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         print(
             f"{split}: {count} utterances -> {manifest} ({time.monotonic() - started:.1f} s)", file=sys.stderr
+        )
+    if args.words > 0:
+        started = time.monotonic()
+        manifest = write_manifest(
+            args.out, "words", plan_words(args.words, args.seed, languages), args.workers
+        )
+        print(
+            f"words: {args.words} utterances -> {manifest} ({time.monotonic() - started:.1f} s)",
+            file=sys.stderr,
         )
     return 0
 
