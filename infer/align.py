@@ -1,4 +1,4 @@
-"""``python -m infer align AUDIO TEXT_OR_FILE --model DIR --language L``: word timestamps for one recording.
+"""``python -m infer align AUDIO TEXT_OR_FILE [--model DIR] --language L``: word timestamps for one recording.
 
 Writes JSON (words with start/end seconds), SRT or WebVTT subtitles, or a label track (txt) to stdout or
 ``--output``. The format defaults to the output file's extension, else JSON. Exit status: 0 on success, 1 when
@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("audio", help="audio file (wav, flac, ogg, mp3, ...)")
     parser.add_argument("text", metavar="TEXT_OR_FILE",
                         help="the transcript, or a UTF-8 text file holding it, or - for stdin")  # fmt: skip
-    parser.add_argument("--model", required=True, help="ForcedAligner checkpoint directory")
+    parser.add_argument("--model", help="ForcedAligner checkpoint directory (default: the demo aligner under "
+                                         "models/, which knows only synthetic English and German speech)")  # fmt: skip
     parser.add_argument("--language", required=True,
                         help="language of the transcript, e.g. English, Chinese, Japanese")  # fmt: skip
     parser.add_argument("--format", choices=formats.FORMATS,
@@ -100,10 +101,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: cannot read the transcript {args.text}: {error}", file=sys.stderr)
         return 1
 
+    from infer.defaults import model_or_demo
     from qasr_jax.aligner import Qwen3ForcedAligner
 
     try:
-        aligner = Qwen3ForcedAligner.from_pretrained(args.model, dtype=args.dtype)
+        model_dir = model_or_demo(args.model, aligner=True)
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    try:
+        aligner = Qwen3ForcedAligner.from_pretrained(model_dir, dtype=args.dtype)
         (result,) = aligner.align(args.audio, text, args.language, strict=True)
     except QasrError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -45,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("files", nargs="*", metavar="FILE", help="audio files (wav, flac, ogg, mp3, ...)")
-    parser.add_argument("--model", required=True, metavar="DIR", help="Qwen3-ASR checkpoint directory")
+    parser.add_argument("--model", metavar="DIR",
+                        help="Qwen3-ASR checkpoint directory (default: the demo model under models/, which knows "
+                             "only synthetic English and German speech)")  # fmt: skip
     parser.add_argument("--manifest", metavar="LIST",
                         help="file listing the audio, one path or JSON object {\"id\", \"path\", \"context\", "
                              "\"language\"} per line; relative paths are relative to the manifest's folder")  # fmt: skip
@@ -71,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-repeat-ngram-size", type=int, default=0, metavar="N",
                         help="forbid any N-gram of generated tokens from repeating (default %(default)s: off)")  # fmt: skip
     parser.add_argument("--forced-aligner", metavar="DIR",
-                        help="Qwen3-ForcedAligner checkpoint directory, for --timestamps")  # fmt: skip
+                        help="Qwen3-ForcedAligner checkpoint directory, for --timestamps (default without "
+                             "--model: the demo aligner under models/)")  # fmt: skip
     parser.add_argument("--timestamps", action="store_true",
                         help="add word timestamps (needs --forced-aligner; json/jsonl output)")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -232,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--batch-size must be >= 1")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         parser.error("--max-new-tokens must be >= 1")
-    if args.timestamps and not args.forced_aligner:
+    if args.timestamps and not args.forced_aligner and args.model:
         parser.error("--timestamps needs --forced-aligner DIR")
     if args.manifest and args.format not in (None, "jsonl"):
         parser.error("a manifest job writes jsonl")
@@ -261,10 +264,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not jobs:
         return 0
 
+    from infer.defaults import model_or_demo
     from qasr_jax.asr import Qwen3ASRModel
     from qasr_jax.errors import QasrError
 
     try:
+        if args.timestamps and not args.model:
+            args.forced_aligner = model_or_demo(args.forced_aligner, aligner=True, option="--forced-aligner")
+        args.model = model_or_demo(args.model)
         model = Qwen3ASRModel.from_pretrained(
             args.model,
             forced_aligner=args.forced_aligner,

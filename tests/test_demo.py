@@ -1,12 +1,15 @@
-"""The demo-model tooling: the espeak-ng data generator, the held-out metrics, and the demo configs train.
+"""The shipped demo models and their tooling: the espeak-ng data generator, the held-out metrics, the demo
+configs and recipe, and the acceptance checks of models/.
 
 The held-out set is generated here with espeak-ng (``train.synth``): test-split sentences (never generated for
-training, whatever the seed) spoken by test-split voice variants (never used in training), with a seed of its own.
-Any regression in features, encoder, decoder, decoding, tokenizer or aligner code shows up as missed bars.
+training, whatever the seed) spoken by test-split voice variants (never used in training), with a seed of its own
+(the recipe's test set uses seed 0). Any regression in features, encoder, decoder, decoding, tokenizer or aligner
+code shows up as missed bars.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -15,13 +18,17 @@ import pytest
 
 from qasr_jax import demo
 from tests.support.speech import have_espeak
+from train import demo_eval
 
 pytestmark = pytest.mark.skipif(not have_espeak(), reason="espeak-ng is not installed")
 
 REPO = Path(__file__).resolve().parent.parent
 HELD_OUT_SEED = 7
 HELD_OUT_PER_LANGUAGE = 40
-MAX_MODEL_BYTES = 20 * 1024 * 1024
+CONTINUOUS_PER_LANGUAGE = 25
+MAX_MODEL_BYTES = 20 * 1000 * 1000
+ASR_DIR = REPO / "models" / demo.ASR_DIR_NAME
+ALIGNER_DIR = REPO / "models" / demo.ALIGNER_DIR_NAME
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +41,20 @@ def held_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
+@pytest.fixture(scope="module")
+def held_out_continuous(held_out: Path) -> Path:
+    from train import synth
+
+    return synth.write_split(
+        held_out.parent,
+        "test",
+        2 * CONTINUOUS_PER_LANGUAGE,
+        seed=HELD_OUT_SEED,
+        languages=["English", "German"],
+        continuous=True,
+    )
+
+
 def test_default_paths_follow_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv(demo.ASR_ENV, str(tmp_path / "asr"))
     monkeypatch.setenv(demo.ALIGNER_ENV, str(tmp_path / "aligner"))
@@ -41,15 +62,30 @@ def test_default_paths_follow_the_environment(monkeypatch: pytest.MonkeyPatch, t
     assert demo.default_aligner_path() == tmp_path / "aligner"
 
 
+def test_default_paths_find_the_shipped_models(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(demo.ASR_ENV, raising=False)
+    monkeypatch.delenv(demo.ALIGNER_ENV, raising=False)
+    assert demo.default_model_path() == ASR_DIR
+    assert demo.default_aligner_path() == ALIGNER_DIR
+
+
 def test_proportional_baseline_spreads_words_by_length() -> None:
-    times = demo.proportional_times(["a", "bbb"], 1.0, 2.0)
+    times = demo_eval.proportional_times(["a", "bbb"], 1.0, 2.0)
     assert times == [(1.0, 1.25), (1.25, 2.0)]
 
 
-def test_word_errors_count_substitutions_deletions_and_insertions() -> None:
-    assert demo.word_errors(["a", "b", "c"], ["a", "x", "c", "d"]) == 2
-    assert demo.word_errors([], ["a"]) == 1
-    assert demo.normalize_words("Der Hund, 12 Äpfel.") == ["der", "hund", "12", "äpfel"]
+def test_missed_bars_name_each_bar() -> None:
+    good = {"wer": 0.01, "language_accuracy": 1.0, "languages": {"English": {"wer": 0.01}}}
+    continuous = {"wer": 0.12, "language_accuracy": 0.9, "languages": {"German": {"wer": 0.2}}}
+    aligner = {"mean_shift_ms": 41.0, "within_80ms": 0.95}
+    missed = demo_eval.missed_bars(good, aligner, continuous)
+    assert missed == [
+        "continuous ASR WER 12.00% > 10%",
+        "continuous ASR German WER 20.00% > 10%",
+        "continuous ASR language identification 90.00% < 98%",
+        "aligner mean shift 41.0 ms > 40 ms",
+    ]
+    assert demo_eval.missed_bars(good, {"mean_shift_ms": 20.0, "within_80ms": 0.9}) == []
 
 
 @pytest.mark.slow
@@ -114,6 +150,119 @@ def test_synth_word_times_are_where_the_speech_is(tmp_path: Path) -> None:
         gap_before = envelope[max(int(word["start"] * rate) - 400, 0) : int(word["start"] * rate) - 80]
         # Inside a word there is speech well above anything in the pause just before it (noise included).
         assert inside.max() > 2 * gap_before.max(initial=1e-4)
+
+
+def test_synth_continuous_sentences_are_spoken_in_one_go(tmp_path: Path) -> None:
+    import soundfile
+
+    from train import synth
+
+    plans = synth.plan_split("test", 6, 0, ["English", "German"], continuous=True)
+    assert all(p.continuous and p.id.startswith("testc-") for p in plans)
+    assert all(synth.sentence_split(p.language, p.text) == "test" for p in plans)
+    # The word-by-word split is unchanged by the continuous one (separate random streams).
+    assert {p.text for p in synth.plan_split("test", 6, 0, ["English", "German"])} != {p.text for p in plans}
+    espeak = synth.Espeak()
+    plan = plans[0]
+    one_go = synth.render(plan, espeak)
+    word_by_word = synth.render(dataclasses.replace(plan, continuous=False), espeak)
+    assert one_go.word_times == []
+    # One call voices the sentence without the pauses joined in between words: it is shorter.
+    assert 0.3 < len(one_go.audio) / len(word_by_word.audio) < 0.95
+    manifest = synth.write_split(tmp_path, "test", 2, seed=0, languages=["English"], continuous=True)
+    assert manifest.name == "test_continuous.jsonl"
+    row = json.loads(manifest.read_text().splitlines()[0])
+    assert row["continuous"] is True and row["words"] == []
+    audio, rate = soundfile.read(tmp_path / row["audio"])
+    assert rate == synth.SAMPLE_RATE and np.abs(audio).max() > 0.1
+
+
+def test_recipe_smoke_run_goes_through_every_stage(tmp_path: Path) -> None:
+    from train import demo_recipe
+
+    assert demo_recipe.main(["--smoke", "--data", str(tmp_path / "data"), "--runs", str(tmp_path / "runs"),
+                             "--models", str(tmp_path / "models"), "--workers", "1"]) == 0  # fmt: skip
+    state = json.loads((tmp_path / "data" / "recipe.json").read_text())
+    assert list(state["stages"]) == list(demo_recipe.STAGES)
+    for name in (demo.ASR_DIR_NAME, demo.ALIGNER_DIR_NAME):
+        card = (tmp_path / "models" / name / "README.md").read_text()
+        assert "python -m train.demo_recipe" in card and "| ASR WER, continuous speech |" in card
+        assert (tmp_path / "models" / name / "model.safetensors").is_file()
+    # A second run finds every stage done and redoes nothing.
+    before = (tmp_path / "models" / demo.ASR_DIR_NAME / "model.safetensors").stat().st_mtime_ns
+    assert demo_recipe.main(["--smoke", "--data", str(tmp_path / "data"), "--runs", str(tmp_path / "runs"),
+                             "--models", str(tmp_path / "models")]) == 0  # fmt: skip
+    assert (tmp_path / "models" / demo.ASR_DIR_NAME / "model.safetensors").stat().st_mtime_ns == before
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The shipped models
+
+
+@pytest.mark.parametrize("model_dir", [ASR_DIR, ALIGNER_DIR], ids=["asr", "aligner"])
+def test_shipped_model_is_small_and_complete(model_dir: Path) -> None:
+    files = {p.name for p in model_dir.iterdir()}
+    required = {"config.json", "model.safetensors", "preprocessor_config.json", "tokenizer_config.json",
+                "vocab.json", "merges.txt", "README.md"}  # fmt: skip
+    assert required <= files, sorted(required - files)
+    assert sum(p.stat().st_size for p in model_dir.iterdir()) <= MAX_MODEL_BYTES
+    card = (model_dir / "README.md").read_text()
+    assert "python -m train.demo_recipe" in card and "Held-out results" in card
+
+
+@pytest.mark.parametrize("model_dir", [ASR_DIR, ALIGNER_DIR], ids=["asr", "aligner"])
+def test_official_code_loads_the_shipped_model_and_agrees(model_dir: Path) -> None:
+    import jax
+    import jax.numpy as jnp
+
+    from qasr_jax import audio as audio_io
+    from qasr_jax import text as text_io
+    from qasr_jax.model import Qwen3ASR
+    from qasr_jax.weights import load_pretrained
+    from tests.support import official
+
+    torch_model = official.load_official(model_dir)
+    config, params = load_pretrained(model_dir, dtype=jnp.float32)
+    wav = audio_io.load_audio(REPO / "examples" / "english_1.wav")
+    features = official.official_features([wav], model_dir)
+    tokenizer = text_io.Tokenizer.from_pretrained(model_dir)
+    audio_tokens = config.audio.output_length(features[0][1])
+    ids = np.asarray([text_io.build_prompt_ids(tokenizer, audio_tokens, language="English")], np.int64)
+    mask = np.ones_like(ids)
+    reference = official.official_logits(torch_model, ids, mask, features, windowed=True)
+    feats, feat_mask = official.pad_features(features)
+    ours = np.asarray(jax.jit(Qwen3ASR(config).apply)({"params": params}, ids, mask, feats, feat_mask))
+    assert ours.shape == reference.shape
+    assert np.max(np.abs(ours - reference)) <= 1e-3 * np.std(reference)
+
+
+def test_shipped_model_transcribes_the_examples() -> None:
+    from qasr_jax import Qwen3ASRModel
+
+    rows = [json.loads(line) for line in (REPO / "examples" / "examples.jsonl").read_text().splitlines()]
+    model = Qwen3ASRModel.from_pretrained(demo.default_model_path())
+    results = model.transcribe([str(REPO / "examples" / row["audio"]) for row in rows])
+    for row, result in zip(rows, results):
+        assert (result.language, result.text) == (row["language"], row["text"]), row["id"]
+        reference = (REPO / "examples" / row["audio"]).with_suffix(".txt").read_text().strip()
+        assert reference == row["text"]
+
+
+@pytest.mark.slow
+def test_shipped_models_meet_the_bars_on_fresh_held_out_speech(
+    held_out: Path, held_out_continuous: Path
+) -> None:
+    from qasr_jax import Qwen3ASRModel, Qwen3ForcedAligner
+
+    model = Qwen3ASRModel.from_pretrained(ASR_DIR)
+    asr = demo_eval.asr_report(model, demo_eval.read_rows(held_out))
+    continuous = demo_eval.asr_report(model, demo_eval.read_rows(held_out_continuous))
+    aligner = demo_eval.aligner_report(
+        Qwen3ForcedAligner.from_pretrained(ALIGNER_DIR), demo_eval.read_rows(held_out)
+    )
+    assert set(asr["languages"]) == set(continuous["languages"]) == {"English", "German"}
+    assert demo_eval.missed_bars(asr, aligner, continuous) == []
+    assert aligner["mean_shift_ms"] < aligner["baseline_mean_shift_ms"]
 
 
 def test_demo_init_reproduces_the_committed_configs_and_tokenizer(tmp_path: Path) -> None:

@@ -236,3 +236,25 @@ def test_wrong_gqa_grouping_fails(base_case: Case):
     # Sanity: with the identity permutation the logits still match.
     assert logits_error(logits(params, config, base_case), base_case) <= TOL
     assert logits_error(logits(broken, config, base_case), base_case) > 10 * TOL
+
+
+@pytest.mark.parametrize("shape", [(3, 128, 100, 1), (2, 64, 50, 8), (2, 7, 5, 3)])
+def test_patch_convolution_equals_the_convolution_op_with_its_gradients(shape):
+    """The CPU front end's nine-tap matmul computes what ``lax.conv_general_dilated`` (the accelerator path)
+    computes, values and gradients, on odd and even sizes; a kernel flattened in the wrong tap order fails."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, shape[-1], 4)), jnp.float32)
+    cotangent = jnp.asarray(rng.standard_normal((shape[0], (shape[1] + 1) // 2, (shape[2] + 1) // 2, 4)))
+
+    def loss(patches):
+        return lambda x, k: jnp.sum(encoder_module.conv3x3_stride2(x, k, patches) * cotangent)
+
+    ours = encoder_module.conv3x3_stride2(x, kernel, True)
+    reference = encoder_module.conv3x3_stride2(x, kernel, False)
+    assert ours.shape == reference.shape == cotangent.shape
+    assert rel_max_error(ours, np.asarray(reference)) < 1e-5
+    for g_ours, g_ref in zip(jax.grad(loss(True), (0, 1))(x, kernel), jax.grad(loss(False), (0, 1))(x, kernel)):
+        assert rel_max_error(g_ours, np.asarray(g_ref)) < 1e-5
+    transposed = encoder_module.conv3x3_stride2(x, kernel.transpose(1, 0, 2, 3), True)
+    assert rel_max_error(transposed, np.asarray(reference)) > 1e-2

@@ -541,6 +541,9 @@ class UtterancePlan:
     pitch: int
     pitch_range: int
     seed: int
+    # True: the whole sentence in one espeak-ng call (continuous speech, word times unknown); False: words
+    # voiced one by one and joined with pauses (exact word times).
+    continuous: bool = False
 
     @property
     def text(self) -> str:
@@ -548,14 +551,22 @@ class UtterancePlan:
 
 
 def plan_split(
-    split: str, count: int, seed: int, languages: Sequence[str], short_fraction: float = 0.0
+    split: str,
+    count: int,
+    seed: int,
+    languages: Sequence[str],
+    short_fraction: float = 0.0,
+    continuous: bool = False,
 ) -> list[UtterancePlan]:
     """``count`` utterances of ``split``, languages taking turns, texts unique within the split.
 
     ``short_fraction`` of them are short phrases (one to three words) rather than sentences: in training they
     let the model learn what single words sound like before it has learnt to find them in a sentence.
+    ``continuous`` plans sentences spoken in one go (ids ``<split>c-…``, drawn from their own random stream, so
+    the word-by-word sets stay as they are).
     """
-    rng = np.random.default_rng([seed, SPLITS.index(split)])
+    rng = np.random.default_rng([seed, SPLITS.index(split), *([1] if continuous else [])])
+    prefix = f"{split}c" if continuous else split
     seen: set[str] = set()
     plans = []
     for index in range(count):
@@ -572,7 +583,7 @@ def plan_split(
         voice = f"{_pick(rng, ACCENTS[language])}+{_pick(rng, VARIANTS[split])}"
         plans.append(
             UtterancePlan(
-                id=f"{split}-{spec.code}-{index:05d}",
+                id=f"{prefix}-{spec.code}-{index:05d}",
                 language=language,
                 words=tuple(text[:-1].split(" ")),  # sentence case applied to the first word
                 voice=voice,
@@ -580,6 +591,7 @@ def plan_split(
                 pitch=int(rng.integers(*PITCH_RANGE, endpoint=True)),
                 pitch_range=int(rng.integers(*PITCH_SPREAD_RANGE, endpoint=True)),
                 seed=int(rng.integers(2**31)),
+                continuous=continuous,
             )
         )
     return plans
@@ -636,7 +648,16 @@ def render(plan: UtterancePlan, espeak: Espeak) -> Utterance:
         cursor += n
 
     pause(0.05, 0.5)
-    for position, word in enumerate(plan.words):
+    if plan.continuous:
+        samples = espeak.synth(plan.text, plan.voice, plan.rate, plan.pitch, plan.pitch_range)
+        first, end = voiced_extent(samples)
+        if end <= first:
+            raise RuntimeError(f"espeak-ng produced no sound for {plan.text!r} with voice {plan.voice}")
+        pieces.append(samples[first:end])
+        # One span for the whole voiced sentence: it only serves to measure the speech level below.
+        word_times.append(("", cursor / native, (cursor + end - first) / native))
+        cursor += end - first
+    for position, word in enumerate(() if plan.continuous else plan.words):
         if position:
             # Mostly short gaps, sometimes a hesitation.
             if _chance(rng, 0.1):
@@ -662,6 +683,8 @@ def render(plan: UtterancePlan, espeak: Espeak) -> Utterance:
         level = speech_rms / 10 ** (snr_db / 20)
         speech = speech + level * noise(noise_kind, len(speech), SAMPLE_RATE, rng)
     speech *= rng.uniform(0.25, 0.95) / max(float(np.abs(speech).max()), 1e-6)
+    if plan.continuous:
+        word_times = []
     return Utterance(speech.astype(np.float32), word_times, noise_kind, snr_db)
 
 
@@ -686,6 +709,7 @@ def _render_row(plan: UtterancePlan, out_dir: str, split: str) -> dict[str, Any]
         "pitch": plan.pitch,
         "noise": utterance.noise_kind,
         "snr_db": None if utterance.snr_db is None else round(utterance.snr_db, 1),
+        "continuous": plan.continuous,
         "words": [{"text": w, "start": round(s, 4), "end": round(e, 4)} for w, s, e in utterance.word_times],
     }
 
@@ -747,9 +771,12 @@ def write_split(
     languages: Sequence[str],
     workers: int = 1,
     short_fraction: float = 0.0,
+    continuous: bool = False,
 ) -> Path:
-    """Render ``count`` utterances of ``split`` into ``out_dir`` and write ``<out_dir>/<split>.jsonl``."""
-    return write_manifest(out_dir, split, plan_split(split, count, seed, languages, short_fraction), workers)
+    """Render ``count`` utterances of ``split`` into ``out_dir`` and write ``<out_dir>/<split>.jsonl``
+    (``<split>_continuous.jsonl`` for sentences spoken in one go)."""
+    plans = plan_split(split, count, seed, languages, short_fraction, continuous)
+    return write_manifest(out_dir, f"{split}_continuous" if continuous else split, plans, workers)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -767,6 +794,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=0,
         help="also write words.jsonl: this many single-word utterances in training voices (default 0)",
     )
+    for split in SPLITS:
+        parser.add_argument(
+            f"--{split}-continuous",
+            type=int,
+            default=0,
+            help=f"also write {split}_continuous.jsonl: this many {split} sentences spoken in one go (default 0)",
+        )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument(
         "--languages", default="English,German", help="comma-separated languages (default English,German)"
@@ -783,8 +817,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [name for name in languages if name not in LANGUAGES]
     if unknown or not languages:
         parser.error(f"--languages: choose from {', '.join(LANGUAGES)} (got {args.languages!r})")
-    for split in SPLITS:
-        count = getattr(args, split)
+    for split, continuous in [(split, c) for c in (False, True) for split in SPLITS]:
+        count = getattr(args, f"{split}_continuous" if continuous else split)
         if count <= 0:
             continue
         started = time.monotonic()
@@ -796,9 +830,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             languages=languages,
             workers=args.workers,
             short_fraction=args.short_fraction if split == "train" else 0.0,
+            continuous=continuous,
         )
         print(
-            f"{split}: {count} utterances -> {manifest} ({time.monotonic() - started:.1f} s)", file=sys.stderr
+            f"{manifest.stem}: {count} utterances -> {manifest} ({time.monotonic() - started:.1f} s)",
+            file=sys.stderr,
         )
     if args.words > 0:
         started = time.monotonic()

@@ -70,6 +70,62 @@ class EncoderLayer(nn.Module):
         return x, None
 
 
+def conv3x3_stride2(x: jax.Array, kernel: jax.Array, patches: bool) -> jax.Array:
+    """3×3 convolution, stride 2, zero padding 1: ``[N, H, W, Cin]`` × ``[3, 3, Cin, Cout]`` → ``[N, ⌈H/2⌉, ⌈W/2⌉,
+    Cout]``.
+
+    ``patches=True`` gathers the nine strided taps into ``[N, H', W', 9·Cin]`` and does one matmul. XLA:CPU has
+    no fast path for a strided convolution's kernel gradient (a convolution with a dilated right-hand side),
+    which made this three-layer front end's backward pass ~30× its forward; as slices and a matmul, the
+    backward pass is a scatter-free pad and two matmuls. ``patches=False`` is ``lax.conv_general_dilated``
+    (cuDNN / the TPU convolution units). Both compute the same sums.
+    """
+    if not patches:
+        return jax.lax.conv_general_dilated(
+            x, kernel, (2, 2), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            precision=jax.lax.Precision.HIGHEST,
+        )  # fmt: skip
+    _, h, w, c_in = x.shape
+    h_out, w_out = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    taps = [
+        padded[:, i : i + 2 * h_out - 1 : 2, j : j + 2 * w_out - 1 : 2, :] for i in range(3) for j in range(3)
+    ]
+    columns = jnp.concatenate(taps, axis=-1)  # [N, H', W', 9·Cin], tap-major like the kernel's flattening
+    return jax.lax.dot_general(
+        columns, kernel.reshape(9 * c_in, -1), (((3,), (0,)), ((), ())), precision=jax.lax.Precision.HIGHEST
+    )
+
+
+class StridedConv(nn.Module):
+    """``conv3x3_stride2`` + bias with a ``[3, 3, in, out]`` kernel (the layout of ``nn.Conv`` and of the
+    released checkpoints once transposed)."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(
+                nn.initializers.normal(0.02), ("conv_height", "conv_width", "conv_in", "conv_out")
+            ),
+            (3, 3, x.shape[-1], self.features),
+            self.param_dtype,
+        )
+        bias = self.param(
+            "bias",
+            nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
+            (self.features,),
+            self.param_dtype,
+        )
+        patches = jax.default_backend() == "cpu"
+        y = conv3x3_stride2(x.astype(self.dtype), kernel.astype(self.dtype), patches)
+        return y + bias.astype(self.dtype)
+
+
 class ConvFrontEnd(nn.Module):
     """Three stride-2 3×3 convolutions (+GELU) and ``conv_out`` on a group of 1-second chunks.
 
@@ -81,28 +137,12 @@ class ConvFrontEnd(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
-    def _conv(self, name: str, c_out: int) -> nn.Conv:
-        return nn.Conv(
-            c_out,
-            (3, 3),
-            strides=(2, 2),
-            padding=((1, 1), (1, 1)),
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            precision=jax.lax.Precision.HIGHEST,
-            kernel_init=nn.with_logical_partitioning(
-                nn.initializers.normal(0.02), ("conv_height", "conv_width", "conv_in", "conv_out")
-            ),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
-            name=name,
-        )
-
     @nn.compact
     def __call__(self, carry: None, inputs: tuple[jax.Array, jax.Array]) -> tuple[None, jax.Array]:
         x, seen = inputs
         cfg = self.config
         for i, name in enumerate(("conv2d1", "conv2d2", "conv2d3")):
-            x = gelu(self._conv(name, cfg.downsample_hidden_size)(x))
+            x = gelu(StridedConv(cfg.downsample_hidden_size, self.dtype, self.param_dtype, name=name)(x))
             seen = _conv_valid_len(seen)
             if i < 2:
                 x = jnp.where(jnp.arange(x.shape[2])[None, None, :, None] < seen[:, None, None, None], x, 0)

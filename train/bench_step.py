@@ -1,0 +1,128 @@
+"""Time one training step (forward, backward, AdamW update) of the demo models and of the released sizes.
+
+    python -m train.bench_step [--models demo-words,demo,demo-aligner,asr-0.6b] [--repeats 5]
+
+Each model gets a synthetic batch of the shape its training config produces (``demo-words``: batch 16 × 1 s
+single words; ``demo``: batch 16 × 2 s sentences; ``demo-aligner``: batch 8 × 4 s; ``asr-0.6b``: batch 1 × 10 s,
+the released Qwen3-ASR-0.6B config with random weights, fp32). Audio is noise, the tokens are random ids: the
+step's cost does not depend on either. The encoder part of a step is also timed on its own, and the step with the
+encoder frozen, so where the time goes is visible. Prints one table with the load average before the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+SIZES: dict[str, dict[str, Any]] = {
+    "demo-words": {"batch": 16, "seconds": 1.0, "targets": 6, "aligner": False},
+    "demo": {"batch": 16, "seconds": 2.0, "targets": 14, "aligner": False},
+    "demo-aligner": {"batch": 8, "seconds": 4.0, "targets": 16, "aligner": True},
+    "asr-0.6b": {"batch": 1, "seconds": 10.0, "targets": 40, "aligner": False},
+}
+
+
+def thinker_config(name: str) -> Any:
+    from qasr_jax.config import load_config
+    from train import demo_init
+
+    if name.startswith("demo"):
+        return demo_init.aligner_config() if SIZES[name]["aligner"] else demo_init.asr_config()
+    from tests.support import official
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(official.real_config(name), f)
+        return load_config(tmp)
+
+
+def synthetic_batch(
+    config: Any, batch: int, seconds: float, targets: int, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """A training batch in the data pipeline's layout (``qasr_jax.train.data.BatchLoader``)."""
+    from qasr_jax import audio as audio_io
+
+    rng = np.random.default_rng(seed)
+    samples = int(seconds * audio_io.SAMPLE_RATE)
+    frames = audio_io.num_frames(samples)
+    window = config.audio.chunk_frames * config.audio.window_chunks
+    padded_frames = -(-frames // window) * window
+    audio_tokens = config.audio.output_length(frames)
+    prompt = 12
+    seq_len = -(-(prompt + audio_tokens + targets) // 16) * 16
+    ids = rng.integers(0, 1000, (batch, seq_len)).astype(np.int32)
+    ids[:, 4 : 4 + audio_tokens] = config.audio_token_id
+    mask = np.zeros((batch, seq_len), np.int32)
+    mask[:, : prompt + audio_tokens + targets] = 1
+    first = prompt + audio_tokens
+    classes = config.classify_num if config.is_aligner else config.text.vocab_size
+    return {
+        "waveforms": (0.1 * rng.standard_normal((batch, (padded_frames + 1) * audio_io.HOP_LENGTH))).astype(
+            np.float32
+        ),
+        "wave_lengths": np.full((batch,), samples, np.int32),
+        "input_ids": ids,
+        "attention_mask": mask,
+        "label_positions": np.tile(np.arange(first - 1, first - 1 + targets, dtype=np.int32), (batch, 1)),
+        "labels": rng.integers(0, classes, (batch, targets)).astype(np.int32),
+        "label_weights": np.ones((batch, targets), np.float32),
+    }
+
+
+def time_steps(name: str, repeats: int, freeze: tuple[str, ...] = ()) -> float:
+    """Median seconds per train step (compiled ahead of the timing)."""
+    import jax
+
+    from qasr_jax import sharding
+    from qasr_jax.train.config import ModelConfig, OptimConfig
+    from qasr_jax.train.step import Trainer
+
+    size = SIZES[name]
+    config = thinker_config(name)
+    mesh = sharding.make_mesh("data=1")
+    trainer = Trainer(config, ModelConfig(checkpoint="-", freeze=freeze), OptimConfig(), 1000, mesh)
+    state = trainer.init_state(trainer.init_random_params(0))
+    batch = trainer.shard_batch(synthetic_batch(config, size["batch"], size["seconds"], size["targets"]))
+    state, metrics = trainer.train_step(state, batch)  # compile
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        state, metrics = trainer.train_step(state, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.bench_step", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--models", default="demo-words,demo,demo-aligner,asr-0.6b")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SIZES]
+    if unknown:
+        parser.error(f"--models: unknown {unknown}; choose from {', '.join(SIZES)}")
+    load = os.getloadavg()[0]
+    print(f"load average before the run: {load:.2f} ({os.cpu_count()} CPUs)")
+    print("| model | batch | clip (s) | step (s) | step, encoder frozen (s) |")
+    print("|---|---:|---:|---:|---:|")
+    for name in names:
+        size = SIZES[name]
+        step = time_steps(name, args.repeats)
+        frozen = time_steps(name, args.repeats, freeze=("encoder",))
+        print(f"| {name} | {size['batch']} | {size['seconds']:g} | {step:.3f} | {frozen:.3f} |", flush=True)
+    print(f"load average after the run: {os.getloadavg()[0]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
