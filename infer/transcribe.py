@@ -152,7 +152,7 @@ def result_record(job: Job, result: Any) -> dict[str, Any]:
 
         record["time_stamps"] = formats.words_to_dicts(result.time_stamps)
     if result.error:
-        record["error"] = result.error
+        record["error"] = f"{type(result.error).__name__}: {result.error}"
     return record
 
 
@@ -296,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             job = jobs[position]
             progress.advance(job)
             if result.error:
-                failures.append((job, result.error))
+                failures.append((job, f"{type(result.error).__name__}: {result.error}"))
             elif result.truncated:
                 truncated.append(job)
             record = result_record(job, result)

@@ -393,7 +393,7 @@ class Qwen3ForcedAligner:
 
     def _frames_bucket(self, frames: int) -> int:
         # Whole attention windows: the encoder pads to them anyway, so this costs nothing.
-        window = self.config.audio.chunk_frames * self.config.audio.window_chunks
+        window = self.config.audio.window_frames
         return _round_up(max(frames, 1), window)
 
     def _bucket(self, pairs: Sequence[_Pair]) -> tuple[int, int, int]:

@@ -55,14 +55,14 @@ class ASRTranscription:
     text: the transcript.
     time_stamps: the forced aligner's result (its items shifted to the item's time line), when asked for.
     truncated: some chunk used its whole token budget without an end token; the text may be cut short.
-    error: why the item failed ("" text and language then), or None.
+    error: why the item failed (a ``QasrError`` naming the input; "" text and language then), or None.
     """
 
     language: str
     text: str
     time_stamps: Any | None = None
     truncated: bool = False
-    error: str | None = None
+    error: QasrError | None = None
 
 
 def default_token_budget(seconds: float) -> int:
@@ -108,13 +108,8 @@ def _load_forced_aligner(forced_aligner: Any, kwargs: dict[str, Any] | None) -> 
     """An aligner object from a checkpoint path (or an already built aligner, passed through)."""
     if forced_aligner is None or not isinstance(forced_aligner, (str, os.PathLike)):
         return forced_aligner
-    try:
-        from qasr_jax.aligner import Qwen3ForcedAligner
-    except ImportError as error:
-        raise TimestampsUnavailableError(
-            f"forced_aligner={os.fspath(forced_aligner)!r}: this installation has no forced aligner "
-            f"(qasr_jax.aligner: {error})"
-        ) from error
+    from qasr_jax.aligner import Qwen3ForcedAligner
+
     return Qwen3ForcedAligner.from_pretrained(os.fspath(forced_aligner), **(kwargs or {}))
 
 
@@ -146,7 +141,7 @@ class _Item:
     context: str
     chunks: list[_Chunk] = dataclasses.field(default_factory=list)
     pending: int = 0
-    error: str | None = None
+    error: QasrError | None = None
 
 
 class Qwen3ASRModel:
@@ -312,8 +307,8 @@ class Qwen3ASRModel:
         for index, (source, item) in enumerate(zip(sources, items)):
             try:
                 item.chunks = self._prepare_chunks(index, source, item, max_seconds)
-            except Exception as error:  # any failure of one input is that input's result
-                item.error = _describe(error)
+            except QasrError as error:  # a bad input is that input's result; anything else is a bug
+                item.error = error
             item.pending = len(item.chunks)
             chunks.extend(item.chunks)
             if item.error is not None:
@@ -354,16 +349,9 @@ class Qwen3ASRModel:
         return chunks
 
     def _run_batch(self, batch: list[_Chunk], items: list[_Item]) -> None:
-        """Generate, decode and parse a batch; if the batch fails, retry its chunks one by one."""
-        try:
-            generations = self.generator.generate([c.request for c in batch])
-        except Exception as error:
-            if len(batch) == 1:
-                items[batch[0].item].error = _describe(error)
-                return
-            for chunk in batch:
-                self._run_batch([chunk], items)
-            return
+        """Generate, decode and parse a batch. Inputs were validated when their chunks were made, so a failure
+        here (out of memory, a bug) is not any one item's: it surfaces as itself."""
+        generations = self.generator.generate([c.request for c in batch])
         for chunk, generation in zip(batch, generations):
             chunk.generation = generation
             raw = self.tokenizer.decode(generation.token_ids, skip_special_tokens=True)
@@ -390,10 +378,6 @@ class Qwen3ASRModel:
             text="".join(c.text for c in chunks),
             truncated=any(c.generation is not None and c.generation.truncated for c in chunks),
         )
-
-
-def _describe(error: Exception) -> str:
-    return f"{type(error).__name__}: {error}"
 
 
 def _source_name(index: int, source: Any) -> str:

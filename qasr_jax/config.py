@@ -62,6 +62,12 @@ class AudioEncoderConfig:
         return self.n_window_infer // self.chunk_frames
 
     @property
+    def window_frames(self) -> int:
+        """Mel frames per attention window at inference (800 = 8 s released); batches of audio are padded to
+        whole windows."""
+        return self.chunk_frames * self.window_chunks
+
+    @property
     def conv_freq_bins(self) -> int:
         return chunk_tokens(self.num_mel_bins)
 

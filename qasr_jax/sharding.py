@@ -372,17 +372,6 @@ def use_mesh(mesh: Mesh | None, rules: Rules = DEFAULT_RULES) -> Iterator[None]:
         yield
 
 
-def describe(params: dict) -> list[str]:
-    """One line per param: its path, shape and PartitionSpec (for logs)."""
-    from qasr_jax.weights import _flatten
-
-    lines = []
-    for path, value in _flatten(params):
-        spec = getattr(getattr(value, "sharding", None), "spec", None)
-        lines.append(f"{'/'.join(path)} {tuple(value.shape)} {spec}")
-    return lines
-
-
 __all__ = [
     "DEFAULT_RULES",
     "MESH_AXES",
@@ -390,7 +379,6 @@ __all__ = [
     "abstract_arrays",
     "batch_sharding",
     "batch_struct",
-    "describe",
     "load_sharded",
     "logical_axes",
     "logical_to_spec",

@@ -22,7 +22,7 @@ import pytest
 
 from qasr_jax import audio as audio_io
 from qasr_jax.asr import ASRTranscription, Qwen3ASRModel, default_token_budget
-from qasr_jax.errors import LanguageError
+from qasr_jax.errors import AudioError, AudioFileNotFoundError, EmptyAudioError, LanguageError, QasrError
 from qasr_jax.generate import Generation
 from tests.support import official, speech
 
@@ -231,9 +231,10 @@ def test_bad_items_fail_alone_and_batch_company_does_not_matter(
         out = job_model.transcribe(audio)
 
     for index in (0, 2, 3, 5):
-        assert out[index].error and out[index].text == "" and out[index].language == ""
-    assert "missing.wav" in out[0].error and "AudioFileNotFound" in out[0].error
-    assert "EmptyAudioError" in out[3].error and "EmptyAudioError" in out[5].error
+        assert isinstance(out[index].error, QasrError) and out[index].text == "" and out[index].language == ""
+    assert isinstance(out[0].error, AudioFileNotFoundError) and "missing.wav" in str(out[0].error)
+    assert isinstance(out[2].error, AudioError)
+    assert isinstance(out[3].error, EmptyAudioError) and isinstance(out[5].error, EmptyAudioError)
     # The two good clips now share a batch with each other instead of their earlier partners, in the same
     # bucket: the same tokens and results.
     assert job_model.compile_count == compiled

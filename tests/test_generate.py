@@ -15,15 +15,9 @@ import numpy as np
 import pytest
 
 from qasr_jax import audio as audio_io
-from qasr_jax.generate import (
-    BatchShape,
-    DecodeOptions,
-    GenerationRequest,
-    Generator,
-    batch_bucket,
-    bucket_size,
-    pack_batch,
-)
+from qasr_jax.buckets import batch_bucket, bucket_size
+from qasr_jax.engine import PrefillShape, pack_prefill
+from qasr_jax.generate import DecodeOptions, GenerationRequest, Generator
 from qasr_jax.model import Qwen3ASR
 from qasr_jax.text import Tokenizer, build_prompt_ids
 from qasr_jax.weights import load_pretrained
@@ -157,15 +151,15 @@ def test_repetition_controls_match_hf_processors(loaded, requests, full_forward,
         assert len(bigrams) == len(set(bigrams))
 
 
-def test_pack_batch_left_pads_and_fills_spare_rows(requests):
-    shape = BatchShape(batch=4, frames=800, prompt_len=96, steps=16)
-    waveforms, lengths, ids, mask, budgets = pack_batch(requests, shape, pad_token_id=5)
+def test_pack_prefill_left_pads_and_fills_spare_rows(requests):
+    shape = PrefillShape(rows=4, frames=800, prompt_len=96)
+    waveforms, lengths, ids, mask, budgets = pack_prefill(requests, shape, pad_token_id=5)
     assert waveforms.shape == (4, shape.samples) and ids.shape == mask.shape == (4, 96)
     for row, request in enumerate(requests):
         n = len(request.prompt_ids)
         assert ids[row, 96 - n :].tolist() == list(request.prompt_ids)
         assert (ids[row, : 96 - n] == 5).all() and mask[row].sum() == n and mask[row, 96 - n :].all()
         assert lengths[row] == len(request.samples)
-    assert budgets.tolist() == [STEPS, 9, 1, 1]  # spare rows end after one token
+    assert budgets.tolist() == [STEPS, 9, 1, 1]  # spare rows are never inserted
     with pytest.raises(ValueError, match="does not fit"):
-        pack_batch(requests, BatchShape(batch=2, frames=800, prompt_len=16, steps=16), pad_token_id=5)
+        pack_prefill(requests, PrefillShape(rows=2, frames=800, prompt_len=16), pad_token_id=5)

@@ -192,7 +192,7 @@ def test_bad_manifest_rows_are_counted_and_skipped_with_reasons(tmp_path, caplog
     positions = batch["label_positions"][good][: len(first.targets)]
     # The logits at each position predict the next token: the targets follow their positions.
     assert ids[positions + 1].tolist() == list(first.targets)
-    assert spec.frames % (config.audio.chunk_frames * config.audio.window_chunks) == 0
+    assert spec.frames % config.audio.window_frames == 0
 
 
 def test_batch_plan_is_a_pure_function_of_the_step(tmp_path):

@@ -52,7 +52,7 @@ def synthetic_batch(
     rng = np.random.default_rng(seed)
     samples = int(seconds * audio_io.SAMPLE_RATE)
     frames = audio_io.num_frames(samples)
-    window = config.audio.chunk_frames * config.audio.window_chunks
+    window = config.audio.window_frames
     padded_frames = -(-frames // window) * window
     audio_tokens = config.audio.output_length(frames)
     prompt = 12

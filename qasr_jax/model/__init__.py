@@ -2,6 +2,20 @@
 
 from qasr_jax.model.decoder import init_cache
 from qasr_jax.model.encoder import AudioEncoder
-from qasr_jax.model.thinker import Qwen3ASR, first_valid, positions_from_mask
+from qasr_jax.model.thinker import (
+    Qwen3ASR,
+    decode_layer_params,
+    decode_step,
+    first_valid,
+    positions_from_mask,
+)
 
-__all__ = ["AudioEncoder", "Qwen3ASR", "first_valid", "init_cache", "positions_from_mask"]
+__all__ = [
+    "AudioEncoder",
+    "Qwen3ASR",
+    "decode_layer_params",
+    "decode_step",
+    "first_valid",
+    "init_cache",
+    "positions_from_mask",
+]

@@ -7,6 +7,9 @@ start at ``kv_start[b]``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -105,6 +108,45 @@ class Decoder(nn.Module):
         )
         x = RMSNorm(cfg.rms_norm_eps, name="norm", dtype=self.dtype, param_dtype=self.param_dtype)(x)
         return x, cache
+
+
+def unstack_layers(stacked: Any, num_layers: int) -> list[Any]:
+    """Per-layer trees from a tree whose leaves carry a leading layer axis (the scanned layers' params or
+    cache)."""
+    return [jax.tree_util.tree_map(lambda leaf, i=i: leaf[i], stacked) for i in range(num_layers)]
+
+
+def decode_step_unrolled(
+    decoder: Decoder,
+    norm_params: Any,
+    layer_params: Sequence[Any],
+    x: jax.Array,
+    positions: jax.Array,
+    kv_start: jax.Array,
+    layer_caches: Sequence[KVCache],
+    cache_index: jax.Array,
+) -> tuple[jax.Array, list[KVCache]]:
+    """The decoder on one token per row, its layers unrolled over separate per-layer weights and caches.
+
+    The same layers as ``Decoder.__call__``, run one by one instead of scanned: a scan reads each layer's
+    weights and cache as slices of stacked arrays, which XLA copies out before every matrix-vector product;
+    with one token per row those copies cost more than the products (2-3x the step time on CPU). So decoding
+    takes the weights once as a list (``unstack_layers``) and keeps one cache per layer.
+
+    x: ``[batch, 1, hidden]``; positions: ``[3, batch, 1]``; cache_index: the cache slot of this token (shared by
+    the rows). Returns the final-normed hidden states ``[batch, 1, hidden]`` and the updated caches.
+    """
+    cfg = decoder.config
+    cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, cfg.mrope_interleaved)
+    kw = dict(dtype=decoder.dtype, param_dtype=decoder.param_dtype)
+    layer = DecoderLayer(cfg, attention_impl=decoder.attention_impl, **kw)
+    x = x.astype(decoder.dtype)
+    updated = []
+    for weights, cache in zip(layer_params, layer_caches):
+        x, cache = layer.apply({"params": weights}, x, cache, cos, sin, kv_start, cache_index)
+        updated.append(cache)
+    x = RMSNorm(cfg.rms_norm_eps, **kw).apply({"params": norm_params}, x)
+    return x, updated
 
 
 def init_cache(config: TextConfig, batch: int, cache_len: int, dtype=jnp.float32) -> KVCache:

@@ -258,7 +258,3 @@ class AudioEncoder(nn.Module):
         lengths = tok_valid.sum(-1)
         return x, lengths
 
-
-def output_lengths(frames: np.ndarray, config: AudioEncoderConfig) -> np.ndarray:
-    """Host-side encoder output lengths for ``frames`` mel frames each."""
-    return np.asarray([config.output_length(int(f)) for f in np.asarray(frames).reshape(-1)], np.int64)

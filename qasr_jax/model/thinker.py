@@ -7,19 +7,26 @@ Entry points (all pure: ``Qwen3ASR(config).apply({"params": p}, ..., method=...)
   (its length = that row's encoder output length), padded log-mel ``[B, n_mels, T]``, frame mask ``[B, T]``.
 * ``encode_audio(input_features, feature_attention_mask)`` → (embeddings ``[B, N, D]``, lengths ``[B]``).
 * ``embed_inputs(input_ids, audio_embeds, audio_lengths)`` → input embeddings with audio merged.
-* ``decode(inputs_embeds, positions, kv_start, cache, cache_index)`` → (logits, cache): prefill and single
-  steps against an explicit KV cache (``init_cache``).
+* ``decode(inputs_embeds, positions, kv_start, cache, cache_index)`` → (logits, cache): the decoder against
+  an explicit KV cache (``init_cache``), scanned over its layers.
+* ``prefill(waveforms, wave_lengths, input_ids, attention_mask, frames)`` → (last-position logits, cache,
+  kv_start, prompt lengths): log-mel, encoder, audio merge and the prompt through the decoder into a new cache.
+* ``decode_step(model, params, layer_params, tokens, positions, kv_start, caches, cache_index)`` (a function:
+  its layers run unrolled over ``decode_layer_params(params)``) → (logits, caches): one token per row.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from qasr_jax import audio as audio_io
 from qasr_jax.config import ThinkerConfig
 from qasr_jax.model.attention import KVCache
-from qasr_jax.model.decoder import Decoder, init_cache
+from qasr_jax.model.decoder import Decoder, decode_step_unrolled, init_cache, unstack_layers
 from qasr_jax.model.encoder import AudioEncoder
 from qasr_jax.model.layers import Dense, Dtype, default_init
 
@@ -88,13 +95,41 @@ class Qwen3ASR(nn.Module):
         kv_start: jax.Array,
         cache: KVCache | None = None,
         cache_index: jax.Array | int = 0,
-        logits_slice: str = "all",
+        last_only: bool = False,
     ) -> tuple[jax.Array, KVCache | None]:
-        """Decoder + head. ``logits_slice="last"`` returns only the last position's logits ``[batch, 1, V]``."""
+        """Decoder + head. ``last_only`` returns only the last position's logits ``[batch, 1, V]``."""
         hidden, cache = self.decoder(inputs_embeds, positions, kv_start, cache, cache_index)
-        if logits_slice == "last":
+        if last_only:
             hidden = hidden[:, -1:]
         return self.head(hidden), cache
+
+    def prefill(
+        self,
+        waveforms: jax.Array,
+        wave_lengths: jax.Array,
+        input_ids: jax.Array,
+        attention_mask: jax.Array,
+        frames: int,
+    ) -> tuple[jax.Array, KVCache, jax.Array, jax.Array]:
+        """Audio and prompts of a batch into a new KV cache of the prompts' length.
+
+        waveforms: ``[batch, samples]`` 16 kHz, zero past ``wave_lengths``; ``frames`` (static): mel frames to
+        compute (whole encoder windows). input_ids/attention_mask: ``[batch, prompt_len]``, left-padded, the
+        audio slot of each row expanded to its encoder output length.
+
+        Returns last-position logits ``[batch, V]`` (fp32), the cache ``[layers, batch, prompt_len, kv, hd]``,
+        each row's first valid slot ``[batch]`` and its prompt length ``[batch]`` (the next token's position).
+        """
+        features, feature_frames = audio_io.log_mel(waveforms, wave_lengths, frames=frames)
+        feature_mask = (jnp.arange(frames)[None, :] < feature_frames[:, None]).astype(jnp.int32)
+        audio_embeds, _ = self.encode_audio(features, feature_mask)
+        x = self.embed_inputs(input_ids, audio_embeds)
+        batch, prompt_len = input_ids.shape
+        cache = init_cache(self.config.text, batch, prompt_len, self.dtype)
+        kv_start = first_valid(attention_mask)
+        logits, cache = self.decode(x, positions_from_mask(attention_mask), kv_start, cache, 0, last_only=True)
+        lengths = jnp.sum(attention_mask.astype(jnp.int32), axis=-1)
+        return logits[:, 0], cache, kv_start, lengths
 
     def __call__(
         self,
@@ -115,4 +150,43 @@ class Qwen3ASR(nn.Module):
         return logits
 
 
-__all__ = ["Qwen3ASR", "first_valid", "init_cache", "positions_from_mask"]
+def decode_layer_params(model: Qwen3ASR, params: Any) -> list[Any]:
+    """The decoder layers' weights as one tree per layer, the layout ``decode_step`` reads (a copy: make it
+    once per batch of steps, not per step)."""
+    return unstack_layers(params["decoder"]["layers"], model.config.text.num_hidden_layers)
+
+
+def decode_step(
+    model: Qwen3ASR,
+    params: Any,
+    layer_params: list[Any],
+    tokens: jax.Array,
+    positions: jax.Array,
+    kv_start: jax.Array,
+    layer_caches: list[KVCache],
+    cache_index: jax.Array,
+) -> tuple[jax.Array, list[KVCache]]:
+    """One token per row through embeddings, the unrolled decoder layers and the head.
+
+    tokens: ``[batch]``; positions: ``[batch]`` (the tokens' positions; text positions are equal in all three
+    MRoPE sections); layer_caches: one ``{"k", "v"}: [batch, cache_len, kv, hd]`` per layer; cache_index: the slot
+    these tokens are written to (shared). Returns logits ``[batch, V]`` (fp32) and the updated caches.
+    """
+    variables = {"params": params}
+    x = model.apply(variables, tokens[:, None], method=Qwen3ASR.embed_inputs)
+    pos = jnp.broadcast_to(positions[None, :, None], (3, tokens.shape[0], 1))
+    decoder = Decoder(model.config.text, model.attention_impl, model.dtype, model.param_dtype)
+    hidden, layer_caches = decode_step_unrolled(
+        decoder, params["decoder"]["norm"], layer_params, x, pos, kv_start, layer_caches, cache_index
+    )
+    return model.apply(variables, hidden, method=Qwen3ASR.head)[:, 0], layer_caches
+
+
+__all__ = [
+    "Qwen3ASR",
+    "decode_layer_params",
+    "decode_step",
+    "first_valid",
+    "init_cache",
+    "positions_from_mask",
+]

@@ -33,7 +33,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -287,7 +287,7 @@ class Shapes:
         self.token_multiple = token_multiple
         self.label_multiple = label_multiple
         # The encoder pads audio to whole attention windows anyway, so frames come in whole windows.
-        self.window_frames = config.audio.chunk_frames * config.audio.window_chunks
+        self.window_frames = config.audio.window_frames
 
     def frames(self, example: Example) -> int:
         return audio_io.num_frames(padded_samples(example.num_samples))
@@ -489,12 +489,6 @@ def train_iterator(plan: BatchPlan, loader: BatchLoader, num_threads: int = 4, p
     return iter(dataset.to_iter_dataset(options))
 
 
-def iterate_specs(specs: Sequence[BatchSpec], loader: BatchLoader) -> Iterator[tuple[BatchSpec, Batch]]:
-    """Load a short list of batches in order (evaluation)."""
-    for spec in specs:
-        yield spec, loader(spec)
-
-
 __all__ = [
     "BadRow",
     "Batch",
@@ -508,7 +502,6 @@ __all__ = [
     "WordTime",
     "eval_specs",
     "header_samples",
-    "iterate_specs",
     "load_samples",
     "read_manifest",
     "train_iterator",

@@ -1,6 +1,6 @@
 """Held-out evaluation: loss, WER/CER of greedy transcripts, and the aligner's word-boundary shift.
 
-Transcripts are decoded with the inference program (``qasr_jax.generate.generate_batch``) on the training
+Transcripts are decoded with the inference engine (``qasr_jax.engine``, params passed per call) on the training
 mesh, from the same prompt inference builds, and parsed with the official output rules. Before scoring, text is
 normalised the way ASR benchmarks score (Whisper's basic normaliser: case-folded, bracketed asides dropped,
 punctuation and symbols to spaces, whitespace collapsed). Languages written without spaces between words
@@ -14,7 +14,6 @@ boundaries (argmax class × segment time, repaired to be monotonic as the aligne
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
 import unicodedata
 from collections.abc import Sequence
@@ -24,18 +23,9 @@ import jax
 import numpy as np
 
 from qasr_jax import audio as audio_io
-from qasr_jax import sharding
+from qasr_jax import buckets, sharding
 from qasr_jax import text as text_io
-from qasr_jax.generate import (
-    MIN_PROMPT_BUCKET,
-    MIN_STEP_BUCKET,
-    BatchShape,
-    DecodeOptions,
-    GenerationRequest,
-    bucket_size,
-    generate_batch,
-    pack_batch,
-)
+from qasr_jax.engine import DecodeOptions, Engine, GenerationRequest
 from qasr_jax.train.data import BatchLoader, Example, Shapes, eval_specs, load_samples
 from qasr_jax.train.step import Trainer
 
@@ -150,7 +140,8 @@ class Evaluator:
         self.max_new_tokens = max_new_tokens
         self.options = DecodeOptions(eos_token_ids=(tokenizer.im_end_id, tokenizer.endoftext_id),
                                      pad_token_id=tokenizer.endoftext_id)  # fmt: skip
-        self._programs: dict[BatchShape, Any] = {}
+        self.engine = Engine(trainer.config, options=self.options, mesh=trainer.mesh, sharding_rules=trainer.rules,
+                             model=trainer.model)  # fmt: skip
 
     def _place(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return sharding.place_batch(batch, self.trainer.mesh, self.trainer.rules)
@@ -175,18 +166,10 @@ class Evaluator:
         metrics = {"loss": ce / max(weight, 1e-9), "accuracy": correct / max(weight, 1e-9), "targets": weight}
         return metrics, predicted
 
-    def _program(self, shape: BatchShape) -> Any:
-        if shape not in self._programs:
-            fn = functools.partial(
-                generate_batch, self.trainer.model, self.options, shape.steps, shape.frames
-            )
-            self._programs[shape] = jax.jit(fn, out_shardings=sharding.replicated(self.trainer.mesh))
-        return self._programs[shape]
-
     def transcribe(self, params: Any, examples: Sequence[Example]) -> list[tuple[str, str]]:
         """Greedy ``(language, text)`` for each example, as inference produces it."""
         cfg = self.trainer.config
-        window_frames = cfg.audio.chunk_frames * cfg.audio.window_chunks
+        steps = buckets.STEP_LADDER.size(self.max_new_tokens)
         results: list[tuple[str, str]] = []
         for start in range(0, len(examples), self.batch_size):
             chunk = examples[start : start + self.batch_size]
@@ -196,19 +179,11 @@ class Evaluator:
                 audio_tokens = cfg.audio.output_length(audio_io.num_frames(len(samples)))
                 prompt = text_io.build_prompt_ids(self.tokenizer, audio_tokens, "", None)
                 requests.append(GenerationRequest(samples, prompt, self.max_new_tokens))
-            frames = max(audio_io.num_frames(len(r.samples)) for r in requests)
-            shape = BatchShape(
-                batch=self.batch_size,
-                frames=-(-frames // window_frames) * window_frames,
-                prompt_len=bucket_size(max(len(r.prompt_ids) for r in requests), MIN_PROMPT_BUCKET),
-                steps=bucket_size(self.max_new_tokens, MIN_STEP_BUCKET),
-            )
-            arrays = pack_batch(requests, shape, self.options.pad_token_id)
-            placed = sharding.place_batch(list(arrays), self.trainer.mesh, self.trainer.rules)
-            with sharding.use_mesh(self.trainer.mesh, self.trainer.rules):
-                tokens, counts, _ = jax.device_get(self._program(shape)(params, *placed))
-            for i in range(len(chunk)):
-                raw = self.tokenizer.decode(tokens[i, : counts[i]].tolist(), skip_special_tokens=True)
+            # A fixed row count (the eval batch size): one program per audio/prompt bucket whatever the params.
+            shape = self.engine.prefill_shape(requests, self.batch_size)
+            shape = type(shape)(self.batch_size, shape.frames, shape.prompt_len)
+            for generation in self.engine.run(params, requests, shape, steps):
+                raw = self.tokenizer.decode(generation.token_ids, skip_special_tokens=True)
                 results.append(text_io.parse_asr_output(raw))
         return results
 

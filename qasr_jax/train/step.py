@@ -224,11 +224,6 @@ class Trainer:
         return self._train._cache_size()
 
 
-def state_callback_metrics(metrics: dict[str, jax.Array]) -> dict[str, float]:
-    """Device metrics → Python floats (waits for the step)."""
-    return {k: float(v) for k, v in jax.device_get(metrics).items()}
-
-
 StepCallback = Callable[[int, dict[str, float]], None]
 
-__all__ = ["DTYPES", "StepCallback", "TrainState", "Trainer", "build_model", "state_callback_metrics"]
+__all__ = ["DTYPES", "StepCallback", "TrainState", "Trainer", "build_model"]
