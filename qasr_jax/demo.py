@@ -23,7 +23,6 @@ ASR_ENV = "QASR_DEMO_MODEL"
 ALIGNER_ENV = "QASR_DEMO_ALIGNER"
 
 
-
 def _models_dirs() -> list[Path]:
     """Where models/ may be: next to the package (a source checkout or editable install), then the cwd."""
     return [Path(__file__).resolve().parent.parent / "models", Path.cwd() / "models"]

@@ -254,7 +254,9 @@ def test_patch_convolution_equals_the_convolution_op_with_its_gradients(shape):
     reference = encoder_module.conv3x3_stride2(x, kernel, False)
     assert ours.shape == reference.shape == cotangent.shape
     assert rel_max_error(ours, np.asarray(reference)) < 1e-5
-    for g_ours, g_ref in zip(jax.grad(loss(True), (0, 1))(x, kernel), jax.grad(loss(False), (0, 1))(x, kernel)):
+    for g_ours, g_ref in zip(
+        jax.grad(loss(True), (0, 1))(x, kernel), jax.grad(loss(False), (0, 1))(x, kernel)
+    ):
         assert rel_max_error(g_ours, np.asarray(g_ref)) < 1e-5
     transposed = encoder_module.conv3x3_stride2(x, kernel.transpose(1, 0, 2, 3), True)
     assert rel_max_error(transposed, np.asarray(reference)) > 1e-2

@@ -257,4 +257,3 @@ class AudioEncoder(nn.Module):
         x = x.reshape(batch, n_chunks * tpc, cfg.output_dim)
         lengths = tok_valid.sum(-1)
         return x, lengths
-

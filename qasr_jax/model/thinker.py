@@ -127,7 +127,9 @@ class Qwen3ASR(nn.Module):
         batch, prompt_len = input_ids.shape
         cache = init_cache(self.config.text, batch, prompt_len, self.dtype)
         kv_start = first_valid(attention_mask)
-        logits, cache = self.decode(x, positions_from_mask(attention_mask), kv_start, cache, 0, last_only=True)
+        logits, cache = self.decode(
+            x, positions_from_mask(attention_mask), kv_start, cache, 0, last_only=True
+        )
         lengths = jnp.sum(attention_mask.astype(jnp.int32), axis=-1)
         return logits[:, 0], cache, kv_start, lengths
 
