@@ -486,6 +486,17 @@ class Engine:
         )  # fmt: skip
         return program(state, jnp.int32(shift))
 
+    def reclaim(self, state: DecodeState, keep: int) -> tuple[DecodeState, int]:
+        """Free the cache slots before the oldest live sequence: a ``compact`` by that much, but leaving the index
+        at ``keep`` or more (the longest prompt bucket that may be inserted next). Returns the state and the shift
+        (0: nothing to free; the cache is then too short for the sequences it holds)."""
+        index, kv_start, live = jax.device_get((state.index, state.kv_start, state.live))
+        oldest = int(kv_start[live].min()) if live.any() else int(index)
+        shift = min(oldest, int(index) - keep)
+        if shift <= 0:
+            return state, 0
+        return self.compact(state, shift), shift
+
     def collect(self, state: DecodeState, slots: Sequence[int]) -> list[Generation]:
         """The tokens of ``slots`` (finished or not) as ``Generation``s."""
         tokens, counts, stopped = jax.device_get((state.tokens, state.counts, state.stopped))
