@@ -28,7 +28,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from qasr_jax import audio as audio_io
-from qasr_jax import sharding
+from qasr_jax import buckets, sharding
 from qasr_jax import text as text_io
 from qasr_jax.config import ThinkerConfig
 from qasr_jax.errors import AlignmentError, ConfigError, LanguageError, QasrError
@@ -127,18 +127,6 @@ class _Pair:
         return len(self.token_ids) - self.audio_tokens - 2
 
 
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
-
-
-def _batch_rows_bucket(rows: int, max_batch_size: int) -> int:
-    """Rows a batch of ``rows`` pairs is padded to: the next power of two, capped at ``max_batch_size``."""
-    bucket = 1
-    while bucket < rows:
-        bucket *= 2
-    return min(bucket, max_batch_size)
-
-
 def _is_single_audio(audio: Any) -> bool:
     if isinstance(audio, (str, os.PathLike, bytes, bytearray, memoryview, np.ndarray)):
         return True
@@ -228,7 +216,7 @@ class Qwen3ForcedAligner:
         placement = {} if mesh is None else {"out_shardings": sharding.replicated(mesh)}
         self._program = jax.jit(self._timestamp_classes, static_argnames=("text_tokens",), **placement)
         # One compiled program per batch bucket, keyed by (rows, mel frames, text tokens).
-        self._executables: dict[tuple[int, int, int], Any] = {}
+        self.programs = buckets.ProgramCache()
 
     @classmethod
     def from_pretrained(
@@ -286,17 +274,17 @@ class Qwen3ForcedAligner:
     @property
     def buckets(self) -> set[tuple[int, int, int]]:
         """The (rows, mel frames, text tokens) batch shapes compiled so far."""
-        return set(self._executables)
+        return set(self.programs.keys())
 
     @property
     def compiled_programs(self) -> int:
         """Programs compiled so far (one per batch bucket)."""
-        return len(self._executables)
+        return self.programs.count
 
     def _executable(self, rows: int, frames: int, text_tokens: int) -> Any:
         """The compiled program of one batch bucket, compiled on first use."""
-        key = (rows, frames, text_tokens)
-        if key not in self._executables:
+
+        def build() -> Any:
             mesh, rules = self.mesh, self.sharding_rules
             tokens = sharding.batch_struct(
                 (rows, self._sequence_length(frames, text_tokens)), jnp.int32, mesh, rules
@@ -314,8 +302,9 @@ class Qwen3ForcedAligner:
                     mel_mask,
                     text_tokens=text_tokens,
                 )
-                self._executables[key] = lowered.compile()
-        return self._executables[key]
+                return lowered.compile()
+
+        return self.programs.get((rows, frames, text_tokens), build)
 
     # -- the device program --
 
@@ -394,14 +383,14 @@ class Qwen3ForcedAligner:
     def _frames_bucket(self, frames: int) -> int:
         # Whole attention windows: the encoder pads to them anyway, so this costs nothing.
         window = self.config.audio.window_frames
-        return _round_up(max(frames, 1), window)
+        return buckets.round_up(frames, window)
 
     def _bucket(self, pairs: Sequence[_Pair]) -> tuple[int, int, int]:
         """(rows, mel frames, text tokens) of the batch holding ``pairs``: rows to a power of two, frames to whole
         attention windows, text to a multiple of TEXT_BUCKET_TOKENS."""
-        rows = _batch_rows_bucket(len(pairs), self.max_batch_size)
+        rows = buckets.batch_bucket(min(len(pairs), self.max_batch_size), self.max_batch_size)
         frames = self._frames_bucket(max(pair.frames for pair in pairs))
-        text_tokens = _round_up(max(pair.text_tokens for pair in pairs), TEXT_BUCKET_TOKENS)
+        text_tokens = buckets.round_up(max(pair.text_tokens for pair in pairs), TEXT_BUCKET_TOKENS)
         return rows, frames, text_tokens
 
     def _sequence_length(self, frames: int, text_tokens: int) -> int:
@@ -495,7 +484,7 @@ class Qwen3ForcedAligner:
 
         Returns how many programs were compiled (0 when every bucket was compiled already).
         """
-        before = len(self._executables)
+        before = self.programs.count
         pairs = [item for item in self._prepare_all(audio, text, language) if isinstance(item, _Pair)]
         for batch in self._batches(pairs):
             rows, frames, text_tokens = self._bucket(batch)
@@ -504,7 +493,7 @@ class Qwen3ForcedAligner:
             audio_io.features(
                 [np.zeros(frames * audio_io.HOP_LENGTH, np.float32)] * rows, pad_to_multiple=frames
             )
-        return len(self._executables) - before
+        return self.programs.count - before
 
     def align(
         self,

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from qasr_jax import audio as audio_io
+from qasr_jax import buckets
 from qasr_jax import text as text_io
 from qasr_jax.config import ThinkerConfig
 from qasr_jax.errors import QasrError
@@ -275,10 +276,6 @@ class BatchSpec:
     label_len: int
 
 
-def _round_up(value: int, multiple: int) -> int:
-    return -(-max(int(value), 1) // multiple) * multiple
-
-
 class Shapes:
     """Padded shapes of batches, from example metadata only (so every process computes the same ones)."""
 
@@ -309,9 +306,9 @@ class Shapes:
             step=step,
             rows=tuple(rows),
             weights=tuple(float(w) for w in weights),
-            frames=_round_up(max(self.frames(e) for e in chosen), self.window_frames),
-            seq_len=_round_up(max(self.seq_len(e) for e in chosen), self.token_multiple),
-            label_len=_round_up(max(len(e.targets) for e in chosen), self.label_multiple),
+            frames=buckets.round_up(max(self.frames(e) for e in chosen), self.window_frames),
+            seq_len=buckets.round_up(max(self.seq_len(e) for e in chosen), self.token_multiple),
+            label_len=buckets.round_up(max(len(e.targets) for e in chosen), self.label_multiple),
         )
 
 
