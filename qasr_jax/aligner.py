@@ -30,9 +30,10 @@ from jax.sharding import Mesh
 from qasr_jax import audio as audio_io
 from qasr_jax import buckets, sharding
 from qasr_jax import text as text_io
-from qasr_jax.config import ThinkerConfig
+from qasr_jax.config import ThinkerConfig, load_config
 from qasr_jax.errors import AlignmentError, ConfigError, LanguageError, QasrError
 from qasr_jax.model import Qwen3ASR, first_valid, positions_from_mask
+from qasr_jax.weights import load_pretrained
 
 # The transcription pipeline aligns transcripts in pieces of at most this many seconds (the official
 # MAX_FORCE_ALIGN_INPUT_SECONDS).
@@ -235,9 +236,6 @@ class Qwen3ForcedAligner:
         ``dtype`` is the params' and computation's dtype (default float32, which reproduces the official fp32
         results exactly; bfloat16 is faster on accelerators).
         """
-        from qasr_jax.config import load_config
-        from qasr_jax.weights import load_pretrained
-
         # The config first: refusing a transcription checkpoint should not cost loading its weights.
         if not load_config(path).is_aligner:
             raise ConfigError(

@@ -29,6 +29,7 @@ from jax.sharding import Mesh
 from qasr_jax import audio as audio_io
 from qasr_jax import sharding
 from qasr_jax import text as text_io
+from qasr_jax.aligner import Qwen3ForcedAligner
 from qasr_jax.config import ThinkerConfig
 from qasr_jax.errors import EmptyAudioError, QasrError
 from qasr_jax.generate import DecodeOptions, Generation, GenerationRequest, Generator
@@ -108,8 +109,6 @@ def _load_forced_aligner(forced_aligner: Any, kwargs: dict[str, Any] | None) -> 
     """An aligner object from a checkpoint path (or an already built aligner, passed through)."""
     if forced_aligner is None or not isinstance(forced_aligner, (str, os.PathLike)):
         return forced_aligner
-    from qasr_jax.aligner import Qwen3ForcedAligner
-
     return Qwen3ForcedAligner.from_pretrained(os.fspath(forced_aligner), **(kwargs or {}))
 
 

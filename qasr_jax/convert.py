@@ -6,11 +6,15 @@ import dataclasses
 import os
 import shutil
 
-import numpy as np
-
-from qasr_jax.checkpoint import SIDE_FILES, save_params, tree_equal
 from qasr_jax.errors import CheckpointError
-from qasr_jax.weights import ORBAX_PARAMS_DIR, load_pretrained
+from qasr_jax.weights import (
+    ORBAX_PARAMS_DIR,
+    SIDE_FILES,
+    flatten_params,
+    load_pretrained,
+    save_params,
+    tree_equal,
+)
 
 # Everything beside the weights that a converted dir must carry too.
 CARRIED_FILES = ("config.json", *SIDE_FILES)
@@ -53,13 +57,6 @@ def verify_conversion(src: str, dst: str, dtype: str | None = None) -> VerifyRep
         for n in CARRIED_FILES
         if os.path.exists(os.path.join(src, n)) and not os.path.exists(os.path.join(dst, n))
     ]
-    count = sum(1 for _ in _leaves(a))
+    count = sum(1 for _ in flatten_params(a))
     return VerifyReport(tensors=count, differing=tree_equal(a, b), missing_files=missing)
 
-
-def _leaves(tree: dict):
-    for v in tree.values():
-        if isinstance(v, dict):
-            yield from _leaves(v)
-        else:
-            yield np.asarray(v)

@@ -36,7 +36,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from qasr_jax.config import ThinkerConfig, load_config
+from qasr_jax import weights
+from qasr_jax.config import ThinkerConfig
 
 log = logging.getLogger(__name__)
 
@@ -195,24 +196,12 @@ def logical_to_spec(
 
 def logical_axes(config: ThinkerConfig) -> dict:
     """The logical axis names of every param of ``Qwen3ASR(config)``, as a tree of tuples shaped like the params."""
-    from qasr_jax.model import Qwen3ASR
-
-    model = Qwen3ASR(config)
-    ids = jnp.zeros((1, 4), jnp.int32)
-    feats = jnp.zeros((1, config.audio.num_mel_bins, config.audio.chunk_frames), jnp.float32)
-    fmask = jnp.ones((1, config.audio.chunk_frames), jnp.int32)
-    boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids, jnp.ones_like(ids), feats, fmask))
-    specs = nn.get_partition_spec(boxed)["params"]
-    return jax.tree_util.tree_map(
-        lambda spec: tuple(spec), specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
-    )
+    return weights.param_logical_axes(config)
 
 
 def param_shardings(config: ThinkerConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> dict:
     """A NamedSharding for every param of ``Qwen3ASR(config)`` (a tree shaped like ``abstract_params``)."""
-    from qasr_jax.weights import abstract_params
-
-    shapes = abstract_params(config)
+    shapes = weights.abstract_params(config)
     names = logical_axes(config)
     return jax.tree_util.tree_map(
         lambda shape, logical: NamedSharding(mesh, logical_to_spec(logical, shape.shape, mesh, rules)),
@@ -242,40 +231,9 @@ def shard_params(params: dict, shardings: dict) -> dict:
 def load_sharded(
     path: str | os.PathLike, mesh: Mesh, rules: Rules = DEFAULT_RULES, dtype: Any = None
 ) -> tuple[ThinkerConfig, dict]:
-    """Load ``(config, params)`` from a checkpoint dir straight into the mesh.
-
-    Orbax checkpoints (``python -m convert``) are read by each device for its own slices. Safetensors are
-    converted tensor by tensor into one host copy, from which each device copies only its slice; the host
-    copy is dropped leaf by leaf as the device arrays are made.
-    """
-    from qasr_jax.checkpoint import restore_params
-    from qasr_jax.weights import (
-        ORBAX_PARAMS_DIR,
-        _iter_safetensors,
-        is_orbax_checkpoint,
-        params_from_state_dict,
-        safetensors_files,
-    )
-
-    path = os.fspath(path)
-    config = load_config(path)
-    shardings = param_shardings(config, mesh, rules)
-    if is_orbax_checkpoint(path):
-        params = restore_params(
-            os.path.join(path, ORBAX_PARAMS_DIR), config, dtype=dtype, shardings=shardings
-        )
-        return config, params
-    host = params_from_state_dict(
-        _iter_safetensors(safetensors_files(path)), config, dtype=dtype, source=path
-    )
-    leaves, treedef = jax.tree_util.tree_flatten(host)
-    del host
-    sharding_leaves = treedef.flatten_up_to(shardings)
-    placed = []
-    for i, sharding in enumerate(sharding_leaves):
-        placed.append(shard_array(leaves[i], sharding))
-        leaves[i] = None  # free the host copy of this tensor
-    return config, jax.tree_util.tree_unflatten(treedef, placed)
+    """Load ``(config, params)`` from a checkpoint dir straight into the mesh (``weights.load_pretrained`` with
+    the shardings of ``rules``)."""
+    return weights.load_pretrained(path, dtype, lambda config: param_shardings(config, mesh, rules))
 
 
 def batch_sharding(

@@ -1,6 +1,13 @@
-"""Checkpoint weights → the Flax param tree.
+"""Weights I/O, all of it: checkpoint dirs ↔ the Flax param tree.
 
-Reads a released-layout dir (``thinker.*`` keys; one ``model.safetensors`` or shards listed in
+- ``abstract_params(config)`` / ``param_logical_axes(config)``: the param tree's shapes and logical axis names,
+  from one (cached) ``eval_shape`` of the model's init;
+- ``load_pretrained(path, dtype=None, shardings=None)``: a released, "-hf" or Orbax checkpoint dir, optionally
+  straight into shardings;
+- ``save_params`` / ``restore_params``: Orbax;
+- ``export_pretrained``: the released layout (safetensors + config + tokenizer files) from a param tree.
+
+``load_pretrained`` reads a released-layout dir (``thinker.*`` keys; one ``model.safetensors`` or shards listed in
 ``model.safetensors.index.json``), the transformers-native "-hf" layout (``model.audio_tower.*``,
 ``model.multi_modal_projector.linear_{1,2}``, ``model.language_model.*``, ``lm_head.*``), or an Orbax
 checkpoint written by ``python -m convert``. Pickle files are refused. Every tensor must be consumed and
@@ -12,18 +19,44 @@ Conv2d OIHW → HWIO, per-layer tensors stacked along a leading layer axis for `
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
+import orbax.checkpoint as ocp
+from flax.core import meta
+from jax.sharding import PartitionSpec
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
 
-from qasr_jax.config import ThinkerConfig, load_config
+from qasr_jax.config import ThinkerConfig, config_to_dict, load_config
 from qasr_jax.errors import CheckpointError, UnsafeCheckpointError
+from qasr_jax.model import Qwen3ASR
+
+# Files beside the weights that the tokenizer and the processors read; a converted or exported checkpoint dir
+# carries them along (config.json is written or copied separately).
+SIDE_FILES = (
+    "tokenizer_config.json",
+    "tokenizer.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "generation_config.json",
+)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 ORBAX_PARAMS_DIR = "params"
@@ -88,29 +121,38 @@ def _to_flax(array: np.ndarray, leaf: str, expected: tuple[int, ...]) -> np.ndar
     return np.ascontiguousarray(array)
 
 
-def abstract_params(config: ThinkerConfig) -> dict:
-    """The param tree of ``Qwen3ASR(config)`` as ShapeDtypeStructs (no memory allocated)."""
-    from flax.core import meta
-
-    from qasr_jax.model import Qwen3ASR
-
+@functools.lru_cache(maxsize=8)
+def _boxed_params(config: ThinkerConfig) -> Any:
+    """The model's init traced once per config (no memory allocated): shapes with their logical axes."""
     model = Qwen3ASR(config)
     ids = jnp.zeros((1, 4), jnp.int32)
     feats = jnp.zeros((1, config.audio.num_mel_bins, config.audio.chunk_frames), jnp.float32)
     fmask = jnp.ones((1, config.audio.chunk_frames), jnp.int32)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids, jnp.ones_like(ids), feats, fmask))
-    return meta.unbox(shapes["params"])
+    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids, jnp.ones_like(ids), feats, fmask))["params"]
 
 
-def _flatten(tree: dict, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+def abstract_params(config: ThinkerConfig) -> dict:
+    """The param tree of ``Qwen3ASR(config)`` as ShapeDtypeStructs (no memory allocated)."""
+    return meta.unbox(_boxed_params(config))
+
+
+def param_logical_axes(config: ThinkerConfig) -> dict:
+    """The logical axis names of every param of ``Qwen3ASR(config)``, as a tree of tuples shaped like the params."""
+    specs = nn.get_partition_spec(_boxed_params(config))
+    return jax.tree_util.tree_map(tuple, specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def flatten_params(tree: dict, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+    """``(path, leaf)`` for every leaf of a nested dict, depth first."""
     for k, v in tree.items():
         if isinstance(v, dict):
-            yield from _flatten(v, (*prefix, k))
+            yield from flatten_params(v, (*prefix, k))
         else:
             yield (*prefix, k), v
 
 
-def _unflatten(flat: dict[tuple[str, ...], Any]) -> dict:
+def unflatten_params(flat: dict[tuple[str, ...], Any]) -> dict:
+    """The nested dict of ``{path: leaf}`` (the inverse of ``flatten_params``)."""
     tree: dict = {}
     for path, v in flat.items():
         node = tree
@@ -130,7 +172,7 @@ def params_from_state_dict(
 
     Raises CheckpointError listing every missing, unexpected and mis-shaped tensor.
     """
-    expected = dict(_flatten(abstract_params(config)))
+    expected = dict(flatten_params(abstract_params(config)))
     stacked = {p for p in expected if len(p) > 1 and p[1] == "layers"}
     n_layers = {"audio_tower": config.audio.encoder_layers, "decoder": config.text.num_hidden_layers}
     filled: dict[tuple[str, ...], Any] = {}
@@ -186,7 +228,7 @@ def params_from_state_dict(
                 shown = items_[:40] + ([f"... and {len(items_) - 40} more"] if len(items_) > 40 else [])
                 lines.append(f"  {title} ({len(items_)}): " + "; ".join(shown))
         raise CheckpointError("\n".join(lines))
-    return _unflatten(filled)
+    return unflatten_params(filled)
 
 
 def safetensors_files(path: str) -> list[str]:
@@ -218,10 +260,8 @@ def safetensors_files(path: str) -> list[str]:
     raise CheckpointError(f"{path}: no model.safetensors, shard index or Orbax '{ORBAX_PARAMS_DIR}/' found")
 
 
-def _iter_safetensors(files: list[str]) -> Iterator[tuple[str, np.ndarray]]:
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
+def iter_safetensors(files: list[str]) -> Iterator[tuple[str, np.ndarray]]:
+    """``(name, array)`` of every tensor in ``files``, one file in memory at a time."""
     for file in files:
         try:
             tensors = load_file(file)
@@ -234,10 +274,18 @@ def is_orbax_checkpoint(path: str) -> bool:
     return os.path.isdir(os.path.join(path, ORBAX_PARAMS_DIR))
 
 
-def load_pretrained(path: str | os.PathLike, dtype: Any = None) -> tuple[ThinkerConfig, dict]:
+Shardings = Any  # a pytree of jax.sharding.Sharding shaped like the params, or config → such a pytree
+
+
+def load_pretrained(
+    path: str | os.PathLike, dtype: Any = None, shardings: Shardings | None = None
+) -> tuple[ThinkerConfig, dict]:
     """Load ``(config, params)`` from a checkpoint dir (released, "-hf" or Orbax layout).
 
-    Params keep the checkpoint's dtype (bf16 stays bf16) unless ``dtype`` is given.
+    Params keep the checkpoint's dtype (bf16 stays bf16) unless ``dtype`` is given. ``shardings`` (a tree, or a
+    function of the config giving one, e.g. ``sharding.param_shardings``) places every param straight into its
+    sharding: Orbax checkpoints are read by each device for its own slices; safetensors are converted tensor by
+    tensor into one host copy, from which each device copies only its slice, the host copy freed leaf by leaf.
     """
     path = os.fspath(path)
     if os.path.isfile(path) and path.endswith(PICKLE_SUFFIXES):
@@ -245,12 +293,243 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = None) -> tuple[Thinker
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: not a checkpoint directory")
     config = load_config(path)
+    if callable(shardings):
+        shardings = shardings(config)
     if is_orbax_checkpoint(path):
-        from qasr_jax.checkpoint import restore_params
+        return config, restore_params(os.path.join(path, ORBAX_PARAMS_DIR), config, dtype, shardings)
+    host = params_from_state_dict(iter_safetensors(safetensors_files(path)), config, dtype=dtype, source=path)
+    if shardings is None:
+        return config, jax.tree_util.tree_map(jnp.asarray, host)
+    leaves, treedef = jax.tree_util.tree_flatten(host)
+    del host
+    placed = []
+    for i, sharding in enumerate(treedef.flatten_up_to(shardings)):
+        array = np.asarray(leaves[i])
+        placed.append(jax.make_array_from_callback(array.shape, sharding, lambda index, a=array: a[index]))
+        leaves[i] = None  # free the host copy of this tensor
+    return config, jax.tree_util.tree_unflatten(treedef, placed)
 
-        params = restore_params(os.path.join(path, ORBAX_PARAMS_DIR), config, dtype=dtype)
-        return config, params
-    params = params_from_state_dict(
-        _iter_safetensors(safetensors_files(path)), config, dtype=dtype, source=path
-    )
-    return config, jax.tree_util.tree_map(jnp.asarray, params)
+
+# ----------------------------------------------------------------------------------------------------------------
+# Orbax
+
+def save_params(path: str | os.PathLike, params: dict) -> None:
+    """Write ``params`` as an Orbax PyTree checkpoint at ``path`` (which must not exist yet)."""
+    path = os.path.abspath(os.fspath(path))
+    with ocp.PyTreeCheckpointer() as ckptr:
+        ckptr.save(path, params)
+
+
+def restore_params(
+    path: str | os.PathLike, config: ThinkerConfig, dtype: Any = None, shardings: Any = None
+) -> dict:
+    """Restore params saved by ``save_params``, checked against ``config``'s param shapes.
+
+    ``shardings``: an optional pytree of ``jax.sharding.Sharding`` matching the params; each array is then
+    read straight into its sharding.
+    """
+    path = os.path.abspath(os.fspath(path))
+    expected = abstract_params(config)
+    with ocp.PyTreeCheckpointer() as ckptr:
+        try:
+            meta = ckptr.metadata(path)
+        except (FileNotFoundError, ValueError) as e:
+            raise CheckpointError(f"{path}: not an Orbax checkpoint ({e})") from e
+        tree_meta = getattr(meta, "item_metadata", meta)
+        tree_meta = getattr(tree_meta, "tree", tree_meta)
+        have = {p: tuple(m.shape) for p, m in flatten_params(dict(tree_meta))}
+        want = {p: tuple(s.shape) for p, s in flatten_params(expected)}
+        missing = sorted("/".join(p) for p in want if p not in have)
+        unexpected = sorted("/".join(p) for p in have if p not in want)
+        misshaped = sorted(
+            f"{'/'.join(p)}: {have[p]} vs {want[p]}" for p in want if p in have and have[p] != want[p]
+        )
+        if missing or unexpected or misshaped:
+            raise CheckpointError(
+                f"{path}: the Orbax params do not match the config; missing {missing}, unexpected {unexpected}, "
+                f"mis-shaped {misshaped}"
+            )
+        if shardings is None:
+            shardings = jax.tree_util.tree_map(
+                lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), expected
+            )
+        restore_args = jax.tree_util.tree_map(
+            lambda s, d: ocp.ArrayRestoreArgs(sharding=s, dtype=dtype), shardings, expected
+        )
+        params = ckptr.restore(path, restore_args=restore_args)
+    return jax.tree_util.tree_map(jnp.asarray, params)
+
+
+def tree_equal(a: dict, b: dict) -> list[str]:
+    """Paths whose arrays differ (shape, dtype or any value) between two param trees."""
+    fa, fb = dict(flatten_params(a)), dict(flatten_params(b))
+    diffs = [("/".join(p)) for p in fa.keys() ^ fb.keys()]
+    for p in fa.keys() & fb.keys():
+        x, y = np.asarray(fa[p]), np.asarray(fb[p])
+        if x.shape != y.shape or x.dtype != y.dtype or not np.array_equal(x, y):
+            diffs.append("/".join(p))
+    return sorted(diffs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Export: params → the released layout (the inverse of ``params_from_state_dict``): stacked layers unstacked to
+# ``layers.N``, kernels back to torch's Linear ``[out, in]`` (heads merged) and Conv2d OIHW, names with the
+# ``thinker.`` prefix. A tied head is also stored as ``thinker.lm_head.weight``, as the released checkpoints store
+# it. Both our loader and the official ``from_pretrained`` read the result.
+
+# Linear layers whose kernel has two input axes (heads, head_dim) rather than one.
+_MERGED_INPUT = ("o_proj", "out_proj")
+
+
+def _torch_name(path: tuple[str, ...], layer: int | None) -> str:
+    """The released name (without ``thinker.``) of a param path (``layer``: index into a stacked leaf).
+
+    Checked against ``_flax_location``, the loader's mapping, so export and load cannot drift apart.
+    """
+    *module, leaf = path
+    param = "bias" if leaf == "bias" else "weight"
+    if layer is not None:
+        tower = "audio_tower" if module[0] == "audio_tower" else "model"
+        name = f"{tower}.layers.{layer}.{'.'.join(module[2:])}.{param}"
+    elif module[0] == "embed_tokens":
+        name = f"model.embed_tokens.{param}"
+    elif module[0] == "lm_head":
+        name = f"lm_head.{param}"
+    elif module == ["decoder", "norm"]:
+        name = f"model.norm.{param}"
+    else:  # audio tower modules keep their own name whatever group they sit in (e.g. the conv front end)
+        name = f"audio_tower.{module[-1]}.{param}"
+    if _flax_location(name) != (tuple(module), layer, param):
+        raise ValueError(f"no released name for param {'/'.join(path)} (tried {name})")
+    return name
+
+
+def _torch_layout(value: np.ndarray, path: tuple[str, ...]) -> np.ndarray:
+    """One (per-layer) Flax leaf in torch's layout."""
+    leaf = path[-1]
+    if leaf == "kernel" and value.ndim == 4:  # Conv2d HWIO → OIHW
+        return value.transpose(3, 2, 0, 1)
+    if leaf == "kernel":
+        n_in = 2 if path[-2] in _MERGED_INPUT else 1
+        fan_in = int(np.prod(value.shape[:n_in]))
+        return value.reshape(fan_in, -1).T  # [in, out] → Linear [out, in]
+    if leaf == "bias":
+        return value.reshape(-1)  # per-head biases [heads, head_dim] → [out]
+    return value
+
+
+def _host(value: Any) -> np.ndarray:
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        value = multihost_utils.process_allgather(value, tiled=True)
+    return np.asarray(jax.device_get(value))
+
+
+def released_tensors(
+    params: dict, config: ThinkerConfig, dtype: Any = None
+) -> Iterator[tuple[str, np.ndarray]]:
+    """``(name, array)`` in the released ``thinker.*`` layout for every tensor of ``params``."""
+    for path, value in flatten_params(params):
+        host = _host(value)
+        if dtype is not None:
+            host = host.astype(dtype)
+        if len(path) > 2 and path[1] == "layers":
+            for i in range(host.shape[0]):
+                yield f"thinker.{_torch_name(path, i)}", np.ascontiguousarray(_torch_layout(host[i], path))
+            continue
+        array = np.ascontiguousarray(_torch_layout(host, path))
+        yield f"thinker.{_torch_name(path, None)}", array
+        if path == ("embed_tokens", "embedding") and config.tied_head:
+            yield "thinker.lm_head.weight", array
+
+
+def _write_weights(
+    out_dir: str, tensors: Iterator[tuple[str, np.ndarray]], max_shard_bytes: int
+) -> list[str]:
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, array in tensors:
+        if shards[-1] and size + array.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = array
+        size += array.nbytes
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(out_dir, "model.safetensors"), metadata=metadata)
+        return ["model.safetensors"]
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for name, shard in zip(names, shards):
+        save_file(shard, os.path.join(out_dir, name), metadata=metadata)
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(a.nbytes for shard in shards for a in shard.values())
+    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+        json.dump(
+            {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2
+        )
+    return [*names, "model.safetensors.index.json"]
+
+
+def export_pretrained(
+    out_dir: str | os.PathLike,
+    config: ThinkerConfig,
+    params: dict,
+    source_dir: str | os.PathLike | None = None,
+    dtype: str = "bfloat16",
+    max_shard_bytes: int = 4 << 30,
+) -> str:
+    """Write ``params`` as a released-layout checkpoint dir; returns the dir.
+
+    ``source_dir``: the checkpoint the run started from; its tokenizer, chat-template, preprocessor and
+    generation files are copied. ``dtype``: "bfloat16" (as released) or "float32". Only process 0 writes;
+    every process must call this (gathering sharded params is collective). The dir is written next to its
+    final name and renamed into place, so a reader never sees a half-written export.
+    """
+    np_dtype = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}[dtype]
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    writer = jax.process_index() == 0
+    tensors = released_tensors(params, config, np_dtype)
+    if not writer:
+        for _ in tensors:  # take part in the gathers
+            pass
+        return out_dir
+    staging = out_dir + ".partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    _write_weights(staging, tensors, max_shard_bytes)
+    released = config_to_dict(config)
+    released["torch_dtype"] = dtype
+    released["thinker_config"]["text_config"]["torch_dtype"] = dtype
+    with open(os.path.join(staging, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(released, f, indent=2, sort_keys=True)
+    if source_dir is not None:
+        for name in SIDE_FILES:
+            src = os.path.join(os.fspath(source_dir), name)
+            if os.path.isfile(src):
+                shutil.copy2(src, os.path.join(staging, name))
+    if os.path.isdir(out_dir):
+        shutil.rmtree(out_dir)
+    os.replace(staging, out_dir)
+    return out_dir
+
+
+__all__ = [
+    "ORBAX_PARAMS_DIR",
+    "SIDE_FILES",
+    "abstract_params",
+    "export_pretrained",
+    "flatten_params",
+    "is_orbax_checkpoint",
+    "iter_safetensors",
+    "load_pretrained",
+    "param_logical_axes",
+    "params_from_state_dict",
+    "released_tensors",
+    "restore_params",
+    "safetensors_files",
+    "save_params",
+    "tree_equal",
+    "unflatten_params",
+]

@@ -114,7 +114,7 @@ def test_sharded_and_single_file_checkpoints_load_identically(ckpt, tmp_path):
     assert os.path.exists(os.path.join(sharded, "model.safetensors.index.json"))
     _, a = load_pretrained(ckpt)
     _, b = load_pretrained(sharded)
-    from qasr_jax.checkpoint import tree_equal
+    from qasr_jax.weights import tree_equal
 
     assert tree_equal(a, b) == []
 

@@ -25,10 +25,9 @@ from qasr_jax.train import data as data_lib
 from qasr_jax.train import losses
 from qasr_jax.train.config import load_train_config
 from qasr_jax.train.evaluate import ErrorCounts, boundary_shift_ms, edit_distance, normalize_text
-from qasr_jax.train.export import export_checkpoint
 from qasr_jax.train.metrics import read_metrics
 from qasr_jax.train.optim import learning_rate_schedule
-from qasr_jax.weights import load_pretrained
+from qasr_jax.weights import export_pretrained, load_pretrained
 from tests.support import speech
 from tests.support import train_fixtures as tf
 from tests.test_sharding import REPO, run_mesh_check
@@ -340,9 +339,9 @@ def test_exported_checkpoint_loads_in_official_code_with_same_logits(overfit_run
     config, params = load_pretrained(export)
     # The export holds exactly the trained params (the run's final checkpoint).
     trained = load_checkpoint_params(overfit_run["root"] / "run" / "checkpoints" / "60" / "state")
-    from qasr_jax.weights import _flatten
+    from qasr_jax.weights import flatten_params
 
-    for path, value in _flatten(params):
+    for path, value in flatten_params(params):
         assert np.array_equal(np.asarray(value), trained["params/" + "/".join(path)]), path
 
     samples = speech.synth(tf.SENTENCES[0], speed=190)
@@ -368,7 +367,7 @@ def test_export_round_trips_through_our_loader(tmp_path):
         params = _random_params(config, seed=5)
         source = tf.DEMO_ALIGNER_DIR if aligner else tf.DEMO_ASR_DIR
         for dtype in ("float32", "bfloat16"):
-            out = export_checkpoint(tmp_path / f"{aligner}-{dtype}", config, params, source, dtype=dtype)
+            out = export_pretrained(tmp_path / f"{aligner}-{dtype}", config, params, source, dtype=dtype)
             loaded_config, loaded = load_pretrained(out)
             assert loaded_config == config
             for a, b in zip(jax.tree_util.tree_leaves(loaded), jax.tree_util.tree_leaves(params)):
@@ -447,12 +446,12 @@ def load_checkpoint_params(path) -> dict[str, np.ndarray]:
     """The param arrays of a saved train state, by path (read without a target)."""
     import orbax.checkpoint as ocp
 
-    from qasr_jax.weights import _flatten
+    from qasr_jax.weights import flatten_params
 
     with warnings.catch_warnings(), ocp.PyTreeCheckpointer() as checkpointer:
         warnings.filterwarnings("ignore", message="Sharding info not provided")  # one host, one device: fine
         tree = checkpointer.restore(os.path.abspath(path))
-    return {"params/" + "/".join(p): np.asarray(v) for p, v in _flatten(tree["params"])}
+    return {"params/" + "/".join(p): np.asarray(v) for p, v in flatten_params(tree["params"])}
 
 
 # --------------------------------------------------------------------------------------------------------------

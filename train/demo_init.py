@@ -259,10 +259,10 @@ def aligner_params_from_asr(asr_dir: str | Path, seed: int = INIT_SEED) -> Any:
 
 def write_initial_checkpoint(dst: Path, source: Path, config: ThinkerConfig, params: Any = None) -> None:
     """``source``'s files plus ``params`` (default ``initial_params``) in float32, as a released-layout dir."""
-    from qasr_jax.train.export import export_checkpoint
+    from qasr_jax.weights import export_pretrained
 
     params = initial_params(config) if params is None else params
-    export_checkpoint(dst, config, params, source_dir=source, dtype="float32")
+    export_pretrained(dst, config, params, source_dir=source, dtype="float32")
 
 
 # --------------------------------------------------------------------------------------------------------------

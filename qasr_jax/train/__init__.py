@@ -4,11 +4,10 @@
 * ``losses``, ``optim``, ``step``: the objective, AdamW + schedules, the compiled sharded train/eval steps;
 * ``checkpointing``: Orbax train-state checkpoints (atomic, keep-last-K, resumable data position);
 * ``evaluate``: loss, WER/CER, aligner boundary shift; ``metrics``: JSONL + progress bar;
-* ``export``: trained params back to the released checkpoint layout; ``loop.train``: all of it together.
+* ``loop.train``: all of it together (the trained params are exported with ``qasr_jax.weights.export_pretrained``).
 """
 
 from qasr_jax.train.config import TrainConfig, load_train_config
-from qasr_jax.train.export import export_checkpoint
 from qasr_jax.train.loop import train
 
-__all__ = ["TrainConfig", "export_checkpoint", "load_train_config", "train"]
+__all__ = ["TrainConfig", "load_train_config", "train"]

@@ -18,14 +18,13 @@ from typing import Any
 import jax
 import numpy as np
 
-from qasr_jax import sharding
+from qasr_jax import sharding, weights
 from qasr_jax import text as text_io
 from qasr_jax.config import load_config
 from qasr_jax.train import data as data_lib
 from qasr_jax.train.checkpointing import Checkpoints
 from qasr_jax.train.config import TrainConfig, config_to_dict
 from qasr_jax.train.evaluate import Evaluator
-from qasr_jax.train.export import export_checkpoint
 from qasr_jax.train.metrics import MetricsWriter, Progress
 from qasr_jax.train.step import StepCallback, Trainer
 
@@ -139,7 +138,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[StepCallback] = ()) -> dict[str,
                 metrics_log.write("eval", step, last_eval)
         checkpoints.wait()
         if cfg.run.export_dir:
-            out = export_checkpoint(
+            out = weights.export_pretrained(
                 cfg.run.export_dir, config, state.params, cfg.model.checkpoint, cfg.run.export_dtype
             )
             log.info("exported the trained model to %s", out)

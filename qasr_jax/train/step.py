@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from qasr_jax import sharding
+from qasr_jax import sharding, weights
 from qasr_jax.config import ThinkerConfig
 from qasr_jax.model import Qwen3ASR
 from qasr_jax.train import losses
@@ -79,9 +79,7 @@ class Trainer:
         self.grad_accum = optim_cfg.grad_accum
         self.freeze = tuple(model_cfg.freeze)
         self.param_shardings = sharding.param_shardings(config, mesh, rules)
-        from qasr_jax.weights import abstract_params
-
-        shapes = abstract_params(config)
+        shapes = weights.abstract_params(config)
         self.param_dtype = DTYPES[model_cfg.param_dtype]
         self.abstract_params = jax.tree_util.tree_map(
             lambda s, sh: jax.ShapeDtypeStruct(s.shape, self.param_dtype, sharding=sh),

@@ -18,7 +18,6 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"
 
 import dataclasses
-import functools
 import json
 import sys
 import time
@@ -30,7 +29,7 @@ import numpy as np
 
 from qasr_jax import sharding
 from qasr_jax.config import config_from_dict
-from qasr_jax.weights import _flatten
+from qasr_jax.weights import flatten_params
 
 # The encoder key bias only shifts every attention logit of a query by the same amount, which softmax ignores:
 # its gradient is exactly zero, so the optimizer sees rounding noise there (Adam turns noise into ±lr steps).
@@ -50,11 +49,11 @@ def mesh_test_config() -> Any:
 
 def random_params(config: Any, seed: int = 0, scale: float = 0.15) -> dict:
     """Host params whose every part matters: kernels N(0, scale²/fan-in·…), norms near 1, small biases."""
-    from qasr_jax.weights import _unflatten, abstract_params
+    from qasr_jax.weights import abstract_params, unflatten_params
 
     rng = np.random.default_rng(seed)
     flat = {}
-    for path, leaf in _flatten(abstract_params(config)):
+    for path, leaf in flatten_params(abstract_params(config)):
         shape = leaf.shape
         if path[-1] == "scale":
             value = 1.0 + 0.2 * rng.standard_normal(shape)
@@ -63,7 +62,7 @@ def random_params(config: Any, seed: int = 0, scale: float = 0.15) -> dict:
         else:
             value = scale * rng.standard_normal(shape)
         flat[path] = value.astype(np.float32)
-    return _unflatten(flat)
+    return unflatten_params(flat)
 
 
 def synthetic_batch(config: Any, rows: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
@@ -115,11 +114,11 @@ def run_train(work_dir: str, specs: list[str]) -> dict[str, Any]:
         trainer = Trainer(config, model_cfg, optim_c, 10, sharding.make_mesh(spec, devices))
         state = trainer.init_state(params)
         state, metrics = trainer.train_step(state, trainer.shard_batch(batch))
-        new = {"/".join(p): np.asarray(v) for p, v in _flatten(jax.device_get(state.params))}
+        new = {"/".join(p): np.asarray(v) for p, v in flatten_params(jax.device_get(state.params))}
         return new, {k: float(v) for k, v in jax.device_get(metrics).items()}, time.perf_counter() - started
 
     ref_params, ref_metrics, ref_seconds = one_step("data=1", jax.devices()[:1])
-    before = {"/".join(p): v for p, v in _flatten(params)}
+    before = {"/".join(p): v for p, v in flatten_params(params)}
     out: dict[str, Any] = {"reference": {"metrics": ref_metrics, "seconds": ref_seconds}, "meshes": {}}
     # The last mesh accumulates gradients over 2 micro-batches: still the same update as one device.
     runs = [(spec, {}) for spec in specs[:-1]] + [(specs[-1], {"grad_accum": 2})]
@@ -142,15 +141,13 @@ def run_train(work_dir: str, specs: list[str]) -> dict[str, Any]:
 
 
 def run_infer(work_dir: str, specs: list[str]) -> dict[str, Any]:
-    from qasr_jax.checkpoint import save_params
-    from qasr_jax.generate import DecodeOptions, generate_batch
+    from qasr_jax.engine import DecodeOptions, Engine, GenerationRequest
     from qasr_jax.model import Qwen3ASR
-    from qasr_jax.train.export import export_checkpoint
-    from qasr_jax.weights import load_pretrained
+    from qasr_jax.weights import export_pretrained, load_pretrained, save_params
     from tests.support.train_fixtures import DEMO_ASR_DIR
 
     config = mesh_test_config()
-    released = export_checkpoint(os.path.join(work_dir, "released"), config, random_params(config, seed=1),
+    released = export_pretrained(os.path.join(work_dir, "released"), config, random_params(config, seed=1),
                                  DEMO_ASR_DIR, dtype="float32")  # fmt: skip
     orbax_dir = os.path.join(work_dir, "orbax")
     os.makedirs(orbax_dir, exist_ok=True)
@@ -172,24 +169,18 @@ def run_infer(work_dir: str, specs: list[str]) -> dict[str, Any]:
     model = Qwen3ASR(config)
     forward = jax.jit(lambda p, *a: model.apply({"params": p}, *a))
     options = DecodeOptions(eos_token_ids=(), pad_token_id=0)
-    # Greedy decoding of left-padded prompts (the prompt is each row's valid prefix, moved to the right).
-    prompts = np.zeros_like(batch["input_ids"])
-    prompt_mask = np.zeros_like(batch["attention_mask"])
-    for r in range(prompts.shape[0]):
-        n = int(batch["attention_mask"][r].sum())
-        prompts[r, -n:] = batch["input_ids"][r, :n]
-        prompt_mask[r, -n:] = 1
-    decode_inputs = (
-        batch["waveforms"],
-        batch["wave_lengths"],
-        prompts,
-        prompt_mask,
-        np.full((8,), 12, np.int32),
-    )
-    generate = jax.jit(functools.partial(generate_batch, model, options, 12, frames))
+    # Greedy decoding of each row's valid prefix as its prompt, 12 tokens.
+    requests = [
+        GenerationRequest(
+            batch["waveforms"][r, : batch["wave_lengths"][r]],
+            batch["input_ids"][r, : int(batch["attention_mask"][r].sum())].tolist(),
+            12,
+        )
+        for r in range(batch["input_ids"].shape[0])
+    ]
 
     ref_logits = np.asarray(forward(single_params, *inputs))
-    ref_tokens = np.asarray(generate(single_params, *decode_inputs)[0])
+    ref_tokens = [g.token_ids for g in Engine(config, options=options).run(single_params, requests)]
     out: dict[str, Any] = {"meshes": {}}
     for spec in specs:
         started = time.perf_counter()
@@ -206,10 +197,10 @@ def run_infer(work_dir: str, specs: list[str]) -> dict[str, Any]:
         )
         with sharding.use_mesh(mesh):
             logits = np.asarray(forward(params, *sharding.shard_batch(inputs, mesh)))
-            tokens = np.asarray(generate(params, *sharding.shard_batch(decode_inputs, mesh))[0])
+            tokens = [g.token_ids for g in Engine(config, options=options, mesh=mesh).run(params, requests)]
         result["logits_rel"] = relative(logits, ref_logits)
         result["logits_max_abs"] = float(np.max(np.abs(logits - ref_logits)))
-        result["tokens_equal"] = bool(np.array_equal(tokens, ref_tokens))
+        result["tokens_equal"] = tokens == ref_tokens
         result["seconds"] = time.perf_counter() - started
         out["meshes"][spec] = result
     return out
@@ -218,12 +209,12 @@ def run_infer(work_dir: str, specs: list[str]) -> dict[str, Any]:
 def run_api(work_dir: str, specs: list[str]) -> dict[str, Any]:
     """``Qwen3ASRModel.from_pretrained(..., mesh=spec).transcribe`` against the single-device model."""
     from qasr_jax.asr import Qwen3ASRModel
-    from qasr_jax.train.export import export_checkpoint
+    from qasr_jax.weights import export_pretrained
     from tests.support.speech import MEDIUM_EN, SHORT_EN, synth
     from tests.support.train_fixtures import DEMO_ASR_DIR
 
     config = mesh_test_config()
-    released = export_checkpoint(os.path.join(work_dir, "released"), config, random_params(config, seed=2),
+    released = export_pretrained(os.path.join(work_dir, "released"), config, random_params(config, seed=2),
                                  DEMO_ASR_DIR, dtype="float32")  # fmt: skip
     clips = [(synth(SHORT_EN), 16000), (synth(MEDIUM_EN), 16000)]
     kwargs = dict(max_new_tokens=10, eos_token_ids=())
