@@ -405,20 +405,46 @@ class Engine:
             prompt_len=buckets.PROMPT_LADDER.size(max(len(r.prompt_ids) for r in requests)),
         )
 
-    def _jit(self, fn: Any, donate: tuple[int, ...] = ()) -> Any:
-        # On a mesh the results are replicated, so every process can read them.
-        placement = {} if self.mesh is None else {"out_shardings": sharding.replicated(self.mesh)}
-        return jax.jit(fn, donate_argnums=donate, **placement)
+    def _compile(
+        self, key: Any, fn: Any, *args: Any, donate: tuple[int, ...] = (), state_out: bool = False
+    ) -> Any:
+        """The program of ``fn`` for abstract ``args``, compiled on first use. On a mesh, a state (in and out)
+        is split over the batch axes by its slots, and other results are replicated (every process reads them)."""
 
-    def _compile(self, key: Any, fn: Any, *args: Any, donate: tuple[int, ...] = ()) -> Any:
         def build() -> Any:
+            placement = {}
+            if self.mesh is not None:
+                if state_out:
+                    placement["out_shardings"] = self._state_shardings(jax.eval_shape(fn, *args))
+                else:
+                    placement["out_shardings"] = sharding.replicated(self.mesh)
             with sharding.use_mesh(self.mesh, self.sharding_rules):
-                return self._jit(fn, donate).lower(*args).compile()
+                return jax.jit(fn, donate_argnums=donate, **placement).lower(*args).compile()
 
         return self.programs.get(key, build)
 
-    def _abstract(self, tree: Any) -> Any:
-        return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+    def _state_shardings(self, abstract_state: Any) -> Any:
+        def place(x: Any) -> Any:
+            if x.ndim == 0:
+                return sharding.replicated(self.mesh)
+            return sharding.batch_sharding(self.mesh, x.shape, self.sharding_rules)
+
+        return jax.tree_util.tree_map(place, abstract_state)
+
+    def _abstract(self, tree: Any, is_state: bool = False) -> Any:
+        """ShapeDtypeStructs of ``tree`` (with the state's shardings on a mesh)."""
+        abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+        if self.mesh is None:
+            return abstract
+        shardings = self._state_shardings(abstract) if is_state else None
+        if shardings is None:
+            return jax.tree_util.tree_map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated(self.mesh)),
+                abstract,
+            )
+        return jax.tree_util.tree_map(
+            lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), abstract, shardings
+        )
 
     # -- the four verbs --
 
@@ -427,7 +453,9 @@ class Engine:
         so that they end at cache slot ``start`` (at least the longest prompt bucket to be inserted)."""
         shape = StateShape(slots, cache_len, max_new_tokens)
         fn = functools.partial(init_state_program, self.config, self.dtype, self.options, shape)
-        program = self._compile(("init", shape, self.options), fn, jax.ShapeDtypeStruct((), jnp.int32))
+        program = self._compile(
+            ("init", shape, self.options), fn, jax.ShapeDtypeStruct((), jnp.int32), state_out=True
+        )
         return program(jnp.int32(start))
 
     def prefill(
@@ -463,8 +491,8 @@ class Engine:
         key = ("insert", state.shape, rows, prefilled.caches["k"].shape[2], self.options)
         prefilled = prefilled.replace(count=0)  # the count is host bookkeeping, not part of the program
         program = self._compile(
-            key, fn, self._abstract(state), self._abstract(prefilled), jax.ShapeDtypeStruct((rows,), jnp.int32),
-            donate=(0,),
+            key, fn, self._abstract(state, True), self._abstract(prefilled), jax.ShapeDtypeStruct((rows,), jnp.int32),
+            donate=(0,), state_out=True,
         )  # fmt: skip
         return program(state, prefilled, jnp.asarray(targets))
 
@@ -473,16 +501,16 @@ class Engine:
         the cache is full (then ``compact``)."""
         fn = functools.partial(generate_program, self.model, self.options)
         program = self._compile(
-            ("generate", state.shape, self.options), fn, sharding.abstract_arrays(params), self._abstract(state),
-            jax.ShapeDtypeStruct((), jnp.int32), donate=(1,),
+            ("generate", state.shape, self.options), fn, sharding.abstract_arrays(params), self._abstract(state, True),
+            jax.ShapeDtypeStruct((), jnp.int32), donate=(1,), state_out=True,
         )  # fmt: skip
         return program(params, state, jnp.int32(steps))
 
     def compact(self, state: DecodeState, shift: int) -> DecodeState:
         """Move every slot's range ``shift`` cache slots to the left (``state`` is donated)."""
         program = self._compile(
-            ("compact", state.shape), compact_program, self._abstract(state), jax.ShapeDtypeStruct((), jnp.int32),
-            donate=(0,),
+            ("compact", state.shape), compact_program, self._abstract(state, True),
+            jax.ShapeDtypeStruct((), jnp.int32), donate=(0,), state_out=True,
         )  # fmt: skip
         return program(state, jnp.int32(shift))
 

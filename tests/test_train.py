@@ -511,3 +511,38 @@ def _features(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         jnp.asarray(batch["waveforms"]), jnp.asarray(batch["wave_lengths"]), frames=frames
     )
     return np.asarray(mel), (np.arange(frames)[None] < np.asarray(valid)[:, None]).astype(np.int32)
+
+
+def test_ctc_auxiliary_loss_matches_torch_ctc(tmp_path):
+    """The CTC term = torch's CTC loss on the same head logits (sum over rows, per-row weights), rows whose
+    labels cannot fit their audio tokens and zero-weight rows count nothing."""
+    import torch
+
+    from qasr_jax.model import Qwen3ASR
+    from tests.test_asr import cached_small_checkpoint
+
+    config, params = load_pretrained(cached_small_checkpoint())
+    model = Qwen3ASR(config)
+    rng = np.random.default_rng(0)
+    rows, steps, labels_len = 4, 12, 5
+    audio = jnp.asarray(rng.standard_normal((rows, steps, config.text.hidden_size)), jnp.float32)
+    lengths = jnp.asarray([12, 9, 3, 12], jnp.int32)  # row 2: 3 audio tokens for 5 labels cannot fit
+    labels = rng.integers(1, 50, (rows, labels_len)).astype(np.int32)
+    counts = np.asarray([5, 3, 5, 4])
+    paddings = (np.arange(labels_len)[None, :] >= counts[:, None]).astype(np.float32)
+    weights = np.ones((rows, 3), np.float32)
+    weights[3] = 0.0  # a padding row
+    batch = {"ctc_labels": jnp.asarray(labels), "ctc_label_paddings": jnp.asarray(paddings),
+             "label_weights": jnp.asarray(weights)}  # fmt: skip
+    blank = 0
+    ours = float(losses.ctc_sum(model, params, audio, lengths, batch, blank))
+
+    logits = np.asarray(model.apply({"params": params}, audio, method=Qwen3ASR.head), np.float64)
+    log_probs = torch.log_softmax(torch.from_numpy(logits), -1).transpose(0, 1)  # [T, B, V]
+    per_row = torch.nn.functional.ctc_loss(
+        log_probs, torch.from_numpy(labels).long(), torch.from_numpy(np.asarray(lengths)).long(),
+        torch.from_numpy(counts).long(), blank=blank, reduction="none", zero_infinity=False,
+    ).numpy()  # fmt: skip
+    expected = per_row[0] + per_row[1]  # row 2 cannot fit, row 3 has no weight
+    assert np.isfinite(per_row[[0, 1, 3]]).all()
+    np.testing.assert_allclose(ours, expected, rtol=1e-4)

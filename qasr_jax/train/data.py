@@ -79,6 +79,7 @@ class Example:
     targets: tuple[int, ...]
     target_slots: tuple[int, ...]
     words: tuple[WordTime, ...] = ()
+    transcript: tuple[int, ...] = ()  # the text's tokens alone (ASR; the CTC labels)
 
     @property
     def seconds(self) -> float:
@@ -230,10 +231,11 @@ def parse_row(
             template, targets, slots = tokens.aligner(words)
         else:
             template, targets, slots = tokens.asr(text.strip(), language, context)
+            transcript = tuple(tokens.tokenizer.encode(text.strip(), allow_special=False))
     except QasrError as error:
         raise BadRow(f"invalid text: {error}") from None
     return Example(line, path, text.strip(), language, num_samples, tuple(template), tuple(targets),
-                   tuple(slots), words)  # fmt: skip
+                   tuple(slots), words, transcript if objective != "aligner" else ())  # fmt: skip
 
 
 def read_manifest(
@@ -407,7 +409,8 @@ class BatchLoader:
     Returns a dict of ``[rows, ...]`` arrays: ``waveforms [rows, (frames + 1) · 160]`` float32, ``wave_lengths``,
     ``input_ids [rows, seq_len]`` (right-padded), ``attention_mask``, ``label_positions [rows, label_len]``,
     ``labels``, ``label_weights`` (float32; 0 on padding, on zero-weight rows and on rows that failed to load),
-    and ``bad_rows [rows]`` (1 where the audio failed to load).
+    ``ctc_labels``/``ctc_label_paddings [rows, label_len]`` (the transcript's tokens, 1 on padding), and
+    ``bad_rows [rows]`` (1 where the audio failed to load).
     """
 
     def __init__(
@@ -430,6 +433,8 @@ class BatchLoader:
             "label_positions": np.zeros((n, spec.label_len), np.int32),
             "labels": np.zeros((n, spec.label_len), np.int32),
             "label_weights": np.zeros((n, spec.label_len), np.float32),
+            "ctc_labels": np.zeros((n, spec.label_len), np.int32),
+            "ctc_label_paddings": np.ones((n, spec.label_len), np.float32),
             "bad_rows": np.zeros((n,), np.int32),
         }
         for r, (index, weight) in enumerate(zip(rows, weights)):
@@ -443,8 +448,16 @@ class BatchLoader:
 
     def _blank(self, batch: Batch, r: int) -> None:
         """A row without loss that still computes finite numbers: 0.5 s of silence, one valid token."""
-        for key in ("waveforms", "attention_mask", "label_positions", "labels", "label_weights"):
+        for key in (
+            "waveforms",
+            "attention_mask",
+            "label_positions",
+            "labels",
+            "label_weights",
+            "ctc_labels",
+        ):
             batch[key][r] = 0
+        batch["ctc_label_paddings"][r] = 1
         batch["wave_lengths"][r] = padded_samples(0)
         batch["input_ids"][r] = self.tokens.pad_id
         batch["attention_mask"][r, 0] = 1
@@ -470,6 +483,9 @@ class BatchLoader:
         batch["label_positions"][r, :k] = slots
         batch["labels"][r, :k] = example.targets
         batch["label_weights"][r, :k] = weight
+        n = len(example.transcript)  # shorter than the targets, which hold it
+        batch["ctc_labels"][r, :n] = example.transcript
+        batch["ctc_label_paddings"][r, :n] = 0.0
 
 
 def _expand(template: Sequence[int], audio_pad_id: int, audio_tokens: int) -> list[int]:

@@ -30,6 +30,9 @@ from qasr_jax.train.step import StepCallback, Trainer
 
 log = logging.getLogger("qasr_jax.train")
 
+# The CTC blank of the auxiliary loss: an added token of the released vocabulary that transcription never uses.
+CTC_BLANK_TOKEN = "<tts_pad>"
+
 
 def _load_params(cfg: TrainConfig, trainer: Trainer) -> Any:
     if cfg.model.init == "random":
@@ -75,7 +78,14 @@ def train(cfg: TrainConfig, callbacks: Sequence[StepCallback] = ()) -> dict[str,
     loader = data_lib.BatchLoader(plan.examples, tokens, sharding.process_rows(cfg.data.batch_size))
     batches = data_lib.train_iterator(plan, loader, cfg.data.num_threads, cfg.data.prefetch)
 
-    trainer = Trainer(config, cfg.model, cfg.optim, cfg.run.steps, mesh, rules)
+    blank = tokenizer.token_to_id(CTC_BLANK_TOKEN)
+    if cfg.run.ctc_weight > 0 and blank is None:
+        raise ValueError(
+            f"run.ctc_weight needs the token {CTC_BLANK_TOKEN} in {cfg.model.checkpoint}'s tokenizer"
+        )
+    trainer = Trainer(
+        config, cfg.model, cfg.optim, cfg.run.steps, mesh, rules, cfg.run.ctc_weight, blank or 0
+    )
     evaluator = None
     if cfg.data.eval_manifest:
         eval_report = data_lib.read_manifest(

@@ -71,8 +71,13 @@ class Trainer:
         total_steps: int,
         mesh: Mesh,
         rules: sharding.Rules = sharding.DEFAULT_RULES,
+        ctc_weight: float = 0.0,
+        ctc_blank_id: int = 0,
     ) -> None:
+        """``ctc_weight``/``ctc_blank_id``: the auxiliary CTC loss of ASR training (``losses.loss_sums``)."""
         self.config = config
+        self.ctc_weight = float(ctc_weight)
+        self.ctc_blank_id = int(ctc_blank_id)
         self.model = build_model(config, model_cfg)
         self.mesh = mesh
         self.rules = rules
@@ -163,38 +168,42 @@ class Trainer:
         batch = {k: v for k, v in batch.items() if k != "bad_rows"}
 
         def objective(params: Any, micro: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
-            return losses.loss_sums(self.model, self._masked_params(params), micro)
+            return losses.loss_sums(
+                self.model, self._masked_params(params), micro, self.ctc_weight, self.ctc_blank_id
+            )
 
         grad_fn = jax.value_and_grad(objective, has_aux=True)
         if self.grad_accum == 1:
-            (ce_sum, counts), grads = grad_fn(state.params, batch)
+            (_, counts), grads = grad_fn(state.params, batch)
         else:
 
             def accumulate(carry: tuple, micro: dict[str, jax.Array]) -> tuple[tuple, None]:
-                grads_sum, ce_total, weight_total, correct_total = carry
-                (ce, counts), grads = grad_fn(state.params, micro)
+                grads_sum, totals = carry
+                (_, counts), grads = grad_fn(state.params, micro)
                 grads_sum = jax.tree_util.tree_map(jnp.add, grads_sum, grads)
-                return (grads_sum, ce_total + ce, weight_total + counts["weight"],
-                        correct_total + counts["correct"]), None  # fmt: skip
+                return (grads_sum, jax.tree_util.tree_map(jnp.add, totals, counts)), None
 
             zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-            zero = jnp.zeros((), jnp.float32)
-            (grads, ce_sum, weight, correct), _ = jax.lax.scan(
-                accumulate, (zeros, zero, zero, zero), _micro_batches(batch, self.grad_accum)
+            micro = _micro_batches(batch, self.grad_accum)
+            first = jax.tree_util.tree_map(lambda x: x[0], micro)
+            count_zeros = jax.tree_util.tree_map(
+                lambda c: jnp.zeros(c.shape, jnp.float32), jax.eval_shape(objective, state.params, first)[1]
             )
-            counts = {"weight": weight, "correct": correct}
+            (grads, counts), _ = jax.lax.scan(accumulate, (zeros, count_zeros), micro)
         # A batch whose rows all failed to load has no targets: its update is zero rather than NaN.
         denominator = jnp.maximum(counts["weight"], 1e-9)
         grads = jax.tree_util.tree_map(lambda g, p: (g / denominator).astype(p.dtype), grads, state.params)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {
-            "loss": ce_sum / denominator,
+            "loss": counts["ce"] / denominator,
             "accuracy": counts["correct"] / denominator,
             "targets": counts["weight"],
             "grad_norm": optax.tree.norm(grads),
             "learning_rate": self.schedule(state.step),
         }
+        if "ctc" in counts:
+            metrics["ctc_loss"] = counts["ctc"] / denominator
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     def train_step(
