@@ -33,7 +33,6 @@ from qasr_jax import text as text_io
 from qasr_jax.config import ThinkerConfig, load_config
 from qasr_jax.errors import AlignmentError, ConfigError, LanguageError, QasrError
 from qasr_jax.model import Qwen3ASR, first_valid, positions_from_mask
-from qasr_jax.weights import load_pretrained
 
 # The transcription pipeline aligns transcripts in pieces of at most this many seconds (the official
 # MAX_FORCE_ALIGN_INPUT_SECONDS).
@@ -243,12 +242,7 @@ class Qwen3ForcedAligner:
                 "'forced_aligner'); use Qwen3ASRModel for transcription checkpoints"
             )
         compute_dtype = jnp.dtype(dtype if dtype is not None else jnp.float32)
-        mesh = sharding.resolve_mesh(mesh)
-        rules = sharding.merge_rules(sharding_rules)
-        if mesh is None:
-            config, params = load_pretrained(path, dtype=compute_dtype)
-        else:
-            config, params = sharding.load_sharded(path, mesh, rules, dtype=compute_dtype)
+        config, params, mesh, rules = sharding.load_placed(path, compute_dtype, mesh, sharding_rules)
         tokenizer = text_io.Tokenizer.from_pretrained(path)
         return cls(
             config,

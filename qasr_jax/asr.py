@@ -33,7 +33,6 @@ from qasr_jax.aligner import Qwen3ForcedAligner
 from qasr_jax.config import ThinkerConfig
 from qasr_jax.errors import EmptyAudioError, QasrError
 from qasr_jax.generate import DecodeOptions, Generation, GenerationRequest, Generator
-from qasr_jax.weights import load_pretrained
 
 MAX_ASR_CHUNK_SECONDS = 1200.0
 MAX_ALIGN_CHUNK_SECONDS = 180.0
@@ -218,12 +217,8 @@ class Qwen3ASRModel:
         """
         path = os.fspath(pretrained_model_name_or_path)
         compute_dtype = resolve_dtype(dtype)
-        mesh = sharding.resolve_mesh(mesh)
-        rules = sharding.merge_rules(sharding_rules)
-        if mesh is None:
-            config, params = load_pretrained(path, dtype=compute_dtype)
-        else:
-            config, params = sharding.load_sharded(path, mesh, rules, dtype=compute_dtype)
+        config, params, mesh, rules = sharding.load_placed(path, compute_dtype, mesh, sharding_rules)
+        if mesh is not None:
             forced_aligner_kwargs = {"mesh": mesh, "sharding_rules": rules, **(forced_aligner_kwargs or {})}
         tokenizer = text_io.Tokenizer.from_pretrained(path)
         eos, pad = read_generation_ids(path, tokenizer)

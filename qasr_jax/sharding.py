@@ -228,6 +228,18 @@ def shard_params(params: dict, shardings: dict) -> dict:
     return jax.tree_util.tree_map(place, params, shardings)
 
 
+def load_placed(
+    path: str | os.PathLike, dtype: Any, mesh: Mesh | str | Mapping[str, int] | None, rules: Any = None
+) -> tuple[ThinkerConfig, dict, Mesh | None, Rules]:
+    """``(config, params, mesh, rules)`` for an inference object: params on the default device when ``mesh`` is
+    None, else loaded straight into the mesh (``mesh`` may be a spec; ``rules`` overrides the default rules)."""
+    mesh = resolve_mesh(mesh)
+    rules = merge_rules(rules)
+    shardings = None if mesh is None else (lambda config: param_shardings(config, mesh, rules))
+    config, params = weights.load_pretrained(path, dtype, shardings)
+    return config, params, mesh, rules
+
+
 def load_sharded(
     path: str | os.PathLike, mesh: Mesh, rules: Rules = DEFAULT_RULES, dtype: Any = None
 ) -> tuple[ThinkerConfig, dict]:
