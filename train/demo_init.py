@@ -10,7 +10,7 @@ byte for byte) and, with --init-weights DIR, the starting checkpoints ``DIR/asr_
 it then only has to learn to read times off an encoder and decoder that already follow the speech.
 
 The tokenizer is a byte-level BPE in the Qwen2 layout trained on sentences of the synthetic corpus
-(``train.synth``) to ``TRAINED_PIECES`` pieces of a few letters each. Its regular vocabulary has
+(``train.synth``), so every word the grammar can produce is one or two tokens. Its regular vocabulary has
 ``REGULAR_VOCAB_SIZE`` entries (trained pieces, then unreachable filler) and the 63 added tokens of the released
 Qwen3-ASR tokenizer follow in their released order, so the whole vocabulary is 2048 ids instead of 151936. The
 ids of the special tokens therefore differ from the released ones (``<|im_end|>`` is 1987, not 151645); they are
@@ -36,10 +36,6 @@ from train.synth import LANGUAGES, SPLITS, sentence_split, sentence_text
 
 # Trained pieces plus filler; the added tokens take the next 63 ids, so the vocabulary is 2048 ids.
 REGULAR_VOCAB_SIZE = 1985
-# The BPE is trained to this many pieces (the 256 bytes and 256 merges): pieces of a few letters that many words
-# share, so what the model learns of one word's sound carries over to the others. With a piece per word, each of
-# the corpus' ~1000 word forms would be a class of its own, to be learnt from its own few dozen examples.
-TRAINED_PIECES = 512
 TOKENIZER_SENTENCES = 40000
 TOKENIZER_SEED = 0
 
@@ -288,7 +284,7 @@ def tokenizer_corpus(count: int = TOKENIZER_SENTENCES, seed: int = TOKENIZER_SEE
 
 
 def train_bpe(corpus: Sequence[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """A byte-level BPE (Qwen2 pre-tokenizer) of TRAINED_PIECES pieces: (vocab, merges)."""
+    """A byte-level BPE (Qwen2 pre-tokenizer) of at most REGULAR_VOCAB_SIZE pieces: (vocab, merges)."""
     from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
@@ -300,7 +296,7 @@ def train_bpe(corpus: Sequence[str]) -> tuple[dict[str, int], list[tuple[str, st
         ]
     )
     trainer = trainers.BpeTrainer(
-        vocab_size=TRAINED_PIECES,
+        vocab_size=REGULAR_VOCAB_SIZE,
         min_frequency=2,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
