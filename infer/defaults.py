@@ -18,9 +18,15 @@ def model_or_demo(
     with how to use a released checkpoint instead (``option`` is the program's option naming the checkpoint)."""
     if path is not None:
         return path
-    demo_dir = demo.default_aligner_path() if aligner else demo.default_model_path()
     released = RELEASED[aligner]
     local = released.split("/")[1]
+    try:
+        demo_dir = demo.default_aligner_path() if aligner else demo.default_model_path()
+    except FileNotFoundError as error:
+        raise FileNotFoundError(
+            f"no {option} given and {error}. Pass {option} DIR with a released checkpoint (huggingface-cli "
+            f"download {released} --local-dir {local}), or train the demo models: python -m train.demo_recipe"
+        ) from None
     what = "forced aligner" if aligner else "model"
     print(
         f"note: no {option} given: using the demo {what} {os.path.relpath(demo_dir)} (synthetic English/German "

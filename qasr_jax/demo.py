@@ -25,7 +25,8 @@ ALIGNER_ENV = "QASR_DEMO_ALIGNER"
 
 def _models_dirs() -> list[Path]:
     """Where models/ may be: next to the package (a source checkout or editable install), then the cwd."""
-    return [Path(__file__).resolve().parent.parent / "models", Path.cwd() / "models"]
+    candidates = [Path(__file__).resolve().parent.parent / "models", Path.cwd().resolve() / "models"]
+    return list(dict.fromkeys(candidates))
 
 
 def _demo_path(env: str, name: str) -> Path:
