@@ -59,4 +59,3 @@ def verify_conversion(src: str, dst: str, dtype: str | None = None) -> VerifyRep
     ]
     count = sum(1 for _ in flatten_params(a))
     return VerifyReport(tensors=count, differing=tree_equal(a, b), missing_files=missing)
-

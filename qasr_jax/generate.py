@@ -84,8 +84,7 @@ class Generator:
         self._engine_args = dict(
             dtype=dtype, attention_impl=attention_impl, mesh=mesh, sharding_rules=sharding_rules
         )
-        self._shapes: list[BatchShape] = []
-        self._seen: set[tuple[BatchShape, DecodeOptions]] = set()
+        self._buckets: dict[tuple[BatchShape, DecodeOptions], BatchShape] = {}
 
     def engine(self, options: DecodeOptions | None = None) -> Engine:
         """The engine (and its compiled programs) for ``options`` (default: the generator's)."""
@@ -96,11 +95,11 @@ class Generator:
 
     @property
     def compile_count(self) -> int:
-        return len(self._shapes)
+        return len(self._buckets)
 
     @property
     def compiled_shapes(self) -> list[BatchShape]:
-        return list(self._shapes)
+        return list(self._buckets.values())
 
     @property
     def compile_seconds(self) -> float:
@@ -124,9 +123,7 @@ class Generator:
         options = options or self.options
         shape = self.shape_for(requests)
         engine = self.engine(options)
-        if (shape, options) not in self._seen:
-            self._seen.add((shape, options))
-            self._shapes.append(shape)
+        self._buckets.setdefault((shape, options), shape)
         return engine.run(self.params, requests, shape.prefill, shape.steps)
 
 

@@ -211,19 +211,13 @@ def param_shardings(config: ThinkerConfig, mesh: Mesh, rules: Rules = DEFAULT_RU
     )
 
 
-def shard_array(value: Any, sharding: jax.sharding.Sharding) -> jax.Array:
-    """A global array in ``sharding`` from a host array every process holds: each device copies only its slice."""
-    host = np.asarray(value)
-    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-
-
 def shard_params(params: dict, shardings: dict) -> dict:
     """Place a param tree (host or device arrays) into ``shardings`` (from ``param_shardings``)."""
 
     def place(value: Any, sharding: jax.sharding.Sharding) -> jax.Array:
         if isinstance(value, jax.Array) and value.is_fully_addressable:
             return jax.device_put(value, sharding)
-        return shard_array(value, sharding)
+        return weights.shard_array(value, sharding)
 
     return jax.tree_util.tree_map(place, params, shardings)
 
@@ -281,7 +275,9 @@ def place_batch(arrays: Any, mesh: Mesh | None, rules: Rules = DEFAULT_RULES) ->
     """
     if mesh is None:
         return jax.tree_util.tree_map(jnp.asarray, arrays)
-    return jax.tree_util.tree_map(lambda a: shard_array(a, batch_sharding(mesh, np.shape(a), rules)), arrays)
+    return jax.tree_util.tree_map(
+        lambda a: weights.shard_array(a, batch_sharding(mesh, np.shape(a), rules)), arrays
+    )
 
 
 def batch_struct(
@@ -360,7 +356,6 @@ __all__ = [
     "process_rows",
     "replicated",
     "resolve_mesh",
-    "shard_array",
     "shard_batch",
     "shard_params",
     "use_mesh",

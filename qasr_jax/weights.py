@@ -128,7 +128,9 @@ def _boxed_params(config: ThinkerConfig) -> Any:
     ids = jnp.zeros((1, 4), jnp.int32)
     feats = jnp.zeros((1, config.audio.num_mel_bins, config.audio.chunk_frames), jnp.float32)
     fmask = jnp.ones((1, config.audio.chunk_frames), jnp.int32)
-    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids, jnp.ones_like(ids), feats, fmask))["params"]
+    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids, jnp.ones_like(ids), feats, fmask))[
+        "params"
+    ]
 
 
 def abstract_params(config: ThinkerConfig) -> dict:
@@ -274,6 +276,12 @@ def is_orbax_checkpoint(path: str) -> bool:
     return os.path.isdir(os.path.join(path, ORBAX_PARAMS_DIR))
 
 
+def shard_array(value: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+    """A global array in ``sharding`` from a host array every process holds: each device copies only its slice."""
+    host = np.asarray(value)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
 Shardings = Any  # a pytree of jax.sharding.Sharding shaped like the params, or config → such a pytree
 
 
@@ -304,14 +312,14 @@ def load_pretrained(
     del host
     placed = []
     for i, sharding in enumerate(treedef.flatten_up_to(shardings)):
-        array = np.asarray(leaves[i])
-        placed.append(jax.make_array_from_callback(array.shape, sharding, lambda index, a=array: a[index]))
+        placed.append(shard_array(leaves[i], sharding))
         leaves[i] = None  # free the host copy of this tensor
     return config, jax.tree_util.tree_unflatten(treedef, placed)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Orbax
+
 
 def save_params(path: str | os.PathLike, params: dict) -> None:
     """Write ``params`` as an Orbax PyTree checkpoint at ``path`` (which must not exist yet)."""
@@ -530,6 +538,7 @@ __all__ = [
     "restore_params",
     "safetensors_files",
     "save_params",
+    "shard_array",
     "tree_equal",
     "unflatten_params",
 ]

@@ -22,8 +22,6 @@ from qasr_jax.aligner import (
 from qasr_jax.errors import AlignmentError, AudioError, LanguageError
 from tests.support import official, speech
 
-pytestmark = pytest.mark.skipif(not speech.have_espeak(), reason="espeak-ng is needed for speech clips")
-
 MIXED_ZH_EN = "今天天气很好, we walk to the park 公园散步吧。"
 
 

@@ -26,8 +26,6 @@ from qasr_jax.errors import AudioError, AudioFileNotFoundError, EmptyAudioError,
 from qasr_jax.generate import Generation
 from tests.support import official, speech
 
-pytestmark = pytest.mark.skipif(not speech.have_espeak(), reason="espeak-ng is needed for speech clips")
-
 EOS = list(official.EOS_TOKEN_IDS)
 CACHE_ROOT = Path(tempfile.gettempdir()) / "qasr_test_checkpoints"
 

@@ -8,13 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import soundfile
 
 from tests.support import speech
 from tests.test_asr import cached_small_checkpoint
-
-pytestmark = pytest.mark.skipif(not speech.have_espeak(), reason="espeak-ng is needed for speech clips")
 
 REPO = Path(__file__).resolve().parent.parent
 ISSUE_OPTIONS = ("--model", "--language", "--context", "--batch-size", "--max-new-tokens", "--format",

@@ -18,10 +18,7 @@ import numpy as np
 import pytest
 
 from qasr_jax import demo
-from tests.support.speech import have_espeak
 from train import demo_eval
-
-pytestmark = pytest.mark.skipif(not have_espeak(), reason="espeak-ng is not installed")
 
 REPO = Path(__file__).resolve().parent.parent
 HELD_OUT_SEED = 7

@@ -13,10 +13,7 @@ import pytest
 from qasr_jax import buckets
 from qasr_jax.engine import DecodeOptions, Engine
 from qasr_jax.generate import Generator
-from tests.support import speech
 from tests.test_generate import full_forward, loaded, reference_greedy, requests  # noqa: F401 (the fixtures of test_generate)
-
-pytestmark = pytest.mark.skipif(not speech.have_espeak(), reason="espeak-ng is needed for speech clips")
 
 
 def test_requests_joining_mid_decode_and_freed_slots_give_their_alone_tokens(loaded, requests, full_forward):  # noqa: F811

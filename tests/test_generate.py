@@ -24,8 +24,6 @@ from qasr_jax.weights import load_pretrained
 from tests.support import speech
 from tests.test_asr import cached_small_checkpoint
 
-pytestmark = pytest.mark.skipif(not speech.have_espeak(), reason="espeak-ng is needed for speech clips")
-
 STEPS = 14
 
 

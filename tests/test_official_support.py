@@ -19,15 +19,11 @@ pytest.importorskip("qwen_asr")
 import torch
 
 from tests.support import official
-from tests.support.speech import have_espeak, speech_clips
-
-needs_espeak = pytest.mark.skipif(not have_espeak(), reason="espeak-ng is not installed")
+from tests.support.speech import speech_clips
 
 
 @pytest.fixture(scope="module")
 def features() -> list[tuple[np.ndarray, int]]:
-    if not have_espeak():
-        pytest.skip("espeak-ng is not installed")
     return official.official_features(speech_clips())
 
 
@@ -299,7 +295,6 @@ def test_build_checkpoint_rejects_unknown_options(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@needs_espeak
 def test_scaled_weights_make_every_part_matter(asr_model, features) -> None:
     scaled = official.measure_weight_effects(asr_model, features)
     # The conv front end is not dwarfed by the sinusoidal positions.
@@ -328,7 +323,6 @@ def test_window_mask_matches_the_encoders_own(asr_model) -> None:
     assert ours.shape == (1, 1, 30, 30) and ours[0, 0, 0, 12] == 0 and ours[0, 0, 0, 13] < -1e30
 
 
-@needs_espeak
 def test_windowed_official_encoder_attends_inside_windows_only(asr_model, features) -> None:
     long_feats, frames = features[2]
     window_frames = asr_model.thinker.audio_tower.config.n_window_infer  # 800 frames = 104 tokens
@@ -344,7 +338,6 @@ def test_windowed_official_encoder_attends_inside_windows_only(asr_model, featur
     np.testing.assert_array_equal(official.official_encode(asr_model, [long_feats], windowed=None)[0], full)
 
 
-@needs_espeak
 def test_windows_context_manager_patches_and_restores(asr_dir: str, features) -> None:
     from qwen_asr.core.transformers_backend.modeling_qwen3_asr import Qwen3ASRAudioEncoderLayer
 
@@ -370,7 +363,6 @@ def test_windows_context_manager_patches_and_restores(asr_dir: str, features) ->
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@needs_espeak
 def test_official_features_are_per_item_batches_of_one(asr_dir: str, features) -> None:
     from transformers import WhisperFeatureExtractor
 
@@ -406,7 +398,6 @@ def test_make_audio_prompt_ids_left_pads_audio_runs() -> None:
     assert mask[-1].all()  # the longest item is not padded
 
 
-@needs_espeak
 def test_official_logits_match_the_official_forward_per_item(asr_model, features) -> None:
     encoded = official.official_encode(asr_model, features)
     assert [e.shape for e in encoded] == [(official.encoder_output_length(n), 64) for _, n in features]
@@ -432,7 +423,6 @@ def test_official_logits_match_the_official_forward_per_item(asr_model, features
     np.testing.assert_allclose(short_whole, alone[0], rtol=0, atol=1e-6 * np.abs(alone[0]).max())
 
 
-@needs_espeak
 def test_aligner_logits_have_the_class_head(aligner_dir: str, features) -> None:
     model = official.load_official(aligner_dir)
     short = features[:2]

@@ -32,8 +32,6 @@ from tests.support import speech
 from tests.support import train_fixtures as tf
 from tests.test_sharding import REPO, run_mesh_check
 
-needs_espeak = pytest.mark.skipif(not speech.have_espeak(), reason="espeak-ng is not installed")
-
 
 def _tiny_model_dir(path, aligner: bool = False) -> str:
     return tf.write_model_dir(path, tf.tiny_config_dict(aligner=aligner), aligner=aligner)
@@ -125,7 +123,6 @@ def test_boundary_shift_repairs_predictions_like_the_aligner():
 # Data
 
 
-@needs_espeak
 def test_bad_manifest_rows_are_counted_and_skipped_with_reasons(tmp_path, caplog):
     import soundfile
 
@@ -232,7 +229,6 @@ def test_train_step_on_meshes_matches_single_device(tmp_path):
 # The objective against the official model
 
 
-@needs_espeak
 def test_loss_matches_official_pytorch_model(tmp_path):
     """Our data pipeline + loss on a batch = the official thinker's loss (labels on the target tokens only),
     on token sequences the official processor builds from the chat template."""
@@ -295,8 +291,6 @@ def test_loss_matches_official_pytorch_model(tmp_path):
 @pytest.fixture(scope="module")
 def overfit_run(tmp_path_factory):
     """A tiny model trained on four espeak-ng utterances (bf16 compute, fp32 master weights), then exported."""
-    if not speech.have_espeak():
-        pytest.skip("espeak-ng is not installed")
     from qasr_jax.train import train
 
     root = tmp_path_factory.mktemp("overfit")
@@ -376,7 +370,6 @@ def test_export_round_trips_through_our_loader(tmp_path):
             assert not os.path.exists(str(out) + ".partial")
 
 
-@needs_espeak
 def test_kill_and_resume_reproduces_the_uninterrupted_loss_trajectory(tmp_path):
     """Killed while committing a checkpoint, and again between checkpoints, the run resumes each time from
     its last complete checkpoint and logs exactly the losses of an uninterrupted run. The encoder is frozen
@@ -458,7 +451,6 @@ def load_checkpoint_params(path) -> dict[str, np.ndarray]:
 # Aligner objective
 
 
-@needs_espeak
 def test_aligner_targets_are_timestamp_classes_and_eval_measures_boundary_shift(tmp_path):
     from qasr_jax import sharding
     from qasr_jax.model import Qwen3ASR

@@ -181,9 +181,7 @@ class Recipe:
             print(f"[{stage}] starting (load average {os.getloadavg()[0]:.2f})", flush=True)
             started = time.monotonic()
             getattr(self, stage)()
-            seconds = (
-                time.monotonic() - started + (done or {}).get("seconds", 0.0) * (not (done or {}).get("done"))
-            )
+            seconds = time.monotonic() - started
             self.state["stages"][stage] = {"done": True, "seconds": round(seconds, 1)}
             self.save()
             print(f"[{stage}] done in {seconds:.0f} s", flush=True)

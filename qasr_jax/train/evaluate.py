@@ -180,8 +180,9 @@ class Evaluator:
                 prompt = text_io.build_prompt_ids(self.tokenizer, audio_tokens, "", None)
                 requests.append(GenerationRequest(samples, prompt, self.max_new_tokens))
             # A fixed row count (the eval batch size): one program per audio/prompt bucket whatever the params.
-            shape = self.engine.prefill_shape(requests, self.batch_size)
-            shape = type(shape)(self.batch_size, shape.frames, shape.prompt_len)
+            shape = dataclasses.replace(
+                self.engine.prefill_shape(requests, self.batch_size), rows=self.batch_size
+            )
             for generation in self.engine.run(params, requests, shape, steps):
                 raw = self.tokenizer.decode(generation.token_ids, skip_special_tokens=True)
                 results.append(text_io.parse_asr_output(raw))
