@@ -110,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         ratio = theirs / ours if ours and theirs == theirs else float("nan")
         print(f"{name:32s} {ours:10.2f} {theirs:10.2f} {ratio:14.2f}")
     if ref:
-        print(f"{'official forward, windows wired in':32s} {'':10s} {windowed:10.2f} {windowed / forward_ours:14.2f}")
+        print(
+            f"{'official forward, windows wired in':32s} {'':10s} {windowed:10.2f} {windowed / forward_ours:14.2f}"
+        )
     _ = jnp
     return 0
 

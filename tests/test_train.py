@@ -174,18 +174,19 @@ def test_bad_manifest_rows_are_counted_and_skipped_with_reasons(tmp_path, caplog
     (spec,) = data_lib.eval_specs(report.examples, shapes, 4)
     caplog.clear()
     with caplog.at_level("WARNING", logger="qasr_jax.train.data"):
-        batch = data_lib.BatchLoader(report.examples, tokens)(spec)
+        loaded = data_lib.BatchLoader(report.examples, tokens)(spec)
+    batch = loaded.batch
     rows_by_line = {report.examples[i].line: r for r, i in enumerate(spec.rows)}
     bad = rows_by_line[11]
-    assert batch["bad_rows"].tolist().count(1) == 1 and batch["bad_rows"][bad] == 1
+    assert loaded.failed.tolist() == [r == bad for r in range(len(spec.rows))]
     assert "vanishing.wav: row dropped" in caplog.text
-    assert batch["label_weights"][bad].sum() == 0
+    assert batch.label_weights[bad].sum() == 0
     assert spec.weights.count(0.0) == 1  # the eval batch is filled to 4 rows with a zero-weight copy
     good = rows_by_line[1]
     n_audio = config.audio.output_length(audio_io.num_frames(first.num_samples))
-    ids = batch["input_ids"][good]
+    ids = batch.input_ids[good]
     assert (ids == tokens.audio_pad_id).sum() == n_audio
-    positions = batch["label_positions"][good][: len(first.targets)]
+    positions = batch.label_positions[good][: len(first.targets)]
     # The logits at each position predict the next token: the targets follow their positions.
     assert ids[positions + 1].tolist() == list(first.targets)
     assert spec.frames % config.audio.window_frames == 0
@@ -246,10 +247,10 @@ def test_loss_matches_official_pytorch_model(tmp_path):
     rows[1] = {**rows[1], "language": None, "context": "Names: Bo, Al."}
     report = data_lib.read_manifest(tf.write_manifest(tmp_path / "m.jsonl", rows), tokens)
     (spec,) = data_lib.eval_specs(report.examples, data_lib.Shapes(config, 16, 16), 3)
-    batch = data_lib.BatchLoader(report.examples, tokens)(spec)
+    batch = data_lib.BatchLoader(report.examples, tokens)(spec).batch
     model = Qwen3ASR(config)
     ce_sum, counts = jax.jit(lambda p, b: losses.loss_sums(model, p, b))(
-        params, {k: jnp.asarray(v) for k, v in batch.items() if k != "bad_rows"}
+        params, jax.tree_util.tree_map(jnp.asarray, batch)
     )
     ours = float(ce_sum) / float(counts["weight"])
 
@@ -270,7 +271,7 @@ def test_loss_matches_official_pytorch_model(tmp_path):
         short = processor(text=[prefix], audio=[samples], return_tensors="pt", padding=True)
         n_targets = int(full["attention_mask"].sum()) - int(short["attention_mask"].sum())
         ids = full["input_ids"][0].numpy()
-        assert ids.tolist() == batch["input_ids"][r][: int(batch["attention_mask"][r].sum())].tolist()
+        assert ids.tolist() == batch.input_ids[r][: int(batch.attention_mask[r].sum())].tolist()
         assert n_targets == len(example.targets)
         labels = full["input_ids"].clone()
         labels[:, : labels.shape[1] - n_targets] = -100
@@ -478,15 +479,15 @@ def test_aligner_targets_are_timestamp_classes_and_eval_measures_boundary_shift(
     params = _random_params(config, seed=2)
     evaluator = Evaluator(trainer, report.examples, loader, shapes, 2, "aligner", tokenizer)
     (spec,) = evaluator.specs
-    batch = loader(spec)
+    batch = loader(spec).batch
     r = spec.rows.index(0)
     n = len(example.targets)
-    positions = batch["label_positions"][r, :n]
-    assert (batch["input_ids"][r, positions] == tokenizer.timestamp_id).all()
+    positions = batch.label_positions[r, :n]
+    assert (batch.input_ids[r, positions] == tokenizer.timestamp_id).all()
 
     # The classes at the slots are those of the full forward pass at the <timestamp> tokens.
     classes, sums = trainer.eval_step(params, trainer.shard_batch(batch))
-    full = Qwen3ASR(config).apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+    full = Qwen3ASR(config).apply({"params": params}, batch.input_ids, batch.attention_mask,
                                   *_features(batch))  # fmt: skip
     np.testing.assert_array_equal(np.asarray(classes)[r, :n], np.argmax(np.asarray(full)[r, positions], -1))
     metrics = evaluator.evaluate(params)
@@ -497,10 +498,10 @@ def test_aligner_targets_are_timestamp_classes_and_eval_measures_boundary_shift(
     assert metrics["loss"] == pytest.approx(float(sums["ce_sum"]) / float(sums["weight"]))
 
 
-def _features(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    frames = losses.batch_frames(batch["waveforms"])
+def _features(batch: data_lib.Batch) -> tuple[np.ndarray, np.ndarray]:
+    frames = losses.batch_frames(batch.waveforms)
     mel, valid = audio_io.log_mel(
-        jnp.asarray(batch["waveforms"]), jnp.asarray(batch["wave_lengths"]), frames=frames
+        jnp.asarray(batch.waveforms), jnp.asarray(batch.wave_lengths), frames=frames
     )
     return np.asarray(mel), (np.arange(frames)[None] < np.asarray(valid)[:, None]).astype(np.int32)
 
@@ -524,8 +525,9 @@ def test_ctc_auxiliary_loss_matches_torch_ctc(tmp_path):
     paddings = (np.arange(labels_len)[None, :] >= counts[:, None]).astype(np.float32)
     weights = np.ones((rows, 3), np.float32)
     weights[3] = 0.0  # a padding row
-    batch = {"ctc_labels": jnp.asarray(labels), "ctc_label_paddings": jnp.asarray(paddings),
-             "label_weights": jnp.asarray(weights)}  # fmt: skip
+    unused = dict.fromkeys(("waveforms", "wave_lengths", "input_ids", "attention_mask", "label_positions", "labels"))
+    batch = data_lib.Batch(ctc_labels=jnp.asarray(labels), ctc_label_paddings=jnp.asarray(paddings),
+                           label_weights=jnp.asarray(weights), **unused)  # fmt: skip
     blank = 0
     ours = float(losses.ctc_sum(model, params, audio, lengths, batch, blank))
 

@@ -36,6 +36,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import flax
 import numpy as np
 
 from qasr_jax import audio as audio_io
@@ -49,7 +50,37 @@ log = logging.getLogger(__name__)
 # Short audio is zero-padded to this, as the inference pipeline pads short pieces.
 MIN_SECONDS = audio_io.MIN_PIECE_SECONDS
 
-Batch = dict[str, np.ndarray]
+
+@flax.struct.dataclass
+class Batch:
+    """The arrays of one training or evaluation step, every one ``[rows, ...]`` (a pytree: host numpy arrays from
+    ``BatchLoader``, device arrays once placed).
+
+    ``waveforms [rows, (frames + 1) · 160]`` float32 and ``wave_lengths`` (samples); ``input_ids [rows,
+    seq_len]`` (right-padded) and ``attention_mask``; ``label_positions [rows, label_len]`` (where each target is
+    predicted), ``labels`` and ``label_weights`` (float32; 0 on padding, on zero-weight rows and on rows that
+    failed to load); ``ctc_labels``/``ctc_label_paddings [rows, label_len]`` (the transcript's tokens, 1 on
+    padding).
+    """
+
+    waveforms: Any
+    wave_lengths: Any
+    input_ids: Any
+    attention_mask: Any
+    label_positions: Any
+    labels: Any
+    label_weights: Any
+    ctc_labels: Any
+    ctc_label_paddings: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedBatch:
+    """What ``BatchLoader`` gives for one step: the step's ``Batch`` and, on the host only, ``failed [rows]``
+    (True where the row's audio failed to load and the row was left empty)."""
+
+    batch: Batch
+    failed: np.ndarray
 
 
 @dataclasses.dataclass(frozen=True)
@@ -404,14 +435,7 @@ def load_samples(example: Example) -> np.ndarray:
 
 
 class BatchLoader:
-    """Host arrays of this process's rows of a BatchSpec (a grain map transform).
-
-    Returns a dict of ``[rows, ...]`` arrays: ``waveforms [rows, (frames + 1) · 160]`` float32, ``wave_lengths``,
-    ``input_ids [rows, seq_len]`` (right-padded), ``attention_mask``, ``label_positions [rows, label_len]``,
-    ``labels``, ``label_weights`` (float32; 0 on padding, on zero-weight rows and on rows that failed to load),
-    ``ctc_labels``/``ctc_label_paddings [rows, label_len]`` (the transcript's tokens, 1 on padding), and
-    ``bad_rows [rows]`` (1 where the audio failed to load).
-    """
+    """Host arrays of this process's rows of a BatchSpec (a grain map transform): a ``LoadedBatch``."""
 
     def __init__(
         self, examples: Sequence[Example], tokens: Tokenization, process_rows: slice | None = None
@@ -420,23 +444,23 @@ class BatchLoader:
         self.tokens = tokens
         self.process_rows = process_rows
 
-    def __call__(self, spec: BatchSpec) -> Batch:
+    def __call__(self, spec: BatchSpec) -> LoadedBatch:
         rows = spec.rows if self.process_rows is None else spec.rows[self.process_rows]
         weights = spec.weights if self.process_rows is None else spec.weights[self.process_rows]
         n = len(rows)
         width = (spec.frames + 1) * audio_io.HOP_LENGTH
-        batch: Batch = {
-            "waveforms": np.zeros((n, width), np.float32),
-            "wave_lengths": np.zeros((n,), np.int32),
-            "input_ids": np.full((n, spec.seq_len), self.tokens.pad_id, np.int32),
-            "attention_mask": np.zeros((n, spec.seq_len), np.int32),
-            "label_positions": np.zeros((n, spec.label_len), np.int32),
-            "labels": np.zeros((n, spec.label_len), np.int32),
-            "label_weights": np.zeros((n, spec.label_len), np.float32),
-            "ctc_labels": np.zeros((n, spec.label_len), np.int32),
-            "ctc_label_paddings": np.ones((n, spec.label_len), np.float32),
-            "bad_rows": np.zeros((n,), np.int32),
-        }
+        batch = Batch(
+            waveforms=np.zeros((n, width), np.float32),
+            wave_lengths=np.zeros((n,), np.int32),
+            input_ids=np.full((n, spec.seq_len), self.tokens.pad_id, np.int32),
+            attention_mask=np.zeros((n, spec.seq_len), np.int32),
+            label_positions=np.zeros((n, spec.label_len), np.int32),
+            labels=np.zeros((n, spec.label_len), np.int32),
+            label_weights=np.zeros((n, spec.label_len), np.float32),
+            ctc_labels=np.zeros((n, spec.label_len), np.int32),
+            ctc_label_paddings=np.ones((n, spec.label_len), np.float32),
+        )
+        failed = np.zeros((n,), bool)
         for r, (index, weight) in enumerate(zip(rows, weights)):
             example = self.examples[index]
             try:
@@ -444,24 +468,24 @@ class BatchLoader:
             except (QasrError, BadRow, OSError) as error:
                 log.warning("%s: row dropped from step %d: %s", example.audio, spec.step, error)
                 self._blank(batch, r)
-        return batch
+                failed[r] = True
+        return LoadedBatch(batch, failed)
 
     def _blank(self, batch: Batch, r: int) -> None:
         """A row without loss that still computes finite numbers: 0.5 s of silence, one valid token."""
-        for key in (
-            "waveforms",
-            "attention_mask",
-            "label_positions",
-            "labels",
-            "label_weights",
-            "ctc_labels",
+        for array in (
+            batch.waveforms,
+            batch.attention_mask,
+            batch.label_positions,
+            batch.labels,
+            batch.label_weights,
+            batch.ctc_labels,
         ):
-            batch[key][r] = 0
-        batch["ctc_label_paddings"][r] = 1
-        batch["wave_lengths"][r] = padded_samples(0)
-        batch["input_ids"][r] = self.tokens.pad_id
-        batch["attention_mask"][r, 0] = 1
-        batch["bad_rows"][r] = 1
+            array[r] = 0
+        batch.ctc_label_paddings[r] = 1
+        batch.wave_lengths[r] = padded_samples(0)
+        batch.input_ids[r] = self.tokens.pad_id
+        batch.attention_mask[r, 0] = 1
 
     def _fill(self, batch: Batch, r: int, example: Example, weight: float, spec: BatchSpec) -> None:
         samples = load_samples(example)
@@ -472,20 +496,20 @@ class BatchLoader:
             raise BadRow(
                 f"{len(ids)} tokens / {frames} frames do not fit the batch ({spec.seq_len} / {spec.frames})"
             )
-        batch["waveforms"][r, : len(samples)] = samples
-        batch["wave_lengths"][r] = len(samples)
-        batch["input_ids"][r, : len(ids)] = ids
-        batch["attention_mask"][r, : len(ids)] = 1
+        batch.waveforms[r, : len(samples)] = samples
+        batch.wave_lengths[r] = len(samples)
+        batch.input_ids[r, : len(ids)] = ids
+        batch.attention_mask[r, : len(ids)] = 1
         shift = audio_tokens - 1  # slots after the audio pad move by the expansion
         pad_slot = example.template.index(self.tokens.audio_pad_id)
         slots = [s + shift if s > pad_slot else s for s in example.target_slots]
         k = len(slots)
-        batch["label_positions"][r, :k] = slots
-        batch["labels"][r, :k] = example.targets
-        batch["label_weights"][r, :k] = weight
+        batch.label_positions[r, :k] = slots
+        batch.labels[r, :k] = example.targets
+        batch.label_weights[r, :k] = weight
         n = len(example.transcript)  # shorter than the targets, which hold it
-        batch["ctc_labels"][r, :n] = example.transcript
-        batch["ctc_label_paddings"][r, :n] = 0.0
+        batch.ctc_labels[r, :n] = example.transcript
+        batch.ctc_label_paddings[r, :n] = 0.0
 
 
 def _expand(template: Sequence[int], audio_pad_id: int, audio_tokens: int) -> list[int]:
@@ -509,6 +533,7 @@ __all__ = [
     "BatchPlan",
     "BatchSpec",
     "Example",
+    "LoadedBatch",
     "ManifestReport",
     "Shapes",
     "Tokenization",

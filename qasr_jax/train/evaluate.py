@@ -26,7 +26,7 @@ from qasr_jax import audio as audio_io
 from qasr_jax import buckets, sharding
 from qasr_jax import text as text_io
 from qasr_jax.engine import DecodeOptions, Engine, GenerationRequest
-from qasr_jax.train.data import BatchLoader, Example, Shapes, eval_specs, load_samples
+from qasr_jax.train.data import Batch, BatchLoader, Example, Shapes, eval_specs, load_samples
 from qasr_jax.train.step import Trainer
 
 CHARACTER_LANGUAGES = frozenset({"Chinese", "Cantonese", "Japanese", "Korean", "Thai"})
@@ -143,7 +143,7 @@ class Evaluator:
         self.engine = Engine(trainer.config, options=self.options, mesh=trainer.mesh, sharding_rules=trainer.rules,
                              model=trainer.model)  # fmt: skip
 
-    def _place(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    def _place(self, batch: Batch) -> Batch:
         return sharding.place_batch(batch, self.trainer.mesh, self.trainer.rules)
 
     def loss_and_predictions(self, params: Any) -> tuple[dict[str, float], list[tuple[Example, np.ndarray]]]:
@@ -151,8 +151,8 @@ class Evaluator:
         ce = weight = correct = 0.0
         predicted = []
         for spec in self.specs:
-            batch = self.loader(spec)
-            classes, sums = self.trainer.eval_step(params, self._place(batch))
+            loaded = self.loader(spec)
+            classes, sums = self.trainer.eval_step(params, self._place(loaded.batch))
             classes, sums = jax.device_get((classes, sums))
             ce, weight, correct = (
                 ce + float(sums["ce_sum"]),
@@ -160,7 +160,7 @@ class Evaluator:
                 correct + float(sums["correct"]),
             )
             for r, (index, w) in enumerate(zip(spec.rows, spec.weights)):
-                if w > 0 and not batch["bad_rows"][r]:
+                if w > 0 and not loaded.failed[r]:
                     example = self.examples[index]
                     predicted.append((example, classes[r, : len(example.targets)]))
         metrics = {"loss": ce / max(weight, 1e-9), "accuracy": correct / max(weight, 1e-9), "targets": weight}

@@ -124,13 +124,13 @@ def train(cfg: TrainConfig, callbacks: Sequence[StepCallback] = ()) -> dict[str,
     step = start
     try:
         while step < cfg.run.steps:
-            host_batch = next(batches)
+            loaded = next(batches)
             batch_info = {
-                "examples": float(len(host_batch["wave_lengths"]) * jax.process_count()),
-                "audio_seconds": float(np.sum(host_batch["wave_lengths"])) / 16000.0 * jax.process_count(),
-                "bad_rows": int(np.sum(host_batch["bad_rows"])),
+                "examples": float(len(loaded.batch.wave_lengths) * jax.process_count()),
+                "audio_seconds": float(np.sum(loaded.batch.wave_lengths)) / 16000.0 * jax.process_count(),
+                "bad_rows": int(np.sum(loaded.failed)),
             }
-            state, metrics = trainer.train_step(state, trainer.shard_batch(host_batch))
+            state, metrics = trainer.train_step(state, trainer.shard_batch(loaded.batch))
             step += 1
             bad_rows += batch_info["bad_rows"]
             pending.append((step, metrics, batch_info))

@@ -22,6 +22,7 @@ from qasr_jax.config import ThinkerConfig
 from qasr_jax.model import Qwen3ASR
 from qasr_jax.train import losses
 from qasr_jax.train.config import ModelConfig, OptimConfig
+from qasr_jax.train.data import Batch
 from qasr_jax.train.optim import make_optimizer, trainable_mask
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -47,7 +48,7 @@ def build_model(config: ThinkerConfig, cfg: ModelConfig) -> Qwen3ASR:
     )
 
 
-def _micro_batches(batch: dict[str, jax.Array], count: int) -> dict[str, jax.Array]:
+def _micro_batches(batch: Batch, count: int) -> Batch:
     """``[B, ...]`` → ``[count, B / count, ...]`` taking every count-th row, so each micro-batch keeps rows on
     every device of the batch axis."""
     return jax.tree_util.tree_map(
@@ -162,12 +163,9 @@ class Trainer:
             lambda p, t: p if t else jax.lax.stop_gradient(p), params, self.trainable
         )
 
-    def _train_step(
-        self, state: TrainState, batch: dict[str, jax.Array]
-    ) -> tuple[TrainState, dict[str, jax.Array]]:
-        batch = {k: v for k, v in batch.items() if k != "bad_rows"}
+    def _train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
 
-        def objective(params: Any, micro: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+        def objective(params: Any, micro: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
             return losses.loss_sums(
                 self.model, self._masked_params(params), micro, self.ctc_weight, self.ctc_blank_id
             )
@@ -177,7 +175,7 @@ class Trainer:
             (_, counts), grads = grad_fn(state.params, batch)
         else:
 
-            def accumulate(carry: tuple, micro: dict[str, jax.Array]) -> tuple[tuple, None]:
+            def accumulate(carry: tuple, micro: Batch) -> tuple[tuple, None]:
                 grads_sum, totals = carry
                 (_, counts), grads = grad_fn(state.params, micro)
                 grads_sum = jax.tree_util.tree_map(jnp.add, grads_sum, grads)
@@ -206,23 +204,20 @@ class Trainer:
             metrics["ctc_loss"] = counts["ctc"] / denominator
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    def train_step(
-        self, state: TrainState, batch: dict[str, jax.Array]
-    ) -> tuple[TrainState, dict[str, jax.Array]]:
+    def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         """One optimizer update (``state`` is donated: do not use it afterwards)."""
         with sharding.use_mesh(self.mesh, self.rules):
             return self._train(state, batch)
 
-    def _eval_step(self, params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
-        batch = {k: v for k, v in batch.items() if k != "bad_rows"}
+    def _eval_step(self, params: Any, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
         return losses.predictions(self.model, params, batch)
 
-    def eval_step(self, params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def eval_step(self, params: Any, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Argmax predictions at the targets ``[B, L]`` and the loss sums (``ce_sum``, ``weight``, ``correct``)."""
         with sharding.use_mesh(self.mesh, self.rules):
             return self._eval(params, batch)
 
-    def shard_batch(self, batch: dict[str, Any]) -> dict[str, jax.Array]:
+    def shard_batch(self, batch: Batch) -> Batch:
         """Global arrays from this process's rows of a host batch."""
         return sharding.shard_batch(batch, self.mesh, self.rules)
 

@@ -29,6 +29,7 @@ import numpy as np
 
 from qasr_jax import sharding
 from qasr_jax.config import config_from_dict
+from qasr_jax.train.data import Batch
 from qasr_jax.weights import flatten_params
 
 # The encoder key bias only shifts every attention logit of a query by the same amount, which softmax ignores:
@@ -65,31 +66,32 @@ def random_params(config: Any, seed: int = 0, scale: float = 0.15) -> dict:
     return unflatten_params(flat)
 
 
-def synthetic_batch(config: Any, rows: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
+def synthetic_batch(config: Any, rows: int = 8, seed: int = 0) -> Batch:
     """A right-padded ASR-shaped batch: ragged audio, audio pads, targets at the end, one zero-weight row."""
     rng = np.random.default_rng(seed)
     frames = 200
     width = (frames + 1) * 160
     seq, labels = 48, 16
-    batch = {
-        "waveforms": (0.1 * rng.standard_normal((rows, width))).astype(np.float32),
-        "wave_lengths": rng.integers(8000, 32000, rows).astype(np.int32),
-        "input_ids": rng.integers(0, 1900, (rows, seq)).astype(np.int32),
-        "attention_mask": np.zeros((rows, seq), np.int32),
-        "label_positions": np.zeros((rows, labels), np.int32),
-        "labels": rng.integers(0, config.head_size, (rows, labels)).astype(np.int32),
-        "label_weights": np.zeros((rows, labels), np.float32),
-        "bad_rows": np.zeros((rows,), np.int32),
-    }
+    batch = Batch(
+        waveforms=(0.1 * rng.standard_normal((rows, width))).astype(np.float32),
+        wave_lengths=rng.integers(8000, 32000, rows).astype(np.int32),
+        input_ids=rng.integers(0, 1900, (rows, seq)).astype(np.int32),
+        attention_mask=np.zeros((rows, seq), np.int32),
+        label_positions=np.zeros((rows, labels), np.int32),
+        labels=rng.integers(0, config.head_size, (rows, labels)).astype(np.int32),
+        label_weights=np.zeros((rows, labels), np.float32),
+        ctc_labels=np.zeros((rows, labels), np.int32),
+        ctc_label_paddings=np.ones((rows, labels), np.float32),
+    )
     for r in range(rows):
-        n_audio = config.audio.output_length(int(batch["wave_lengths"][r]) // 160)
-        batch["input_ids"][r, 2 : 2 + n_audio] = config.audio_token_id
+        n_audio = config.audio.output_length(int(batch.wave_lengths[r]) // 160)
+        batch.input_ids[r, 2 : 2 + n_audio] = config.audio_token_id
         length = 2 + n_audio + int(rng.integers(4, 12))
-        batch["attention_mask"][r, :length] = 1
+        batch.attention_mask[r, :length] = 1
         n_labels = int(rng.integers(3, labels))
-        batch["label_positions"][r, :n_labels] = np.arange(length - n_labels, length)
-        batch["label_weights"][r, :n_labels] = 1.0
-    batch["label_weights"][-1] = 0.0
+        batch.label_positions[r, :n_labels] = np.arange(length - n_labels, length)
+        batch.label_weights[r, :n_labels] = 1.0
+    batch.label_weights[-1] = 0.0
     return batch
 
 
@@ -162,21 +164,21 @@ def run_infer(work_dir: str, specs: list[str]) -> dict[str, Any]:
     frames = 200
     from qasr_jax import audio
 
-    features, feature_frames = audio.log_mel(jnp.asarray(batch["waveforms"]), jnp.asarray(batch["wave_lengths"]),
+    features, feature_frames = audio.log_mel(jnp.asarray(batch.waveforms), jnp.asarray(batch.wave_lengths),
                                              frames=frames)  # fmt: skip
     feature_mask = (np.arange(frames)[None, :] < np.asarray(feature_frames)[:, None]).astype(np.int32)
-    inputs = (batch["input_ids"], batch["attention_mask"], np.asarray(features), feature_mask)
+    inputs = (batch.input_ids, batch.attention_mask, np.asarray(features), feature_mask)
     model = Qwen3ASR(config)
     forward = jax.jit(lambda p, *a: model.apply({"params": p}, *a))
     options = DecodeOptions(eos_token_ids=(), pad_token_id=0)
     # Greedy decoding of each row's valid prefix as its prompt, 12 tokens.
     requests = [
         GenerationRequest(
-            batch["waveforms"][r, : batch["wave_lengths"][r]],
-            batch["input_ids"][r, : int(batch["attention_mask"][r].sum())].tolist(),
+            batch.waveforms[r, : batch.wave_lengths[r]],
+            batch.input_ids[r, : int(batch.attention_mask[r].sum())].tolist(),
             12,
         )
-        for r in range(batch["input_ids"].shape[0])
+        for r in range(batch.input_ids.shape[0])
     ]
 
     ref_logits = np.asarray(forward(single_params, *inputs))
