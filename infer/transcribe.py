@@ -2,7 +2,8 @@
 
 Two ways to name the audio:
 
-- ``FILE ...``: the results, in input order, go to stdout or ``--output`` as txt (one line per file), json (a
+- ``FILE ...``: paths, http(s) URLs, or ``-`` for a file's bytes on stdin (``--raw-pcm RATE`` for headerless
+  16-bit PCM). The results, in input order, go to stdout or ``--output`` as txt (one line per file), json (a
   list of objects) or jsonl (one object per line).
 - ``--manifest LIST``: one item per line, either a path or a JSON object ``{"id": ..., "path": ...}`` with
   optional ``"context"`` and ``"language"``. Results are appended to ``--output`` (default
@@ -44,7 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("files", nargs="*", metavar="FILE", help="audio files (wav, flac, ogg, mp3, ...)")
+    parser.add_argument("files", nargs="*", metavar="FILE",
+                        help="audio files (wav, flac, ogg, mp3, m4a, opus, mp4/mkv/webm video, ...), http(s) URLs, "
+                             "or - for audio bytes on stdin")  # fmt: skip
+    parser.add_argument("--raw-pcm", type=int, default=None, metavar="RATE",
+                        help="the FILEs (or stdin) are headerless signed 16-bit little-endian mono PCM at RATE Hz")  # fmt: skip
+    parser.add_argument("--max-audio-seconds", type=float, default=None, metavar="S",
+                        help="refuse audio longer than S seconds (that item fails; the others go on)")  # fmt: skip
     parser.add_argument("--model", metavar="DIR",
                         help="Qwen3-ASR checkpoint directory (default: the demo model under models/, which knows "
                              "only synthetic English and German speech)")  # fmt: skip
@@ -128,8 +135,27 @@ def finished_ids(path: str) -> set[str]:
     return done
 
 
+def audio_source(path: str, args: argparse.Namespace) -> Any:
+    """What the model is given for a FILE argument: the path or URL itself, stdin's bytes for ``-``, and with
+    ``--raw-pcm`` the PCM samples with their rate."""
+    if path != "-" and args.raw_pcm is None:
+        return path
+    if path == "-":
+        if args.stdin_bytes is None:
+            args.stdin_bytes = sys.stdin.buffer.read()
+        data = args.stdin_bytes
+    else:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    if args.raw_pcm is None:
+        return data
+    from qasr_jax.audio_files import raw_pcm
+
+    return raw_pcm(data, "<stdin>" if path == "-" else path), args.raw_pcm
+
+
 def audio_seconds(path: str) -> float:
-    """Duration from the file header (0 when unreadable; the transcription reports the error)."""
+    """Duration from the file header (0 when unknown; the transcription reports any error)."""
     import soundfile
 
     try:
@@ -159,19 +185,32 @@ def result_record(job: Job, result: Any) -> dict[str, Any]:
 def transcribe_jobs(model: Any, jobs: Sequence[Job], args: argparse.Namespace) -> Iterator[tuple[int, Any]]:
     """(position in ``jobs``, ASRTranscription) as each finishes, in groups that bound how much audio is held
     at once."""
+    from qasr_jax.asr import ASRTranscription
+    from qasr_jax.errors import AudioDecodeError, QasrError
+
     group_size = max(4 * args.batch_size, 64)
     for start in range(0, len(jobs), group_size):
         group = list(jobs[start : start + group_size])
-        contexts = [job.context if job.context is not None else args.context for job in group]
-        languages = [job.language if job.language is not None else args.language for job in group]
+        positions, sources = [], []
+        for offset, job in enumerate(group):
+            try:
+                sources.append(audio_source(job.path, args))
+                positions.append(start + offset)
+            except (QasrError, OSError) as error:
+                if not isinstance(error, QasrError):
+                    error = AudioDecodeError(f"{job.path}: cannot read ({error})")
+                yield start + offset, ASRTranscription("", "", error=error)
+        if not sources:
+            continue
+        kept = [jobs[position] for position in positions]
         stream = model.iter_transcribe(
-            [job.path for job in group],
-            context=contexts,
-            language=languages,
+            sources,
+            context=[job.context if job.context is not None else args.context for job in kept],
+            language=[job.language if job.language is not None else args.language for job in kept],
             return_time_stamps=args.timestamps,
         )
         for index, result in stream:
-            yield start + index, result
+            yield positions[index], result
 
 
 class Progress:
@@ -233,6 +272,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("give either audio FILEs or --manifest LIST (one of them)")
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
+    if args.raw_pcm is not None and args.raw_pcm <= 0:
+        parser.error("--raw-pcm RATE must be a positive sample rate")
+    if args.files.count("-") > 1:
+        parser.error("stdin (-) can be given once")
+    args.stdin_bytes = None
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         parser.error("--max-new-tokens must be >= 1")
     if args.timestamps and not args.forced_aligner and args.model:
@@ -279,6 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_new_tokens=args.max_new_tokens,
             dtype=args.dtype,
             max_chunk_seconds=args.max_chunk_seconds,
+            max_audio_seconds=args.max_audio_seconds,
             repetition_penalty=args.repetition_penalty,
             no_repeat_ngram_size=args.no_repeat_ngram_size,
         )

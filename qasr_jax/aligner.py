@@ -28,7 +28,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from qasr_jax import audio as audio_io
-from qasr_jax import buckets, sharding
+from qasr_jax import audio_files, buckets, sharding
 from qasr_jax import text as text_io
 from qasr_jax.config import ThinkerConfig, load_config
 from qasr_jax.errors import AlignmentError, ConfigError, LanguageError, QasrError
@@ -331,7 +331,7 @@ class Qwen3ForcedAligner:
 
     def _prepare(self, index: int, audio: Any, text: str, language: str | None) -> _Pair | ForcedAlignResult:
         """The pair ready for the model, or its result when it needs none (no words) or cannot be aligned."""
-        label = os.fspath(audio) if isinstance(audio, (str, os.PathLike)) else f"item {index}"
+        label = audio_files.describe(audio, f"item {index}")
         try:
             canonical = resolve_language(language)
             if text is None:

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from qasr_jax import audio as audio_io
-from qasr_jax import sharding
+from qasr_jax import audio_files, sharding
 from qasr_jax import text as text_io
 from qasr_jax.aligner import Qwen3ForcedAligner
 from qasr_jax.config import ThinkerConfig
@@ -157,6 +157,7 @@ class Qwen3ASRModel:
         dtype: Any = jnp.float32,
         attention_impl: str = "auto",
         max_chunk_seconds: float = MAX_ASR_CHUNK_SECONDS,
+        max_audio_seconds: float | None = None,
         decode_options: DecodeOptions | None = None,
         mesh: Mesh | None = None,
         sharding_rules: sharding.Rules = sharding.DEFAULT_RULES,
@@ -174,6 +175,9 @@ class Qwen3ASRModel:
         self.max_inference_batch_size = int(max_inference_batch_size)
         self.max_new_tokens = max_new_tokens
         self.max_chunk_seconds = float(max_chunk_seconds)
+        if max_audio_seconds is not None and not max_audio_seconds > 0:
+            raise ValueError(f"max_audio_seconds must be None or positive, got {max_audio_seconds}")
+        self.max_audio_seconds = max_audio_seconds
         max_batch = self.max_inference_batch_size if self.max_inference_batch_size > 0 else 1 << 30
         self.generator = Generator(
             config, params, dtype=dtype, attention_impl=attention_impl, max_batch=max_batch,
@@ -192,6 +196,7 @@ class Qwen3ASRModel:
         *,
         attention_impl: str = "auto",
         max_chunk_seconds: float = MAX_ASR_CHUNK_SECONDS,
+        max_audio_seconds: float | None = None,
         repetition_penalty: float = 1.0,
         no_repeat_ngram_size: int = 0,
         suppress_tokens: Sequence[int] = (),
@@ -208,6 +213,8 @@ class Qwen3ASRModel:
             (``default_token_budget``) so fast speech is not cut off.
           dtype: params and compute dtype; None = fp32 on CPU, bf16 on GPU/TPU.
           max_chunk_seconds: long audio is split into chunks of at most this (timestamps: at most 180 s).
+          max_audio_seconds: audio longer than this is refused (``AudioTooLongError`` for that item); no limit
+            by default.
           repetition_penalty, no_repeat_ngram_size: optional repetition control in the decode loop (off).
           suppress_tokens: token ids never generated.
           eos_token_ids: end tokens; default from generation_config.json (<|im_end|>, <|endoftext|>).
@@ -239,6 +246,7 @@ class Qwen3ASRModel:
             dtype=compute_dtype,
             attention_impl=attention_impl,
             max_chunk_seconds=max_chunk_seconds,
+            max_audio_seconds=max_audio_seconds,
             decode_options=options,
             mesh=mesh,
             sharding_rules=rules,
@@ -326,7 +334,9 @@ class Qwen3ASRModel:
             yield from sorted(results.items())
 
     def _prepare_chunks(self, index: int, source: Any, item: _Item, max_seconds: float) -> list[_Chunk]:
-        samples = audio_io.load_audio(source, name=_source_name(index, source))
+        samples = audio_io.load_audio(
+            source, name=_source_name(index, source), max_seconds=self.max_audio_seconds
+        )
         if audio_io.num_frames(len(samples)) == 0:
             raise EmptyAudioError(
                 f"{_source_name(index, source)}: {len(samples)} samples is shorter than one feature frame "
@@ -375,9 +385,7 @@ class Qwen3ASRModel:
 
 
 def _source_name(index: int, source: Any) -> str:
-    if isinstance(source, (str, os.PathLike)):
-        return os.fspath(source)
-    return f"item {index}"
+    return audio_files.describe(source, f"item {index}")
 
 
 __all__ = [

@@ -2,7 +2,7 @@
 
 Three stages, each matching the official Qwen3-ASR pipeline numerically:
 
-- ``load_audio``: decode (soundfile), average channels, resample (soxr), peak-normalise and clip to [-1, 1].
+- ``load_audio``: decode (``audio_files``: libsndfile, else FFmpeg), average channels, resample (soxr), peak-normalise and clip to [-1, 1].
 - ``log_mel``: 128-bin log-mel features in JAX over a padded batch, every item exactly as if it were alone
   (in the official processor the batch's zero padding leaks into a shorter item's last frame and its mask
   counts one frame more; here it does not). ``features`` builds such a batch from a list of waveforms.
@@ -13,22 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
 import os
-import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import soundfile
-import soxr
 
-from qasr_jax.errors import (
-    AudioDecodeError,
-    AudioFileNotFoundError,
-    EmptyAudioError,
-    InvalidAudioError,
-)
+from qasr_jax import audio_files
+from qasr_jax.errors import AudioTooLongError, EmptyAudioError, InvalidAudioError
 
 SAMPLE_RATE = 16000
 N_FFT = 400
@@ -38,7 +30,7 @@ MEL_MAX_HZ = 8000.0
 # The official pipeline zero-pads split pieces shorter than this.
 MIN_PIECE_SECONDS = 0.5
 
-# A path, an encoded file's bytes, or (samples, sample_rate) with samples [time] or [time, channels] /
+# A path, URL, base64 string or data URI, an encoded file's bytes, or (samples, sample_rate) with samples [time] or [time, channels] /
 # [channels, time].
 AudioSource = str | os.PathLike | bytes | bytearray | memoryview | tuple
 
@@ -47,98 +39,68 @@ AudioSource = str | os.PathLike | bytes | bytearray | memoryview | tuple
 # Loading
 
 
-def load_audio(source: AudioSource, *, name: str | None = None) -> np.ndarray:
+def load_audio(
+    source: AudioSource, *, name: str | None = None, max_seconds: float | None = None
+) -> np.ndarray:
     """Decode ``source`` to mono 16 kHz float32 samples in [-1, 1].
 
-    ``source`` is a file path (wav/flac/ogg/mp3 and whatever else libsndfile reads), the bytes of such a file,
-    or a ``(samples, sample_rate)`` tuple. The steps are those of the official input normalisation:
+    ``source`` is one of:
 
-    1. Decode. Files give float samples in [-1, 1]. Arrays are taken at their numeric values: an integer array is
-       not rescaled by its type's range (the peak normalisation of step 4 brings it into range instead).
+    - a file path: WAV, FLAC, Ogg, MP3, AIFF and the rest of libsndfile's formats, and through FFmpeg's
+      libraries every other container and codec (m4a/AAC, mp4/mkv/webm video, opus, amr, ...);
+    - an ``http(s)://`` URL, a ``data:`` URI or a base64 string of such a file;
+    - the bytes of such a file;
+    - a ``(samples, sample_rate)`` tuple, samples [time] or [time, channels] / [channels, time].
+
+    The steps are those of the official input normalisation:
+
+    1. Decode. Files give float samples in [-1, 1] (``qasr_jax.audio_files``). Arrays are taken at their numeric
+       values: an integer array is not rescaled by its type's range (the peak normalisation of step 4 brings it
+       into range instead).
     2. Average the channels. For a 2-D array the channel axis is the first one when it has at most 8 entries and
        is shorter than the second, otherwise the last one (so both [channels, time] and [time, channels] work).
     3. Resample to 16 kHz with soxr (high quality); the result has ceil(n · 16000 / rate) samples.
     4. If the peak magnitude exceeds 1, divide by it; clip to [-1, 1].
 
-    ``name`` labels the input in error messages; by default it is the path, ``"<bytes>"`` or ``"<array>"``.
+    ``name`` labels the input in error messages; by default it is the path or URL, ``"<bytes>"``, ``"<array>"``,
+    or ``"<input> (base64)"``. ``max_seconds`` refuses longer audio (checked while decoding).
     Returns samples [time] float32.
 
-    Raises AudioFileNotFoundError (missing file), AudioDecodeError (unreadable, not audio, truncated),
-    EmptyAudioError (no samples), InvalidAudioError (NaN/Inf samples, arrays that are not 1-D or 2-D,
-    sample rates that are not positive and finite).
+    Raises AudioFileNotFoundError (missing file), AudioDecodeError (unreadable, not audio, no audio stream,
+    truncated, a URL that cannot be fetched), EmptyAudioError (no samples), AudioTooLongError (over
+    ``max_seconds``), InvalidAudioError (NaN/Inf samples, arrays that are not 1-D or 2-D, sample rates that are
+    not positive and finite, invalid base64).
     """
     if isinstance(source, (str, os.PathLike)):
-        label = name if name is not None else os.fspath(source)
-        samples, sample_rate = _decode_file(source, label)
+        label = name if name is not None else audio_files.describe(source, "<input>")
+        data = audio_files.read_source(source, label)
+        mono = audio_files.decode(data, label, SAMPLE_RATE, max_seconds)
     elif isinstance(source, (bytes, bytearray, memoryview)):
         label = name if name is not None else "<bytes>"
-        samples, sample_rate = _decode_bytes(bytes(source), label)
+        mono = audio_files.decode(bytes(source), label, SAMPLE_RATE, max_seconds)
     elif isinstance(source, tuple) and len(source) == 2:
         label = name if name is not None else "<array>"
-        samples, sample_rate = _channels_last(_as_sample_array(source[0], label), label), source[1]
+        samples = _channels_last(_as_sample_array(source[0], label), label)
+        sample_rate = _checked_sample_rate(source[1], label)
+        if samples.shape[0] == 0 or samples.shape[1] == 0:
+            raise EmptyAudioError(f"{label}: the audio has no samples (shape {samples.shape})")
+        if not np.all(np.isfinite(samples)):
+            raise InvalidAudioError(f"{label}: the audio contains NaN or Inf samples")
+        if max_seconds is not None and samples.shape[0] > max_seconds * sample_rate:
+            raise AudioTooLongError(f"{label}: the audio is longer than the {max_seconds:g} s limit")
+        mono = samples[:, 0] if samples.shape[1] == 1 else np.mean(samples, axis=1)
+        mono = audio_files.resample(mono, sample_rate, SAMPLE_RATE)
     else:
         label = name if name is not None else "<input>"
         raise InvalidAudioError(
-            f"{label}: expected a path, bytes or a (samples, sample_rate) tuple, got {type(source).__name__}"
+            f"{label}: expected a path, URL, base64 string, bytes or a (samples, sample_rate) tuple, "
+            f"got {type(source).__name__}"
         )
-    sample_rate = _checked_sample_rate(sample_rate, label)
-    if samples.shape[0] == 0 or samples.shape[1] == 0:
-        raise EmptyAudioError(f"{label}: the audio has no samples (shape {samples.shape})")
-    if not np.all(np.isfinite(samples)):
+    if mono.shape[0] == 0:
+        raise EmptyAudioError(f"{label}: the audio has no samples")
+    if not np.all(np.isfinite(mono)):
         raise InvalidAudioError(f"{label}: the audio contains NaN or Inf samples")
-    mono = samples[:, 0] if samples.shape[1] == 1 else np.mean(samples, axis=1)
-    return _peak_normalise(_resample_to_16k(mono, sample_rate))
-
-
-def _decode_file(path: str | os.PathLike, label: str) -> tuple[np.ndarray, float]:
-    if not os.path.exists(path):
-        raise AudioFileNotFoundError(f"{label}: no such audio file")
-    if os.path.isdir(path):
-        raise AudioDecodeError(f"{label}: is a directory, not an audio file")
-    try:
-        with soundfile.SoundFile(path) as audio_file:
-            return _read_all(audio_file, label)
-    except soundfile.SoundFileError as error:
-        raise AudioDecodeError(f"{label}: cannot decode audio ({error})") from error
-
-
-def _decode_bytes(data: bytes, label: str) -> tuple[np.ndarray, float]:
-    if not data:
-        raise EmptyAudioError(f"{label}: the audio data is empty (0 bytes)")
-    try:
-        with soundfile.SoundFile(io.BytesIO(data)) as audio_file:
-            return _read_all(audio_file, label)
-    except soundfile.SoundFileError as error:
-        raise AudioDecodeError(f"{label}: cannot decode audio ({error})") from error
-
-
-# libsndfile logs "data : <header size> (should be <bytes present>)" when a WAV's data chunk is cut short.
-_WAV_DATA_SIZE_LOG = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
-# Streamed WAVs carry these placeholders instead of a size; they are not truncation.
-_WAV_UNKNOWN_SIZES = {0, 0xFFFFFFFF, 0x7FFFFFFF}
-
-
-def _read_all(audio_file: soundfile.SoundFile, label: str) -> tuple[np.ndarray, float]:
-    """Every frame of an open file as float32 [time, channels], refusing files that end early."""
-    declared_frames = audio_file.frames
-    samples = audio_file.read(dtype="float32", always_2d=True)
-    log = audio_file.extra_info
-    # libsndfile reads a cut-off file without complaint up to where the bytes stop; compare against what the
-    # header promised so a partial recording is not transcribed as if it were whole.
-    truncated = samples.shape[0] < declared_frames
-    for declared, present in _WAV_DATA_SIZE_LOG.findall(log):
-        if int(declared) > int(present) and int(declared) not in _WAV_UNKNOWN_SIZES:
-            truncated = True
-    # An Ogg stream cut mid-page leaves junk after its last whole page; one cut on a page boundary has no
-    # end-of-stream mark.
-    if "lacks an end-of-stream bit" in log or "Junk after the last page" in log:
-        truncated = True
-    if truncated:
-        raise AudioDecodeError(
-            f"{label}: the {audio_file.format} file is truncated "
-            f"(decoded {samples.shape[0]} frames; the header promises more)"
-        )
-    return samples, float(audio_file.samplerate)
+    return _peak_normalise(mono)
 
 
 def _as_sample_array(samples: object, label: str) -> np.ndarray:
@@ -175,19 +137,6 @@ def _checked_sample_rate(sample_rate: object, label: str) -> float:
     if not np.isfinite(sample_rate) or sample_rate <= 0:
         raise InvalidAudioError(f"{label}: the sample rate must be positive and finite, got {sample_rate!r}")
     return float(sample_rate)
-
-
-def _resample_to_16k(mono: np.ndarray, sample_rate: float) -> np.ndarray:
-    """[time] at ``sample_rate`` → [ceil(time · 16000 / rate)] at 16 kHz."""
-    if sample_rate == SAMPLE_RATE:
-        return mono
-    # Same float expression as the official resampler's output length, so lengths agree to the sample.
-    out_length = int(np.ceil(mono.shape[0] * (float(SAMPLE_RATE) / sample_rate)))
-    resampled = soxr.resample(mono, sample_rate, SAMPLE_RATE, quality="HQ")
-    if resampled.shape[0] >= out_length:
-        return resampled[:out_length]
-    # soxr's last partial output sample is dropped; the official length counts it, as a zero.
-    return np.pad(resampled, (0, out_length - resampled.shape[0]))
 
 
 def _peak_normalise(samples: np.ndarray) -> np.ndarray:

@@ -31,6 +31,10 @@ class AudioDecodeError(AudioError):
     """A file or byte string that is not decodable audio (unreadable, not audio, truncated)."""
 
 
+class AudioTooLongError(AudioError):
+    """The audio is longer than the configured limit."""
+
+
 class EmptyAudioError(AudioError):
     """Audio with no samples."""
 

@@ -1,5 +1,8 @@
+import importlib.util
 import os
 import sys
+
+import pytest
 
 # Tests run on the CPU in fp32 with exact matmuls so that parity tolerances mean what they say.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -9,16 +12,38 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def pytest_sessionstart(session) -> None:
-    """The suite's references must be present: espeak-ng (test speech) and the official qwen-asr package (parity).
-    The README's test command installs both, so a missing one is an error here, never a quiet skip."""
-    import importlib.util
+    """The suite's references must be present: espeak-ng (test speech), sox with its MP3 handler and the ffmpeg
+    program (test files; the official loader's decoder for what libsndfile cannot read) and the official qwen-asr
+    package (parity). The README's test command installs them all, so a missing one is an error here, never a
+    quiet skip."""
     import shutil
+    import subprocess
 
-    import pytest
+    def sox_writes_mp3() -> bool:
+        if shutil.which("sox") is None:
+            return False
+        listing = subprocess.run(["sox", "-h"], capture_output=True, text=True).stdout
+        return " mp3 " in listing
 
-    missing = [name for name, ok in (("espeak-ng", shutil.which("espeak-ng") is not None),
-                                     ("qwen-asr", importlib.util.find_spec("qwen_asr") is not None)) if not ok]  # fmt: skip
+    checks = (
+        ("espeak-ng", shutil.which("espeak-ng") is not None),
+        ("sox with MP3 support (libsox-fmt-mp3)", sox_writes_mp3()),
+        ("ffmpeg", shutil.which("ffmpeg") is not None),
+        ("qwen-asr", importlib.util.find_spec("qwen_asr") is not None),
+    )
+    missing = [name for name, ok in checks if not ok]
     if missing:
         raise pytest.UsageError(
             f"missing test prerequisites: {', '.join(missing)}; install them with the README's test command"
         )
+
+
+@pytest.fixture(scope="session")
+def official_utils():
+    """qwen_asr/inference/utils.py loaded on its own (the package __init__ pulls in the whole model stack)."""
+    spec = importlib.util.find_spec("qwen_asr")
+    path = os.path.join(spec.submodule_search_locations[0], "inference", "utils.py")
+    module_spec = importlib.util.spec_from_file_location("qwen_asr_official_utils", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module

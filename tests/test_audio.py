@@ -3,8 +3,6 @@ WhisperFeatureExtractor its processor runs) and against hand-computed truth."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import struct
 
 import jax
@@ -26,17 +24,6 @@ from tests.support.vocab import write_preprocessor_config
 
 MEL_TOLERANCE = 1e-4
 LOAD_TOLERANCE = 1e-4
-
-
-@pytest.fixture(scope="module")
-def official_utils():
-    """qwen_asr/inference/utils.py loaded on its own (the package __init__ pulls in the whole model stack)."""
-    spec = importlib.util.find_spec("qwen_asr")
-    path = os.path.join(spec.submodule_search_locations[0], "inference", "utils.py")
-    module_spec = importlib.util.spec_from_file_location("qwen_asr_official_utils", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -525,7 +525,9 @@ def test_ctc_auxiliary_loss_matches_torch_ctc(tmp_path):
     paddings = (np.arange(labels_len)[None, :] >= counts[:, None]).astype(np.float32)
     weights = np.ones((rows, 3), np.float32)
     weights[3] = 0.0  # a padding row
-    unused = dict.fromkeys(("waveforms", "wave_lengths", "input_ids", "attention_mask", "label_positions", "labels"))
+    unused = dict.fromkeys(
+        ("waveforms", "wave_lengths", "input_ids", "attention_mask", "label_positions", "labels")
+    )
     batch = data_lib.Batch(ctc_labels=jnp.asarray(labels), ctc_label_paddings=jnp.asarray(paddings),
                            label_weights=jnp.asarray(weights), **unused)  # fmt: skip
     blank = 0
