@@ -12,6 +12,8 @@ other, on the same clip of speech:
 - end to end: ``transcribe`` of ``b`` clips at each batch size with exactly ``--new-tokens`` new tokens each
   (end tokens suppressed on both sides), reported as wall time and generated tokens per second;
 - time to first token: ``transcribe`` of one clip with a budget of one token;
+- our decode step at each batch size: the end-to-end time less that of the same batch with one new token, per
+  remaining step;
 - peak memory (max resident set size of the side's process) and our compile time (the official code runs
   eagerly and compiles nothing).
 
@@ -154,13 +156,20 @@ def run_ours(args: argparse.Namespace, checkpoint: str, clip: np.ndarray) -> dic
 
     compile_s = 0.0
     for batch in batch_sizes(args):
-        asr = engine(batch, args.new_tokens)
         audio = [(clip, SAMPLE_RATE)] * batch
-        out[f"e2e_b{batch}_s"] = timed(
-            lambda asr=asr, audio=audio: asr.transcribe(audio), args.repeats,
-            lambda asr=asr: asr.generator.compile_seconds,
-        )  # fmt: skip
-        compile_s += asr.generator.compile_seconds
+        for tokens, key in ((args.new_tokens, f"e2e_b{batch}_s"), (1, f"prefill_b{batch}_s")):
+            asr = engine(batch, tokens)
+            out[key] = timed(
+                lambda asr=asr, audio=audio: asr.transcribe(audio), args.repeats,
+                lambda asr=asr: asr.generator.compile_seconds,
+            )  # fmt: skip
+            compile_s += asr.generator.compile_seconds
+        if args.new_tokens > 1:
+            # The run with one new token is everything but the decode steps: the rest is new_tokens − 1 steps.
+            steps = args.new_tokens - 1
+            out[f"decode_step_b{batch}_ms"] = (
+                1000 * (out[f"e2e_b{batch}_s"] - out[f"prefill_b{batch}_s"]) / steps
+            )
     asr = engine(1, 1)
     out["ttft_s"] = timed(lambda: asr.transcribe((clip, SAMPLE_RATE)), args.repeats,
                           lambda: asr.generator.compile_seconds)  # fmt: skip
@@ -250,6 +259,8 @@ def table(args: argparse.Namespace, ours: dict[str, float], theirs: dict[str, fl
         rows.append((f"e2e b={batch}, {n_tokens} tok (s)", ours.get(key), theirs.get(key), False))
         rows.append((f"e2e b={batch} tokens/s", tokens_per_second(ours, key, batch * n_tokens),
                      tokens_per_second(theirs, key, batch * n_tokens), True))  # fmt: skip
+    for batch in batch_sizes(args):
+        rows.append((f"decode step b={batch} (ms)", ours.get(f"decode_step_b{batch}_ms"), None, False))
     rows += [
         ("time to first token (s)", ours.get("ttft_s"), theirs.get("ttft_s"), False),
         ("peak memory (GB)", ours.get("peak_memory_gb"), theirs.get("peak_memory_gb"), False),
@@ -282,11 +293,15 @@ def main(argv: list[str] | None = None) -> int:
         forwarded += ["--checkpoint", checkpoint]
     print(f"{args.model} (random weights), {args.dtype}, {jax.devices()[0].device_kind} "
           f"({os.cpu_count()} CPUs), {args.clip_seconds:g} s clips", file=sys.stderr, flush=True)  # fmt: skip
+    load_start = os.getloadavg()[0]
     ours = run_worker("ours", forwarded)
+    load_between = os.getloadavg()[0]
     theirs = {} if args.skip_official else run_worker("official", forwarded)
     print(f"\n{args.model}, random weights, {args.dtype}, {args.clip_seconds:g} s clips, "
           f"{args.new_tokens} new tokens (end tokens suppressed), {jax.devices()[0].device_kind}\n")  # fmt: skip
     print(table(args, ours, theirs))
+    print(f"\nload average (1 min): {load_start:.2f} at the start, {load_between:.2f} between the two sides, "
+          f"{os.getloadavg()[0]:.2f} at the end")  # fmt: skip
 
     if args.aligner:
         try:
