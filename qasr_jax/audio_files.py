@@ -260,8 +260,9 @@ def _read_ffmpeg(
         ) from error
     with container:
         if not container.streams.audio:
-            kinds = sorted({stream.type for stream in container.streams}) or ["no streams"]
-            raise AudioDecodeError(f"{label}: has no audio stream ({', '.join(kinds)} only)")
+            kinds = sorted({stream.type for stream in container.streams})
+            held = f"only {', '.join(kinds)}" if kinds else "no streams at all"
+            raise AudioDecodeError(f"{label}: has no audio stream (it holds {held})")
         stream = container.streams.audio[0]
         rate = float(stream.codec_context.sample_rate or stream.rate or 0)
         if rate <= 0:
