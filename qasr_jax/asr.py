@@ -33,6 +33,7 @@ from qasr_jax.aligner import Qwen3ForcedAligner
 from qasr_jax.config import ThinkerConfig
 from qasr_jax.errors import EmptyAudioError, QasrError
 from qasr_jax.generate import DecodeOptions, Generation, GenerationRequest, Generator
+from qasr_jax.streaming import ASRStreamingState, StreamingTranscriber
 
 MAX_ASR_CHUNK_SECONDS = 1200.0
 MAX_ALIGN_CHUNK_SECONDS = 180.0
@@ -179,6 +180,7 @@ class Qwen3ASRModel:
             raise ValueError(f"max_audio_seconds must be None or positive, got {max_audio_seconds}")
         self.max_audio_seconds = max_audio_seconds
         max_batch = self.max_inference_batch_size if self.max_inference_batch_size > 0 else 1 << 30
+        self._streamer: StreamingTranscriber | None = None
         self.generator = Generator(
             config, params, dtype=dtype, attention_impl=attention_impl, max_batch=max_batch,
             options=decode_options, mesh=mesh, sharding_rules=sharding_rules,
@@ -259,6 +261,40 @@ class Qwen3ASRModel:
 
     def get_supported_languages(self) -> list[str]:
         return list(text_io.SUPPORTED_LANGUAGES)
+
+    # -- streaming (``qasr_jax.streaming``) --
+
+    @property
+    def streamer(self) -> StreamingTranscriber:
+        """The streaming transcriber over this model's params and engine (made on first use)."""
+        if self._streamer is None:
+            budget = (lambda _: self.max_new_tokens) if self.max_new_tokens else default_token_budget
+            self._streamer = StreamingTranscriber(
+                self.config, self.generator.params, self.tokenizer, self.generator.engine(), budget
+            )
+        return self._streamer
+
+    def init_streaming_state(
+        self,
+        context: str = "",
+        language: str | None = None,
+        unfixed_chunk_num: int = 2,
+        unfixed_token_num: int = 5,
+        chunk_size_sec: float = 2.0,
+    ) -> ASRStreamingState:
+        """A new stream (the official arguments): audio is decoded every ``chunk_size_sec``; the previous output
+        less its last ``unfixed_token_num`` tokens is the next prompt's prefix after the first
+        ``unfixed_chunk_num`` chunks."""
+        return self.streamer.init_state(context, language, unfixed_chunk_num, unfixed_token_num, chunk_size_sec)
+
+    def streaming_transcribe(self, pcm16k: Any, state: ASRStreamingState) -> ASRStreamingState:
+        """Feed 16 kHz mono samples (int16 PCM or floats, any length); updates ``state.language``/``.text``
+        once per completed chunk and returns ``state``."""
+        return self.streamer.transcribe(pcm16k, state)
+
+    def finish_streaming_transcribe(self, state: ASRStreamingState) -> ASRStreamingState:
+        """Decode the buffered tail (if any) for the final result; the stream then takes no more audio."""
+        return self.streamer.finish(state)
 
     def transcribe(
         self,

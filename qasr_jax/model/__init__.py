@@ -6,6 +6,7 @@ from qasr_jax.model.thinker import (
     Qwen3ASR,
     decode_layer_params,
     decode_step,
+    extend_cache,
     first_valid,
     positions_from_mask,
 )
@@ -15,6 +16,7 @@ __all__ = [
     "Qwen3ASR",
     "decode_layer_params",
     "decode_step",
+    "extend_cache",
     "first_valid",
     "init_cache",
     "positions_from_mask",

@@ -165,7 +165,11 @@ class AudioEncoder(nn.Module):
 
     @nn.compact
     def __call__(
-        self, features: jax.Array, frames: jax.Array, window_chunks: int | None = None
+        self,
+        features: jax.Array,
+        frames: jax.Array,
+        window_chunks: int | None = None,
+        clip_frames: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array]:
         """Encode a padded batch.
 
@@ -174,6 +178,9 @@ class AudioEncoder(nn.Module):
           frames: ``[batch]`` int, valid mel frames per audio.
           window_chunks: attention window in chunks (1 chunk = 1 s): None → the config's
             ``n_window_infer``; 0 → one window spanning each whole clip.
+          clip_frames: ``[batch]`` frames of the whole clip each row is a piece of (default: ``frames``). A row
+            that is one attention window of a longer clip (streaming encodes windows one at a time) is computed
+            as inside that clip: the clip's length, not the row's, decides the short-clip rule above.
 
         Returns:
           embeddings ``[batch, tokens, output_dim]`` (valid tokens of audio b are its first ``lengths[b]``)
@@ -202,7 +209,8 @@ class AudioEncoder(nn.Module):
         chunk_len = jnp.clip(frames[:, None] - jnp.arange(n_chunks)[None, :] * C, 0, C)  # [B, n]
         # Time steps each conv layer may see (see module docstring): the clip's own length when the whole
         # audio is shorter than one chunk, else the full chunk.
-        seen = jnp.where(frames[:, None] < C, chunk_len, C).reshape(-1)
+        clip = frames if clip_frames is None else jnp.asarray(clip_frames, jnp.int32)
+        seen = jnp.where(clip[:, None] < C, chunk_len, C).reshape(-1)
 
         # The conv front end runs over groups of at most conv_chunksize chunks (scanned, params shared) so
         # its largest activation stays bounded whatever the batch's total audio length.

@@ -66,11 +66,18 @@ class Qwen3ASR(nn.Module):
                                  **kw)  # fmt: skip
 
     def encode_audio(
-        self, input_features: jax.Array, feature_attention_mask: jax.Array, window_chunks: int | None = None
+        self,
+        input_features: jax.Array,
+        feature_attention_mask: jax.Array,
+        window_chunks: int | None = None,
+        clip_frames: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array]:
-        """Audio embeddings for a batch: ``[batch, tokens, hidden]`` and valid lengths ``[batch]``."""
+        """Audio embeddings for a batch: ``[batch, tokens, hidden]`` and valid lengths ``[batch]``.
+
+        clip_frames: ``[batch]``, when each row is one window of a longer clip of that many frames (streaming).
+        """
         frames = jnp.sum(feature_attention_mask.astype(jnp.int32), axis=-1)
-        return self.audio_tower(input_features, frames, window_chunks)
+        return self.audio_tower(input_features, frames, window_chunks, clip_frames)
 
     def embed_inputs(self, input_ids: jax.Array, audio_embeds: jax.Array | None = None) -> jax.Array:
         """Token embeddings ``[batch, seq, hidden]``; the k-th ``<|audio_pad|>`` of row b gets audio token k of b."""
@@ -184,10 +191,40 @@ def decode_step(
     return model.apply(variables, hidden, method=Qwen3ASR.head)[:, 0], layer_caches
 
 
+def extend_cache(
+    model: Qwen3ASR,
+    params: Any,
+    layer_params: list[Any],
+    inputs_embeds: jax.Array,
+    positions: jax.Array,
+    kv_start: jax.Array,
+    layer_caches: list[KVCache],
+    cache_index: jax.Array,
+    last: jax.Array,
+) -> tuple[jax.Array, list[KVCache]]:
+    """A run of tokens per row appended to per-layer caches (the layout ``decode_step`` reads), as a prefill
+    that continues a sequence whose earlier keys/values are already cached.
+
+    inputs_embeds: ``[batch, seq, hidden]`` (``Qwen3ASR.embed_inputs``); positions: ``[batch, seq]``; the run is
+    written at cache slots ``[cache_index, cache_index + seq)`` and attends to every valid slot up to its own.
+    last: ``[batch]`` index in the run whose logits are returned (the run may be padded past it). Returns logits
+    ``[batch, V]`` (fp32) and the updated caches.
+    """
+    batch, seq = inputs_embeds.shape[:2]
+    pos = jnp.broadcast_to(positions[None], (3, batch, seq))
+    decoder = Decoder(model.config.text, model.attention_impl, model.dtype, model.param_dtype)
+    hidden, layer_caches = decode_step_unrolled(
+        decoder, params["decoder"]["norm"], layer_params, inputs_embeds, pos, kv_start, layer_caches, cache_index
+    )
+    hidden = jnp.take_along_axis(hidden, last[:, None, None].astype(jnp.int32), axis=1)
+    return model.apply({"params": params}, hidden, method=Qwen3ASR.head)[:, 0], layer_caches
+
+
 __all__ = [
     "Qwen3ASR",
     "decode_layer_params",
     "decode_step",
+    "extend_cache",
     "first_valid",
     "init_cache",
     "positions_from_mask",

@@ -1,0 +1,567 @@
+"""Streaming transcription: the official streaming API on the engine, with per-update work bounded by one
+encoder window.
+
+The algorithm is the official one (``qwen_asr`` ``init_streaming_state`` / ``streaming_transcribe`` /
+``finish_streaming_transcribe``): samples are buffered into chunks of ``chunk_size_sec``; at each chunk the model
+sees all audio so far with the chat prompt plus a text prefix — the previous output less its last
+``unfixed_token_num`` tokens (more when the cut would split a character; no prefix during the first
+``unfixed_chunk_num`` chunks) — and greedy decoding continues the prefix; prefix plus continuation is parsed into
+(language, text). ``finish`` flushes the buffered tail the same way.
+
+Fed naively that costs O(stream) per update. Here an update recomputes only what changed, exactly:
+
+- encoder: attention is block-diagonal over windows of ``window_frames`` mel frames (8 s) and the conv front end
+  works per 1-s chunk, so a window's output depends on its own features only. Each window's features and
+  output are cached; a window is encoded again only when its features differ from the cached ones. That is the
+  open (last) window, plus any earlier window whose frames moved because the clip-wide log-mel clamp
+  (``max(log_spec, max − 8)``) changed — a louder chunk raises the maximum;
+- decoder: the stream keeps its KV cache. Every prompt token before the first audio token of the first
+  recomputed window has the same id, embedding and position as in the previous update, so its keys and values
+  are kept and the prefill starts there (``model.extend_cache``): the open window's audio tokens, the prompt
+  tail and the text prefix. Greedy decoding then runs in the engine's decode state (``Engine.generate``).
+
+``incremental=False`` recomputes everything every update (what the official code does): the baseline of
+``infer.bench_stream``, through the same programs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qasr_jax import audio as audio_io
+from qasr_jax import buckets
+from qasr_jax import text as text_io
+from qasr_jax.config import ThinkerConfig
+from qasr_jax.engine import DecodeOptions, DecodeState, Engine, Generation, is_eos, next_token
+from qasr_jax.errors import EmptyAudioError, InvalidAudioError, QasrError
+from qasr_jax.model import Qwen3ASR, decode_layer_params, extend_cache
+from qasr_jax.model.attention import KVCache
+
+SAMPLE_RATE = audio_io.SAMPLE_RATE
+# Cache slots on a two-steps-per-octave ladder from this size: few programs, at most a third unused.
+MIN_CACHE_LEN = 256
+
+
+class StreamStateError(QasrError, ValueError):
+    """A streaming state that cannot be used here: from another model, already finished, or not a state."""
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateStats:
+    """The work of one update.
+
+    encoder_chunks: 1-s encoder chunks of audio encoded (the open window's, plus those of windows recomputed
+    because the log-mel clamp moved their features); windows_encoded / windows_recomputed: windows encoded, and
+    of those the complete ones whose cached output went stale; prefilled_tokens: prompt tokens run through the
+    decoder; reused_tokens: prompt tokens whose keys/values were kept; generated_tokens; seconds: wall time.
+    """
+
+    encoder_chunks: int
+    windows_encoded: int
+    windows_recomputed: int
+    prefilled_tokens: int
+    reused_tokens: int
+    generated_tokens: int
+    seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamUpdate:
+    """One update of a stream: chunk index, the parsed result, the prefix it was given (the part of the text
+    fixed before this update), the raw decoded output, whether it was the final flush, and its cost."""
+
+    chunk_index: int
+    audio_seconds: float
+    language: str
+    text: str
+    prefix: str
+    raw: str
+    final: bool
+    stats: UpdateStats
+
+
+@dataclasses.dataclass
+class StreamCache:
+    """What a stream keeps between updates (device arrays and host copies).
+
+    window_features: per encoder window, the features ``[n_mels, frames]`` its output was computed from;
+    window_embeds: per window, its audio embeddings ``[tokens, hidden]``; kv: the decoder's per-layer caches
+    ``[1, cache_len, kv_heads, head_dim]``, slot i holding token i of ``kv_ids`` (the last prompt).
+    """
+
+    window_features: list[np.ndarray] = dataclasses.field(default_factory=list)
+    window_embeds: list[np.ndarray] = dataclasses.field(default_factory=list)
+    kv: list[KVCache] | None = None
+    kv_ids: list[int] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class ASRStreamingState:
+    """One stream (the official fields first, with the official meanings).
+
+    unfixed_chunk_num: no prefix during the first N chunks; unfixed_token_num: tokens rolled back from the
+    previous output to make the prefix; chunk_size_sec / chunk_size_samples: the update period; chunk_id: updates
+    so far; buffer: samples not yet in a chunk; audio_accum: the stream so far; prompt_raw: the chat prompt
+    (with the forced-language suffix); language / text: the latest result; _raw_decoded: the latest raw output.
+
+    Beyond the official: finished (set by ``finish_streaming_transcribe``); updates: one ``StreamUpdate`` per
+    update; cache: the incremental work's state; owner: the transcriber the state belongs to.
+    """
+
+    unfixed_chunk_num: int
+    unfixed_token_num: int
+    chunk_size_sec: float
+    chunk_size_samples: int
+    chunk_id: int
+    buffer: np.ndarray
+    audio_accum: np.ndarray
+    prompt_raw: str
+    context: str
+    force_language: str | None
+    language: str
+    text: str
+    _raw_decoded: str
+    finished: bool = False
+    updates: list[StreamUpdate] = dataclasses.field(default_factory=list)
+    cache: StreamCache = dataclasses.field(default_factory=StreamCache, repr=False)
+    owner: Any = dataclasses.field(default=None, repr=False, compare=False)
+
+    @property
+    def fixed_text(self) -> str:
+        """The prefix the latest update was given: text that no later update rewrites (until finish)."""
+        return self.updates[-1].prefix if self.updates else ""
+
+
+def rollback_prefix(tokenizer: text_io.Tokenizer, raw: str, unfixed_token_num: int, final: bool) -> str:
+    """The previous raw output less its last ``unfixed_token_num`` tokens, as the next prompt's prefix.
+
+    Per chunk, more tokens are dropped until the prefix decodes without U+FFFD (a cut inside a character, or
+    any earlier broken character). The final flush keeps at least one token and does not check.
+    """
+    ids = tokenizer.encode(raw)
+    if final:
+        return tokenizer.decode(ids[: max(1, len(ids) - unfixed_token_num)])
+    drop = unfixed_token_num
+    while True:
+        end = max(0, len(ids) - drop)
+        if end == 0:
+            return ""
+        prefix = tokenizer.decode(ids[:end])
+        if "\ufffd" not in prefix:
+            return prefix
+        drop += 1
+
+
+def as_pcm(pcm16k: Any) -> np.ndarray:
+    """A piece of a stream as float32 samples ``[n]``: int16 PCM scaled by 1/32768, floats as they are.
+
+    Accepts ``[n]``, or ``[n, 1]`` / ``[1, n]`` (one channel). Raises InvalidAudioError for other shapes, sample
+    types other than int16 and floats, and NaN/Inf samples.
+    """
+    if pcm16k is None:
+        raise ValueError("pcm16k must not be None.")
+    try:
+        x = np.asarray(pcm16k)
+    except (TypeError, ValueError) as error:
+        raise InvalidAudioError(f"stream audio: samples are not a numeric array ({error})") from error
+    if x.ndim == 2 and 1 in x.shape:
+        x = x.reshape(-1)
+    if x.ndim != 1:
+        raise InvalidAudioError(
+            f"stream audio: expected mono samples of shape [n] (or [n, 1]), got shape {x.shape}"
+        )
+    if x.dtype == np.int16:
+        return x.astype(np.float32) / np.float32(32768.0)
+    if not np.issubdtype(x.dtype, np.floating):
+        raise InvalidAudioError(
+            f"stream audio: samples must be int16 PCM or floats in [-1, 1], got dtype {x.dtype}"
+        )
+    x = x.astype(np.float32, copy=False)
+    if not np.all(np.isfinite(x)):
+        raise InvalidAudioError("stream audio: the piece contains NaN or Inf samples")
+    return x
+
+
+class StreamingTranscriber:
+    """Streams over one model's params and engine (any number of independent states).
+
+    ``budget(seconds)`` is the token budget of an update over ``seconds`` of audio. ``incremental=False``
+    recomputes every window and the whole prompt at every update (the official algorithm's cost).
+    """
+
+    def __init__(
+        self,
+        config: ThinkerConfig,
+        params: Any,
+        tokenizer: text_io.Tokenizer,
+        engine: Engine,
+        budget: Callable[[float], int],
+        *,
+        incremental: bool = True,
+    ) -> None:
+        self.config = config
+        self.params = params
+        self.tokenizer = tokenizer
+        self.engine = engine
+        self.budget = budget
+        self.incremental = incremental
+        self.window_frames = config.audio.window_frames
+        self.window_tokens = config.audio.output_length(self.window_frames)
+
+    @property
+    def model(self) -> Qwen3ASR:
+        return self.engine.model
+
+    @property
+    def options(self) -> DecodeOptions:
+        return self.engine.options
+
+    # -- the official API --
+
+    def init_state(
+        self,
+        context: str = "",
+        language: str | None = None,
+        unfixed_chunk_num: int = 2,
+        unfixed_token_num: int = 5,
+        chunk_size_sec: float = 2.0,
+    ) -> ASRStreamingState:
+        if chunk_size_sec is None or float(chunk_size_sec) <= 0:
+            raise ValueError(f"chunk_size_sec must be > 0, got: {chunk_size_sec}")
+        forced = None
+        if language is not None and str(language).strip() != "":
+            forced = text_io.normalize_language(str(language))
+        text_io.build_prompt_ids(self.tokenizer, 0, context, forced)  # a context holding an audio slot fails
+        chunk_samples = max(1, round(float(chunk_size_sec) * SAMPLE_RATE))
+        return ASRStreamingState(
+            unfixed_chunk_num=int(unfixed_chunk_num),
+            unfixed_token_num=int(unfixed_token_num),
+            chunk_size_sec=float(chunk_size_sec),
+            chunk_size_samples=chunk_samples,
+            chunk_id=0,
+            buffer=np.zeros((0,), np.float32),
+            audio_accum=np.zeros((0,), np.float32),
+            prompt_raw=text_io.build_prompt_text(context, forced),
+            context=context or "",
+            force_language=forced,
+            language="",
+            text="",
+            _raw_decoded="",
+            owner=self,
+        )
+
+    def transcribe(self, pcm16k: Any, state: ASRStreamingState) -> ASRStreamingState:
+        """Buffer ``pcm16k`` (any length) and run one update per completed chunk; returns ``state``."""
+        self._check(state)
+        piece = as_pcm(pcm16k)
+        if piece.shape[0] > 0:
+            state.buffer = np.concatenate([state.buffer, piece])
+        while state.buffer.shape[0] >= state.chunk_size_samples:
+            chunk = state.buffer[: state.chunk_size_samples]
+            state.buffer = state.buffer[state.chunk_size_samples :]
+            state.audio_accum = np.concatenate([state.audio_accum, chunk])
+            self._update(state, final=False)
+        return state
+
+    def finish(self, state: ASRStreamingState) -> ASRStreamingState:
+        """Run the buffered tail (shorter than a chunk, not padded) as a last update; nothing when it is empty.
+        The state accepts no more audio afterwards."""
+        self._check(state)
+        if state.buffer.shape[0] > 0:
+            state.audio_accum = np.concatenate([state.audio_accum, state.buffer])
+            state.buffer = np.zeros((0,), np.float32)
+            self._update(state, final=True)
+        state.finished = True
+        return state
+
+    def _check(self, state: Any) -> None:
+        if state is None:
+            raise ValueError("state must not be None. Call init_streaming_state() first.")
+        if not isinstance(state, ASRStreamingState):
+            raise StreamStateError(
+                f"expected the ASRStreamingState of init_streaming_state(), got {type(state).__name__}"
+            )
+        if state.owner is not self:
+            raise StreamStateError(
+                "this streaming state was created by another model; continue it with the model that made it"
+            )
+        if state.finished:
+            raise StreamStateError(
+                "this stream was finished by finish_streaming_transcribe(); start a new one with "
+                "init_streaming_state()"
+            )
+
+    # -- one update --
+
+    def _update(self, state: ASRStreamingState, final: bool) -> None:
+        started = time.perf_counter()
+        prefix = ""
+        if state.chunk_id >= state.unfixed_chunk_num:
+            prefix = rollback_prefix(self.tokenizer, state._raw_decoded, state.unfixed_token_num, final)
+        samples = state.audio_accum
+        generation, stats = self._run(state.cache, samples, state.prompt_raw + prefix)
+        generated = self.tokenizer.decode(generation.token_ids, skip_special_tokens=True)
+        state._raw_decoded = prefix + generated
+        state.language, state.text = text_io.parse_asr_output(state._raw_decoded, state.force_language)
+        stats = dataclasses.replace(stats, seconds=time.perf_counter() - started)
+        state.updates.append(
+            StreamUpdate(
+                state.chunk_id, len(samples) / SAMPLE_RATE, state.language, state.text, prefix,
+                state._raw_decoded, final, stats,
+            )
+        )  # fmt: skip
+        state.chunk_id += 1
+
+    def _run(
+        self, cache: StreamCache, samples: np.ndarray, prompt_text: str
+    ) -> tuple[Generation, UpdateStats]:
+        """Greedy generation for the whole stream ``samples`` after ``prompt_text`` (its one audio slot expanded),
+        reusing and refreshing ``cache``."""
+        frames = audio_io.num_frames(len(samples))
+        if frames == 0:
+            raise EmptyAudioError(
+                f"stream audio: {len(samples)} samples is shorter than one feature frame "
+                f"({audio_io.HOP_LENGTH} samples at 16 kHz)"
+            )
+        features = self._features(samples, frames)
+        first_changed, encoded, recomputed, chunks = self._encode_windows(cache, features, frames)
+
+        audio_tokens = self.config.audio.output_length(frames)
+        # The prompt string with the prefix is tokenised whole, as the official pipeline does (a prefix can
+        # merge with the template's last characters); added tokens split the text first, so the audio slot is
+        # one placeholder to expand.
+        ids = self.tokenizer.encode(prompt_text)
+        head = ids.index(self.tokenizer.audio_pad_id)
+        ids = [*ids[:head], *([self.tokenizer.audio_pad_id] * audio_tokens), *ids[head + 1 :]]
+        keep = 0
+        if self.incremental and cache.kv is not None:
+            common = 0
+            limit = min(len(ids), len(cache.kv_ids), head + first_changed * self.window_tokens)
+            while common < limit and ids[common] == cache.kv_ids[common]:
+                common += 1
+            keep = min(common, len(ids) - 1)
+        run = ids[keep:]
+        first_audio = max(0, keep - head)
+        audio = self._audio_embeds(cache, first_audio, audio_tokens)
+        budget = int(self.budget(len(samples) / SAMPLE_RATE))
+        generation = self._decode(cache, keep, run, audio, budget)
+        cache.kv_ids = ids
+        stats = UpdateStats(chunks, encoded, recomputed, len(run), keep, len(generation.token_ids), 0.0)
+        return generation, stats
+
+    # -- audio --
+
+    def _features(self, samples: np.ndarray, frames: int) -> np.ndarray:
+        """Log-mel of the whole stream ``[n_mels, frames]`` (the clamp is clip-wide), computed in a bucket of
+        whole windows."""
+        windows = -(-frames // self.window_frames)
+        padded = buckets.WINDOW_LADDER.size(windows) * self.window_frames
+        wave = np.zeros((1, (padded + 1) * audio_io.HOP_LENGTH), np.float32)
+        wave[0, : len(samples)] = samples
+        mel, _ = audio_io.log_mel(jnp.asarray(wave), jnp.asarray([len(samples)], jnp.int32), frames=padded)
+        return np.asarray(mel[0, :, :frames])
+
+    def _encode_windows(
+        self, cache: StreamCache, features: np.ndarray, frames: int
+    ) -> tuple[int, int, int, int]:
+        """Encode the windows whose features are not those cached; returns (first such window, windows encoded,
+        complete windows among them that had been cached, 1-s chunks encoded)."""
+        wf = self.window_frames
+        n_windows = -(-frames // wf)
+        todo = []
+        for w in range(n_windows):
+            piece = features[:, w * wf : (w + 1) * wf]
+            if (
+                self.incremental
+                and w < len(cache.window_features)
+                and window_unchanged(cache.window_features[w], piece)
+            ):
+                continue
+            todo.append(w)
+        del cache.window_features[n_windows:], cache.window_embeds[n_windows:]
+        cached = cache.window_features
+        recomputed = sum(1 for w in todo if w < len(cached) and cached[w].shape[1] == wf)
+        chunk_frames = self.config.audio.chunk_frames
+        chunks = sum(-(-min(wf, frames - w * wf) // chunk_frames) for w in todo)
+        if todo:
+            rows = buckets.batch_bucket(len(todo), 1 << 30)
+            batch = np.zeros((rows, features.shape[0], wf), np.float32)
+            lengths = np.zeros((rows,), np.int32)
+            for i, w in enumerate(todo):
+                piece = features[:, w * wf : (w + 1) * wf]
+                batch[i, :, : piece.shape[1]] = piece
+                lengths[i] = piece.shape[1]
+            embeds = np.asarray(self._encode_program(rows)(self.params, batch, lengths, np.int32(frames)))
+            for i, w in enumerate(todo):
+                piece = features[:, w * wf : (w + 1) * wf].copy()
+                tokens = self.config.audio.output_length(piece.shape[1])
+                if w < len(cache.window_features):
+                    cache.window_features[w], cache.window_embeds[w] = piece, embeds[i, :tokens]
+                else:
+                    cache.window_features.append(piece)
+                    cache.window_embeds.append(embeds[i, :tokens])
+        return (todo[0] if todo else n_windows), len(todo), recomputed, chunks
+
+    def _encode_program(self, rows: int) -> Any:
+        wf, n_mels = self.window_frames, self.config.audio.num_mel_bins
+        model = self.model
+
+        def encode(params: Any, features: jax.Array, lengths: jax.Array, clip_frames: jax.Array) -> jax.Array:
+            mask = (jnp.arange(wf)[None, :] < lengths[:, None]).astype(jnp.int32)
+            clip = jnp.broadcast_to(clip_frames, lengths.shape)
+            embeds, _ = model.apply(
+                {"params": params}, features, mask, None, clip, method=Qwen3ASR.encode_audio
+            )
+            return embeds
+
+        args = (
+            _abstract(self.params),
+            jax.ShapeDtypeStruct((rows, n_mels, wf), jnp.float32),
+            jax.ShapeDtypeStruct((rows,), jnp.int32),
+            jax.ShapeDtypeStruct((), jnp.int32),
+        )
+        return self.engine.programs.get(
+            ("stream-encode", rows), lambda: jax.jit(encode).lower(*args).compile()
+        )
+
+    def _audio_embeds(self, cache: StreamCache, first: int, total: int) -> np.ndarray:
+        """Audio embeddings ``[total − first, hidden]`` of tokens ``first..total`` of the stream."""
+        start_window = first // self.window_tokens
+        joined = np.concatenate(cache.window_embeds[start_window:], axis=0) if cache.window_embeds else None
+        if joined is None:
+            return np.zeros((0, self.config.text.hidden_size), np.float32)
+        offset = first - start_window * self.window_tokens
+        return joined[offset : offset + total - first]
+
+    # -- decoder --
+
+    def _decode(
+        self, cache: StreamCache, keep: int, run: list[int], audio: np.ndarray, budget: int
+    ) -> Generation:
+        """Prefill ``run`` after the ``keep`` cached slots, then greedy decoding in the engine's decode state."""
+        run_len = buckets.PROMPT_LADDER.size(len(run))
+        audio_len = (
+            buckets.WINDOW_LADDER.size(max(1, -(-len(audio) // self.window_tokens))) * self.window_tokens
+        )
+        max_new = buckets.STEP_LADDER.size(budget)
+        need = keep + max(run_len, len(run) + max_new)
+        cache_len = max(cache.kv[0]["k"].shape[1] if cache.kv is not None else 0,
+                        buckets.bucket_size(need, MIN_CACHE_LEN, 2))  # fmt: skip
+        cache.kv = self._grow(cache.kv, cache_len)
+        ids = np.full((1, run_len), self.options.pad_token_id, np.int32)
+        ids[0, : len(run)] = run
+        embeds = np.zeros((1, audio_len, self.config.text.hidden_size), np.float32)
+        embeds[0, : len(audio)] = audio
+        program = self._extend_program(cache_len, run_len, audio_len, max_new)
+        state = program(
+            self.params, cache.kv, np.int32(keep), ids, np.int32(len(run)), embeds, np.int32(budget)
+        )
+        state = self.engine.generate(self.params, state, budget)
+        (generation,) = self.engine.collect(state, [0])
+        cache.kv = state.caches
+        return generation
+
+    def _grow(self, kv: list[KVCache] | None, cache_len: int) -> list[KVCache]:
+        cfg = self.config.text
+        if kv is not None and kv[0]["k"].shape[1] == cache_len:
+            return kv
+        shape = (1, cache_len, cfg.num_key_value_heads, cfg.head_dim)
+        fresh = [{"k": jnp.zeros(shape, self.engine.dtype), "v": jnp.zeros(shape, self.engine.dtype)}
+                 for _ in range(cfg.num_hidden_layers)]  # fmt: skip
+        if kv is None:
+            return fresh
+        old = kv[0]["k"].shape[1]
+        return [
+            {name: fresh[i][name].at[:, :old].set(layer[name]) for name in ("k", "v")}
+            for i, layer in enumerate(kv)
+        ]
+
+    def _extend_program(self, cache_len: int, run_len: int, audio_len: int, max_new: int) -> Any:
+        key = ("stream-extend", cache_len, run_len, audio_len, max_new, self.options)
+        fn = functools.partial(extend_program, self.model, self.options, max_new)
+        cfg = self.config.text
+        layer = jax.ShapeDtypeStruct((1, cache_len, cfg.num_key_value_heads, cfg.head_dim), self.engine.dtype)
+        scalar = jax.ShapeDtypeStruct((), jnp.int32)
+        args = (
+            _abstract(self.params),
+            [{"k": layer, "v": layer} for _ in range(cfg.num_hidden_layers)],
+            scalar,
+            jax.ShapeDtypeStruct((1, run_len), jnp.int32),
+            scalar,
+            jax.ShapeDtypeStruct((1, audio_len, cfg.hidden_size), jnp.float32),
+            scalar,
+        )
+        return self.engine.programs.get(key, lambda: jax.jit(fn, donate_argnums=(1,)).lower(*args).compile())
+
+
+def window_unchanged(cached: np.ndarray, fresh: np.ndarray) -> bool:
+    """Whether a window's features are exactly those its cached encoder output was computed from."""
+    return cached.shape == fresh.shape and np.array_equal(cached, fresh)
+
+
+def extend_program(
+    model: Qwen3ASR,
+    options: DecodeOptions,
+    max_new: int,
+    params: Any,
+    caches: list[KVCache],
+    keep: jax.Array,
+    ids: jax.Array,
+    length: jax.Array,
+    audio: jax.Array,
+    budget: jax.Array,
+) -> DecodeState:
+    """The run ``ids[:, :length]`` (its audio slots taking ``audio`` in order) prefilled into one stream's caches
+    at slots ``keep..``, and a one-slot decode state that continues from it."""
+    x = model.apply({"params": params}, ids, audio, method=Qwen3ASR.embed_inputs)
+    positions = keep + jnp.arange(ids.shape[1], dtype=jnp.int32)[None, :]
+    kv_start = jnp.zeros((1,), jnp.int32)
+    layer_params = decode_layer_params(model, params)
+    logits, caches = extend_cache(
+        model, params, layer_params, x, positions, kv_start, caches, keep, jnp.reshape(length - 1, (1,))
+    )
+    first = next_token(logits, jnp.zeros((1, 1), jnp.int32), jnp.int32(0), None, options)
+    ended = is_eos(first, options)
+    tokens = jnp.full((1, max_new), options.pad_token_id, jnp.int32).at[:, 0].set(first)
+    seen = None
+    if options.tracks_seen:
+        seen = jax.nn.one_hot(first, model.config.text.vocab_size, dtype=bool)
+    end = keep + length
+    return DecodeState(
+        caches=caches,
+        index=end,
+        kv_start=kv_start,
+        positions=jnp.reshape(end, (1,)),
+        last_token=first,
+        tokens=tokens,
+        counts=jnp.ones((1,), jnp.int32),
+        budgets=jnp.reshape(budget, (1,)),
+        live=~ended & (budget > 1),
+        stopped=ended,
+        seen=seen,
+    )
+
+
+def _abstract(tree: Any) -> Any:
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+__all__ = [
+    "ASRStreamingState",
+    "StreamCache",
+    "StreamStateError",
+    "StreamUpdate",
+    "StreamingTranscriber",
+    "UpdateStats",
+    "as_pcm",
+    "rollback_prefix",
+    "window_unchanged",
+]

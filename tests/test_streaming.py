@@ -1,0 +1,215 @@
+"""Streaming transcription against the official streaming algorithm.
+
+The reference is the official ``Qwen3ASRModel.init_streaming_state / streaming_transcribe /
+finish_streaming_transcribe`` code itself, with its vLLM generation call answered by the official transformers
+model (greedy, encoder windows wired in; ``tests/support/official_stream.py``), on a random-weight checkpoint
+whose weights matter. After every chunk and after finish, our (language, text) and the prefix each update was
+given must equal the official ones. Ours runs incrementally (cached encoder windows, kept KV prefix); the stats
+of each update show that it did.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qasr_jax import streaming
+from qasr_jax.asr import Qwen3ASRModel
+from qasr_jax.errors import InvalidAudioError, LanguageError
+from tests.support import official_stream, speech
+from tests.test_asr import CACHE_ROOT, cached_small_checkpoint
+
+SR = 16000
+MAX_NEW = 12
+ZH_TEXT = speech.MEDIUM_ZH + "龘齉爨鬱"
+
+
+@pytest.fixture(scope="module")
+def checkpoint() -> str:
+    return cached_small_checkpoint()
+
+
+@pytest.fixture(scope="module")
+def ours(checkpoint: str) -> Qwen3ASRModel:
+    return Qwen3ASRModel.from_pretrained(checkpoint, max_new_tokens=MAX_NEW)
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint: str):
+    return official_stream.official_streamer(checkpoint, MAX_NEW)
+
+
+@pytest.fixture(scope="module")
+def clips() -> dict[str, np.ndarray]:
+    short, medium, long = speech.speech_clips()
+    return {"short": short, "medium": medium, "long": long}
+
+
+def official_updates(reference, state, calls_before: int) -> list[tuple[str, str, str]]:
+    """(prefix, language, text) of each official update since ``calls_before``, from the generation calls the
+    official code made: the prefix is its prompt past ``prompt_raw``; its result parses prefix + output."""
+    from qwen_asr.inference.utils import parse_asr_output
+
+    out = []
+    for call in reference.model.calls[calls_before:]:
+        assert call.prompt.startswith(state.prompt_raw)
+        prefix = call.prompt[len(state.prompt_raw) :]
+        language, text = parse_asr_output(prefix + call.text, user_language=state.force_language)
+        out.append((prefix, language, text))
+    return out
+
+
+def stream_both(ours, reference, samples, pieces, convert=None, **kwargs):
+    """Feed ``samples`` in pieces of ``pieces`` samples to both; after every call the states must agree.
+    Returns (our state, official state, official per-update (prefix, language, text))."""
+    mine = ours.init_streaming_state(**kwargs)
+    theirs = reference.init_streaming_state(**kwargs)
+    first_call = len(reference.model.calls)
+    for start in range(0, len(samples), pieces):
+        piece = samples[start : start + pieces]
+        piece = convert(piece) if convert else piece
+        ours.streaming_transcribe(piece, mine)
+        reference.streaming_transcribe(piece, theirs)
+        assert mine.chunk_id == theirs.chunk_id
+        assert (mine.language, mine.text) == (theirs.language, theirs.text), f"after chunk {mine.chunk_id}"
+    ours.finish_streaming_transcribe(mine)
+    reference.finish_streaming_transcribe(theirs)
+    assert (mine.language, mine.text, mine.chunk_id) == (theirs.language, theirs.text, theirs.chunk_id)
+    expected = official_updates(reference, theirs, first_call)
+    assert [(u.prefix, u.language, u.text) for u in mine.updates] == expected
+    return mine, theirs, expected
+
+
+def to_int16(piece: np.ndarray) -> np.ndarray:
+    return np.round(np.clip(piece, -1, 1) * 32767).astype(np.int16)
+
+
+@pytest.mark.parametrize(
+    ("piece_seconds", "convert"),
+    [(0.37, to_int16), (1.9, None), (None, None)],
+    ids=["0.37s-int16", "1.9s", "whole"],
+)
+def test_pieces_of_any_length_match_official_after_every_chunk(
+    ours, reference, clips, piece_seconds, convert
+):
+    samples = clips["medium"]  # 4.9 s: two 2-s chunks and a 0.9-s tail
+    if convert is not None:
+        samples = to_int16(samples).astype(np.float32) / 32768.0  # the same audio either way
+    pieces = len(samples) if piece_seconds is None else int(piece_seconds * SR)
+    mine, _, expected = stream_both(ours, reference, samples, pieces, convert)
+    assert len(expected) == 3 and mine.updates[-1].final
+    assert mine.updates[2].prefix != ""  # the third update continued a rolled-back prefix
+    assert len({text for _, _, text in expected}) == 3  # every update's text differs: the audio matters
+
+
+def test_streams_of_several_lengths_match_official(ours, reference, clips):
+    for samples, chunk in (
+        (clips["short"], 2.0),
+        (clips["medium"][: int(3.1 * SR)], 1.0),
+        (clips["long"], 2.0),
+    ):
+        mine, _, expected = stream_both(ours, reference, samples, int(1.3 * SR), chunk_size_sec=chunk)
+        assert len(expected) == int(len(samples) / SR / chunk) + 1
+    # The 19-s stream: two complete 8-s windows stayed cached; the open window alone was encoded, and the prompt
+    # before it was kept.
+    window = ours.config.audio.window_frames // ours.config.audio.chunk_frames
+    late = mine.updates[5:-1]  # 12 s and later
+    assert all(u.stats.encoder_chunks <= window and u.stats.windows_recomputed == 0 for u in late)
+    assert all(u.stats.reused_tokens >= 104 for u in late)
+    assert mine.updates[-1].stats.reused_tokens > 200  # two windows of audio tokens
+
+
+def test_a_stream_that_gets_louder_recomputes_exactly_the_windows_it_must(ours, reference, clips):
+    samples = np.concatenate([clips["long"][: 13 * SR] * 0.02, clips["long"][13 * SR : 16 * SR]])
+    mine, _, _ = stream_both(ours, reference, samples, int(1.9 * SR))
+    stats = [u.stats for u in mine.updates]
+    assert stats[5].windows_recomputed == 0 and stats[5].encoder_chunks == 4  # at 12 s: window 0 cached
+    assert stats[6].windows_recomputed == 1  # at 14 s the clip's maximum rose: window 0's features moved
+    assert stats[6].reused_tokens < stats[5].reused_tokens
+
+
+def test_forced_language_and_context_match_official(ours, reference, clips):
+    mine, _, _ = stream_both(
+        ours, reference, clips["medium"], int(0.7 * SR), language="english", context="Topic: a fox and a dog.",
+        chunk_size_sec=1.0,
+    )  # fmt: skip
+    assert mine.language == "English" and all(u.language == "English" for u in mine.updates)
+
+
+def test_chinese_rollback_that_splits_a_character_matches_official(checkpoint, clips):
+    from transformers import AutoTokenizer
+
+    path = official_stream.favour_tokens(checkpoint, str(CACHE_ROOT / "asr-small-zh"), ZH_TEXT, gain=6.0)
+    ours = Qwen3ASRModel.from_pretrained(path, max_new_tokens=MAX_NEW)
+    reference = official_stream.official_streamer(path, MAX_NEW)
+    samples = speech.synth(speech.MEDIUM_ZH, voice="cmn")
+    mine, theirs, expected = stream_both(ours, reference, samples, int(0.9 * SR), chunk_size_sec=1.0)
+    # The case is exercised: some rollback by 5 tokens cut a character, so the official code dropped more.
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    raws = [u.raw for u in mine.updates]
+    split = [
+        i for i, raw in enumerate(raws[1:-1], start=1)
+        if "\ufffd" in tokenizer.decode(tokenizer.encode(raw)[:-5]) and "\ufffd" not in expected[i + 1][0]
+    ]  # fmt: skip
+    assert split, "no update's rollback split a character"
+    assert any("\u4e00" <= ch <= "\u9fff" for ch in mine.text)
+
+
+def test_broken_variants_fail_the_comparison(ours, reference, clips, monkeypatch):
+    """Negative controls: a stale encoder window and a missing rollback each break exactness."""
+    louder = np.concatenate([clips["long"][: 13 * SR] * 0.02, clips["long"][13 * SR : 16 * SR]])
+    with monkeypatch.context() as patch:
+        patch.setattr(streaming, "window_unchanged", lambda cached, fresh: cached.shape == fresh.shape)
+        with pytest.raises(AssertionError):
+            stream_both(ours, reference, louder, int(1.9 * SR))
+    with monkeypatch.context() as patch:
+        patch.setattr(streaming, "rollback_prefix", lambda tokenizer, raw, k, final: raw)
+        with pytest.raises(AssertionError):
+            stream_both(ours, reference, clips["medium"], int(1.9 * SR), chunk_size_sec=1.0)
+
+
+def test_incremental_and_refeeding_give_the_same_tokens(ours, clips):
+    refeed = streaming.StreamingTranscriber(
+        ours.config, ours.generator.params, ours.tokenizer, ours.generator.engine(), lambda _: MAX_NEW,
+        incremental=False,
+    )  # fmt: skip
+    samples = clips["long"][: 11 * SR]
+    a = ours.init_streaming_state()
+    b = refeed.init_state()
+    ours.streaming_transcribe(samples, a)
+    refeed.transcribe(samples, b)
+    assert [u.raw for u in a.updates] == [u.raw for u in b.updates]
+    assert all(u.stats.reused_tokens == 0 for u in b.updates)
+    assert b.updates[-1].stats.encoder_chunks == 10 and a.updates[-1].stats.encoder_chunks == 2
+
+
+def test_bad_input_gets_a_clear_error_and_other_streams_go_on(ours, checkpoint, clips):
+    samples = clips["medium"]
+    good = ours.init_streaming_state()
+    bad = ours.init_streaming_state()
+    ours.streaming_transcribe(samples[:SR], good)
+    ours.streaming_transcribe(samples[:SR], bad)
+    nan = samples[:SR].copy()
+    nan[10] = np.nan
+    with pytest.raises(InvalidAudioError, match="NaN or Inf"):
+        ours.streaming_transcribe(nan, bad)
+    with pytest.raises(InvalidAudioError, match="shape"):
+        ours.streaming_transcribe(np.zeros((2, 800), np.float32), bad)
+    with pytest.raises(InvalidAudioError, match="dtype int32"):
+        ours.streaming_transcribe(np.zeros(800, np.int32), bad)
+    with pytest.raises(ValueError, match="chunk_size_sec"):
+        ours.init_streaming_state(chunk_size_sec=0)
+    with pytest.raises(LanguageError, match="Klingon"):
+        ours.init_streaming_state(language="Klingon")
+    other = Qwen3ASRModel.from_pretrained(checkpoint, max_new_tokens=MAX_NEW)
+    with pytest.raises(streaming.StreamStateError, match="another model"):
+        other.streaming_transcribe(samples[:SR], bad)
+    assert len(bad.buffer) == SR and bad.chunk_id == 0  # refused pieces left no trace
+    ours.streaming_transcribe(samples[SR:], good)
+    ours.finish_streaming_transcribe(good)
+    with pytest.raises(streaming.StreamStateError, match="finished"):
+        ours.streaming_transcribe(samples[:SR], good)
+    clean = ours.init_streaming_state()
+    ours.streaming_transcribe(samples, clean)
+    ours.finish_streaming_transcribe(clean)
+    assert (good.language, good.text) == (clean.language, clean.text)
