@@ -136,8 +136,8 @@ class ASRStreamingState:
 
     @property
     def fixed_text(self) -> str:
-        """The prefix the latest update was given: text that no later update rewrites (until finish)."""
-        return self.updates[-1].prefix if self.updates else ""
+        """The transcript part of the prefix the latest update was given: text the coming updates keep."""
+        return fixed_text(self.updates[-1].prefix, self.force_language) if self.updates else ""
 
 
 def rollback_prefix(tokenizer: text_io.Tokenizer, raw: str, unfixed_token_num: int, final: bool) -> str:
@@ -158,6 +158,15 @@ def rollback_prefix(tokenizer: text_io.Tokenizer, raw: str, unfixed_token_num: i
         if "\ufffd" not in prefix:
             return prefix
         drop += 1
+
+
+def fixed_text(prefix: str, force_language: str | None) -> str:
+    """The transcript part of an update's prefix (after ``<asr_text>``; all of it with a forced language)."""
+    if force_language:
+        return text_io.parse_asr_output(prefix, force_language)[1]
+    if text_io.ASR_TEXT not in prefix:
+        return ""
+    return text_io.parse_asr_output(prefix)[1]
 
 
 def as_pcm(pcm16k: Any) -> np.ndarray:
@@ -280,6 +289,17 @@ class StreamingTranscriber:
             state.buffer = np.zeros((0,), np.float32)
             self._update(state, final=True)
         state.finished = True
+        return state
+
+    def warm_start(self, state: ASRStreamingState, samples: Any) -> ASRStreamingState:
+        """Bring a new stream to ``len(samples)`` in one update, as if those samples had been its chunks so far
+        (for benchmarks at a given stream length, or to continue a recording live); the next chunk follows."""
+        self._check(state)
+        if state.chunk_id or state.buffer.shape[0]:
+            raise StreamStateError("warm_start needs a new stream")
+        state.audio_accum = as_pcm(samples).copy()
+        state.chunk_id = max(0, state.audio_accum.shape[0] // state.chunk_size_samples - 1)
+        self._update(state, final=False)
         return state
 
     def _check(self, state: Any) -> None:
@@ -562,6 +582,7 @@ __all__ = [
     "StreamingTranscriber",
     "UpdateStats",
     "as_pcm",
+    "fixed_text",
     "rollback_prefix",
     "window_unchanged",
 ]
