@@ -28,7 +28,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from qasr_jax import audio as audio_io
-from qasr_jax import audio_files, buckets, sharding
+from qasr_jax import audio_files, buckets, compile_cache, sharding
 from qasr_jax import text as text_io
 from qasr_jax.config import ThinkerConfig, load_config
 from qasr_jax.errors import AlignmentError, ConfigError, LanguageError, QasrError
@@ -229,12 +229,15 @@ class Qwen3ForcedAligner:
         attention_impl: str = "auto",
         mesh: Mesh | str | None = None,
         sharding_rules: Any = None,
+        compilation_cache: str | os.PathLike | bool | None = None,
     ) -> Qwen3ForcedAligner:
         """Load a ForcedAligner checkpoint dir (released, "-hf" or Orbax layout) and its tokenizer.
 
         ``dtype`` is the params' and computation's dtype (default float32, which reproduces the official fp32
-        results exactly; bfloat16 is faster on accelerators).
+        results exactly; bfloat16 is faster on accelerators). ``compilation_cache``: as in
+        ``Qwen3ASRModel.from_pretrained``.
         """
+        compile_cache.enable(compilation_cache)
         # The config first: refusing a transcription checkpoint should not cost loading its weights.
         if not load_config(path).is_aligner:
             raise ConfigError(

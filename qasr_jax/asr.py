@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from qasr_jax import audio as audio_io
-from qasr_jax import audio_files, sharding
+from qasr_jax import audio_files, compile_cache, sharding
 from qasr_jax import text as text_io
 from qasr_jax.aligner import Qwen3ForcedAligner
 from qasr_jax.config import ThinkerConfig
@@ -205,6 +205,7 @@ class Qwen3ASRModel:
         eos_token_ids: Sequence[int] | None = None,
         mesh: Mesh | str | None = None,
         sharding_rules: Any = None,
+        compilation_cache: str | os.PathLike | bool | None = None,
     ) -> Qwen3ASRModel:
         """Load a checkpoint dir (released, "-hf" or Orbax layout) with its tokenizer and generation config.
 
@@ -223,7 +224,10 @@ class Qwen3ASRModel:
           mesh: a device mesh or a spec such as "data=2,tensor=4" (``qasr_jax.sharding``): params are loaded
             straight into it and every batch is split over it; a forced aligner loaded here shares it.
           sharding_rules: overrides of ``sharding.DEFAULT_RULES`` (logical axis → mesh axes).
+          compilation_cache: JAX's persistent compilation cache (``qasr_jax.compile_cache``): None = the
+            ``QASR_COMPILATION_CACHE`` environment variable or ``~/.cache/qasr-jax/xla``; a directory; False: off.
         """
+        compile_cache.enable(compilation_cache)
         path = os.fspath(pretrained_model_name_or_path)
         compute_dtype = resolve_dtype(dtype)
         config, params, mesh, rules = sharding.load_placed(path, compute_dtype, mesh, sharding_rules)
@@ -285,16 +289,33 @@ class Qwen3ASRModel:
         """A new stream (the official arguments): audio is decoded every ``chunk_size_sec``; the previous output
         less its last ``unfixed_token_num`` tokens is the next prompt's prefix after the first
         ``unfixed_chunk_num`` chunks."""
-        return self.streamer.init_state(context, language, unfixed_chunk_num, unfixed_token_num, chunk_size_sec)
+        return self.streamer.init_state(
+            context, language, unfixed_chunk_num, unfixed_token_num, chunk_size_sec
+        )
 
     def streaming_transcribe(self, pcm16k: Any, state: ASRStreamingState) -> ASRStreamingState:
         """Feed 16 kHz mono samples (int16 PCM or floats, any length); updates ``state.language``/``.text``
         once per completed chunk and returns ``state``."""
         return self.streamer.transcribe(pcm16k, state)
 
-    def finish_streaming_transcribe(self, state: ASRStreamingState) -> ASRStreamingState:
-        """Decode the buffered tail (if any) for the final result; the stream then takes no more audio."""
-        return self.streamer.finish(state)
+    def finish_streaming_transcribe(
+        self, state: ASRStreamingState, return_time_stamps: bool = False
+    ) -> ASRStreamingState:
+        """Decode the buffered tail (if any) for the final result; the stream then takes no more audio.
+
+        ``return_time_stamps`` (beyond the official API, needs a forced aligner) aligns the final text to the
+        whole stream: ``state.time_stamps`` is the aligner's result on the stream's time line (its ``error`` says
+        why when the stream cannot be aligned, e.g. longer than the aligner's limit).
+        """
+        if return_time_stamps and self.forced_aligner is None:
+            raise ValueError(
+                "return_time_stamps=True requires `forced_aligner` to be provided at initialization."
+            )
+        state = self.streamer.finish(state)
+        if return_time_stamps:
+            audio = (state.audio_accum, audio_io.SAMPLE_RATE)
+            state.time_stamps = self.forced_aligner.align(audio, state.text, state.language or None)[0]
+        return state
 
     def transcribe(
         self,

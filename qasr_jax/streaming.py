@@ -112,7 +112,8 @@ class ASRStreamingState:
     so far; buffer: samples not yet in a chunk; audio_accum: the stream so far; prompt_raw: the chat prompt
     (with the forced-language suffix); language / text: the latest result; _raw_decoded: the latest raw output.
 
-    Beyond the official: finished (set by ``finish_streaming_transcribe``); updates: one ``StreamUpdate`` per
+    Beyond the official: finished (set by ``finish_streaming_transcribe``); time_stamps: the forced aligner's
+    words for the final text (``finish_streaming_transcribe(state, return_time_stamps=True)``); updates: one ``StreamUpdate`` per
     update; cache: the incremental work's state; owner: the transcriber the state belongs to.
     """
 
@@ -130,6 +131,7 @@ class ASRStreamingState:
     text: str
     _raw_decoded: str
     finished: bool = False
+    time_stamps: Any = None
     updates: list[StreamUpdate] = dataclasses.field(default_factory=list)
     cache: StreamCache = dataclasses.field(default_factory=StreamCache, repr=False)
     owner: Any = dataclasses.field(default=None, repr=False, compare=False)
