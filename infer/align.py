@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", choices=formats.FORMATS,
                         help="output format (default: from --output's extension, else json)")  # fmt: skip
     parser.add_argument("--output", help="file to write (default: stdout)")
+    parser.add_argument("--compilation-cache", metavar="DIR|off", default=None,
+                        help="JAX's persistent compilation cache: a directory, or off (default: $QASR_COMPILATION_CACHE "
+                             "or ~/.cache/qasr-jax/xla), so a second run compiles nothing")  # fmt: skip
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="params and compute dtype (default %(default)s)")  # fmt: skip
     add_cue_arguments(parser)
@@ -110,7 +113,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     try:
-        aligner = Qwen3ForcedAligner.from_pretrained(model_dir, dtype=args.dtype)
+        aligner = Qwen3ForcedAligner.from_pretrained(
+            model_dir, dtype=args.dtype, compilation_cache=args.compilation_cache
+        )
         (result,) = aligner.align(args.audio, text, args.language, strict=True)
     except QasrError as error:
         print(f"error: {error}", file=sys.stderr)

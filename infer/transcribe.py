@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", metavar="PATH",
                         help="file to write (FILE mode: default stdout; manifest: default LIST.results.jsonl, "
                              "appended to)")  # fmt: skip
+    parser.add_argument("--compilation-cache", metavar="DIR|off", default=None,
+                        help="JAX's persistent compilation cache: a directory, or off (default: $QASR_COMPILATION_CACHE "
+                             "or ~/.cache/qasr-jax/xla), so a second run compiles nothing")  # fmt: skip
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                         help="params and compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")  # fmt: skip
     parser.add_argument("--max-chunk-seconds", type=float, default=1200.0, metavar="S",
@@ -326,6 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_audio_seconds=args.max_audio_seconds,
             repetition_penalty=args.repetition_penalty,
             no_repeat_ngram_size=args.no_repeat_ngram_size,
+            compilation_cache=args.compilation_cache,
         )
     except (QasrError, OSError, ValueError) as error:
         print(f"error: cannot load the model: {error}", file=sys.stderr)

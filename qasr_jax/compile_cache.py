@@ -39,12 +39,20 @@ def resolve(setting: str | os.PathLike | bool | None = None) -> str | None:
     return os.path.abspath(os.path.expanduser(os.fspath(setting)))
 
 
+_explicit: list[str | None] = []  # the first explicit setting of this process (an aligner loaded by the ASR
+# model's from_pretrained, with no setting of its own, follows it instead of the default)
+
+
 def enable(setting: str | os.PathLike | bool | None = None) -> str | None:
     """Turn the persistent cache on at the directory ``setting`` stands for; returns it (None: off)."""
+    if setting is None and _explicit:
+        return _explicit[0]
     path = resolve(setting)
+    if setting is not None and not _explicit:
+        _explicit.append(path)
     configured = jax.config.jax_compilation_cache_dir
     if path is None:
-        return configured
+        return None
     if configured and setting is None:
         return configured
     os.makedirs(path, exist_ok=True)
