@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -65,13 +64,21 @@ def timed(fn, repeats: int = 2) -> float:
     return best
 
 
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
 def peak_memory_child(path: str) -> None:
     """Run in a fresh process: load ``path`` and print peak RSS (MB) and the result's size (MB)."""
     from qasr_jax import audio
 
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    before = _status_mb("VmRSS")
     samples = audio.load_audio(path)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _status_mb("VmHWM")  # this process's own peak (ru_maxrss would carry the parent's over exec)
     print(f"{before:.0f} {peak:.0f} {samples.nbytes / 2**20:.0f} {len(samples) / 16000:.0f}")
 
 
@@ -102,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average at start: {os.getloadavg()[0]:.2f}")
     print(f"{'format':8s} {'ours audio-s/s':>15s} {'official audio-s/s':>19s}")
     with tempfile.TemporaryDirectory() as directory:
-        for fmt in args.formats.split(","):
+        for fmt in [f for f in args.formats.split(",") if f]:
             rate = FORMATS[fmt][2]
             path = write(os.path.join(directory, f"speech.{fmt}"), fmt, speech(seconds, rate), rate)
             ours = timed(lambda p=path: audio.load_audio(p))
