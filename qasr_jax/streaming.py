@@ -414,7 +414,7 @@ class StreamingTranscriber:
         chunk_frames = self.config.audio.chunk_frames
         chunks = sum(-(-min(wf, frames - w * wf) // chunk_frames) for w in todo)
         if todo:
-            rows = buckets.batch_bucket(len(todo), 1 << 30)
+            rows = buckets.bucket_size(len(todo), 1, 4)  # little padding when every window is encoded
             batch = np.zeros((rows, features.shape[0], wf), np.float32)
             lengths = np.zeros((rows,), np.int32)
             for i, w in enumerate(todo):
