@@ -5,12 +5,13 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-USAGE = """usage: python -m infer {transcribe,align,stream} ...
+USAGE = """usage: python -m infer {transcribe,align,stream,serve} ...
 
 commands:
   transcribe  speech to text for audio files or a manifest of them (python -m infer transcribe --help)
   align       word timestamps for one recording and its transcript (python -m infer align --help)
   stream      live transcription of files or of PCM on stdin (python -m infer stream --help)
+  serve       OpenAI-compatible transcription server (python -m infer serve --help)
 """
 
 
@@ -27,6 +28,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from infer.align import main as command_main
     elif command == "stream":
         from infer.stream import main as command_main
+    elif command == "serve":
+        from infer.serve import main as command_main
     else:
         print(f"{USAGE}\nerror: unknown command {command!r}", file=sys.stderr)
         return 2

@@ -1,0 +1,137 @@
+"""python -m infer serve: an OpenAI-compatible transcription server with continuous batching.
+
+    python -m infer serve --model Qwen3-ASR-0.6B --port 8000
+    curl -F file=@talk.wav http://127.0.0.1:8000/v1/audio/transcriptions
+    python -c "import openai; c = openai.OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='-');
+               print(c.audio.transcriptions.create(model='qwen3-asr', file=open('talk.wav', 'rb')).text)"
+
+Routes: POST /v1/audio/transcriptions (json, text, srt, vtt, verbose_json; stream=true for server-sent events),
+GET /v1/models, GET /health, GET /metrics. SIGTERM (or Ctrl-C) stops taking requests, finishes those in flight
+and exits. Requests never make the server read a path or URL: only uploaded bytes are decoded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from infer.defaults import model_or_demo
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m infer serve",
+        description="OpenAI-compatible transcription server (continuous batching over the JAX engine).",
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", metavar="DIR",
+                        help="Qwen3-ASR checkpoint directory (default: the demo model under models/)")  # fmt: skip
+    parser.add_argument("--aligner", "--forced-aligner", dest="aligner", metavar="DIR",
+                        help="Qwen3-ForcedAligner checkpoint: word timestamps in verbose_json, srt/vtt cues")  # fmt: skip
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default %(default)s: this machine only)"
+    )
+    parser.add_argument("--port", type=int, default=8000, help="port (default %(default)s; 0: any free port)")
+    parser.add_argument("--max-batch", type=int, default=8, metavar="N",
+                        help="decode slots: requests (chunks) decoded together (default %(default)s)")  # fmt: skip
+    parser.add_argument("--max-queue", type=int, default=64, metavar="Q",
+                        help="requests that may wait for a slot; more get 429 (default %(default)s)")  # fmt: skip
+    parser.add_argument("--api-key", default=None, metavar="KEY",
+                        help="require Authorization: Bearer KEY on every route but /health (default: $QASR_API_KEY)")  # fmt: skip
+    parser.add_argument("--max-upload-mb", type=float, default=25.0, metavar="M",
+                        help="largest upload in MiB (default %(default)s)")  # fmt: skip
+    parser.add_argument("--max-audio-seconds", type=float, default=600.0, metavar="S",
+                        help="longest audio accepted (default %(default)s)")  # fmt: skip
+    parser.add_argument("--served-model-name", default="qwen3-asr", metavar="NAME",
+                        help="the model id in /v1/models and the accepted 'model' field (default %(default)s)")  # fmt: skip
+    parser.add_argument("--step-chunk", type=int, default=8, metavar="K",
+                        help="decode steps between admissions of new requests (default %(default)s)")  # fmt: skip
+    parser.add_argument("--mesh", metavar="SPEC", default=None, help="device mesh, e.g. data=2,tensor=4")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                        help="params and compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")  # fmt: skip
+    parser.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                        help="token budget per audio chunk (default: grows with the chunk's duration)")  # fmt: skip
+    parser.add_argument("--max-chunk-seconds", type=float, default=30.0, metavar="S",
+                        help="long audio is split into chunks of at most S seconds, as transcribe splits it "
+                             "(default %(default)s; sizes the decode cache)")  # fmt: skip
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, metavar="P",
+                        help="> 1 discourages repeating generated tokens (default %(default)s: off)")  # fmt: skip
+    parser.add_argument("--no-repeat-ngram-size", type=int, default=0, metavar="N",
+                        help="forbid any N-gram of generated tokens from repeating (default %(default)s: off)")  # fmt: skip
+    parser.add_argument("--compilation-cache", metavar="DIR|off", default=None,
+                        help="JAX's persistent compilation cache (default: $QASR_COMPILATION_CACHE or "
+                             "~/.cache/qasr-jax/xla)")  # fmt: skip
+    return parser
+
+
+def warm_up(scheduler: object, seconds: float = 1.0, timeout: float = 600.0) -> None:
+    """One request through the loop, so the first client does not pay the compilation of the common programs."""
+    import threading
+
+    from qasr_jax.serve.scheduler import Job
+
+    rng = np.random.default_rng(0)
+    done = threading.Event()
+    job = Job(
+        (rng.standard_normal(int(seconds * 16000)) * 0.01).astype(np.float32), on_done=lambda _: done.set()
+    )
+    scheduler.prepare(job)
+    scheduler.submit(job)
+    if not done.wait(timeout) or job.error is not None:
+        raise RuntimeError(f"warm-up failed: {job.error or 'timed out'}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        import uvicorn
+
+        from qasr_jax.serve.app import ServeConfig, create_app
+    except ImportError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    from qasr_jax.asr import Qwen3ASRModel
+    from qasr_jax.serve.scheduler import Scheduler
+
+    api_key = args.api_key if args.api_key is not None else os.environ.get("QASR_API_KEY") or None
+    cache = False if args.compilation_cache == "off" else args.compilation_cache
+    try:
+        model_dir = model_or_demo(args.model)
+        aligner_dir = args.aligner
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    started = time.monotonic()
+    model = Qwen3ASRModel.from_pretrained(
+        model_dir, forced_aligner=aligner_dir, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
+        max_chunk_seconds=args.max_chunk_seconds, repetition_penalty=args.repetition_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram_size, mesh=args.mesh, compilation_cache=cache,
+    )  # fmt: skip
+    scheduler = Scheduler(model, slots=args.max_batch, max_queue=args.max_queue, step_chunk=args.step_chunk,
+                          max_audio_seconds=args.max_audio_seconds)  # fmt: skip
+    scheduler.start()
+    warm_up(scheduler)
+    print(
+        f"model {model_dir} loaded and warm in {time.monotonic() - started:.1f} s",
+        file=sys.stderr,
+        flush=True,
+    )
+    config = ServeConfig(model_name=args.served_model_name, api_key=api_key,
+                         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+                         max_audio_seconds=args.max_audio_seconds)  # fmt: skip
+    app = create_app(model, scheduler, config)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                           access_log=False, timeout_keep_alive=5))  # fmt: skip
+    print(f"serving on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+    server.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

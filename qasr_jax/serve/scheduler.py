@@ -1,0 +1,356 @@
+"""Continuous batching for a server: many transcription jobs share the engine's slots.
+
+One thread owns the engine. Its loop:
+
+1. admit: waiting chunks are prefilled (up to the number of free slots) and inserted into free slots, while the
+   slots already decoding keep their state — a request arriving mid-decode joins at the next step boundary;
+2. generate a few steps (``step_chunk``) for every live slot;
+3. collect the slots that finished, decode and parse their tokens, and complete a job once all its chunks are in;
+4. free the cache before the oldest live sequence when the shared index nears the end (``Engine.reclaim``).
+
+A job is one uploaded audio: it is split into chunks as ``Qwen3ASRModel.transcribe`` splits it (same rule, same
+prompts, same token budgets), and its chunks spread over slots. A request's tokens depend only on itself (see
+``qasr_jax.engine``), so the text equals ``transcribe``'s for the same audio and options.
+
+``submit`` refuses a job with ``QueueFullError`` when ``max_queue`` jobs already wait for slots (back-pressure);
+``Job.cancel`` (a client that went away) drops its waiting chunks and frees its slots at the next boundary.
+Nothing here knows about HTTP.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+from qasr_jax import audio as audio_io
+from qasr_jax import buckets
+from qasr_jax import text as text_io
+from qasr_jax.asr import Qwen3ASRModel, default_token_budget
+from qasr_jax.engine import Engine, GenerationRequest
+from qasr_jax.errors import EmptyAudioError, PromptError, QasrError
+
+
+class QueueFullError(QasrError, RuntimeError):
+    """The server's queue of waiting requests is full; retry later."""
+
+
+class ShuttingDownError(QasrError, RuntimeError):
+    """The scheduler is stopping and takes no new jobs."""
+
+
+@dataclasses.dataclass
+class Chunk:
+    job: Job
+    index: int
+    piece: audio_io.AudioPiece
+    request: GenerationRequest
+    language: str = ""
+    text: str = ""
+    done: bool = False
+    truncated: bool = False
+
+
+class Job:
+    """One transcription request: its chunks, and callbacks for progress and completion.
+
+    on_update(job): called (from the scheduler thread) when the streamed text grows; on_done(job): once, when all
+    chunks are in, the job failed, or it was cancelled. ``text``/``language`` are the merged result.
+    """
+
+    def __init__(
+        self,
+        samples: np.ndarray,
+        *,
+        context: str = "",
+        language: str | None = None,
+        on_update: Callable[[Job], None] | None = None,
+        on_done: Callable[[Job], None] | None = None,
+    ) -> None:
+        self.samples = samples
+        self.context = context
+        self.language = language
+        self.on_update = on_update
+        self.on_done = on_done
+        self.chunks: list[Chunk] = []
+        self.cancelled = False
+        self.finished = False
+        self.error: BaseException | None = None
+        self.submitted = time.monotonic()
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+        self.partial_text = ""  # finished chunks in order plus the first unfinished one's text so far
+
+    @property
+    def duration(self) -> float:
+        return len(self.samples) / audio_io.SAMPLE_RATE
+
+    @property
+    def text(self) -> str:
+        return "".join(c.text for c in self.chunks)
+
+    @property
+    def detected_language(self) -> str:
+        return text_io.merge_languages(c.language for c in self.chunks)
+
+    @property
+    def truncated(self) -> bool:
+        return any(c.truncated for c in self.chunks)
+
+    def cancel(self) -> None:
+        """The client went away: its chunks leave the queue and its slots are freed at the next boundary."""
+        self.cancelled = True
+
+
+@dataclasses.dataclass
+class Stats:
+    """Counters the server's /metrics reads (updated by the scheduler thread)."""
+
+    steps: int = 0
+    prefills: int = 0
+    busy_slot_steps: int = 0  # sum over generate calls of busy slots × steps asked
+    slot_steps: int = 0
+    completed: int = 0
+    cancelled: int = 0
+
+
+class Scheduler:
+    """The continuous-batching loop over ``model``'s engine and params (see the module docstring).
+
+    slots: decode slots (requests decoded together); max_queue: jobs that may wait for slots before ``submit``
+    refuses; step_chunk: decode steps between admissions; max_chunk_seconds: the split of long audio (the
+    model's own by default); max_audio_seconds: the longest upload (sizes the cache with max_chunk_seconds).
+    """
+
+    def __init__(
+        self,
+        model: Qwen3ASRModel,
+        *,
+        slots: int = 8,
+        max_queue: int = 64,
+        step_chunk: int = 8,
+        max_audio_seconds: float = 600.0,
+    ) -> None:
+        if slots < 1 or max_queue < 0 or step_chunk < 1:
+            raise ValueError(
+                f"slots and step_chunk must be >= 1 and max_queue >= 0: {slots}, {step_chunk}, {max_queue}"
+            )
+        self.model = model
+        self.tokenizer = model.tokenizer
+        self.params = model.generator.params
+        self.engine: Engine = model.generator.engine()
+        self.slots = slots
+        self.max_queue = max_queue
+        self.step_chunk = step_chunk
+        self.max_audio_seconds = float(max_audio_seconds)
+        self.chunk_seconds = min(model.max_chunk_seconds, self.max_audio_seconds)
+        # The largest prompt and token budget any chunk can have fix the state's shape.
+        longest = int(self.chunk_seconds * audio_io.SAMPLE_RATE)
+        audio_tokens = model.config.audio.output_length(audio_io.num_frames(longest))
+        prompt = text_io.build_prompt_ids(self.tokenizer, audio_tokens, "", None)
+        self.max_context_tokens = 256
+        self.max_prompt = buckets.PROMPT_LADDER.size(len(prompt) + self.max_context_tokens + 8)
+        self.max_new = buckets.STEP_LADDER.size(self._budget(self.chunk_seconds))
+        self.cache_len = 2 * (self.max_prompt + self.max_new) + step_chunk
+        self.stats = Stats()
+        self._lock = threading.Condition()
+        self._waiting: collections.deque[Chunk] = collections.deque()
+        self._waiting_jobs: dict[int, Job] = {}
+        self._slot_chunk: list[Chunk | None] = [None] * slots
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._state: Any = None
+        self.failure: BaseException | None = None
+
+    # -- outside the loop --
+
+    def _budget(self, seconds: float) -> int:
+        return self.model.max_new_tokens or default_token_budget(seconds)
+
+    def prepare(self, job: Job) -> None:
+        """Split ``job``'s audio and build its chunks' prompts (raises a QasrError for unusable input)."""
+        if audio_io.num_frames(len(job.samples)) == 0:
+            raise EmptyAudioError(
+                f"{len(job.samples)} samples is shorter than one feature frame ({audio_io.HOP_LENGTH} samples)"
+            )
+        for i, piece in enumerate(audio_io.split_audio(job.samples, self.model.max_chunk_seconds)):
+            frames = audio_io.num_frames(len(piece.samples))
+            ids = text_io.build_prompt_ids(
+                self.tokenizer, self.model.config.audio.output_length(frames), job.context, job.language
+            )
+            if len(ids) > self.max_prompt:
+                raise PromptError(f"the prompt has {len(ids)} tokens; at most {self.max_prompt} fit")
+            budget = self._budget(len(piece.samples) / audio_io.SAMPLE_RATE)
+            job.chunks.append(Chunk(job, i, piece, GenerationRequest(piece.samples, ids, budget)))
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting_jobs)
+
+    @property
+    def busy_slots(self) -> int:
+        return sum(c is not None for c in self._slot_chunk)
+
+    def submit(self, job: Job) -> None:
+        """Queue a prepared job; ``QueueFullError`` when ``max_queue`` jobs already wait."""
+        with self._lock:
+            if self._stopping:
+                raise ShuttingDownError("the server is shutting down")
+            if len(self._waiting_jobs) >= self.max_queue:
+                raise QueueFullError(
+                    f"{len(self._waiting_jobs)} requests are waiting (the limit); retry later"
+                )
+            self._waiting_jobs[id(job)] = job
+            self._waiting.extend(job.chunks)
+            self._lock.notify()
+
+    def start(self) -> None:
+        self._state = self.engine.init_state(self.slots, self.cache_len, self.max_new, start=self.max_prompt)
+        self._thread = threading.Thread(target=self._loop, name="qasr-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish the jobs already submitted, then end the loop."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # -- the loop --
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    while not self._waiting and self.busy_slots == 0:
+                        if self._stopping:
+                            return
+                        self._lock.wait(0.5)
+                self._admit()
+                if self.busy_slots:
+                    self._step()
+        except BaseException as error:  # a bug or out of memory: every job still open fails with it
+            self.failure = error
+            with self._lock:
+                self._stopping = True
+                jobs = {id(c.job): c.job for c in list(self._waiting) + [c for c in self._slot_chunk if c]}
+                self._waiting.clear()
+            for job in jobs.values():
+                self._finish(job, error)
+            raise
+
+    def _admit(self) -> None:
+        free = [s for s, c in enumerate(self._slot_chunk) if c is None]
+        # A cancelled job's chunks in slots stop counting: their slots are overwritten by the next insert.
+        for s, c in enumerate(self._slot_chunk):
+            if c is not None and c.job.cancelled:
+                self._slot_chunk[s] = None
+                free.append(s)
+                self._finish(c.job, None)
+        with self._lock:
+            batch: list[Chunk] = []
+            while self._waiting and len(batch) < len(free):
+                chunk = self._waiting.popleft()
+                if chunk.job.cancelled:
+                    self._waiting_jobs.pop(id(chunk.job), None)
+                    self._finish(chunk.job, None)
+                    continue
+                batch.append(chunk)
+                if not any(c.job is chunk.job for c in self._waiting):
+                    self._waiting_jobs.pop(id(chunk.job), None)
+        if not batch:
+            return
+        self._state, _ = self.engine.reclaim(self._state, self.max_prompt)
+        # Similar lengths share a prefill: one prefill per distinct frame bucket keeps padding low.
+        by_shape: dict[Any, list[Chunk]] = collections.defaultdict(list)
+        for chunk in batch:
+            by_shape[self.engine.prefill_shape([chunk.request], 1).frames].append(chunk)
+        slots = iter(sorted(free))
+        for group in by_shape.values():
+            prefilled = self.engine.prefill(self.params, [c.request for c in group])
+            targets = [next(slots) for _ in group]
+            self._state = self.engine.insert(self._state, prefilled, targets)
+            self.stats.prefills += 1
+            for slot, chunk in zip(targets, group):
+                self._slot_chunk[slot] = chunk
+        self._harvest()  # a chunk can end on its first token
+
+    def _step(self) -> None:
+        index = int(jax.device_get(self._state.index))
+        if index + self.step_chunk > self.cache_len:
+            self._state, shift = self.engine.reclaim(self._state, self.max_prompt)
+            if shift == 0:
+                raise RuntimeError(f"decode cache of {self.cache_len} is full and nothing can be freed")
+        busy = self.busy_slots
+        self._state = self.engine.generate(self.params, self._state, self.step_chunk)
+        self.stats.steps += self.step_chunk
+        self.stats.busy_slot_steps += busy * self.step_chunk
+        self.stats.slot_steps += self.slots * self.step_chunk
+        self._harvest()
+
+    def _harvest(self) -> None:
+        live, counts, tokens, stopped = jax.device_get(
+            (self._state.live, self._state.counts, self._state.tokens, self._state.stopped)
+        )
+        touched: dict[int, Job] = {}
+        for slot, chunk in enumerate(self._slot_chunk):
+            if chunk is None:
+                continue
+            job = chunk.job
+            if job.first_token_at is None and counts[slot] > 0:
+                job.first_token_at = time.monotonic()
+            if live[slot] and job.on_update is None:
+                continue
+            raw = self.tokenizer.decode(tokens[slot, : counts[slot]].tolist(), skip_special_tokens=True)
+            if not live[slot]:
+                chunk.language, chunk.text = text_io.parse_asr_output(raw, job.language)
+                chunk.truncated = not bool(stopped[slot])
+                chunk.done = True
+                self._slot_chunk[slot] = None
+            else:
+                chunk.language, chunk.text = _partial(raw, job.language)
+            touched[id(job)] = job
+        for job in touched.values():
+            if all(c.done for c in job.chunks):
+                self._finish(job, None)
+            elif job.on_update is not None and not job.cancelled:
+                text = ""
+                for c in job.chunks:
+                    text += c.text
+                    if not c.done:
+                        break
+                if text != job.partial_text and not text.endswith("\ufffd"):
+                    job.partial_text = text
+                    job.on_update(job)
+
+    def _finish(self, job: Job, error: BaseException | None) -> None:
+        if job.finished:
+            return
+        job.finished = True
+        job.error = error
+        job.finished_at = time.monotonic()
+        if job.cancelled:
+            self.stats.cancelled += 1
+        else:
+            self.stats.completed += 1
+        if job.on_done is not None:
+            job.on_done(job)
+
+
+def _partial(raw: str, forced_language: str | None) -> tuple[str, str]:
+    """(language, text so far) of an unfinished chunk: nothing until the ``<asr_text>`` header is complete."""
+    if forced_language:
+        return forced_language, raw.strip()
+    if text_io.ASR_TEXT not in raw:
+        return "", ""
+    return text_io.parse_asr_output(raw, None)
+
+
+__all__ = ["Chunk", "Job", "QueueFullError", "Scheduler", "ShuttingDownError", "Stats"]
