@@ -118,6 +118,7 @@ class Metrics:
                 "# TYPE qasr_slots_busy gauge", f"qasr_slots_busy {busy}",
                 "# TYPE qasr_slots gauge", f"qasr_slots {scheduler.slots}",
                 "# TYPE qasr_batch_occupancy gauge", f"qasr_batch_occupancy {occupancy:.6f}",
+                "# TYPE qasr_requests_cancelled_total counter", f"qasr_requests_cancelled_total {stats.cancelled}",
                 "# TYPE qasr_decode_steps_total counter", f"qasr_decode_steps_total {stats.steps}",
                 "# TYPE qasr_audio_seconds_total counter", f"qasr_audio_seconds_total {self.audio_seconds:.3f}",
                 "# TYPE qasr_request_latency_seconds histogram",
@@ -174,7 +175,6 @@ def create_app(model: Qwen3ASRModel, scheduler: Scheduler, config: ServeConfig) 
 
     @app.middleware("http")
     async def guard(request: Request, call_next: Any) -> Response:
-        start = time.monotonic()
         try:
             if request.url.path != "/health" and config.api_key is not None:
                 header = request.headers.get("authorization", "")
@@ -187,8 +187,6 @@ def create_app(model: Qwen3ASRModel, scheduler: Scheduler, config: ServeConfig) 
             response = error.response()
         if request.url.path.startswith("/v1/audio"):
             metrics.count(response.status_code)
-            if response.status_code == 200 and not isinstance(response, StreamingResponse):
-                metrics.latency.observe(time.monotonic() - start)
         return response
 
     @app.exception_handler(404)
@@ -343,6 +341,7 @@ def create_app(model: Qwen3ASRModel, scheduler: Scheduler, config: ServeConfig) 
                 raise ApiError(499, "client closed the request", code="client_closed")
         _raise_failure(job)
         _observe_first_token(job)
+        metrics.latency.observe(time.monotonic() - job.submitted)
         return await _render(job, response_format, words_wanted)
 
     def _observe_first_token(job: Job) -> None:
@@ -351,7 +350,6 @@ def create_app(model: Qwen3ASRModel, scheduler: Scheduler, config: ServeConfig) 
 
     async def _sse(job: Job, events: asyncio.Queue, done: asyncio.Future) -> Any:
         sent = ""
-        start = time.monotonic()
         try:
             while True:
                 text = await events.get()
@@ -365,7 +363,7 @@ def create_app(model: Qwen3ASRModel, scheduler: Scheduler, config: ServeConfig) 
             if final.startswith(sent) and len(final) > len(sent):
                 yield _event({"type": "transcript.text.delta", "delta": final[len(sent) :], "logprobs": None})
             _observe_first_token(job)
-            metrics.latency.observe(time.monotonic() - start)
+            metrics.latency.observe(time.monotonic() - job.submitted)
             yield _event({"type": "transcript.text.done", "text": final, "logprobs": None,
                           "usage": _usage(job)})  # fmt: skip
         except ApiError as error:

@@ -1,0 +1,283 @@
+"""``python -m infer serve`` against real clients (the ``openai`` package, curl, httpx) on a local port.
+
+The truth for every transcript is ``Qwen3ASRModel.transcribe`` of the same file with the same options (chunk
+length, token budget) on the same small random-weight checkpoint, whose weights matter. Wire formats are checked
+against what the OpenAI audio API defines (and parsed with independent srt/vtt parsers); bad requests against
+their status codes and the OpenAI error shape.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+
+from qasr_jax.asr import Qwen3ASRModel
+from tests.support import speech
+from tests.support.server import running_server, speech_file, speech_files
+from tests.test_asr import cached_small_checkpoint
+
+pytestmark = pytest.mark.skipif(not speech.have_espeak(), reason="espeak-ng is needed for the test speech")
+
+openai = pytest.importorskip("openai")
+
+KEY = "test-key-0123456789"
+MAX_NEW = 40
+CHUNK_SECONDS = 20.0
+SERVER_ARGS = ("--max-batch", "8", "--max-new-tokens", str(MAX_NEW), "--max-chunk-seconds", str(CHUNK_SECONDS),
+               "--max-audio-seconds", "90", "--max-upload-mb", "4", "--max-queue", "64")  # fmt: skip
+TIMEOUT = 300.0
+
+
+@pytest.fixture(scope="module")
+def checkpoint() -> str:
+    return cached_small_checkpoint()
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint: str) -> Qwen3ASRModel:
+    return Qwen3ASRModel.from_pretrained(checkpoint, max_new_tokens=MAX_NEW, max_chunk_seconds=CHUNK_SECONDS)
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint: str):
+    with running_server(checkpoint, *SERVER_ARGS, env={"QASR_API_KEY": KEY}) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, timeout=TIMEOUT, max_retries=0)
+
+
+def auth() -> dict[str, str]:
+    return {"Authorization": f"Bearer {KEY}"}
+
+
+def post(server, files=None, data=None, headers=None, **kwargs) -> httpx.Response:
+    return httpx.post(server.url + "/v1/audio/transcriptions", files=files, data=data,
+                      headers=auth() if headers is None else headers, timeout=TIMEOUT, **kwargs)  # fmt: skip
+
+
+def test_concurrent_openai_clients_get_the_text_of_transcribe(server, client, reference) -> None:
+    # Mixed durations, long ones split into several chunks, all in flight at once.
+    durations = [1.0, 3.5, 7.0, 12.0, 25.0, 41.0, 60.0, 2.0, 9.0, 18.0, 33.0, 5.0]
+    paths = speech_files(durations)
+
+    def one(path: str) -> str:
+        with open(path, "rb") as handle:
+            return client.audio.transcriptions.create(model="qwen3-asr", file=handle).text
+
+    with concurrent.futures.ThreadPoolExecutor(len(paths)) as pool:
+        texts = list(pool.map(one, paths))
+    expected = [r.text for r in reference.transcribe(paths)]
+    assert all(expected), "the reference gave an empty text: the comparison would be vacuous"
+    assert texts == expected
+
+
+def test_openai_stream_true_deltas_add_up_to_the_transcript(server, client, reference) -> None:
+    path = speech_file(6.0, seed=7)
+    with open(path, "rb") as handle:
+        stream = client.audio.transcriptions.create(
+            model="qwen3-asr", file=handle, language="en", stream=True
+        )
+        events = list(stream)
+    types = [e.type for e in events]
+    assert types[-1] == "transcript.text.done" and set(types[:-1]) == {"transcript.text.delta"}
+    assert len(types) >= 3, "the text should arrive in several deltas"
+    [expected] = reference.transcribe(path, language="English")
+    assert "".join(e.delta for e in events[:-1]) == events[-1].text == expected.text
+
+
+def test_curl_multipart_every_response_format(server, reference) -> None:
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    import srt
+    import webvtt
+
+    path = speech_file(24.0, seed=3)  # two chunks of at most 20 s
+    [expected] = reference.transcribe(path)
+
+    def curl(*fields: str) -> tuple[int, str]:
+        args = [
+            "curl",
+            "-sS",
+            "-w",
+            "\n%{http_code}",
+            "-H",
+            f"Authorization: Bearer {KEY}",
+            "-F",
+            f"file=@{path}",
+        ]
+        for f in fields:
+            args += ["-F", f]
+        out = subprocess.run([*args, server.url + "/v1/audio/transcriptions"], capture_output=True, text=True,
+                             timeout=TIMEOUT, check=True).stdout  # fmt: skip
+        body, status = out.rsplit("\n", 1)
+        return int(status), body
+
+    status, body = curl("model=qwen3-asr")
+    assert status == 200 and json.loads(body)["text"] == expected.text
+    status, body = curl("response_format=text")
+    assert status == 200 and body.rstrip("\n") == expected.text
+    status, body = curl("response_format=verbose_json")
+    verbose = json.loads(body)
+    assert status == 200 and verbose["text"] == expected.text and verbose["language"] == expected.language
+    assert abs(verbose["duration"] - 24.0) < 0.01
+    assert [s["start"] for s in verbose["segments"]] == [0.0, verbose["segments"][1]["start"]]
+    assert "".join(s["text"] for s in verbose["segments"]) == expected.text
+    status, body = curl("response_format=srt")
+    cues = list(srt.parse(body))
+    assert status == 200 and "".join(c.content for c in cues).replace("\n", "") == expected.text.replace(
+        "\n", ""
+    )
+    status, body = curl("response_format=vtt")
+    captions = webvtt.read_buffer(io.StringIO(body))
+    assert status == 200 and len(captions) == len(cues)
+
+
+def test_models_health_metrics(server) -> None:
+    assert httpx.get(server.url + "/health").status_code == 200  # no key needed
+    models = httpx.get(server.url + "/v1/models", headers=auth()).json()
+    assert models["object"] == "list" and models["data"][0]["id"] == "qwen3-asr"
+    post(server, files={"file": ("a.wav", Path(speech_file(1.0)).read_bytes())})
+    text = httpx.get(server.url + "/metrics", headers=auth()).text
+    for name in ("qasr_requests_total{status=\"200\"}", "qasr_queue_depth", "qasr_batch_occupancy",
+                 "qasr_audio_seconds_total", "qasr_request_latency_seconds_bucket",
+                 "qasr_time_to_first_token_seconds_count"):  # fmt: skip
+        assert name in text, name
+
+
+def test_api_key_required_everywhere_but_health(server) -> None:
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        for method, route in (
+            ("GET", "/v1/models"),
+            ("GET", "/metrics"),
+            ("POST", "/v1/audio/transcriptions"),
+        ):
+            response = httpx.request(method, server.url + route, headers=headers)
+            assert response.status_code == 401, (route, headers)
+            assert response.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def _wav_bytes(seconds: float) -> bytes:
+    buffer = io.BytesIO()
+    sf.write(buffer, np.zeros(int(seconds * 16000), np.float32), 16000, format="WAV", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+BAD_REQUESTS = {
+    # name: (files, data, raw body/content type, expected status, expected param)
+    "not audio": ({"file": ("notes.txt", b"this is not audio at all" * 20)}, {}, 400, "file"),
+    "truncated wav": ({"file": ("cut.wav", _wav_bytes(2.0)[:300])}, {}, 400, "file"),
+    "empty file": ({"file": ("empty.wav", b"")}, {}, 400, "file"),
+    "no file field": ({}, {"model": "qwen3-asr"}, 400, "file"),
+    "unknown response_format": ({"file": ("a.wav", _wav_bytes(1.0))}, {"response_format": "xml"}, 400,
+                                "response_format"),
+    "unknown language": ({"file": ("a.wav", _wav_bytes(1.0))}, {"language": "klingon"}, 400, "language"),
+    "unknown model": ({"file": ("a.wav", _wav_bytes(1.0))}, {"model": "gpt-9"}, 404, "model"),
+    "words without an aligner": ({"file": ("a.wav", _wav_bytes(1.0))},
+                                 {"response_format": "verbose_json", "timestamp_granularities[]": "word"}, 400,
+                                 "timestamp_granularities"),
+    "too long audio": ({"file": ("long.wav", _wav_bytes(95.0))}, {}, 400, "file"),
+    "too large upload": ({"file": ("big.wav", b"\0" * (5 * 1024 * 1024))}, {}, 413, "file"),
+    "unknown field": ({"file": ("a.wav", _wav_bytes(1.0))}, {"path": "/etc/passwd"}, 400, "path"),
+    "oversized text field": ({"file": ("a.wav", _wav_bytes(1.0))}, {"prompt": "x" * 10000}, 400, None),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(BAD_REQUESTS))
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, name: str) -> None:
+    files, data, status, param = BAD_REQUESTS[name]
+    response = post(server, files=files or None, data=data)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] == param
+    good = post(server, files={"file": ("ok.wav", Path(speech_file(1.0)).read_bytes())})
+    assert good.status_code == 200 and good.json()["text"]
+
+
+def test_malformed_multipart_and_wrong_content_type(server) -> None:
+    headers = {**auth(), "Content-Type": "multipart/form-data; boundary=XYZ"}
+    response = httpx.post(
+        server.url + "/v1/audio/transcriptions", content=b"--XYZ\r\nnot a part\r\n", headers=headers
+    )
+    assert response.status_code == 400 and "multipart" in response.json()["error"]["message"]
+    response = httpx.post(
+        server.url + "/v1/audio/transcriptions", json={"file": "/etc/passwd"}, headers=auth()
+    )
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_body"
+    # Far too many fields
+    many = {f"f{i}": "x" for i in range(40)}
+    response = post(server, files={"file": ("a.wav", _wav_bytes(1.0))}, data=many)
+    assert response.status_code == 400
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Back-pressure, disconnects and shutdown: a server with one slot and a queue of one.
+
+
+@pytest.fixture()
+def tiny_server(checkpoint: str):
+    args = ("--max-batch", "1", "--max-queue", "1", "--max-new-tokens", "400", "--max-chunk-seconds", "30",
+            "--step-chunk", "4")  # fmt: skip
+    with running_server(checkpoint, *args) as running:
+        yield running
+
+
+def _metric(server, name: str) -> float:
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise KeyError(name)
+
+
+def test_queue_full_429_disconnect_frees_the_slot_and_sigterm_drains(tiny_server) -> None:
+    server = tiny_server
+    path = speech_file(25.0, seed=11)
+    audio = Path(path).read_bytes()
+
+    def send() -> httpx.Response:
+        return httpx.post(
+            server.url + "/v1/audio/transcriptions", files={"file": ("a.wav", audio)}, timeout=TIMEOUT
+        )
+
+    # 1. Back-pressure: one request decodes, one waits, the rest are refused at once with 429.
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(send) for _ in range(6)]
+        statuses = sorted(f.result().status_code for f in futures)
+    assert statuses.count(429) >= 3 and statuses.count(200) >= 1 and set(statuses) <= {200, 429}
+    refused = next(f.result() for f in futures if f.result().status_code == 429)
+    assert refused.json()["error"]["type"] == "rate_limit_error"
+
+    # 2. A client that goes away frees its slot: the cancelled count rises and the slot empties.
+    before = _metric(server, "qasr_requests_cancelled_total")
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + "/v1/audio/transcriptions", files={"file": ("a.wav", audio)}, timeout=1.0)
+    deadline = time.monotonic() + 60
+    while _metric(server, "qasr_requests_cancelled_total") == before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _metric(server, "qasr_requests_cancelled_total") == before + 1
+    assert _metric(server, "qasr_slots_busy") == 0
+
+    # 3. SIGTERM while a request is in flight: it still completes, then the process exits 0.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(send)
+        deadline = time.monotonic() + 60
+        while _metric(server, "qasr_slots_busy") == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        server.terminate()
+        response = future.result()
+    assert response.status_code == 200 and response.json()["text"]
+    assert server.process.wait(120) == 0
