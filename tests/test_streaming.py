@@ -64,6 +64,9 @@ def stream_both(ours, reference, samples, pieces, convert=None, **kwargs):
     Returns (our state, official state, official per-update (prefix, language, text))."""
     mine = ours.init_streaming_state(**kwargs)
     theirs = reference.init_streaming_state(**kwargs)
+    assert (mine.prompt_raw, mine.force_language, mine.chunk_size_samples) == (
+        theirs.prompt_raw, theirs.force_language, theirs.chunk_size_samples,
+    )  # fmt: skip
     first_call = len(reference.model.calls)
     for start in range(0, len(samples), pieces):
         piece = samples[start : start + pieces]
