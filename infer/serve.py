@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -129,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                            access_log=False, timeout_keep_alive=5))  # fmt: skip
     print(f"serving on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+    # uvicorn drains on SIGTERM and then raises the signal again; a drained server exits with status 0.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     server.run()
     return 0
 

@@ -173,21 +173,15 @@ def create_app(model: Qwen3ASRModel, scheduler: Scheduler, config: ServeConfig) 
     app = FastAPI(title="qasr-jax", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.scheduler, app.state.metrics, app.state.ready = scheduler, metrics, ready
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Any) -> Response:
-        try:
-            if request.url.path != "/health" and config.api_key is not None:
-                header = request.headers.get("authorization", "")
-                given = header[7:] if header.lower().startswith("bearer ") else ""
-                if not hmac.compare_digest(given.encode(), config.api_key.encode()):
-                    raise ApiError(401, "missing or wrong API key (Authorization: Bearer KEY)",
-                                   code="invalid_api_key", kind="authentication_error")  # fmt: skip
-            response = await call_next(request)
-        except ApiError as error:
-            response = error.response()
-        if request.url.path.startswith("/v1/audio"):
-            metrics.count(response.status_code)
-        return response
+    def check_key(request: Request) -> None:
+        """Every route but /health needs the key when one is set (compared in constant time)."""
+        if config.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        given = header[7:] if header.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(given.encode(), config.api_key.encode()):
+            raise ApiError(401, "missing or wrong API key (Authorization: Bearer KEY)",
+                           code="invalid_api_key", kind="authentication_error")  # fmt: skip
 
     @app.exception_handler(404)
     async def not_found(_: Request, __: Exception) -> JSONResponse:
@@ -206,20 +200,31 @@ def create_app(model: Qwen3ASRModel, scheduler: Scheduler, config: ServeConfig) 
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
-    async def prometheus() -> PlainTextResponse:
+    async def prometheus(request: Request) -> Response:
+        try:
+            check_key(request)
+        except ApiError as error:
+            return error.response()
         return PlainTextResponse(metrics.render(scheduler), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
-    async def models() -> JSONResponse:
+    async def models(request: Request) -> Response:
+        try:
+            check_key(request)
+        except ApiError as error:
+            return error.response()
         entry = {"id": config.model_name, "object": "model", "created": 0, "owned_by": "qasr-jax"}
         return JSONResponse({"object": "list", "data": [entry]})
 
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(request: Request) -> Response:
         try:
-            return await _transcribe(request)
+            check_key(request)
+            response = await _transcribe(request)
         except ApiError as error:
-            return error.response()
+            response = error.response()
+        metrics.count(response.status_code)
+        return response
 
     async def _read_form(request: Request) -> Any:
         declared = request.headers.get("content-length")
@@ -229,7 +234,10 @@ def create_app(model: Qwen3ASRModel, scheduler: Scheduler, config: ServeConfig) 
                                 "bytes", param="file", code="file_too_large")  # fmt: skip
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise ApiError(
-                400, "the body must be multipart/form-data with a 'file' field", code="invalid_body"
+                400,
+                "the body must be multipart/form-data with a 'file' field",
+                param="file",
+                code="invalid_body",
             )
         received = bytearray()
         async for part in request.stream():
