@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default %(default)s: this machine only)"
     )
-    parser.add_argument("--port", type=int, default=8000, help="port (default %(default)s; 0: any free port)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default %(default)s)")
     parser.add_argument("--max-batch", type=int, default=8, metavar="N",
                         help="decode slots: requests (chunks) decoded together (default %(default)s)")  # fmt: skip
     parser.add_argument("--max-queue", type=int, default=64, metavar="Q",
