@@ -155,7 +155,10 @@ def _cues_without_words(job: Job, kind: str) -> str:
     """srt/vtt with one cue per chunk when no aligner gives word times."""
     from qasr_jax.formats import Cue, cues_to_srt, cues_to_vtt
 
-    cues = [Cue(s["start"], s["end"], (s["text"],)) for s in _segments(job) if s["text"]]
+    # A cue is one line of text: blank lines would end it early.
+    cues = [
+        Cue(s["start"], s["end"], (" ".join(s["text"].split()),)) for s in _segments(job) if s["text"].strip()
+    ]
     return cues_to_srt(cues) if kind == "srt" else cues_to_vtt(cues)
 
 
