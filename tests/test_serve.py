@@ -244,7 +244,7 @@ def _metric(server, name: str) -> float:
 
 def test_queue_full_429_disconnect_frees_the_slot_and_sigterm_drains(tiny_server) -> None:
     server = tiny_server
-    path = speech_file(25.0, seed=11)
+    path = speech_file(60.0, seed=11)  # two chunks of 400 tokens on one slot: seconds of work
     audio = Path(path).read_bytes()
 
     def send() -> httpx.Response:
