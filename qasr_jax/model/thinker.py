@@ -214,7 +214,14 @@ def extend_cache(
     pos = jnp.broadcast_to(positions[None], (3, batch, seq))
     decoder = Decoder(model.config.text, model.attention_impl, model.dtype, model.param_dtype)
     hidden, layer_caches = decode_step_unrolled(
-        decoder, params["decoder"]["norm"], layer_params, inputs_embeds, pos, kv_start, layer_caches, cache_index
+        decoder,
+        params["decoder"]["norm"],
+        layer_params,
+        inputs_embeds,
+        pos,
+        kv_start,
+        layer_caches,
+        cache_index,
     )
     hidden = jnp.take_along_axis(hidden, last[:, None, None].astype(jnp.int32), axis=1)
     return model.apply({"params": params}, hidden, method=Qwen3ASR.head)[:, 0], layer_caches
