@@ -140,10 +140,12 @@ def decode(data: str | bytes, label: str, rate_out: int, max_seconds: float | No
             raise AudioDecodeError(f"{label}: is a directory, not an audio file")
         if os.path.getsize(data) == 0:
             raise EmptyAudioError(f"{label}: the file is empty (0 bytes)")
+    source = data if isinstance(data, str) else io.BytesIO(data)
     try:
-        audio_file = soundfile.SoundFile(data if isinstance(data, str) else io.BytesIO(data))
+        audio_file = soundfile.SoundFile(source)
     except soundfile.SoundFileError as error:
-        sndfile_error = error
+        # libsndfile names an in-memory file by its repr; the label names it in our message.
+        sndfile_error = str(error).replace(f"Error opening {source!r}: ", "")
     else:
         with audio_file:
             try:
@@ -247,7 +249,7 @@ def _mp3_file_truncation(data: str | bytes) -> str | None:
 
 
 def _read_ffmpeg(
-    data: str | bytes, label: str, rate_out: int, max_seconds: float | None, sndfile_error: Exception
+    data: str | bytes, label: str, rate_out: int, max_seconds: float | None, sndfile_error: str
 ) -> np.ndarray:
     import av
 
@@ -256,7 +258,8 @@ def _read_ffmpeg(
         container = av.open(source, mode="r")
     except av.FFmpegError as error:
         raise AudioDecodeError(
-            f"{label}: cannot decode audio: neither libsndfile nor FFmpeg reads it ({sndfile_error}; {error})"
+            f"{label}: cannot decode audio: neither libsndfile nor FFmpeg reads it ({sndfile_error}; "
+            f"{getattr(error, 'strerror', None) or error})"
         ) from error
     with container:
         if not container.streams.audio:
