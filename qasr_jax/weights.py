@@ -118,7 +118,7 @@ def _to_flax(array: np.ndarray, leaf: str, expected: tuple[int, ...]) -> np.ndar
         if array.size != int(np.prod(expected)) or leaf in ("scale", "embedding"):
             raise ValueError
         array = array.reshape(expected)
-    return np.ascontiguousarray(array)
+    return array  # possibly a transposed view: the caller's one copy makes it contiguous
 
 
 @functools.lru_cache(maxsize=8)
@@ -206,14 +206,14 @@ def params_from_state_dict(
         except ValueError:
             misshaped.append(f"{key}: {tuple(np.shape(array))} does not fit {path} {tuple(want)}")
             continue
-        if dtype is not None:
-            value = value.astype(dtype)
+        target_dtype = value.dtype if dtype is None else np.dtype(dtype)
         if layer is None:
-            filled[path] = value
+            # One copy: layout (a transposed view becomes contiguous) and dtype together.
+            filled[path] = np.ascontiguousarray(value, dtype=target_dtype)
             continue
         if path not in filled:
-            filled[path] = np.zeros((n_layers[path[0]], *want), value.dtype)
-        filled[path][layer] = value
+            filled[path] = np.empty((n_layers[path[0]], *want), target_dtype)
+        filled[path][layer] = value  # the one copy, converting the layout and dtype on the way
         layer_seen.setdefault(path, set()).add(layer)
     missing = []
     for path in expected:
