@@ -35,8 +35,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax.core import meta
 from jax.sharding import PartitionSpec
-from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 
 from qasr_jax.config import ThinkerConfig, config_to_dict, load_config
 from qasr_jax.errors import CheckpointError, UnsafeCheckpointError
@@ -263,13 +263,15 @@ def safetensors_files(path: str) -> list[str]:
 
 
 def iter_safetensors(files: list[str]) -> Iterator[tuple[str, np.ndarray]]:
-    """``(name, array)`` of every tensor in ``files``, one file in memory at a time."""
+    """``(name, array)`` of every tensor in ``files``, read one tensor at a time from the memory-mapped file (so
+    the host holds one tensor of the file at a time, not the whole file)."""
     for file in files:
         try:
-            tensors = load_file(file)
+            with safe_open(file, framework="np", backend="pread") as handle:
+                for name in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                    yield name, handle.get_tensor(name)
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from e
-        yield from tensors.items()
 
 
 def is_orbax_checkpoint(path: str) -> bool:
@@ -306,14 +308,15 @@ def load_pretrained(
     if is_orbax_checkpoint(path):
         return config, restore_params(os.path.join(path, ORBAX_PARAMS_DIR), config, dtype, shardings)
     host = params_from_state_dict(iter_safetensors(safetensors_files(path)), config, dtype=dtype, source=path)
-    if shardings is None:
-        return config, jax.tree_util.tree_map(jnp.asarray, host)
     leaves, treedef = jax.tree_util.tree_flatten(host)
     del host
+    targets = [None] * len(leaves) if shardings is None else treedef.flatten_up_to(shardings)
     placed = []
-    for i, sharding in enumerate(treedef.flatten_up_to(shardings)):
-        placed.append(shard_array(leaves[i], sharding))
-        leaves[i] = None  # free the host copy of this tensor
+    for i, sharding in enumerate(targets):
+        placed.append(jnp.asarray(leaves[i]) if sharding is None else shard_array(leaves[i], sharding))
+        # Free the host copy of this tensor once it is placed: the host holds one tensor beside the placed ones.
+        leaves[i] = None
+        placed[-1].block_until_ready()
     return config, jax.tree_util.tree_unflatten(treedef, placed)
 
 
