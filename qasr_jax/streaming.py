@@ -43,6 +43,7 @@ from qasr_jax.config import ThinkerConfig
 from qasr_jax.engine import DecodeOptions, DecodeState, Engine, Generation, is_eos, next_token
 from qasr_jax.errors import EmptyAudioError, InvalidAudioError, QasrError
 from qasr_jax.model import Qwen3ASR, decode_layer_params, extend_cache
+from qasr_jax.model.decoder import cache_length, layer_cache_shape
 from qasr_jax.model.attention import KVCache
 
 SAMPLE_RATE = audio_io.SAMPLE_RATE
@@ -475,7 +476,7 @@ class StreamingTranscriber:
         )
         max_new = buckets.STEP_LADDER.size(budget)
         need = keep + max(run_len, len(run) + max_new)
-        cache_len = max(cache.kv[0]["k"].shape[1] if cache.kv is not None else 0,
+        cache_len = max(cache_length(cache.kv[0]) if cache.kv is not None else 0,
                         buckets.bucket_size(need, MIN_CACHE_LEN, 2))  # fmt: skip
         cache.kv = self._grow(cache.kv, cache_len)
         ids = np.full((1, run_len), self.options.pad_token_id, np.int32)
@@ -493,24 +494,24 @@ class StreamingTranscriber:
 
     def _grow(self, kv: list[KVCache] | None, cache_len: int) -> list[KVCache]:
         cfg = self.config.text
-        if kv is not None and kv[0]["k"].shape[1] == cache_len:
+        if kv is not None and cache_length(kv[0]) == cache_len:
             return kv
-        shape = (1, cache_len, cfg.num_key_value_heads, cfg.head_dim)
+        shape = layer_cache_shape(cfg, 1, cache_len)
         fresh = [{"k": jnp.zeros(shape, self.engine.dtype), "v": jnp.zeros(shape, self.engine.dtype)}
                  for _ in range(cfg.num_hidden_layers)]  # fmt: skip
         if kv is None:
             return fresh
-        old = kv[0]["k"].shape[1]
         return [
-            {name: fresh[i][name].at[:, :old].set(layer[name]) for name in ("k", "v")}
+            {name: jax.lax.dynamic_update_slice(fresh[i][name], layer[name], (0,) * layer[name].ndim)
+             for name in ("k", "v")}
             for i, layer in enumerate(kv)
-        ]
+        ]  # fmt: skip
 
     def _extend_program(self, cache_len: int, run_len: int, audio_len: int, max_new: int) -> Any:
         key = ("stream-extend", cache_len, run_len, audio_len, max_new, self.options)
         fn = functools.partial(extend_program, self.model, self.options, max_new)
         cfg = self.config.text
-        layer = jax.ShapeDtypeStruct((1, cache_len, cfg.num_key_value_heads, cfg.head_dim), self.engine.dtype)
+        layer = jax.ShapeDtypeStruct(layer_cache_shape(cfg, 1, cache_len), self.engine.dtype)
         scalar = jax.ShapeDtypeStruct((), jnp.int32)
         args = (
             _abstract(self.params),

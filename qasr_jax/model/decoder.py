@@ -149,7 +149,21 @@ def decode_step_unrolled(
     return x, updated
 
 
+# The sequence axis of one layer's cache array (a stacked cache has the layer axis in front of it).
+CACHE_SEQ_AXIS = 1
+
+
+def layer_cache_shape(config: TextConfig, batch: int, cache_len: int) -> tuple[int, ...]:
+    """The shape of one layer's ``k`` (or ``v``) cache array."""
+    return (batch, cache_len, config.num_key_value_heads, config.head_dim)
+
+
+def cache_length(layer_cache: KVCache) -> int:
+    """The number of cache slots of one layer's cache."""
+    return layer_cache["k"].shape[CACHE_SEQ_AXIS]
+
+
 def init_cache(config: TextConfig, batch: int, cache_len: int, dtype=jnp.float32) -> KVCache:
-    """An empty KV cache ``{"k", "v"}: [layers, batch, cache_len, kv_heads, head_dim]``."""
-    shape = (config.num_hidden_layers, batch, cache_len, config.num_key_value_heads, config.head_dim)
+    """An empty KV cache ``{"k", "v"}``, the layers stacked in front of ``layer_cache_shape``."""
+    shape = (config.num_hidden_layers, *layer_cache_shape(config, batch, cache_len))
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
