@@ -17,6 +17,7 @@ from qasr_jax.kernels import (
     masked_softmax,
     resolve_impl,
     resolve_interpret,
+    resolve_target,
     windowed_attention,
     windowed_attention_pallas,
     windowed_attention_xla,
@@ -39,6 +40,16 @@ def relative_error(actual: jax.Array, expected: jax.Array) -> float:
     expected = np.asarray(jnp.asarray(expected, jnp.float32), np.float64)
     scale = max(np.abs(expected).max(), 1e-30)
     return float(np.abs(actual - expected).max() / scale)
+
+
+def kernel_mode(target: str | None = None) -> dict[str, object]:
+    """How a kernel test runs its kernel: interpreted on the CPU (either target's variant, default TPU's),
+    compiled on an accelerator (``pytest -m accelerator`` there; its own variant only, the other is skipped)."""
+    if jax.default_backend() == "cpu":
+        return {"interpret": True, "target": target or "tpu"}
+    if target is not None and target != resolve_target(None):
+        pytest.skip(f"the {target} variant compiles only on a {target}")
+    return {"interpret": False, "target": resolve_target(None)}
 
 
 def naive_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.ndarray:
@@ -179,6 +190,7 @@ def windowed_inputs(case: str, dtype) -> tuple[jax.Array, ...]:
     [
         ("w13_h1_d64", jnp.float32, "tpu"),
         ("w104_h14_d64", jnp.float32, "gpu"),
+@pytest.mark.accelerator
         ("w37_h16_d128", jnp.float32, "tpu"),
         ("w64_h4_d128", jnp.float32, "gpu"),
         ("w200_h2_d64", jnp.float32, "tpu"),
@@ -190,7 +202,7 @@ def windowed_inputs(case: str, dtype) -> tuple[jax.Array, ...]:
 def test_windowed_kernel_matches_reference(case, dtype, target):
     q, k, v, lengths = windowed_inputs(case, dtype)
     expected = jax.jit(windowed_attention_xla)(q, k, v, lengths)
-    kernel = jax.jit(functools.partial(windowed_attention_pallas, interpret=True, target=target))
+    kernel = jax.jit(functools.partial(windowed_attention_pallas, **kernel_mode(target)))
     out = kernel(q, k, v, lengths)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert np.all(np.isfinite(np.asarray(out, np.float32)))
@@ -199,6 +211,7 @@ def test_windowed_kernel_matches_reference(case, dtype, target):
         assert np.all(np.asarray(out[n, length:], np.float32) == 0.0)
 
 
+@pytest.mark.accelerator
 @pytest.mark.parametrize(
     ("case", "dtype", "target"),
     [("w104_h14_d64", jnp.float32, "tpu"), ("w37_h16_d128", jnp.bfloat16, "gpu")],
@@ -217,7 +230,7 @@ def test_windowed_kernel_gradients_match_reference(case, dtype, target):
 
     expected_loss, expected = loss_and_grads(windowed_attention_xla)
     kernel_loss, grads = loss_and_grads(
-        functools.partial(windowed_attention_pallas, interpret=True, target=target)
+        functools.partial(windowed_attention_pallas, **kernel_mode(target))
     )
     assert abs(float(kernel_loss - expected_loss)) < TOLERANCE[dtype] * float(jnp.sum(jnp.abs(cotangent)))
     for name, grad, reference in zip("qkv", grads, expected):
@@ -247,6 +260,7 @@ DECODE_CASES = [
 ]
 
 
+@pytest.mark.accelerator
 @pytest.mark.parametrize(
     ("q_heads", "kv_heads", "kv_len", "head_dim", "q_offset", "kv_start", "dtype", "target"), DECODE_CASES
 )
@@ -261,7 +275,7 @@ def test_decode_kernel_matches_reference(
     starts = jnp.asarray(kv_start, jnp.int32)
     assert decode_kernel_fits(q.shape, k.shape, target)
     expected = jax.jit(causal_attention_xla)(q, k, v, q_offset, starts)
-    kernel = jax.jit(functools.partial(decode_attention_pallas, interpret=True, target=target))
+    kernel = jax.jit(functools.partial(decode_attention_pallas, **kernel_mode(target)))
     out = kernel(q, k, v, jnp.int32(q_offset), starts)
     assert out.shape == q.shape and out.dtype == dtype
     assert relative_error(out, expected) < TOLERANCE[dtype]
@@ -270,12 +284,13 @@ def test_decode_kernel_matches_reference(
             assert np.all(np.asarray(out[b], np.float32) == 0.0), "a row with nothing visible must be zero"
 
 
+@pytest.mark.accelerator
 def test_decode_kernel_ignores_cache_past_the_current_slot():
     rng = np.random.default_rng(3)
     q = random_array(rng, (2, 1, 8, 128))
     k, v = (random_array(rng, (2, 256, 4, 128)) for _ in range(2))
     starts = jnp.asarray([0, 20], jnp.int32)
-    kernel = jax.jit(functools.partial(decode_attention_pallas, interpret=True, target="tpu"))
+    kernel = jax.jit(functools.partial(decode_attention_pallas, **kernel_mode()))
     out = kernel(q, k, v, jnp.int32(100), starts)
     future = jnp.arange(256)[None, :, None, None] > 100
     out_garbage = kernel(q, jnp.where(future, 1e3, k), jnp.where(future, 1e3, v), jnp.int32(100), starts)
