@@ -7,7 +7,7 @@
     state = engine.generate(params, state, steps=16)              # up to 16 steps for every live slot
     results = engine.collect(state, [0, 3])                       # tokens of (finished) slots
 
-The decode state holds a fixed number of slots over one KV cache per decoder layer, ``[slots, cache_len, kv,
+The decode state holds a fixed number of slots over one KV cache per decoder layer, ``[slots, kv, cache_len,
 hd]``. All slots write their next token at one shared cache index (``DecodeState.index``), so a step updates the
 cache with one ``dynamic_update_slice`` per layer, in place; each slot's own sequence is the cache range
 ``[kv_start, index)``. Inserting a prefilled request of prompt bucket P puts its KV block at ``[index − P, index)``
@@ -42,6 +42,7 @@ from qasr_jax import audio, buckets, sharding
 from qasr_jax.config import ThinkerConfig
 from qasr_jax.model import Qwen3ASR, decode_layer_params, decode_step
 from qasr_jax.model.attention import KVCache
+from qasr_jax.model.decoder import CACHE_SEQ_AXIS, cache_length, layer_cache_shape
 
 # The released generation_config.json stops on <|im_end|> or <|endoftext|>.
 DEFAULT_EOS_TOKEN_IDS = (151645, 151643)
@@ -128,7 +129,7 @@ class StateShape:
 class Prefilled:
     """Prefilled requests, one per row (rows past ``count`` are padding and are never inserted).
 
-    caches: ``{"k", "v"}: [layers, rows, prompt_len, kv, hd]``; kv_start: ``[rows]`` first valid slot (left
+    caches: ``{"k", "v"}: [layers, rows, kv, prompt_len, hd]``; kv_start: ``[rows]`` first valid slot (left
     padding); positions: ``[rows]`` the next token's position (the prompt length); first_token: ``[rows]``;
     budgets: ``[rows]`` tokens each request may generate.
     """
@@ -145,7 +146,7 @@ class Prefilled:
 class DecodeState:
     """The slots of the engine (all arrays have ``slots`` rows, except ``index``).
 
-    caches: one ``{"k", "v"}: [slots, cache_len, kv, hd]`` per decoder layer; index: the cache slot the next step
+    caches: one ``{"k", "v"}: [slots, kv, cache_len, hd]`` per decoder layer; index: the cache slot the next step
     writes (shared); kv_start: each slot's first valid cache slot; positions: the position of the token fed
     next; last_token: the token fed next; tokens: ``[slots, max_new_tokens]`` generated ids (pad after the
     end); counts: tokens generated; budgets: tokens allowed; live: still generating; stopped: ended on an end
@@ -167,7 +168,14 @@ class DecodeState:
     @property
     def shape(self) -> StateShape:
         slots, max_new = self.tokens.shape
-        return StateShape(slots, self.caches[0]["k"].shape[1], max_new)
+        return StateShape(slots, cache_length(self.caches[0]), max_new)
+
+
+def min_slots() -> int:
+    """The fewest slots a decode state gets. On XLA:CPU a one-row step fuses each layer's in-place cache write
+    into two consumers and copies whole cache layers to feed both (≈ 2× the step time of two rows at the
+    0.6B config), so a state there has at least two slots; the spare one stays free."""
+    return 2 if jax.default_backend() == "cpu" else 1
 
 
 def next_token(
@@ -246,7 +254,7 @@ def init_state_program(
     config: ThinkerConfig, dtype: Any, options: DecodeOptions, shape: StateShape, start: jax.Array
 ) -> DecodeState:
     cfg = config.text
-    cache_shape = (shape.slots, shape.cache_len, cfg.num_key_value_heads, cfg.head_dim)
+    cache_shape = layer_cache_shape(cfg, shape.slots, shape.cache_len)
     caches = [
         {"k": jnp.zeros(cache_shape, dtype), "v": jnp.zeros(cache_shape, dtype)}
         for _ in range(cfg.num_hidden_layers)
@@ -273,17 +281,17 @@ def insert_program(
 ) -> DecodeState:
     """Prefilled row i into slot ``slots[i]`` (rows whose slot is out of range are dropped), its KV block at
     cache slots ``[index − prompt_len, index)``."""
-    prompt_len = prefilled.caches["k"].shape[2]
+    prompt_len = prefilled.caches["k"].shape[1 + CACHE_SEQ_AXIS]
     start = state.index - prompt_len
     zero = jnp.int32(0)
     caches = []
     for layer, cache in enumerate(state.caches):
         updated = {}
         for name in ("k", "v"):
-            block = prefilled.caches[name][layer].astype(cache[name].dtype)  # [rows, prompt_len, kv, hd]
-            region = jax.lax.dynamic_slice_in_dim(cache[name], start, prompt_len, axis=1)
+            block = prefilled.caches[name][layer].astype(cache[name].dtype)  # [rows, kv, prompt_len, hd]
+            region = jax.lax.dynamic_slice_in_dim(cache[name], start, prompt_len, axis=CACHE_SEQ_AXIS)
             region = region.at[slots].set(block, mode="drop")
-            updated[name] = jax.lax.dynamic_update_slice(cache[name], region, (zero, start, zero, zero))
+            updated[name] = jax.lax.dynamic_update_slice(cache[name], region, (zero, zero, start, zero))
         caches.append(updated)
     first = prefilled.first_token
     ended = is_eos(first, options)
@@ -318,7 +326,7 @@ def generate_program(
     """Up to ``steps`` decode steps for every live slot; stops early when no slot is live or the cache is full."""
     layer_params = decode_layer_params(model, params)  # one copy per call, not per step
     slots, max_new = state.tokens.shape
-    cache_len = state.caches[0]["k"].shape[1]
+    cache_len = cache_length(state.caches[0])
     rows = jnp.arange(slots)
 
     def keep_going(carry: tuple[jax.Array, DecodeState]) -> jax.Array:
@@ -359,7 +367,9 @@ def generate_program(
 
 def compact_program(state: DecodeState, shift: jax.Array) -> DecodeState:
     """Every slot's cache range moved ``shift`` slots to the left (what falls off the front is no slot's)."""
-    caches = [{name: jnp.roll(cache[name], -shift, axis=1) for name in ("k", "v")} for cache in state.caches]
+    caches = [
+        {name: jnp.roll(cache[name], -shift, axis=CACHE_SEQ_AXIS) for name in ("k", "v")} for cache in state.caches
+    ]
     return state.replace(caches=caches, index=state.index - shift, kv_start=state.kv_start - shift)
 
 
@@ -449,9 +459,10 @@ class Engine:
     # -- the four verbs --
 
     def init_state(self, slots: int, cache_len: int, max_new_tokens: int, start: int = 0) -> DecodeState:
-        """An empty state: ``slots`` free slots over a cache of ``cache_len``; the first insert puts prompts
-        so that they end at cache slot ``start`` (at least the longest prompt bucket to be inserted)."""
-        shape = StateShape(slots, cache_len, max_new_tokens)
+        """An empty state: ``slots`` free slots (at least ``min_slots()``) over a cache of ``cache_len``; the
+        first insert puts prompts so that they end at cache slot ``start`` (at least the longest prompt bucket to
+        be inserted)."""
+        shape = StateShape(max(slots, min_slots()), cache_len, max_new_tokens)
         fn = functools.partial(init_state_program, self.config, self.dtype, self.options, shape)
         program = self._compile(
             ("init", shape, self.options), fn, jax.ShapeDtypeStruct((), jnp.int32), state_out=True
@@ -488,7 +499,7 @@ class Engine:
         targets = np.full((rows,), n_slots, np.int32)  # out of range: padding rows are dropped
         targets[: len(slots)] = slots
         fn = functools.partial(insert_program, self.options)
-        key = ("insert", state.shape, rows, prefilled.caches["k"].shape[2], self.options)
+        key = ("insert", state.shape, rows, prefilled.caches["k"].shape[1 + CACHE_SEQ_AXIS], self.options)
         prefilled = prefilled.replace(count=0)  # the count is host bookkeeping, not part of the program
         program = self._compile(
             key, fn, self._abstract(state, True), self._abstract(prefilled), jax.ShapeDtypeStruct((rows,), jnp.int32),

@@ -132,9 +132,14 @@ def test_causal_reference_matches_naive_softmax_with_left_padding_and_repeat_kv(
     q = np.asarray(random_array(rng, (batch, q_len, q_heads, head_dim)))
     k = np.asarray(random_array(rng, (batch, kv_len, kv_heads, head_dim)))
     v = np.asarray(random_array(rng, (batch, kv_len, kv_heads, head_dim)))
+    # The cache layout is head-major: [batch, kv_heads, kv_len, head_dim].
     out = np.asarray(
         causal_attention_xla(
-            jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), q_offset, jnp.asarray(kv_start, jnp.int32)
+            jnp.asarray(q),
+            jnp.asarray(k.transpose(0, 2, 1, 3)),
+            jnp.asarray(v.transpose(0, 2, 1, 3)),
+            q_offset,
+            jnp.asarray(kv_start, jnp.int32),
         )
     )
     # HF repeat_kv: each kv head repeated q_heads // kv_heads times, consecutively.
@@ -185,12 +190,12 @@ def windowed_inputs(case: str, dtype) -> tuple[jax.Array, ...]:
     return q, k, v, jnp.asarray(lengths, jnp.int32)
 
 
+@pytest.mark.accelerator
 @pytest.mark.parametrize(
     ("case", "dtype", "target"),
     [
         ("w13_h1_d64", jnp.float32, "tpu"),
         ("w104_h14_d64", jnp.float32, "gpu"),
-@pytest.mark.accelerator
         ("w37_h16_d128", jnp.float32, "tpu"),
         ("w64_h4_d128", jnp.float32, "gpu"),
         ("w200_h2_d64", jnp.float32, "tpu"),
@@ -270,8 +275,8 @@ def test_decode_kernel_matches_reference(
     rng = np.random.default_rng(kv_len + q_heads)
     batch = len(kv_start)
     q = random_array(rng, (batch, 1, q_heads, head_dim), dtype)
-    k = random_array(rng, (batch, kv_len, kv_heads, head_dim), dtype)
-    v = random_array(rng, (batch, kv_len, kv_heads, head_dim), dtype)
+    k = random_array(rng, (batch, kv_heads, kv_len, head_dim), dtype)
+    v = random_array(rng, (batch, kv_heads, kv_len, head_dim), dtype)
     starts = jnp.asarray(kv_start, jnp.int32)
     assert decode_kernel_fits(q.shape, k.shape, target)
     expected = jax.jit(causal_attention_xla)(q, k, v, q_offset, starts)
@@ -288,27 +293,28 @@ def test_decode_kernel_matches_reference(
 def test_decode_kernel_ignores_cache_past_the_current_slot():
     rng = np.random.default_rng(3)
     q = random_array(rng, (2, 1, 8, 128))
-    k, v = (random_array(rng, (2, 256, 4, 128)) for _ in range(2))
+    k, v = (random_array(rng, (2, 4, 256, 128)) for _ in range(2))
     starts = jnp.asarray([0, 20], jnp.int32)
     kernel = jax.jit(functools.partial(decode_attention_pallas, **kernel_mode()))
     out = kernel(q, k, v, jnp.int32(100), starts)
-    future = jnp.arange(256)[None, :, None, None] > 100
+    future = jnp.arange(256)[None, None, :, None] > 100
     out_garbage = kernel(q, jnp.where(future, 1e3, k), jnp.where(future, 1e3, v), jnp.int32(100), starts)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(out_garbage))
 
 
 def test_decode_kernel_fits_only_shapes_it_can_tile():
-    assert decode_kernel_fits((2, 1, 16, 128), (2, 4096, 8, 128), "tpu")
-    assert decode_kernel_fits((2, 1, 16, 128), (2, 4096, 8, 128), "gpu")
-    assert not decode_kernel_fits((2, 3, 16, 128), (2, 4096, 8, 128), "tpu")  # prefill
-    assert not decode_kernel_fits((2, 1, 16, 128), (2, 100, 8, 128), "gpu")  # cache not a multiple of 16
-    assert not decode_kernel_fits((2, 1, 16, 64), (2, 256, 8, 64), "tpu")  # head slice not lane-aligned
-    assert decode_kernel_fits((2, 1, 16, 64), (2, 256, 8, 64), "gpu")
+    assert decode_kernel_fits((2, 1, 16, 128), (2, 8, 4096, 128), "tpu")
+    assert decode_kernel_fits((2, 1, 16, 128), (2, 8, 4096, 128), "gpu")
+    assert not decode_kernel_fits((2, 3, 16, 128), (2, 8, 4096, 128), "tpu")  # prefill
+    assert not decode_kernel_fits((2, 1, 16, 128), (2, 8, 100, 128), "gpu")  # cache not a multiple of 16
+    assert decode_kernel_fits((2, 1, 16, 64), (2, 8, 256, 64), "tpu")  # a tile spans the whole head
+    assert decode_kernel_fits((2, 1, 16, 64), (2, 8, 256, 64), "gpu")
+    assert not decode_kernel_fits((2, 1, 16, 48), (2, 8, 256, 48), "gpu")  # not a power of two
     with pytest.raises(ValueError, match="decode kernel"):
         decode_attention_pallas(
             jnp.zeros((1, 1, 2, 64)),
-            jnp.zeros((1, 100, 1, 64)),
-            jnp.zeros((1, 100, 1, 64)),
+            jnp.zeros((1, 1, 100, 64)),
+            jnp.zeros((1, 1, 100, 64)),
             3,
             jnp.zeros(1, int),
         )
@@ -344,7 +350,7 @@ def test_dispatch_on_cpu_defaults_to_xla_and_forced_pallas_interprets():
 def test_causal_dispatch_uses_the_kernel_only_for_decode_shapes_it_fits():
     rng = np.random.default_rng(4)
     starts = jnp.asarray([0, 3], jnp.int32)
-    k, v = (random_array(rng, (2, 32, 2, 128)) for _ in range(2))
+    k, v = (random_array(rng, (2, 2, 32, 128)) for _ in range(2))
     decode_q = random_array(rng, (2, 1, 4, 128))
     prefill_q = random_array(rng, (2, 5, 4, 128))
 
@@ -355,7 +361,7 @@ def test_causal_dispatch_uses_the_kernel_only_for_decode_shapes_it_fits():
     assert uses_pallas(functools.partial(run, impl="pallas"), decode_q, k, v)
     assert not uses_pallas(functools.partial(run, impl="auto"), decode_q, k, v)
     assert not uses_pallas(functools.partial(run, impl="pallas"), prefill_q, k, v)
-    odd_k, odd_v = k[:, :30], v[:, :30]
+    odd_k, odd_v = k[:, :, :30], v[:, :, :30]
     assert not uses_pallas(functools.partial(run, impl="pallas"), decode_q, odd_k, odd_v)
     assert relative_error(run(decode_q, k, v, "pallas"), run(decode_q, k, v, "xla")) < 1e-5
     np.testing.assert_array_equal(
@@ -371,7 +377,7 @@ def test_shape_errors_name_the_expected_layout():
         )
     with pytest.raises(ValueError, match="kv_heads divide q_heads"):
         causal_attention(
-            jnp.zeros((1, 1, 3, 64)), jnp.zeros((1, 8, 2, 64)), jnp.zeros((1, 8, 2, 64)), 0, jnp.zeros(1, int)
+            jnp.zeros((1, 1, 3, 64)), jnp.zeros((1, 2, 8, 64)), jnp.zeros((1, 2, 8, 64)), 0, jnp.zeros(1, int)
         )
 
 
@@ -404,7 +410,7 @@ def test_kernels_lower_for_tpu_and_gpu(target, export_platform, custom_call, dty
     assert f"@{custom_call}" in exported.mlir_module()
 
     query = jax.ShapeDtypeStruct((4, 1, 16, 128), dtype)
-    cache = jax.ShapeDtypeStruct((4, 4096, 8, 128), dtype)
+    cache = jax.ShapeDtypeStruct((4, 8, 4096, 128), dtype)
     decode = jax.jit(functools.partial(decode_attention_pallas, target=target))
     exported = jax.export.export(decode, platforms=[export_platform], disabled_checks=_EXPORT_CHECKS)(
         query, cache, cache, jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((4,), jnp.int32)

@@ -19,6 +19,7 @@ from qasr_jax.kernels.decode_attention import (
     causal_attention,
     causal_attention_xla,
     decode_attention_pallas,
+    decode_kernel_selected,
     decode_kernel_fits,
 )
 from qasr_jax.kernels.softmax import masked_softmax
@@ -34,6 +35,7 @@ __all__ = [
     "causal_attention",
     "causal_attention_xla",
     "decode_attention_pallas",
+    "decode_kernel_selected",
     "decode_kernel_fits",
     "masked_softmax",
     "resolve_impl",

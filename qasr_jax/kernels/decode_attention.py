@@ -13,9 +13,12 @@ KV head ``h // (q_heads // kv_heads)``.
   and it runs once per request); decode runs the kernel on TPU/GPU when the shapes fit it
   (``decode_kernel_fits``), else XLA.
 
-Kernel design (split-K, "flash decoding"). The cache is read in place: ``[batch, kv_len, kv_heads, head_dim]``
-viewed as ``[batch, kv_len, kv_heads * head_dim]`` (a free reshape), so one (kv block, kv head) tile is a
-``[block_k, head_dim]`` block whose lane offset is the head. A grid step (row, kv head, kv block) attends the
+The cache is laid out ``[batch, kv_heads, kv_len, head_dim]``: each (row, kv head) is one contiguous
+``[kv_len, head_dim]`` matrix, so the XLA path is a plain batched matmul against it (no transpose of the cache
+per step) and a kernel tile is a contiguous block of it.
+
+Kernel design (split-K, "flash decoding"). The cache is read in place; one (kv head, kv block) tile is a
+``[block_k, head_dim]`` block. A grid step (row, kv head, kv block) attends the
 ``q_heads // kv_heads`` queries of that kv head (padded to a matmul-friendly row count) to one kv block and writes
 an unnormalised partial output with its row max and row sum; a few XLA ops merge the partials. Every step is
 independent, so all grid axes are parallel even at batch 1. Blocks outside a row's visible range
@@ -58,11 +61,11 @@ _GPU_BLOCK_CANDIDATES = (256, 128, 64, 32, 16)
 def _check_shapes(q: jax.Array, k: jax.Array, v: jax.Array, kv_start: jax.Array) -> None:
     if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
         raise ValueError(
-            "q must be [batch, q_len, q_heads, head_dim] and k, v [batch, kv_len, kv_heads, head_dim]; "
+            "q must be [batch, q_len, q_heads, head_dim] and k, v [batch, kv_heads, kv_len, head_dim]; "
             f"got q {q.shape}, k {k.shape}, v {v.shape}"
         )
     batch, _, q_heads, head_dim = q.shape
-    if k.shape[0] != batch or k.shape[3] != head_dim or q_heads % k.shape[2] != 0:
+    if k.shape[0] != batch or k.shape[3] != head_dim or q_heads % k.shape[1] != 0:
         raise ValueError(
             f"k/v {k.shape} do not fit q {q.shape}: batch and head_dim must match and kv_heads divide q_heads"
         )
@@ -81,26 +84,37 @@ def causal_attention_xla(
 ) -> jax.Array:
     """Reference cached causal attention in plain XLA ops, for any ``q_len``.
 
-    q: ``[batch, q_len, q_heads, head_dim]``; k, v: ``[batch, kv_len, kv_heads, head_dim]``; q_offset: int32
+    q: ``[batch, q_len, q_heads, head_dim]``; k, v: ``[batch, kv_heads, kv_len, head_dim]``; q_offset: int32
     scalar, the cache slot of query 0; kv_start: int32 ``[batch]``, the first valid slot of each row.
     Returns ``[batch, q_len, q_heads, head_dim]`` in ``q.dtype``; queries with no visible slot get zeros.
     """
     _check_shapes(q, k, v, kv_start)
     batch, q_len, q_heads, head_dim = q.shape
-    kv_len, kv_heads = k.shape[1], k.shape[2]
+    kv_heads, kv_len = k.shape[1], k.shape[2]
     group = q_heads // kv_heads
     scale = head_dim**-0.5 if scale is None else scale
     # Query head h = kv * group + g belongs to KV head kv: a reshape groups them without copying K/V.
     q_grouped = q.reshape(batch, q_len, kv_heads, group, head_dim)
-    logits = jnp.einsum("bskgd,btkd->bkgst", q_grouped, k, preferred_element_type=jnp.float32) * scale
+    if q.dtype != jnp.float32 and jax.default_backend() == "cpu":
+        # XLA:CPU has no bf16 x bf16 -> f32 batched matmul; elsewhere the narrow inputs go to the MXU/tensor
+        # cores as they are.
+        q_grouped, k, v = (x.astype(jnp.float32) for x in (q_grouped, k, v))
+    logits = jnp.einsum("bskgd,bktd->bkgst", q_grouped, k, preferred_element_type=jnp.float32) * scale
     query_slot = jnp.asarray(q_offset, jnp.int32) + jnp.arange(q_len, dtype=jnp.int32)  # [q_len]
     key_slot = jnp.arange(kv_len, dtype=jnp.int32)  # [kv_len]
     visible = (key_slot[None, None, :] >= kv_start[:, None, None]) & (
         key_slot[None, None, :] <= query_slot[None, :, None]
     )  # [batch, q_len, kv_len]
     probs = masked_softmax(logits, visible[:, None, None, :, :])
-    out = jnp.einsum("bkgst,btkd->bskgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out.reshape(batch, q_len, q_heads, head_dim).astype(q.dtype)
+    # Probabilities on the left, the cache on the right in its stored layout (a plain batched matmul; asking for
+    # the output in query-major order instead makes XLA:CPU swap the operands onto a slow transposed path).
+    out = jnp.einsum("bkgst,bktd->bkgsd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, q_heads, head_dim).astype(q.dtype)
+
+
+def decode_kernel_selected(q_shape: tuple[int, ...], kv_shape: tuple[int, ...], impl: str = "auto") -> bool:
+    """Whether ``causal_attention`` runs the Pallas decode kernel for these shapes under ``impl``."""
+    return resolve_impl(impl) == "pallas" and decode_kernel_fits(q_shape, kv_shape, resolve_target(None))
 
 
 def _kv_block_size(kv_len: int, target: Target) -> int | None:
@@ -113,15 +127,14 @@ def decode_kernel_fits(q_shape: tuple[int, ...], kv_shape: tuple[int, ...], targ
     """Whether ``decode_attention_pallas`` takes these shapes on ``target``.
 
     Needs one query per row, a cache length that is a multiple of 16 (allocate caches in multiples of 128 or
-    256) and, on TPU, a head_dim that is a multiple of 128 (a lane-aligned head slice; Qwen3 uses 128) unless
-    there is a single kv head; on GPU a power-of-two head_dim.
+    256) and, on GPU, a power-of-two head_dim (a tile spans the whole head_dim, so TPU takes any).
     """
     _, q_len, _, head_dim = q_shape
-    _, kv_len, kv_heads, _ = kv_shape
+    kv_len = kv_shape[2]
     if q_len != 1 or _kv_block_size(kv_len, target) is None:
         return False
     if target == "tpu":
-        return head_dim % 128 == 0 or kv_heads == 1
+        return True
     return head_dim >= 16 and head_dim == next_power_of_2(head_dim)
 
 
@@ -209,7 +222,7 @@ def decode_attention_pallas(
 ) -> jax.Array:
     """The fused Pallas kernel for one new token; same contract as ``causal_attention_xla`` with ``q_len == 1``.
 
-    q: ``[batch, 1, q_heads, head_dim]``; k, v: ``[batch, kv_len, kv_heads, head_dim]``. Raises ValueError for
+    q: ``[batch, 1, q_heads, head_dim]``; k, v: ``[batch, kv_heads, kv_len, head_dim]``. Raises ValueError for
     shapes outside ``decode_kernel_fits``. Forward only: decoding needs no gradient (training runs the XLA path).
     """
     _check_shapes(q, k, v, kv_start)
@@ -219,7 +232,7 @@ def decode_attention_pallas(
             f"decode kernel ({target}) does not take q {q.shape} with cache {k.shape}; see decode_kernel_fits"
         )
     batch, _, q_heads, head_dim = q.shape
-    kv_len, kv_heads = k.shape[1], k.shape[2]
+    kv_heads, kv_len = k.shape[1], k.shape[2]
     group = q_heads // kv_heads
     scale = head_dim**-0.5 if scale is None else float(scale)
     block_k = _kv_block_size(kv_len, target)
@@ -229,14 +242,12 @@ def decode_attention_pallas(
 
     q_grouped = q.reshape(batch, kv_heads, group, head_dim)
     q_grouped = jnp.pad(q_grouped, ((0, 0), (0, 0), (0, group_padded - group), (0, 0)))
-    k_lanes = k.reshape(batch, kv_len, kv_heads * head_dim)
-    v_lanes = v.reshape(batch, kv_len, kv_heads * head_dim)
     q_offset = jnp.reshape(jnp.asarray(q_offset, jnp.int32), (1,))
     kv_start = kv_start.astype(jnp.int32)
 
     grid = (batch, kv_heads, num_blocks)
     query_block = (None, None, group_padded, head_dim)
-    kv_block = (None, block_k, head_dim)
+    kv_block = (None, None, block_k, head_dim)
     partial_block = (None, None, None, group_padded, head_dim)
     stat_block = (None, None, None, group_padded, 1)
     out_shape = [
@@ -252,7 +263,7 @@ def decode_attention_pallas(
             # copy when a block index repeats, so the cache is read only where this row has tokens.
             first = jax.lax.div(jnp.maximum(kv_start_ref[b], 0), block_k)
             last = jax.lax.div(jnp.clip(q_offset_ref[0], 0, kv_len - 1), block_k)
-            return b, jnp.clip(j, jnp.minimum(first, last), last), h
+            return b, h, jnp.clip(j, jnp.minimum(first, last), last), 0
 
         def fixed_index(b, h, j, *scalars):
             return b, h, 0, 0
@@ -289,8 +300,8 @@ def decode_attention_pallas(
                 pl.BlockSpec((None,), lambda b, h, j: (0,)),
                 pl.BlockSpec((None,), lambda b, h, j: (b,)),
                 pl.BlockSpec(query_block, lambda b, h, j: (b, h, 0, 0)),
-                pl.BlockSpec(kv_block, lambda b, h, j: (b, j, h)),
-                pl.BlockSpec(kv_block, lambda b, h, j: (b, j, h)),
+                pl.BlockSpec(kv_block, lambda b, h, j: (b, h, j, 0)),
+                pl.BlockSpec(kv_block, lambda b, h, j: (b, h, j, 0)),
             ],
             out_specs=[
                 pl.BlockSpec(partial_block, lambda b, h, j: (b, h, j, 0, 0)),
@@ -302,7 +313,7 @@ def decode_attention_pallas(
             interpret=interpret,
             name="decode_attention",
         )
-    partial_out, partial_max, partial_sum = call(q_offset, kv_start, q_grouped, k_lanes, v_lanes)
+    partial_out, partial_max, partial_sum = call(q_offset, kv_start, q_grouped, k, v)
 
     # Merge the per-block softmax partials. Skipped blocks carry max = mask value and sum = 0, so they weigh
     # nothing unless the whole row is invisible, which the final guard turns into zeros.
@@ -331,7 +342,7 @@ def causal_attention(
     platform's target; prefill (``q_len > 1``) and other shapes run the XLA reference. Shapes as in
     ``causal_attention_xla``.
     """
-    if resolve_impl(impl) == "pallas" and decode_kernel_fits(q.shape, k.shape, resolve_target(None)):
+    if decode_kernel_selected(q.shape, k.shape, impl):
         return decode_attention_pallas(
             q, k, v, q_offset, kv_start, scale=scale, interpret=resolve_interpret(interpret)
         )

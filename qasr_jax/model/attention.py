@@ -41,7 +41,7 @@ class WindowedSelfAttention(nn.Module):
         return Dense(heads, (d,), ("heads", "head_dim", "embed"), name="out_proj", **kw)(out)
 
 
-KVCache = dict[str, jax.Array]  # {"k", "v"}: [batch, cache_len, kv_heads, head_dim]
+KVCache = dict[str, jax.Array]  # {"k", "v"}: [batch, kv_heads, cache_len, head_dim]
 
 
 class CausalSelfAttention(nn.Module):
@@ -81,7 +81,9 @@ class CausalSelfAttention(nn.Module):
         q = RMSNorm(name="q_norm", **norm_kw)(q)
         k = RMSNorm(name="k_norm", **norm_kw)(k)
         q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
+        # Keys and values head-major, the cache's layout: [batch, kv_heads, seq, head_dim].
+        k = apply_rope(k, cos, sin).transpose(0, 2, 1, 3)
+        v = v.transpose(0, 2, 1, 3)
         if cache is None:
             keys, values, q_offset = k, v, jnp.int32(0)
             new_cache = None
@@ -89,10 +91,10 @@ class CausalSelfAttention(nn.Module):
             idx = jnp.asarray(cache_index, jnp.int32)
             zero = jnp.int32(0)
             keys = jax.lax.dynamic_update_slice(
-                cache["k"], k.astype(cache["k"].dtype), (zero, idx, zero, zero)
+                cache["k"], k.astype(cache["k"].dtype), (zero, zero, idx, zero)
             )
             values = jax.lax.dynamic_update_slice(
-                cache["v"], v.astype(cache["v"].dtype), (zero, idx, zero, zero)
+                cache["v"], v.astype(cache["v"].dtype), (zero, zero, idx, zero)
             )
             new_cache = {"k": keys, "v": values}
             q_offset = idx

@@ -1,6 +1,6 @@
 """The Qwen3 decoder: pre-norm layers (RMSNorm → GQA attention → RMSNorm → SwiGLU), scanned, with a KV cache.
 
-The cache is a dict ``{"k", "v"}`` of ``[layers, batch, cache_len, kv_heads, head_dim]``; a call writes its
+The cache is a dict ``{"k", "v"}`` of ``[layers, batch, kv_heads, cache_len, head_dim]``; a call writes its
 new keys/values at slots ``[cache_index, cache_index + seq)``. Rows are left-padded: row b's valid slots
 start at ``kv_start[b]``.
 """
@@ -150,12 +150,12 @@ def decode_step_unrolled(
 
 
 # The sequence axis of one layer's cache array (a stacked cache has the layer axis in front of it).
-CACHE_SEQ_AXIS = 1
+CACHE_SEQ_AXIS = 2
 
 
 def layer_cache_shape(config: TextConfig, batch: int, cache_len: int) -> tuple[int, ...]:
     """The shape of one layer's ``k`` (or ``v``) cache array."""
-    return (batch, cache_len, config.num_key_value_heads, config.head_dim)
+    return (batch, config.num_key_value_heads, cache_len, config.head_dim)
 
 
 def cache_length(layer_cache: KVCache) -> int:

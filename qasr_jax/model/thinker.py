@@ -124,7 +124,7 @@ class Qwen3ASR(nn.Module):
         compute (whole encoder windows). input_ids/attention_mask: ``[batch, prompt_len]``, left-padded, the
         audio slot of each row expanded to its encoder output length.
 
-        Returns last-position logits ``[batch, V]`` (fp32), the cache ``[layers, batch, prompt_len, kv, hd]``,
+        Returns last-position logits ``[batch, V]`` (fp32), the cache ``[layers, batch, kv, prompt_len, hd]``,
         each row's first valid slot ``[batch]`` and its prompt length ``[batch]`` (the next token's position).
         """
         features, feature_frames = audio_io.log_mel(waveforms, wave_lengths, frames=frames)
@@ -178,7 +178,7 @@ def decode_step(
     """One token per row through embeddings, the unrolled decoder layers and the head.
 
     tokens: ``[batch]``; positions: ``[batch]`` (the tokens' positions; text positions are equal in all three
-    MRoPE sections); layer_caches: one ``{"k", "v"}: [batch, cache_len, kv, hd]`` per layer; cache_index: the slot
+    MRoPE sections); layer_caches: one ``{"k", "v"}: [batch, kv, cache_len, hd]`` per layer; cache_index: the slot
     these tokens are written to (shared). Returns logits ``[batch, V]`` (fp32) and the updated caches.
     """
     variables = {"params": params}
