@@ -107,18 +107,59 @@ def _flax_location(name: str) -> tuple[tuple[str, ...], int | None, str] | None:
     return None
 
 
-def _to_flax(array: np.ndarray, leaf: str, expected: tuple[int, ...]) -> np.ndarray:
-    """Convert one torch tensor to the layout of a Flax leaf of per-layer shape ``expected``."""
+# Rows × columns of one tile of a transposing copy: two tiles of fp32 stay in the L1/L2 cache.
+_TRANSPOSE_TILE = 256
+
+
+# The alignment XLA:CPU needs to use a host buffer in place (``jax.device_put(..., may_alias=True)``).
+_XLA_ALIGNMENT = 64
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """An uninitialised array whose data starts on a ``_XLA_ALIGNMENT``-byte boundary, so that placing it on the
+    CPU device takes the buffer as it is instead of copying it (numpy itself aligns to 16 bytes)."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + _XLA_ALIGNMENT, np.uint8)
+    offset = -raw.ctypes.data % _XLA_ALIGNMENT
+    return raw[offset : offset + nbytes].view(dtype).reshape(shape)
+
+
+def transposed(array: np.ndarray, dtype: Any = None) -> np.ndarray:
+    """``array.T`` of a 2-D array as a new contiguous (aligned) array in ``dtype``, copied tile by tile.
+
+    numpy's own transposing copy walks one side of the matrix with a stride of a whole row, a cache miss per
+    element: ≈ 0.25 GB/s for a 3072 × 1024 fp32 kernel here, ≈ 7× slower than this tiled copy.
+    """
+    rows, cols = array.shape
+    out = aligned_empty((cols, rows), array.dtype if dtype is None else dtype)
+    tile = _TRANSPOSE_TILE
+    for i in range(0, rows, tile):
+        for j in range(0, cols, tile):
+            out[j : j + tile, i : i + tile] = array[i : i + tile, j : j + tile].T
+    return out
+
+
+def _aligned_copy(array: np.ndarray, dtype: Any) -> np.ndarray:
+    out = aligned_empty(array.shape, dtype)
+    out[...] = array
+    return out
+
+
+def _to_flax(array: np.ndarray, leaf: str, expected: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """Convert one torch tensor to the layout of a Flax leaf of per-layer shape ``expected``, in ``dtype``."""
     if leaf == "kernel":
         if array.ndim == 4:  # Conv2d OIHW → HWIO
             array = array.transpose(2, 3, 1, 0)
-        elif array.ndim == 2:  # Linear [out, in] → [in, out], then split heads
-            array = array.T
+        elif array.ndim == 2:  # Linear [out, in] → [in, out] (then split heads: a free reshape)
+            if array.size != int(np.prod(expected)):
+                raise ValueError
+            array = transposed(array, dtype)
     if array.shape != expected:
         if array.size != int(np.prod(expected)) or leaf in ("scale", "embedding"):
             raise ValueError
         array = array.reshape(expected)
-    return array  # possibly a transposed view: the caller's one copy makes it contiguous
+    return array  # possibly a transposed view (a conv kernel): the caller's one copy makes it contiguous
 
 
 @functools.lru_cache(maxsize=8)
@@ -201,18 +242,20 @@ def params_from_state_dict(
         if layer is not None and layer >= n_layers[path[0]]:
             unexpected.append(key)
             continue
+        target_dtype = np.asarray(array).dtype if dtype is None else np.dtype(dtype)
         try:
-            value = _to_flax(np.asarray(array), path[-1], tuple(want))
+            value = _to_flax(np.asarray(array), path[-1], tuple(want), target_dtype)
         except ValueError:
             misshaped.append(f"{key}: {tuple(np.shape(array))} does not fit {path} {tuple(want)}")
             continue
-        target_dtype = value.dtype if dtype is None else np.dtype(dtype)
         if layer is None:
-            # One copy: layout (a transposed view becomes contiguous) and dtype together.
-            filled[path] = np.ascontiguousarray(value, dtype=target_dtype)
+            # At most one copy: layout (a transposed view becomes contiguous) and dtype together, aligned.
+            if not (value.flags.c_contiguous and value.dtype == target_dtype and value.ctypes.data % 64 == 0):
+                value = _aligned_copy(value, target_dtype)
+            filled[path] = value
             continue
         if path not in filled:
-            filled[path] = np.empty((n_layers[path[0]], *want), target_dtype)
+            filled[path] = aligned_empty((n_layers[path[0]], *want), target_dtype)
         filled[path][layer] = value  # the one copy, converting the layout and dtype on the way
         layer_seen.setdefault(path, set()).add(layer)
     missing = []
@@ -313,8 +356,13 @@ def load_pretrained(
     targets = [None] * len(leaves) if shardings is None else treedef.flatten_up_to(shardings)
     placed = []
     for i, sharding in enumerate(targets):
-        placed.append(jnp.asarray(leaves[i]) if sharding is None else shard_array(leaves[i], sharding))
-        # Free the host copy of this tensor once it is placed: the host holds one tensor beside the placed ones.
+        if sharding is None:
+            # On the CPU the aligned host array becomes the device buffer as it is (no second copy); elsewhere
+            # it is copied to the device.
+            placed.append(jax.device_put(leaves[i], may_alias=True))
+        else:
+            placed.append(shard_array(leaves[i], sharding))
+        # Drop the host reference once placed: the host holds at most one tensor beside the placed ones.
         leaves[i] = None
         placed[-1].block_until_ready()
     return config, jax.tree_util.tree_unflatten(treedef, placed)
