@@ -6,9 +6,13 @@ Two ways to name the audio:
   16-bit PCM). The results, in input order, go to stdout or ``--output`` as txt (one line per file), json (a
   list of objects) or jsonl (one object per line).
 - ``--manifest LIST``: one item per line, either a path or a JSON object ``{"id": ..., "path": ...}`` with
-  optional ``"context"`` and ``"language"``. Results are appended to ``--output`` (default
-  ``LIST.results.jsonl``) as JSONL as they finish; a rerun skips the ids already written there. Failed items
-  are not written, so a rerun retries them.
+  optional ``"context"``, ``"language"`` and ``"duration"`` (seconds). The whole list is planned at once
+  (length-sorted batches, lengths from the file headers) and threads decode the next batches' audio while the
+  model runs. Results are appended to ``--output`` (default ``LIST.results.jsonl``) as JSONL, each with its
+  ``"id"``, in the order they finish; a rerun skips the ids already written there. Failed items are not
+  written, so a rerun retries them. With ``--distributed`` (or ``--coordinator``), the same command on every
+  host of a multi-host run transcribes that process's share into a part file next to the output, and process 0
+  merges the parts when all are done (the output's folder must be one every host sees).
 
 Failed items are reported on stderr with their error after every other item is written, and the exit status is
 then 1 (2 for bad arguments). Items whose text hit the token budget are written with ``"truncated": true`` and
@@ -22,20 +26,12 @@ import json
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from qasr_jax.batch_jobs import Job
 
 FORMATS = ("txt", "json", "jsonl")
-
-
-@dataclass(frozen=True)
-class Job:
-    """One audio to transcribe: its id in the output, where it is, and per-item prompt options."""
-
-    id: str
-    path: str
-    context: str | None = None
-    language: str | None = None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,55 +83,26 @@ def build_parser() -> argparse.ArgumentParser:
                              "--model: the demo aligner under models/)")  # fmt: skip
     parser.add_argument("--timestamps", action="store_true",
                         help="add word timestamps (needs --forced-aligner; json/jsonl output)")  # fmt: skip
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), metavar="N",
+                        help="manifest: threads decoding and resampling the next batches' audio while the model "
+                             "runs (default %(default)s)")  # fmt: skip
+    parser.add_argument("--max-batch-seconds", type=float, default=None, metavar="S",
+                        help="manifest: at most S padded audio-seconds per batch (fewer rows for long audio, "
+                             "to bound memory; default: --batch-size rows whatever their length)")  # fmt: skip
+    parser.add_argument("--mesh", metavar="SPEC",
+                        help="split each batch over this process's devices, e.g. data=4 or data=2,tensor=2 "
+                             "(default: one device)")  # fmt: skip
+    parser.add_argument("--distributed", action="store_true",
+                        help="manifest: one process of a multi-host run, found from the cluster (TPU pod slice, "
+                             "SLURM, ...); each process transcribes its share and process 0 merges the results")  # fmt: skip
+    parser.add_argument("--coordinator", metavar="HOST:PORT",
+                        help="manifest: one process of a multi-host run whose process 0 listens at HOST:PORT "
+                             "(with --num-processes and --process-id)")  # fmt: skip
+    parser.add_argument("--num-processes", type=int, default=None, metavar="N", help="processes of the run")
+    parser.add_argument("--process-id", type=int, default=None, metavar="I",
+                        help="this process's index in [0, N) (0 merges the results)")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return parser
-
-
-def read_manifest(path: str) -> list[Job]:
-    """Jobs from a manifest: a path per line, or a JSON object with "path" (or "audio") and optional "id",
-    "context", "language". Blank lines and lines starting with # are skipped; ids default to the path."""
-    base = os.path.dirname(os.path.abspath(path))
-    jobs: list[Job] = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            if line.startswith("{"):
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}:{number}: not valid JSON ({error})") from None
-                audio_path = entry.get("path", entry.get("audio"))
-                if not isinstance(audio_path, str):
-                    raise ValueError(f'{path}:{number}: a JSON line needs a "path" string')
-                job_id = str(entry.get("id", audio_path))
-                context, language = entry.get("context"), entry.get("language")
-            else:
-                audio_path, job_id, context, language = line, line, None, None
-            resolved = audio_path if os.path.isabs(audio_path) else os.path.join(base, audio_path)
-            jobs.append(Job(job_id, resolved, context, language))
-    ids = [job.id for job in jobs]
-    if len(set(ids)) != len(ids):
-        duplicate = next(i for i in ids if ids.count(i) > 1)
-        raise ValueError(f"{path}: id {duplicate!r} appears more than once")
-    return jobs
-
-
-def finished_ids(path: str) -> set[str]:
-    """Ids already in a results JSONL file (a torn last line from an interrupted run is ignored)."""
-    done: set[str] = set()
-    if not os.path.exists(path):
-        return done
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(entry, dict) and "id" in entry and not entry.get("error"):
-                done.add(str(entry["id"]))
-    return done
 
 
 def audio_source(path: str, args: argparse.Namespace) -> Any:
@@ -155,16 +122,6 @@ def audio_source(path: str, args: argparse.Namespace) -> Any:
     from qasr_jax.audio_files import raw_pcm
 
     return raw_pcm(data, "<stdin>" if path == "-" else path), args.raw_pcm
-
-
-def audio_seconds(path: str) -> float:
-    """Duration from the file header (0 when unknown; the transcription reports any error)."""
-    import soundfile
-
-    try:
-        return float(soundfile.info(path).duration)
-    except Exception:
-        return 0.0
 
 
 def result_record(job: Job, result: Any) -> dict[str, Any]:
@@ -219,8 +176,15 @@ def transcribe_jobs(model: Any, jobs: Sequence[Job], args: argparse.Namespace) -
 class Progress:
     """Files and audio-seconds done, on stderr (a tqdm bar, or nothing)."""
 
-    def __init__(self, jobs: Sequence[Job], enabled: bool) -> None:
-        self.seconds = {job.id: audio_seconds(job.path) for job in jobs} if enabled else {}
+    def __init__(
+        self, jobs: Sequence[Job], enabled: bool, seconds: Sequence[float | None] | None = None
+    ) -> None:
+        """``seconds``: each job's duration when already known (else read from the file headers)."""
+        if enabled and seconds is None:
+            from qasr_jax.batch_jobs import job_seconds
+
+            seconds = job_seconds(jobs)
+        self.seconds = {job.id: s or 0.0 for job, s in zip(jobs, seconds)} if enabled else {}
         self.total_seconds = sum(self.seconds.values())
         self.done_seconds = 0.0
         self.bar = None
@@ -268,6 +232,130 @@ def report(failures: list[tuple[Job, str]], truncated: list[Job]) -> int:
     return 0
 
 
+def load_model(args: argparse.Namespace, mesh: Any = None) -> Any:
+    """The model the arguments name (the demo model by default), or None after printing why it cannot load."""
+    from infer.defaults import model_or_demo
+    from qasr_jax.asr import Qwen3ASRModel
+    from qasr_jax.errors import QasrError
+
+    try:
+        if args.timestamps and not args.model:
+            args.forced_aligner = model_or_demo(args.forced_aligner, aligner=True, option="--forced-aligner")
+        args.model = model_or_demo(args.model)
+        return Qwen3ASRModel.from_pretrained(
+            args.model,
+            forced_aligner=args.forced_aligner,
+            max_inference_batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            dtype=args.dtype,
+            max_chunk_seconds=args.max_chunk_seconds,
+            max_audio_seconds=args.max_audio_seconds,
+            repetition_penalty=args.repetition_penalty,
+            no_repeat_ngram_size=args.no_repeat_ngram_size,
+            compilation_cache=args.compilation_cache,
+            mesh=mesh,
+        )
+    except (QasrError, OSError, ValueError) as error:
+        print(f"error: cannot load the model: {error}", file=sys.stderr)
+        return None
+
+
+def start_processes(args: argparse.Namespace) -> bool:
+    """Join a multi-process run (``jax.distributed.initialize``) when asked to; True when this one did."""
+    if not (args.distributed or args.coordinator):
+        return False
+    import jax
+
+    if args.coordinator:
+        jax.distributed.initialize(
+            coordinator_address=args.coordinator, num_processes=args.num_processes, process_id=args.process_id
+        )
+    else:
+        jax.distributed.initialize()  # the cluster's own settings: TPU pod slices, SLURM, Open MPI, ...
+    return True
+
+
+def barrier(name: str) -> None:
+    """Wait until every process of the run gets here (nothing to do with one process)."""
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def local_mesh(spec: str | None) -> Any:
+    """A mesh over this process's devices (each process transcribes its own share of the manifest)."""
+    if spec is None:
+        return None
+    import jax
+
+    from qasr_jax import sharding
+
+    return sharding.make_mesh(spec, jax.local_devices())
+
+
+def run_manifest(args: argparse.Namespace) -> int:
+    """A manifest job: plan it, transcribe this process's share, append results; process 0 merges the parts."""
+    import jax
+
+    from qasr_jax import batch_jobs
+
+    try:
+        jobs = batch_jobs.read_manifest(args.manifest)
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    output = args.output or args.manifest + ".results.jsonl"
+    index, count = jax.process_index(), jax.process_count()
+    done = batch_jobs.finished_ids(output)
+    barrier("qasr manifest: results read")  # every process sees the same finished ids before anyone writes
+    jobs = [job for job in jobs if job.id not in done]
+    if done and index == 0:
+        print(f"skipping {len(done)} item(s) already in {output}", file=sys.stderr)
+    failures: list[tuple[Job, str]] = []
+    truncated: list[Job] = []
+    if jobs:
+        try:
+            mesh = local_mesh(args.mesh)
+        except ValueError as error:
+            print(f"error: --mesh: {error}", file=sys.stderr)
+            return 2
+        model = load_model(args, mesh)
+        if model is None:
+            return 1
+        seconds = batch_jobs.job_seconds(jobs)
+        max_chunk = min(args.max_chunk_seconds, 180.0) if args.timestamps else args.max_chunk_seconds
+        plan = batch_jobs.plan_batches(seconds, args.batch_size, max_chunk, args.max_batch_seconds)
+        mine = batch_jobs.process_share(plan, index, count)
+        positions = [i for batch in mine for i in batch.items]
+        progress = Progress(
+            [jobs[i] for i in positions], not args.no_progress, [seconds[i] for i in positions]
+        )
+        sink = batch_jobs.ResultsFile(output if count == 1 else batch_jobs.part_path(output, index, count))
+        try:
+            for job, result in batch_jobs.run_batches(
+                model, jobs, mine, context=args.context, language=args.language,
+                return_time_stamps=args.timestamps, workers=args.workers,
+            ):  # fmt: skip
+                progress.advance(job)
+                if result.error:
+                    failures.append((job, f"{type(result.error).__name__}: {result.error}"))
+                    continue  # not written: a rerun retries it
+                if result.truncated:
+                    truncated.append(job)
+                sink.write(result_record(job, result))
+        finally:
+            progress.close()
+            sink.close(sync=True)
+    barrier("qasr manifest: parts written")
+    if index == 0 and batch_jobs.part_files(output):
+        batch_jobs.merge_parts(output)
+    barrier("qasr manifest: merged")
+    return report(failures, truncated)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -286,6 +374,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--timestamps needs --forced-aligner DIR")
     if args.manifest and args.format not in (None, "jsonl"):
         parser.error("a manifest job writes jsonl")
+    if args.workers < 1:
+        parser.error("--workers must be >= 1")
+    if args.max_batch_seconds is not None and not args.max_batch_seconds > 0:
+        parser.error("--max-batch-seconds must be positive")
+    if args.coordinator and (args.num_processes is None or args.process_id is None):
+        parser.error("--coordinator needs --num-processes and --process-id")
+    if (args.distributed or args.coordinator) and not args.manifest:
+        parser.error("a multi-process run needs --manifest LIST")
     if args.language:
         from qasr_jax.text import normalize_language
 
@@ -295,51 +391,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(str(error))
 
     if args.manifest:
+        distributed = start_processes(args)
         try:
-            jobs = read_manifest(args.manifest)
-        except (OSError, ValueError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 1
-        output = args.output or args.manifest + ".results.jsonl"
-        done = finished_ids(output)
-        jobs = [job for job in jobs if job.id not in done]
-        if done:
-            print(f"skipping {len(done)} item(s) already in {output}", file=sys.stderr)
-    else:
-        jobs = [Job(path, path) for path in args.files]
-        output = args.output
-    if not jobs:
-        return 0
+            return run_manifest(args)
+        finally:
+            if distributed:
+                import jax
 
-    from infer.defaults import model_or_demo
-    from qasr_jax.asr import Qwen3ASRModel
-    from qasr_jax.errors import QasrError
+                jax.distributed.shutdown()
 
-    try:
-        if args.timestamps and not args.model:
-            args.forced_aligner = model_or_demo(args.forced_aligner, aligner=True, option="--forced-aligner")
-        args.model = model_or_demo(args.model)
-        model = Qwen3ASRModel.from_pretrained(
-            args.model,
-            forced_aligner=args.forced_aligner,
-            max_inference_batch_size=args.batch_size,
-            max_new_tokens=args.max_new_tokens,
-            dtype=args.dtype,
-            max_chunk_seconds=args.max_chunk_seconds,
-            max_audio_seconds=args.max_audio_seconds,
-            repetition_penalty=args.repetition_penalty,
-            no_repeat_ngram_size=args.no_repeat_ngram_size,
-            compilation_cache=args.compilation_cache,
-        )
-    except (QasrError, OSError, ValueError) as error:
-        print(f"error: cannot load the model: {error}", file=sys.stderr)
+    from qasr_jax.batch_jobs import Job
+
+    jobs = [Job(path, path) for path in args.files]
+    model = load_model(args)
+    if model is None:
         return 1
-
     failures: list[tuple[Job, str]] = []
     truncated: list[Job] = []
     progress = Progress(jobs, enabled=not args.no_progress)
     records: list[tuple[int, dict[str, Any]]] = []
-    sink = open(output, "a", encoding="utf-8") if args.manifest else None  # noqa: SIM115
     try:
         for position, result in transcribe_jobs(model, jobs, args):
             job = jobs[position]
@@ -348,26 +418,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 failures.append((job, f"{type(result.error).__name__}: {result.error}"))
             elif result.truncated:
                 truncated.append(job)
-            record = result_record(job, result)
-            if sink is not None:
-                if not result.error:
-                    sink.write(json.dumps(record, ensure_ascii=False) + "\n")
-                    sink.flush()
-            else:
-                records.append((position, record))
+            records.append((position, result_record(job, result)))
     finally:
         progress.close()
-        if sink is not None:
-            sink.close()
-
-    if sink is None:
-        in_order = [record for _, record in sorted(records, key=lambda pair: pair[0])]
-        fmt = args.format or "txt"
-        if output:
-            with open(output, "w", encoding="utf-8") as out:
-                write_results(in_order, fmt, out)
-        else:
-            write_results(in_order, fmt, sys.stdout)
+    in_order = [record for _, record in sorted(records, key=lambda pair: pair[0])]
+    fmt = args.format or "txt"
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as out:
+            write_results(in_order, fmt, out)
+    else:
+        write_results(in_order, fmt, sys.stdout)
     return report(failures, truncated)
 
 
