@@ -403,7 +403,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from qasr_jax.batch_jobs import Job
 
     jobs = [Job(path, path) for path in args.files]
-    model = load_model(args)
+    try:
+        mesh = local_mesh(args.mesh)
+    except ValueError as error:
+        print(f"error: --mesh: {error}", file=sys.stderr)
+        return 2
+    model = load_model(args, mesh)
     if model is None:
         return 1
     failures: list[tuple[Job, str]] = []
