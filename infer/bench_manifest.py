@@ -153,6 +153,7 @@ class DeviceLog:
     calls: int = 0
     real_seconds: float = 0.0
     padded_seconds: float = 0.0
+    ladder_seconds: float = 0.0  # each row padded only to its own length's bucket: the floor of any batching
 
     def watch(self, model: Any) -> None:
         """Record every ``model.generator.generate`` call (the call itself runs unchanged)."""
@@ -165,6 +166,8 @@ class DeviceLog:
             shape = generator.shape_for(requests)
             self.real_seconds += sum(len(r.samples) for r in requests) / audio.SAMPLE_RATE
             self.padded_seconds += shape.batch * shape.frames * audio.HOP_LENGTH / audio.SAMPLE_RATE
+            hop_seconds = audio.HOP_LENGTH / audio.SAMPLE_RATE
+            self.ladder_seconds += sum(generator.shape_for([r]).frames * hop_seconds for r in requests)
             started = time.perf_counter()
             try:
                 return generate(requests, options)
@@ -211,6 +214,7 @@ def run_path(name: str, args: argparse.Namespace, checkpoint: str, manifest: str
         "audio_seconds": log.real_seconds,
         "padded_seconds": log.padded_seconds,
         "padding_waste": 1 - log.real_seconds / log.padded_seconds if log.padded_seconds else 0.0,
+        "ladder_padding_waste": 1 - log.real_seconds / log.ladder_seconds if log.ladder_seconds else 0.0,
         "batches": log.calls,
         "buckets": model.compile_count,
         "wall_seconds": wall,
@@ -238,11 +242,16 @@ def table(runs: list[dict[str, Any]]) -> str:
         ("audio (s)", lambda r: f"{r['audio_seconds']:.0f}"),
         ("padded audio (s)", lambda r: f"{r['padded_seconds']:.0f}"),
         ("padding waste", lambda r: f"{100 * r['padding_waste']:.1f}%"),
+        ("of which the length buckets alone force", lambda r: f"{100 * r['ladder_padding_waste']:.1f}%"),
         ("batches / compiled buckets", lambda r: f"{r['batches']} / {r['buckets']}"),
         ("wall (s)", lambda r: f"{r['wall_seconds']:.1f}"),
         ("compile (s)", lambda r: f"{r['compile_seconds']:.1f}"),
         ("device busy, compile excluded (s)", lambda r: f"{r['device_busy_seconds']:.1f}"),
         ("device waits for host (s)", lambda r: f"{r['device_waits_for_host_seconds']:.1f}"),
+        (
+            "  of which waiting for decoded audio (s)",
+            lambda r: f"{r.get('pipeline_host_wait_seconds', r['device_waits_for_host_seconds']):.1f}",
+        ),
         ("throughput (audio-s/s)", lambda r: f"{r['throughput']:.1f}"),
         ("throughput without compile (audio-s/s)", lambda r: f"{r['throughput_without_compile']:.1f}"),
     ]

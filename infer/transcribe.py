@@ -326,7 +326,11 @@ def run_manifest(args: argparse.Namespace) -> int:
         if model is None:
             return 1
         seconds = batch_jobs.job_seconds(jobs)
-        max_chunk = min(args.max_chunk_seconds, 180.0) if args.timestamps else args.max_chunk_seconds
+        from qasr_jax.asr import MAX_ALIGN_CHUNK_SECONDS
+
+        max_chunk = args.max_chunk_seconds
+        if args.timestamps:  # the aligner's limit, as the model splits for timestamps
+            max_chunk = min(max_chunk, MAX_ALIGN_CHUNK_SECONDS)
         plan = batch_jobs.plan_batches(seconds, args.batch_size, max_chunk, args.max_batch_seconds)
         mine = batch_jobs.process_share(plan, index, count)
         positions = [i for batch in mine for i in batch.items]

@@ -100,8 +100,12 @@ def read_manifest(path: str) -> list[Job]:
 
 def probe_seconds(path: str) -> float | None:
     """A file's duration from its header (libsndfile, else FFmpeg's container header), without decoding it;
-    None when neither can tell (the item is then planned last, and any error is reported when it is decoded)."""
+    None when neither can tell, or ``path`` is not a local file (URLs are not fetched twice; stdin is not read).
+    An item of unknown length is planned last; any error is reported when it is decoded."""
     import soundfile
+
+    if not os.path.isfile(path):
+        return None
 
     try:
         return float(soundfile.info(path).duration)

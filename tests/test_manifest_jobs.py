@@ -105,6 +105,8 @@ def test_header_probe_reads_durations_without_decoding(tmp_path):
     assert batch_jobs.probe_seconds(str(tmp_path / "a.flac")) == pytest.approx(1.0)
     assert batch_jobs.probe_seconds(str(tmp_path / "notes.wav")) is None
     assert batch_jobs.probe_seconds(str(tmp_path / "missing.wav")) is None
+    assert batch_jobs.probe_seconds("-") is None
+    assert batch_jobs.probe_seconds("http://127.0.0.1:9/a.wav") is None
 
 
 def test_results_file_cuts_a_torn_line_and_merge_keeps_one_record_per_id(tmp_path):

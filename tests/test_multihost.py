@@ -168,11 +168,9 @@ def test_manifest_split_over_two_processes_equals_one_process_and_resumes_after_
     assert len(set(written)) == len(written)
 
     with processes(on_processes(command, free_port()), env, tmp_path / "rerun") as started:
-        with contextlib.suppress(AssertionError):
-            wait_all(started, tmp_path / "rerun")
-        codes = [p.returncode for p in started]
+        codes = [p.wait(timeout=PROCESS_TIMEOUT) for p in started]
     errs = read_tails(tmp_path / "rerun", 2)
-    assert codes == [1, 1] or sorted(codes) == [0, 1], (codes, errs)  # the broken item fails on its process
+    assert sorted(codes) == [0, 1], (codes, errs)  # the broken item fails on the process it fell to, alone
     assert "broken" in errs[0] + errs[1] and f"skipping {len(written)} item(s)" in errs[0], errs
     merged = read_jsonl(output)
     ids = [r["id"] for r in merged]
