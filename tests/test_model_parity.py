@@ -123,6 +123,28 @@ def test_conv_front_end_in_small_groups_matches_official(base_case: Case):
         assert rel_max_error(mine, ref) <= TOL
 
 
+def test_front_end_skipping_padding_chunks_matches_official_and_a_wrong_skip_fails(base_case: Case, monkeypatch):
+    """One chunk per front-end group: every chunk past a clip's audio (window padding, the ragged batch's shorter
+    clips) is a group of its own and skipped. Skipping one group more (the last chunk holding audio) must fail."""
+    import dataclasses
+
+    config, params = load_pretrained(base_case.dir)
+    single = config.replace(audio=dataclasses.replace(config.audio, conv_chunksize=1))
+    frames = [int(n) for n in base_case.feature_mask.sum(-1)]
+    window = config.audio.chunk_frames * config.audio.window_chunks
+    assert any(n % window for n in frames)  # some windows are padded, so there are groups to skip
+    ours = encode(params, single, base_case.input_features, base_case.feature_mask)
+    for mine, ref in zip(ours, base_case.ref_encoded):
+        assert rel_max_error(mine, ref) <= TOL
+
+    run_all = encoder_module.groups_to_run
+    monkeypatch.setattr(
+        encoder_module, "groups_to_run", lambda n_groups, group, audio: run_all(n_groups, group, audio - 1)
+    )
+    broken = encode(params, single, base_case.input_features, base_case.feature_mask)
+    assert max(rel_max_error(mine, ref) for mine, ref in zip(broken, base_case.ref_encoded)) > 100 * TOL
+
+
 def test_encoder_batch_result_equals_each_item_alone(case: Case):
     config, params = load_pretrained(case.dir)
     batched = encode(params, config, case.input_features, case.feature_mask)
