@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compilation-cache", metavar="DIR|off", default=None,
                         help="JAX's persistent compilation cache: a directory, or off (default: $QASR_COMPILATION_CACHE "
                              "or ~/.cache/qasr-jax/xla), so a second run compiles nothing")  # fmt: skip
+    parser.add_argument("--weights-cache", metavar="DIR|off", default=None,
+                        help="converted weights, kept so that a second run maps them instead of converting: a "
+                             "directory, or off (default: $QASR_WEIGHTS_CACHE or ~/.cache/qasr-jax/weights)")  # fmt: skip
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                         help="params and compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")  # fmt: skip
     parser.add_argument("--max-chunk-seconds", type=float, default=1200.0, metavar="S",
@@ -253,6 +256,7 @@ def load_model(args: argparse.Namespace, mesh: Any = None) -> Any:
             repetition_penalty=args.repetition_penalty,
             no_repeat_ngram_size=args.no_repeat_ngram_size,
             compilation_cache=args.compilation_cache,
+            weights_cache=args.weights_cache,
             mesh=mesh,
         )
     except (QasrError, OSError, ValueError) as error:

@@ -230,11 +230,12 @@ class Qwen3ForcedAligner:
         mesh: Mesh | str | None = None,
         sharding_rules: Any = None,
         compilation_cache: str | os.PathLike | bool | None = None,
+        weights_cache: str | os.PathLike | bool | None = None,
     ) -> Qwen3ForcedAligner:
         """Load a ForcedAligner checkpoint dir (released, "-hf" or Orbax layout) and its tokenizer.
 
         ``dtype`` is the params' and computation's dtype (default float32, which reproduces the official fp32
-        results exactly; bfloat16 is faster on accelerators). ``compilation_cache``: as in
+        results exactly; bfloat16 is faster on accelerators). ``compilation_cache``, ``weights_cache``: as in
         ``Qwen3ASRModel.from_pretrained``.
         """
         compile_cache.enable(compilation_cache)
@@ -245,7 +246,9 @@ class Qwen3ForcedAligner:
                 "'forced_aligner'); use Qwen3ASRModel for transcription checkpoints"
             )
         compute_dtype = jnp.dtype(dtype if dtype is not None else jnp.float32)
-        config, params, mesh, rules = sharding.load_placed(path, compute_dtype, mesh, sharding_rules)
+        config, params, mesh, rules = sharding.load_placed(
+            path, compute_dtype, mesh, sharding_rules, weights_cache
+        )
         tokenizer = text_io.Tokenizer.from_pretrained(path)
         return cls(
             config,

@@ -206,6 +206,7 @@ class Qwen3ASRModel:
         mesh: Mesh | str | None = None,
         sharding_rules: Any = None,
         compilation_cache: str | os.PathLike | bool | None = None,
+        weights_cache: str | os.PathLike | bool | None = None,
     ) -> Qwen3ASRModel:
         """Load a checkpoint dir (released, "-hf" or Orbax layout) with its tokenizer and generation config.
 
@@ -226,11 +227,16 @@ class Qwen3ASRModel:
           sharding_rules: overrides of ``sharding.DEFAULT_RULES`` (logical axis → mesh axes).
           compilation_cache: JAX's persistent compilation cache (``qasr_jax.compile_cache``): None = the
             ``QASR_COMPILATION_CACHE`` environment variable or ``~/.cache/qasr-jax/xla``; a directory; False: off.
+          weights_cache: the converted-weights cache (``weights.load_pretrained``): None = the
+            ``QASR_WEIGHTS_CACHE`` environment variable or ``~/.cache/qasr-jax/weights``; a directory; False: off.
+            A safetensors checkpoint is converted to the param layout once per machine; later loads map it.
         """
         compile_cache.enable(compilation_cache)
         path = os.fspath(pretrained_model_name_or_path)
         compute_dtype = resolve_dtype(dtype)
-        config, params, mesh, rules = sharding.load_placed(path, compute_dtype, mesh, sharding_rules)
+        config, params, mesh, rules = sharding.load_placed(
+            path, compute_dtype, mesh, sharding_rules, weights_cache
+        )
         if mesh is not None:
             forced_aligner_kwargs = {"mesh": mesh, "sharding_rules": rules, **(forced_aligner_kwargs or {})}
         tokenizer = text_io.Tokenizer.from_pretrained(path)

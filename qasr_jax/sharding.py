@@ -223,14 +223,19 @@ def shard_params(params: dict, shardings: dict) -> dict:
 
 
 def load_placed(
-    path: str | os.PathLike, dtype: Any, mesh: Mesh | str | Mapping[str, int] | None, rules: Any = None
+    path: str | os.PathLike,
+    dtype: Any,
+    mesh: Mesh | str | Mapping[str, int] | None,
+    rules: Any = None,
+    weights_cache: str | os.PathLike | bool | None = None,
 ) -> tuple[ThinkerConfig, dict, Mesh | None, Rules]:
     """``(config, params, mesh, rules)`` for an inference object: params on the default device when ``mesh`` is
-    None, else loaded straight into the mesh (``mesh`` may be a spec; ``rules`` overrides the default rules)."""
+    None, else loaded straight into the mesh (``mesh`` may be a spec; ``rules`` overrides the default rules).
+    ``weights_cache``: as in ``weights.load_pretrained``."""
     mesh = resolve_mesh(mesh)
     rules = merge_rules(rules)
     shardings = None if mesh is None else (lambda config: param_shardings(config, mesh, rules))
-    config, params = weights.load_pretrained(path, dtype, shardings)
+    config, params = weights.load_pretrained(path, dtype, shardings, weights_cache)
     return config, params, mesh, rules
 
 

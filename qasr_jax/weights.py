@@ -5,6 +5,10 @@
 - ``load_pretrained(path, dtype=None, shardings=None)``: a released, "-hf" or Orbax checkpoint dir, optionally
   straight into shardings;
 - ``save_params`` / ``restore_params``: Orbax;
+- the converted-weights cache: a safetensors checkpoint is converted to the param tree's layout once per machine
+  and kept as one raw, page-aligned file per param; later loads map those files (copy-on-write) and the CPU
+  device uses the mapped pages in place, so loading is mapping, and each device of a sharded load reads only
+  its own slices. ``QASR_WEIGHTS_CACHE`` (or ``weights_cache=``) moves it or turns it off;
 - ``export_pretrained``: the released layout (safetensors + config + tokenizer files) from a param tree.
 
 ``load_pretrained`` reads a released-layout dir (``thinker.*`` keys; one ``model.safetensors`` or shards listed in
@@ -20,10 +24,12 @@ Conv2d OIHW → HWIO, per-layer tensors stacked along a leading layer axis for `
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -317,6 +323,121 @@ def iter_safetensors(files: list[str]) -> Iterator[tuple[str, np.ndarray]]:
             raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from e
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The converted-weights cache
+
+WEIGHTS_CACHE_ENV = "QASR_WEIGHTS_CACHE"
+# Bumped whenever the param tree's layout or the cache's file format changes: old entries are then not used.
+_CACHE_FORMAT = 1
+_CACHE_INDEX = "index.json"
+
+
+def weights_cache_dir(setting: str | os.PathLike | bool | None = None) -> str | None:
+    """The converted-weights cache directory ``setting`` stands for, or None when it is off.
+
+    ``None``: the ``QASR_WEIGHTS_CACHE`` environment variable if set, else ``$XDG_CACHE_HOME/qasr-jax/weights``
+    (``~/.cache/qasr-jax/weights``); a path: that directory; ``False`` or "off"/"0"/"false"/"no"/"": off.
+    """
+    if setting is None:
+        setting = os.environ.get(WEIGHTS_CACHE_ENV, True)
+    if setting is True:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        return os.path.join(base, "qasr-jax", "weights")
+    if setting is False or (
+        isinstance(setting, str) and setting.strip().lower() in ("", "0", "off", "false", "no", "none")
+    ):
+        return None
+    return os.path.abspath(os.path.expanduser(os.fspath(setting)))
+
+
+def _cache_key(files: list[str], config: ThinkerConfig, dtype: Any) -> str:
+    """An entry's name: the checkpoint files (name, size, modification time), the config and the dtype asked."""
+    stats = []
+    for file in files:
+        st = os.stat(file)
+        stats.append([os.path.abspath(file), st.st_size, st.st_mtime_ns])
+    raw = json.dumps(
+        {"format": _CACHE_FORMAT, "files": stats, "config": config_to_dict(config),
+         "dtype": None if dtype is None else np.dtype(dtype).name},
+        sort_keys=True,
+    )  # fmt: skip
+    return hashlib.sha256(raw.encode()).hexdigest()[:32]
+
+
+def _read_cache(entry: str, config: ThinkerConfig) -> dict | None:
+    """The cached param tree of ``entry`` as copy-on-write mappings of its files, or None when the entry is absent
+    or does not hold exactly the params of ``config`` (a missing, short or mis-shaped file)."""
+    try:
+        with open(os.path.join(entry, _CACHE_INDEX), encoding="utf-8") as handle:
+            index = json.load(handle)
+        expected = dict(flatten_params(abstract_params(config)))
+        if index.get("format") != _CACHE_FORMAT or len(index["params"]) != len(expected):
+            return None
+        flat = {}
+        for item in index["params"]:
+            path, shape, dtype = tuple(item["path"]), tuple(item["shape"]), np.dtype(item["dtype"])
+            if path not in expected or tuple(expected[path].shape) != shape:
+                return None
+            file = os.path.join(entry, item["file"])
+            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            if os.path.getsize(file) != nbytes:
+                return None
+            # Copy-on-write: a write into a param (a donated buffer) never reaches the file.
+            flat[path] = (
+                np.memmap(file, dtype=dtype, mode="c", shape=shape) if nbytes else np.zeros(shape, dtype)
+            )
+        return unflatten_params(flat)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_cache(entry: str, params: dict) -> None:
+    """Write ``params`` (host arrays) as ``entry``: into a temporary dir beside it, renamed into place when
+    complete, so a reader never sees a half-written entry. A failure (disk full, read-only) leaves no entry."""
+    parent = os.path.dirname(entry)
+    staging = None
+    try:
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".writing-", dir=parent)
+        items = []
+        for i, (path, value) in enumerate(flatten_params(params)):
+            value = np.ascontiguousarray(value)
+            name = f"{i:04d}.bin"
+            with open(os.path.join(staging, name), "wb") as handle:
+                handle.write(memoryview(value.reshape(-1).view(np.uint8)))
+            items.append(
+                {"path": list(path), "shape": list(value.shape), "dtype": value.dtype.name, "file": name}
+            )
+        with open(os.path.join(staging, _CACHE_INDEX), "w", encoding="utf-8") as handle:
+            json.dump({"format": _CACHE_FORMAT, "params": items}, handle)
+        os.rename(staging, entry)
+        staging = None
+    except OSError:
+        pass  # another process wrote the same entry first, or the cache dir is not writable: load without it
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _host_params(
+    path: str, config: ThinkerConfig, dtype: Any, weights_cache: str | os.PathLike | bool | None
+) -> dict:
+    """The param tree on the host from a safetensors checkpoint dir: mapped from the converted-weights cache when
+    it holds this checkpoint, else converted (and, with the cache on, written to it for the next load)."""
+    files = safetensors_files(path)
+    cache = weights_cache_dir(weights_cache)
+    entry = None if cache is None else os.path.join(cache, _cache_key(files, config, dtype))
+    if entry is not None:
+        cached = _read_cache(entry, config)
+        if cached is not None:
+            return cached
+    host = params_from_state_dict(iter_safetensors(files), config, dtype=dtype, source=path)
+    if entry is not None:
+        shutil.rmtree(entry, ignore_errors=True)  # an entry that did not read back whole
+        _write_cache(entry, host)
+    return host
+
+
 def is_orbax_checkpoint(path: str) -> bool:
     return os.path.isdir(os.path.join(path, ORBAX_PARAMS_DIR))
 
@@ -331,7 +452,10 @@ Shardings = Any  # a pytree of jax.sharding.Sharding shaped like the params, or 
 
 
 def load_pretrained(
-    path: str | os.PathLike, dtype: Any = None, shardings: Shardings | None = None
+    path: str | os.PathLike,
+    dtype: Any = None,
+    shardings: Shardings | None = None,
+    weights_cache: str | os.PathLike | bool | None = None,
 ) -> tuple[ThinkerConfig, dict]:
     """Load ``(config, params)`` from a checkpoint dir (released, "-hf" or Orbax layout).
 
@@ -339,6 +463,10 @@ def load_pretrained(
     function of the config giving one, e.g. ``sharding.param_shardings``) places every param straight into its
     sharding: Orbax checkpoints are read by each device for its own slices; safetensors are converted tensor by
     tensor into one host copy, from which each device copies only its slice, the host copy freed leaf by leaf.
+
+    ``weights_cache`` (see ``weights_cache_dir``; default on): a safetensors checkpoint converted once is kept in
+    the param layout, and later loads map it instead of converting: on the CPU the mapped pages become the
+    params as they are, and with ``shardings`` each device reads only its slices of the mapped files.
     """
     path = os.fspath(path)
     if os.path.isfile(path) and path.endswith(PICKLE_SUFFIXES):
@@ -350,7 +478,7 @@ def load_pretrained(
         shardings = shardings(config)
     if is_orbax_checkpoint(path):
         return config, restore_params(os.path.join(path, ORBAX_PARAMS_DIR), config, dtype, shardings)
-    host = params_from_state_dict(iter_safetensors(safetensors_files(path)), config, dtype=dtype, source=path)
+    host = _host_params(path, config, dtype, weights_cache)
     leaves, treedef = jax.tree_util.tree_flatten(host)
     del host
     targets = [None] * len(leaves) if shardings is None else treedef.flatten_up_to(shardings)
@@ -592,4 +720,5 @@ __all__ = [
     "shard_array",
     "tree_equal",
     "unflatten_params",
+    "weights_cache_dir",
 ]

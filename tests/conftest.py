@@ -10,6 +10,7 @@ os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The suite is hermetic: no persistent compilation cache (tests/test_compile_cache.py turns it on in subprocesses).
 os.environ.setdefault("QASR_COMPILATION_CACHE", "off")
+os.environ.setdefault("QASR_WEIGHTS_CACHE", "off")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 

@@ -220,3 +220,109 @@ def test_convert_program_writes_a_loadable_dir_and_verifies(ckpt, tmp_path):
     again = subprocess.run([sys.executable, "-m", "convert", ckpt, str(dst)], cwd=REPO, capture_output=True,
                            text=True, timeout=300)  # fmt: skip
     assert again.returncode == 2 and "not empty" in again.stderr and "Traceback" not in again.stderr
+
+
+# ---------------------------------------------------------------------------------------------------- weights cache
+
+
+def _cached_leaf_file(cache_dir, leaf: str) -> str:
+    """The cache file of the (only) entry that holds the param named ``leaf`` ('/'-joined path)."""
+    (entry,) = [os.path.join(cache_dir, e) for e in os.listdir(cache_dir) if not e.startswith(".")]
+    with open(os.path.join(entry, "index.json"), encoding="utf-8") as handle:
+        index = json.load(handle)
+    (item,) = [i for i in index["params"] if "/".join(i["path"]) == leaf]
+    return os.path.join(entry, item["file"])
+
+
+UP = "decoder/layers/mlp/up_proj/kernel"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_weights_cache_gives_bit_identical_params_and_a_second_load_maps_it(tmp_path, dtype):
+    from qasr_jax.weights import tree_equal
+
+    path = official.build_checkpoint(tmp_path / "ck", official.small_asr_config(), seed=7, dtype=dtype,
+                                     tokenizer=False)  # fmt: skip
+    cache = tmp_path / "cache"
+    _, direct = load_pretrained(path, weights_cache=False)
+    assert not cache.exists()
+    _, first = load_pretrained(path, weights_cache=cache)  # converts and writes the entry
+    _, second = load_pretrained(path, weights_cache=cache)  # maps the entry
+    assert tree_equal(direct, first) == [] and tree_equal(direct, second) == []
+    assert second["decoder"]["layers"]["mlp"]["up_proj"]["kernel"].dtype.name == dtype
+    # The second load read the entry's files: a value written into one shows up in the params.
+    file = _cached_leaf_file(cache, UP)
+    with open(file, "r+b") as handle:
+        handle.write(np.asarray([7.0], dtype=dtype).tobytes())
+    _, third = load_pretrained(path, weights_cache=cache)
+    assert float(third["decoder"]["layers"]["mlp"]["up_proj"]["kernel"].reshape(-1)[0]) == 7.0
+    assert float(direct["decoder"]["layers"]["mlp"]["up_proj"]["kernel"].reshape(-1)[0]) != 7.0
+
+
+def test_weights_cache_entry_is_rebuilt_when_short_and_a_changed_checkpoint_gets_a_new_one(ckpt, tmp_path):
+    from qasr_jax.weights import tree_equal
+
+    path = _copy(ckpt, tmp_path / "ck")
+    cache = tmp_path / "cache"
+    _, direct = load_pretrained(path, weights_cache=False)
+    load_pretrained(path, weights_cache=cache)
+    file = _cached_leaf_file(cache, UP)
+    with open(file, "r+b") as handle:
+        handle.truncate(os.path.getsize(file) // 2)
+    _, rebuilt = load_pretrained(path, weights_cache=cache)
+    assert tree_equal(direct, rebuilt) == []
+    assert (
+        os.path.getsize(_cached_leaf_file(cache, UP))
+        == direct["decoder"]["layers"]["mlp"]["up_proj"]["kernel"].nbytes
+    )
+
+    # New weights in the same dir: a new entry, and the new weights (not the cached old ones).
+    tensors = load_file(os.path.join(path, "model.safetensors"))
+    name = "thinker.model.layers.0.mlp.up_proj.weight"
+    tensors[name] = tensors[name] * 2
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    _, changed = load_pretrained(path, weights_cache=cache)
+    _, changed_direct = load_pretrained(path, weights_cache=False)
+    assert tree_equal(changed, changed_direct) == [] and tree_equal(changed, direct) != []
+    assert len([e for e in os.listdir(cache) if not e.startswith(".")]) == 2
+
+
+def test_weights_cache_setting_resolves_like_the_compilation_cache(monkeypatch, tmp_path):
+    from qasr_jax.weights import weights_cache_dir
+
+    monkeypatch.delenv("QASR_WEIGHTS_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert weights_cache_dir() == os.path.join(str(tmp_path), "qasr-jax", "weights")
+    monkeypatch.setenv("QASR_WEIGHTS_CACHE", str(tmp_path / "w"))
+    assert weights_cache_dir() == str(tmp_path / "w")
+    for off in ("off", "0", "false", ""):
+        monkeypatch.setenv("QASR_WEIGHTS_CACHE", off)
+        assert weights_cache_dir() is None
+    assert weights_cache_dir(tmp_path / "x") == str(tmp_path / "x") and weights_cache_dir(False) is None
+
+
+SHARDED_FROM_CACHE = """
+import sys, numpy as np, jax
+from qasr_jax import load_pretrained, sharding
+from qasr_jax.weights import flatten_params
+path, cache = sys.argv[1], sys.argv[2]
+_, direct = load_pretrained(path, weights_cache=False)
+mesh = sharding.resolve_mesh("fsdp=2,tensor=2")
+load = lambda: sharding.load_placed(path, None, mesh, None, cache)[1]
+load()  # writes the entry
+placed = load()  # each device reads its slices of the mapped files
+split = 0
+for (p, a), (_, b) in zip(flatten_params(direct), flatten_params(placed)):
+    assert np.array_equal(np.asarray(a), np.asarray(b)), p
+    split += len({str(s.index) for s in b.addressable_shards}) > 1
+assert split > 0
+print("ok", split)
+"""
+
+
+def test_sharded_load_from_the_weights_cache_equals_the_unsharded_params(ckpt, tmp_path):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-c", SHARDED_FROM_CACHE, ckpt, str(tmp_path / "cache")], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("ok")

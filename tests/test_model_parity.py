@@ -123,7 +123,9 @@ def test_conv_front_end_in_small_groups_matches_official(base_case: Case):
         assert rel_max_error(mine, ref) <= TOL
 
 
-def test_front_end_skipping_padding_chunks_matches_official_and_a_wrong_skip_fails(base_case: Case, monkeypatch):
+def test_front_end_skipping_padding_chunks_matches_official_and_a_wrong_skip_fails(
+    base_case: Case, monkeypatch
+):
     """One chunk per front-end group: every chunk past a clip's audio (window padding, the ragged batch's shorter
     clips) is a group of its own and skipped. Skipping one group more (the last chunk holding audio) must fail."""
     import dataclasses

@@ -19,8 +19,8 @@ from qasr_jax.kernels.decode_attention import (
     causal_attention,
     causal_attention_xla,
     decode_attention_pallas,
-    decode_kernel_selected,
     decode_kernel_fits,
+    decode_kernel_selected,
 )
 from qasr_jax.kernels.softmax import masked_softmax
 from qasr_jax.kernels.windowed_attention import (
@@ -35,8 +35,8 @@ __all__ = [
     "causal_attention",
     "causal_attention_xla",
     "decode_attention_pallas",
-    "decode_kernel_selected",
     "decode_kernel_fits",
+    "decode_kernel_selected",
     "masked_softmax",
     "resolve_impl",
     "resolve_interpret",

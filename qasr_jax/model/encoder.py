@@ -149,7 +149,11 @@ class ConvOut(nn.Module):
 
 
 def front_end(
-    x: jax.Array, seen: jax.Array, convs: list[tuple[jax.Array, jax.Array]], out_kernel: jax.Array, dtype: Dtype
+    x: jax.Array,
+    seen: jax.Array,
+    convs: list[tuple[jax.Array, jax.Array]],
+    out_kernel: jax.Array,
+    dtype: Dtype,
 ) -> jax.Array:
     """Three stride-2 3×3 convolutions (+GELU) and the output projection: ``[G, n_mels, C, 1]`` chunks with ``seen
     [G]`` → ``[G, tokens_per_chunk, d_model]``."""
@@ -179,9 +183,7 @@ class ConvFrontEnd(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(
-        self, carry: None, inputs: tuple[jax.Array, jax.Array, jax.Array]
-    ) -> tuple[None, jax.Array]:
+    def __call__(self, carry: None, inputs: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[None, jax.Array]:
         x, seen, active = inputs
         cfg = self.config
         hidden = cfg.downsample_hidden_size
