@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -43,8 +43,8 @@ from qasr_jax.config import ThinkerConfig
 from qasr_jax.engine import DecodeOptions, DecodeState, Engine, Generation, is_eos, next_token
 from qasr_jax.errors import EmptyAudioError, InvalidAudioError, QasrError
 from qasr_jax.model import Qwen3ASR, decode_layer_params, extend_cache
-from qasr_jax.model.decoder import cache_length, layer_cache_shape
 from qasr_jax.model.attention import KVCache
+from qasr_jax.model.decoder import cache_length, layer_cache_shape
 
 SAMPLE_RATE = audio_io.SAMPLE_RATE
 # Cache slots on a two-steps-per-octave ladder from this size: few programs, at most a third unused.
@@ -141,6 +141,30 @@ class ASRStreamingState:
     def fixed_text(self) -> str:
         """The transcript part of the prefix the latest update was given: text the coming updates keep."""
         return fixed_text(self.updates[-1].prefix, self.force_language) if self.updates else ""
+
+
+@dataclasses.dataclass
+class PendingUpdate:
+    """One stream's update while it runs: set by ``begin_update`` (prefix, the stream's features ``[n_mels,
+    frames]``, the encoder windows to encode and the work they mean) and ``plan_decode`` (the prompt ids, the
+    cached prompt tokens kept, the run to prefill after them, its audio embeddings ``[tokens, hidden]``, the token
+    budget)."""
+
+    state: ASRStreamingState
+    final: bool
+    started: float
+    prefix: str
+    samples: int
+    frames: int
+    features: np.ndarray
+    todo: list[int]
+    recomputed: int
+    chunks: int
+    ids: list[int] = dataclasses.field(default_factory=list)
+    keep: int = 0
+    run: list[int] = dataclasses.field(default_factory=list)
+    audio: np.ndarray | None = None
+    budget: int = 0
 
 
 def rollback_prefix(tokenizer: text_io.Tokenizer, raw: str, unfixed_token_num: int, final: bool) -> str:
@@ -322,82 +346,32 @@ class StreamingTranscriber:
                 "init_streaming_state()"
             )
 
-    # -- one update --
+    # -- one update, in four phases (``StreamingEngine`` runs the middle two for many streams at once) --
 
     def _update(self, state: ASRStreamingState, final: bool) -> None:
+        pending = self.begin_update(state, final)
+        self.encode_windows([pending])
+        self.plan_decode(pending)
+        generation = self._decode(state.cache, pending.keep, pending.run, pending.audio, pending.budget)
+        self.complete_update(pending, generation)
+
+    def begin_update(self, state: ASRStreamingState, final: bool) -> PendingUpdate:
+        """The host side of an update over ``state.audio_accum``: the text prefix, the stream's features and the
+        encoder windows whose features are not those cached (raises EmptyAudioError for a stream shorter than one
+        feature frame)."""
         started = time.perf_counter()
         prefix = ""
         if state.chunk_id >= state.unfixed_chunk_num:
             prefix = rollback_prefix(self.tokenizer, state._raw_decoded, state.unfixed_token_num, final)
-        samples = state.audio_accum
-        generation, stats = self._run(state.cache, samples, state.prompt_raw + prefix)
-        generated = self.tokenizer.decode(generation.token_ids, skip_special_tokens=True)
-        state._raw_decoded = prefix + generated
-        state.language, state.text = text_io.parse_asr_output(state._raw_decoded, state.force_language)
-        stats = dataclasses.replace(stats, seconds=time.perf_counter() - started)
-        state.updates.append(
-            StreamUpdate(
-                state.chunk_id, len(samples) / SAMPLE_RATE, state.language, state.text, prefix,
-                state._raw_decoded, final, stats,
-            )
-        )  # fmt: skip
-        state.chunk_id += 1
-
-    def _run(
-        self, cache: StreamCache, samples: np.ndarray, prompt_text: str
-    ) -> tuple[Generation, UpdateStats]:
-        """Greedy generation for the whole stream ``samples`` after ``prompt_text`` (its one audio slot expanded),
-        reusing and refreshing ``cache``."""
-        frames = audio_io.num_frames(len(samples))
+        samples = len(state.audio_accum)
+        frames = audio_io.num_frames(samples)
         if frames == 0:
             raise EmptyAudioError(
-                f"stream audio: {len(samples)} samples is shorter than one feature frame "
+                f"stream audio: {samples} samples is shorter than one feature frame "
                 f"({audio_io.HOP_LENGTH} samples at 16 kHz)"
             )
-        features = self._features(samples, frames)
-        first_changed, encoded, recomputed, chunks = self._encode_windows(cache, features, frames)
-
-        audio_tokens = self.config.audio.output_length(frames)
-        # The prompt string with the prefix is tokenised whole, as the official pipeline does (a prefix can
-        # merge with the template's last characters); added tokens split the text first, so the audio slot is
-        # one placeholder to expand.
-        ids = self.tokenizer.encode(prompt_text)
-        head = ids.index(self.tokenizer.audio_pad_id)
-        ids = [*ids[:head], *([self.tokenizer.audio_pad_id] * audio_tokens), *ids[head + 1 :]]
-        keep = 0
-        if self.incremental and cache.kv is not None:
-            common = 0
-            limit = min(len(ids), len(cache.kv_ids), head + first_changed * self.window_tokens)
-            while common < limit and ids[common] == cache.kv_ids[common]:
-                common += 1
-            keep = min(common, len(ids) - 1)
-        run = ids[keep:]
-        first_audio = max(0, keep - head)
-        audio = self._audio_embeds(cache, first_audio, audio_tokens)
-        budget = int(self.budget(len(samples) / SAMPLE_RATE))
-        generation = self._decode(cache, keep, run, audio, budget)
-        cache.kv_ids = ids
-        stats = UpdateStats(chunks, encoded, recomputed, len(run), keep, len(generation.token_ids), 0.0)
-        return generation, stats
-
-    # -- audio --
-
-    def _features(self, samples: np.ndarray, frames: int) -> np.ndarray:
-        """Log-mel of the whole stream ``[n_mels, frames]`` (the clamp is clip-wide), computed in a bucket of
-        whole windows."""
-        windows = -(-frames // self.window_frames)
-        padded = buckets.WINDOW_LADDER.size(windows) * self.window_frames
-        wave = np.zeros((1, (padded + 1) * audio_io.HOP_LENGTH), np.float32)
-        wave[0, : len(samples)] = samples
-        mel, _ = audio_io.log_mel(jnp.asarray(wave), jnp.asarray([len(samples)], jnp.int32), frames=padded)
-        return np.asarray(mel[0, :, :frames])
-
-    def _encode_windows(
-        self, cache: StreamCache, features: np.ndarray, frames: int
-    ) -> tuple[int, int, int, int]:
-        """Encode the windows whose features are not those cached; returns (first such window, windows encoded,
-        complete windows among them that had been cached, 1-s chunks encoded)."""
-        wf = self.window_frames
+        features = self._features(state.audio_accum, frames)
+        cache, wf = state.cache, self.window_frames
         n_windows = -(-frames // wf)
         todo = []
         for w in range(n_windows):
@@ -414,24 +388,89 @@ class StreamingTranscriber:
         recomputed = sum(1 for w in todo if w < len(cached) and cached[w].shape[1] == wf)
         chunk_frames = self.config.audio.chunk_frames
         chunks = sum(-(-min(wf, frames - w * wf) // chunk_frames) for w in todo)
-        if todo:
-            rows = buckets.bucket_size(len(todo), 1, 4)  # little padding when every window is encoded
-            batch = np.zeros((rows, features.shape[0], wf), np.float32)
-            lengths = np.zeros((rows,), np.int32)
-            for i, w in enumerate(todo):
-                piece = features[:, w * wf : (w + 1) * wf]
-                batch[i, :, : piece.shape[1]] = piece
-                lengths[i] = piece.shape[1]
-            embeds = np.asarray(self._encode_program(rows)(self.params, batch, lengths, np.int32(frames)))
-            for i, w in enumerate(todo):
-                piece = features[:, w * wf : (w + 1) * wf].copy()
-                tokens = self.config.audio.output_length(piece.shape[1])
-                if w < len(cache.window_features):
-                    cache.window_features[w], cache.window_embeds[w] = piece, embeds[i, :tokens]
-                else:
-                    cache.window_features.append(piece)
-                    cache.window_embeds.append(embeds[i, :tokens])
-        return (todo[0] if todo else n_windows), len(todo), recomputed, chunks
+        return PendingUpdate(
+            state, final, started, prefix, samples, frames, features, todo, recomputed, chunks
+        )
+
+    def encode_windows(self, pending: Sequence[PendingUpdate]) -> None:
+        """Encode the windows every update in ``pending`` needs, all in one batch of encoder rows, and store their
+        features and outputs in the streams' caches."""
+        wf = self.window_frames
+        rows_of = [(p, w) for p in pending for w in p.todo]
+        if not rows_of:
+            return
+        rows = buckets.bucket_size(len(rows_of), 1, 4)  # little padding when every window is encoded
+        batch = np.zeros((rows, self.config.audio.num_mel_bins, wf), np.float32)
+        lengths = np.zeros((rows,), np.int32)
+        clip = np.full((rows,), rows_of[0][0].frames, np.int32)  # padding rows: any valid clip length
+        for i, (p, w) in enumerate(rows_of):
+            piece = p.features[:, w * wf : (w + 1) * wf]
+            batch[i, :, : piece.shape[1]] = piece
+            lengths[i], clip[i] = piece.shape[1], p.frames
+        embeds = np.asarray(self._encode_program(rows)(self.params, batch, lengths, clip))
+        for i, (p, w) in enumerate(rows_of):
+            cache = p.state.cache
+            piece = p.features[:, w * wf : (w + 1) * wf].copy()
+            tokens = self.config.audio.output_length(piece.shape[1])
+            if w < len(cache.window_features):
+                cache.window_features[w], cache.window_embeds[w] = piece, embeds[i, :tokens]
+            else:
+                cache.window_features.append(piece)
+                cache.window_embeds.append(embeds[i, :tokens])
+
+    def plan_decode(self, pending: PendingUpdate) -> None:
+        """The prompt of the update (its audio slot expanded), how much of the cached prompt is kept, the run to
+        prefill after it with its audio embeddings, and the token budget."""
+        cache = pending.state.cache
+        first_changed = pending.todo[0] if pending.todo else -(-pending.frames // self.window_frames)
+        audio_tokens = self.config.audio.output_length(pending.frames)
+        # The prompt string with the prefix is tokenised whole, as the official pipeline does (a prefix can
+        # merge with the template's last characters); added tokens split the text first, so the audio slot is
+        # one placeholder to expand.
+        ids = self.tokenizer.encode(pending.state.prompt_raw + pending.prefix)
+        head = ids.index(self.tokenizer.audio_pad_id)
+        ids = [*ids[:head], *([self.tokenizer.audio_pad_id] * audio_tokens), *ids[head + 1 :]]
+        keep = 0
+        if self.incremental and cache.kv_ids:
+            common = 0
+            limit = min(len(ids), len(cache.kv_ids), head + first_changed * self.window_tokens)
+            while common < limit and ids[common] == cache.kv_ids[common]:
+                common += 1
+            keep = min(common, len(ids) - 1)
+        pending.ids, pending.keep, pending.run = ids, keep, ids[keep:]
+        pending.audio = self._audio_embeds(cache, max(0, keep - head), audio_tokens)
+        pending.budget = int(self.budget(pending.samples / SAMPLE_RATE))
+
+    def complete_update(self, pending: PendingUpdate, generation: Generation) -> StreamUpdate:
+        """Parse the update's output into the state, record it (with its work) and advance the chunk count."""
+        state = pending.state
+        state.cache.kv_ids = pending.ids
+        generated = self.tokenizer.decode(generation.token_ids, skip_special_tokens=True)
+        state._raw_decoded = pending.prefix + generated
+        state.language, state.text = text_io.parse_asr_output(state._raw_decoded, state.force_language)
+        stats = UpdateStats(
+            pending.chunks, len(pending.todo), pending.recomputed, len(pending.run), pending.keep,
+            len(generation.token_ids), time.perf_counter() - pending.started,
+        )  # fmt: skip
+        update = StreamUpdate(
+            state.chunk_id, pending.samples / SAMPLE_RATE, state.language, state.text, pending.prefix,
+            state._raw_decoded, pending.final, stats,
+        )  # fmt: skip
+        state.updates.append(update)
+        state.chunk_id += 1
+        return update
+
+    # -- audio --
+
+    def _features(self, samples: np.ndarray, frames: int) -> np.ndarray:
+        """Log-mel of the whole stream ``[n_mels, frames]`` (the clamp is clip-wide), computed in a bucket of
+        whole windows."""
+        windows = -(-frames // self.window_frames)
+        padded = buckets.WINDOW_LADDER.size(windows) * self.window_frames
+        wave = np.zeros((1, (padded + 1) * audio_io.HOP_LENGTH), np.float32)
+        wave[0, : len(samples)] = samples
+        mel, _ = audio_io.log_mel(jnp.asarray(wave), jnp.asarray([len(samples)], jnp.int32), frames=padded)
+        return np.asarray(mel[0, :, :frames])
 
     def _encode_program(self, rows: int) -> Any:
         wf, n_mels = self.window_frames, self.config.audio.num_mel_bins
@@ -439,9 +478,8 @@ class StreamingTranscriber:
 
         def encode(params: Any, features: jax.Array, lengths: jax.Array, clip_frames: jax.Array) -> jax.Array:
             mask = (jnp.arange(wf)[None, :] < lengths[:, None]).astype(jnp.int32)
-            clip = jnp.broadcast_to(clip_frames, lengths.shape)
             embeds, _ = model.apply(
-                {"params": params}, features, mask, None, clip, method=Qwen3ASR.encode_audio
+                {"params": params}, features, mask, None, clip_frames, method=Qwen3ASR.encode_audio
             )
             return embeds
 
@@ -449,7 +487,7 @@ class StreamingTranscriber:
             _abstract(self.params),
             jax.ShapeDtypeStruct((rows, n_mels, wf), jnp.float32),
             jax.ShapeDtypeStruct((rows,), jnp.int32),
-            jax.ShapeDtypeStruct((), jnp.int32),
+            jax.ShapeDtypeStruct((rows,), jnp.int32),
         )
         return self.engine.programs.get(
             ("stream-encode", rows), lambda: jax.jit(encode).lower(*args).compile()
@@ -579,6 +617,7 @@ def _abstract(tree: Any) -> Any:
 
 __all__ = [
     "ASRStreamingState",
+    "PendingUpdate",
     "StreamCache",
     "StreamStateError",
     "StreamUpdate",
