@@ -6,7 +6,8 @@
                print(c.audio.transcriptions.create(model='qwen3-asr', file=open('talk.wav', 'rb')).text)"
 
 Routes: POST /v1/audio/transcriptions (json, text, srt, vtt, verbose_json; stream=true for server-sent events),
-GET /v1/models, GET /health, GET /metrics. SIGTERM (or Ctrl-C) stops taking requests, finishes those in flight
+WS /v1/audio/stream (live streams: a JSON start message, binary PCM frames, a stop message; partial and final
+results as JSON), GET /v1/models, GET /health, GET /metrics. SIGTERM (or Ctrl-C) stops taking requests, finishes those in flight
 and exits. Requests never make the server read a path or URL: only uploaded bytes are decoded.
 """
 
@@ -49,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="largest upload in MiB (default %(default)s)")  # fmt: skip
     parser.add_argument("--max-audio-seconds", type=float, default=600.0, metavar="S",
                         help="longest audio accepted (default %(default)s)")  # fmt: skip
+    parser.add_argument("--max-streams", type=int, default=16, metavar="N",
+                        help="live WebSocket streams open at once; more are refused (default %(default)s)")  # fmt: skip
+    parser.add_argument("--max-stream-seconds", type=float, default=None, metavar="S",
+                        help="longest live stream (default: --max-audio-seconds)")  # fmt: skip
     parser.add_argument("--served-model-name", default="qwen3-asr", metavar="NAME",
                         help="the model id in /v1/models and the accepted 'model' field (default %(default)s)")  # fmt: skip
     parser.add_argument("--step-chunk", type=int, default=8, metavar="K",
@@ -99,6 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from qasr_jax.asr import Qwen3ASRModel
     from qasr_jax.serve.scheduler import Scheduler
+    from qasr_jax.stream_engine import StreamingEngine
 
     api_key = args.api_key if args.api_key is not None else os.environ.get("QASR_API_KEY") or None
     cache = False if args.compilation_cache == "off" else args.compilation_cache
@@ -117,6 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     scheduler = Scheduler(model, slots=args.max_batch, max_queue=args.max_queue, step_chunk=args.step_chunk,
                           max_audio_seconds=args.max_audio_seconds)  # fmt: skip
     scheduler.start()
+    streams = StreamingEngine(model.streamer, max_streams=args.max_streams, max_batch=args.max_batch,
+                              max_stream_seconds=args.max_stream_seconds or args.max_audio_seconds)  # fmt: skip
+    streams.start()
     warm_up(scheduler)
     print(
         f"model {model_dir} loaded and warm in {time.monotonic() - started:.1f} s",
@@ -126,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = ServeConfig(model_name=args.served_model_name, api_key=api_key,
                          max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
                          max_audio_seconds=args.max_audio_seconds)  # fmt: skip
-    app = create_app(model, scheduler, config)
+    app = create_app(model, scheduler, config, streams)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                            access_log=False, timeout_keep_alive=5))  # fmt: skip
     print(f"serving on http://{args.host}:{args.port}", file=sys.stderr, flush=True)

@@ -17,6 +17,7 @@ The ladders of each quantity are named here once: ``PROMPT_LADDER``, ``STEP_LADD
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from collections.abc import Callable, Hashable
 from typing import Any
@@ -77,15 +78,20 @@ class ProgramCache:
 
     def __init__(self) -> None:
         self._programs: dict[Hashable, Any] = {}
+        self._lock = threading.RLock()
         self.seconds = 0.0
 
     def get(self, key: Hashable, build: Callable[[], Any]) -> Any:
         program = self._programs.get(key)
         if program is None:
-            started = time.perf_counter()
-            program = build()
-            self.seconds += time.perf_counter() - started
-            self._programs[key] = program
+            # Threads sharing an engine (a server's upload scheduler and its live streams) build a program once.
+            with self._lock:
+                program = self._programs.get(key)
+                if program is None:
+                    started = time.perf_counter()
+                    program = build()
+                    self.seconds += time.perf_counter() - started
+                    self._programs[key] = program
         return program
 
     @property

@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP API over the continuous-batching scheduler (FastAPI; ``qasr-jax[serve]``).
 
 Routes: ``POST /v1/audio/transcriptions`` (multipart; json, text, srt, vtt, verbose_json; ``stream=true`` gives
-server-sent ``transcript.text.delta`` … ``transcript.text.done`` events), ``GET /v1/models``, ``GET /health``,
-``GET /metrics`` (Prometheus text). Errors have the OpenAI shape ``{"error": {"message", "type", "param",
+server-sent ``transcript.text.delta`` … ``transcript.text.done`` events), ``WS /v1/audio/stream`` (live streams
+over the ``StreamingEngine``; ``qasr_jax.serve.live``), ``GET /v1/models``, ``GET /health``, ``GET /metrics``
+(Prometheus text). Errors have the OpenAI shape ``{"error": {"message", "type", "param",
 "code"}}``. Uploads are read as bytes only: a request never makes the server open a path or a URL.
 """
 
@@ -23,6 +24,7 @@ from qasr_jax.errors import MissingExtraError
 try:
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+    from starlette.requests import HTTPConnection
 except ImportError as _error:  # pragma: no cover - depends on the environment
     raise MissingExtraError(
         f"the server needs FastAPI, uvicorn and python-multipart ({_error}): pip install 'qasr-jax[serve]'"
@@ -33,7 +35,9 @@ from qasr_jax import text as text_io
 from qasr_jax.asr import Qwen3ASRModel
 from qasr_jax.errors import AudioError, LanguageError, PromptError, QasrError
 from qasr_jax.formats import render
+from qasr_jax.serve.live import add_live_route
 from qasr_jax.serve.scheduler import Job, QueueFullError, Scheduler, ShuttingDownError
+from qasr_jax.stream_engine import StreamingEngine
 
 RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
 ALLOWED_FIELDS = {"file", "model", "language", "prompt", "response_format", "temperature", "stream",
@@ -106,7 +110,7 @@ class Metrics:
         with self.lock:
             self.requests[status] = self.requests.get(status, 0) + 1
 
-    def render(self, scheduler: Scheduler) -> str:
+    def render(self, scheduler: Scheduler, streams: StreamingEngine | None = None) -> str:
         with self.lock:
             lines = ["# TYPE qasr_requests_total counter"]
             lines += [f'qasr_requests_total{{status="{s}"}} {n}' for s, n in sorted(self.requests.items())]
@@ -126,6 +130,11 @@ class Metrics:
                 "# TYPE qasr_time_to_first_token_seconds histogram",
                 *self.first_token.lines("qasr_time_to_first_token_seconds"),
             ]  # fmt: skip
+            if streams is not None:
+                lines += [
+                    "# TYPE qasr_live_streams gauge", f"qasr_live_streams {streams.open_streams}",
+                    "# TYPE qasr_live_stream_steps_total counter", f"qasr_live_stream_steps_total {streams.steps}",
+                ]  # fmt: skip
         return "\n".join(lines) + "\n"
 
 
@@ -162,7 +171,10 @@ def _cues_without_words(job: Job, kind: str) -> str:
     return cues_to_srt(cues) if kind == "srt" else cues_to_vtt(cues)
 
 
-def create_app(model: Qwen3ASRModel, scheduler: Scheduler, config: ServeConfig) -> FastAPI:
+def create_app(
+    model: Qwen3ASRModel, scheduler: Scheduler, config: ServeConfig, streams: StreamingEngine | None = None
+) -> FastAPI:
+    """The app over ``scheduler`` (uploads) and, when given, ``streams`` (the WebSocket live route)."""
     metrics = Metrics()
     ready = threading.Event()
     aligner_lock = threading.Lock()
@@ -172,17 +184,24 @@ def create_app(model: Qwen3ASRModel, scheduler: Scheduler, config: ServeConfig) 
         ready.set()
         yield
         await asyncio.to_thread(scheduler.stop)
+        if streams is not None:
+            await asyncio.to_thread(streams.stop, 60.0)
 
     app = FastAPI(title="qasr-jax", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.scheduler, app.state.metrics, app.state.ready = scheduler, metrics, ready
 
-    def check_key(request: Request) -> None:
-        """Every route but /health needs the key when one is set (compared in constant time)."""
+    def key_matches(connection: HTTPConnection) -> bool:
+        """Whether the connection may use the routes: no key is set, or its Authorization header holds it
+        (compared in constant time)."""
         if config.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
+            return True
+        header = connection.headers.get("authorization", "")
         given = header[7:] if header.lower().startswith("bearer ") else ""
-        if not hmac.compare_digest(given.encode(), config.api_key.encode()):
+        return hmac.compare_digest(given.encode(), config.api_key.encode())
+
+    def check_key(request: Request) -> None:
+        """Every route but /health needs the key when one is set."""
+        if not key_matches(request):
             raise ApiError(401, "missing or wrong API key (Authorization: Bearer KEY)",
                            code="invalid_api_key", kind="authentication_error")  # fmt: skip
 
@@ -208,7 +227,7 @@ def create_app(model: Qwen3ASRModel, scheduler: Scheduler, config: ServeConfig) 
             check_key(request)
         except ApiError as error:
             return error.response()
-        return PlainTextResponse(metrics.render(scheduler), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(metrics.render(scheduler, streams), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
@@ -414,6 +433,12 @@ def create_app(model: Qwen3ASRModel, scheduler: Scheduler, config: ServeConfig) 
             body["words"] = [{"word": w.text, "start": w.start_time, "end": w.end_time} for w in words or []]
         return JSONResponse(body)
 
+    def _align_stream(samples: Any, text: str, language: str) -> list[dict[str, Any]]:
+        """Words of a live stream's final text on its time line."""
+        with aligner_lock:
+            [result] = model.forced_aligner.align((samples, audio_io.SAMPLE_RATE), text, language or None)
+        return [{"word": w.text, "start": w.start_time, "end": w.end_time} for w in result.items]
+
     def _align(job: Job) -> Any:
         with aligner_lock:
             [result] = model.forced_aligner.align_transcripts(
@@ -423,6 +448,16 @@ def create_app(model: Qwen3ASRModel, scheduler: Scheduler, config: ServeConfig) 
             )
         return result
 
+    def live_language(value: str | None) -> str | None:
+        try:
+            return parse_language(value)
+        except ApiError as error:
+            raise ValueError(error.message) from None
+
+    if streams is not None:
+        add_live_route(app, streams, key_matches=key_matches, parse_language=live_language,
+                       align=_align_stream if model.forced_aligner is not None else None,
+                       max_context=config.max_field_bytes)  # fmt: skip
     return app
 
 

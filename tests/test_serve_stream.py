@@ -1,0 +1,227 @@
+"""``WS /v1/audio/stream`` of ``python -m infer serve`` against a real WebSocket client (the ``websockets``
+package) on a free local port.
+
+The truth for every stream is ``StreamingTranscriber`` alone on the same audio, fed the same pieces (itself
+proven equal to the official streaming algorithm), on the small random-weight checkpoint whose weights matter.
+Concurrent connections share the server's ``StreamingEngine`` steps; bad messages get an error naming the problem
+and a close code while the other streams go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import numpy as np
+import pytest
+
+from qasr_jax.asr import Qwen3ASRModel
+from qasr_jax.streaming import fixed_text
+from tests.support import speech
+from tests.support.server import running_server
+from tests.test_asr import cached_small_checkpoint
+
+pytestmark = pytest.mark.skipif(not speech.have_espeak(), reason="espeak-ng is needed for the test speech")
+
+websockets = pytest.importorskip("websockets")
+from websockets.asyncio.client import connect  # noqa: E402
+from websockets.exceptions import ConnectionClosed  # noqa: E402
+
+SR = 16000
+KEY = "live-key-0123456789"
+MAX_NEW = 12
+SERVER_ARGS = ("--max-new-tokens", str(MAX_NEW), "--max-streams", "3", "--max-stream-seconds", "25",
+               "--max-batch", "4")  # fmt: skip
+TIMEOUT = 300.0
+
+
+@pytest.fixture(scope="module")
+def checkpoint() -> str:
+    return cached_small_checkpoint()
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint: str) -> Qwen3ASRModel:
+    return Qwen3ASRModel.from_pretrained(checkpoint, max_new_tokens=MAX_NEW)
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint: str):
+    with running_server(checkpoint, *SERVER_ARGS, env={"QASR_API_KEY": KEY}) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def clips() -> dict[str, np.ndarray]:
+    short, medium, long = speech.speech_clips()
+    return {"short": short, "medium": medium, "long": long}
+
+
+def url(server) -> str:
+    return server.url.replace("http://", "ws://") + "/v1/audio/stream"
+
+
+def auth(key: str = KEY) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def int16(samples: np.ndarray) -> np.ndarray:
+    return np.round(np.clip(samples, -1, 1) * 32767).astype(np.int16)
+
+
+async def live(
+    server, start: dict, frames: list[bytes], headers: dict | None = None
+) -> tuple[list[dict], int]:
+    """One stream: start, the frames, stop; every message the server sent, and its close code."""
+    messages = []
+    async with connect(url(server), additional_headers=auth() if headers is None else headers,
+                       open_timeout=30, close_timeout=10) as ws:  # fmt: skip
+        try:
+            await ws.send(json.dumps(start))
+            for frame in frames:
+                await ws.send(frame)
+                await asyncio.sleep(0)
+            await ws.send(json.dumps({"type": "stop"}))
+        except ConnectionClosed:
+            pass  # refused midway: the messages say why
+        try:
+            while True:
+                messages.append(json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT)))
+        except ConnectionClosed:
+            pass
+    return messages, ws.close_code
+
+
+def frames_of(samples: np.ndarray, seconds: float, dtype=np.int16) -> list[bytes]:
+    n = int(seconds * SR)
+    return [samples[i : i + n].astype(dtype).tobytes() for i in range(0, len(samples), n)]
+
+
+def alone(reference: Qwen3ASRModel, pieces: list[np.ndarray], **kwargs):
+    state = reference.init_streaming_state(**kwargs)
+    for piece in pieces:
+        reference.streaming_transcribe(piece, state)
+    reference.finish_streaming_transcribe(state)
+    return state
+
+
+def test_concurrent_websocket_streams_equal_each_stream_alone(server, reference, clips) -> None:
+    long_pcm = int16(clips["long"][: 11 * SR])
+    medium = clips["medium"].astype(np.float32)
+    jobs = [
+        ({"type": "start", "chunk_seconds": 2.0}, frames_of(long_pcm, 0.37), {},
+         [long_pcm[i : i + int(0.37 * SR)] for i in range(0, len(long_pcm), int(0.37 * SR))]),
+        ({"type": "start", "language": "en", "context": "Topic: a fox.", "chunk_seconds": 1.0, "format": "f32le"},
+         frames_of(medium, 0.9, np.float32), {"language": "English", "context": "Topic: a fox.", "chunk_size_sec": 1.0},
+         [medium]),
+    ]  # fmt: skip
+
+    async def both():
+        return await asyncio.gather(*(live(server, start, frames) for start, frames, _, _ in jobs))
+
+    results = asyncio.run(both())
+    for (messages, code), (_, _, kwargs, pieces) in zip(results, jobs):
+        truth = alone(reference, pieces, **kwargs)
+        assert code == 1000
+        final = messages[-1]
+        assert final["type"] == "final" and (final["language"], final["text"]) == (truth.language, truth.text)
+        partials = [m for m in messages if m["type"] == "partial"]
+        expected = [u for u in truth.updates if not u.final]
+        assert [(m["chunk"], m["language"], m["text"], m["fixed_text"]) for m in partials] == [
+            (u.chunk_index, u.language, u.text, fixed_text(u.prefix, truth.force_language)) for u in expected
+        ]
+        assert all(m["latency"] > 0 for m in partials)
+        assert "words" not in final  # no aligner loaded
+    assert results[0][0][-1]["text"] != results[1][0][-1]["text"]
+    assert results[1][0][-1]["language"] == "English"
+
+
+def test_bad_messages_get_an_error_and_a_close_code_while_a_good_stream_goes_on(
+    server, reference, clips
+) -> None:
+    medium = int16(clips["medium"])
+    nan = np.full(800, np.nan, np.float32).tobytes()
+    bad_starts = [
+        ("not json", 1003, "not JSON"),
+        (json.dumps({"type": "start", "sample_rate": 44100.5}), 1003, "sample_rate"),
+        (json.dumps({"type": "start", "colour": "blue"}), 1003, "unknown field(s) 'colour'"),
+        (json.dumps({"type": "start", "language": "Klingon"}), 1003, "Klingon"),
+        (json.dumps({"type": "start", "chunk_seconds": 0}), 1003, "chunk_seconds"),
+        (json.dumps({"type": "start", "format": "mp3"}), 1003, "format"),
+    ]
+
+    async def raw(first: str | bytes, rest: list = (), headers=None) -> tuple[list[dict], int]:
+        messages = []
+        async with connect(url(server), additional_headers=auth() if headers is None else headers) as ws:
+            with_close = [first, *rest]
+            try:
+                for message in with_close:
+                    await ws.send(message)
+            except ConnectionClosed:
+                pass
+            try:
+                while True:
+                    messages.append(json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT)))
+            except ConnectionClosed:
+                pass
+        return messages, ws.close_code
+
+    async def scenario():
+        good = asyncio.create_task(
+            live(server, {"type": "start", "chunk_seconds": 1.0}, frames_of(medium, 0.5))
+        )
+        outcomes = [await raw(first) for first, _, _ in bad_starts]
+        start = json.dumps({"type": "start", "format": "f32le"})
+        outcomes.append(await raw(start, [nan]))
+        outcomes.append(await raw(start, [b"\x00" * 6]))  # not a whole number of float32 samples
+        outcomes.append(await raw(json.dumps({"type": "start"}), [np.zeros(26 * SR, np.int16).tobytes()]))
+        outcomes.append(await raw(json.dumps({"type": "start"}), headers={}))
+        outcomes.append(await raw(json.dumps({"type": "start"}), headers=auth("wrong")))
+        return outcomes, await good
+
+    outcomes, (good_messages, good_code) = asyncio.run(scenario())
+    expected = [(code, text) for _, code, text in bad_starts] + [
+        (1003, "NaN or Inf"),
+        (1003, "not a whole number of f32le samples"),
+        (1008, "exceeds the limit of 25 s"),
+        (1008, "API key"),
+        (1008, "API key"),
+    ]
+    for (messages, code), (want_code, want_text) in zip(outcomes, expected):
+        assert code == want_code, messages
+        assert messages and messages[-1]["type"] == "error" and want_text in messages[-1]["message"], messages
+    truth = alone(reference, [medium], chunk_size_sec=1.0)
+    assert good_code == 1000
+    assert (good_messages[-1]["language"], good_messages[-1]["text"]) == (truth.language, truth.text)
+
+
+def test_streams_past_the_limit_are_refused_and_other_rates_are_resampled(server, clips) -> None:
+    async def scenario():
+        holders = [await connect(url(server), additional_headers=auth()) for _ in range(3)]
+        for ws in holders:
+            await ws.send(json.dumps({"type": "start"}))
+        await asyncio.sleep(1.0)  # the three streams are open
+        async with connect(url(server), additional_headers=auth()) as extra:
+            await extra.send(json.dumps({"type": "start"}))
+            refused = json.loads(await asyncio.wait_for(extra.recv(), TIMEOUT))
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(extra.recv(), TIMEOUT)
+        refused_code = extra.close_code
+        for ws in holders:
+            await ws.close()
+        await asyncio.sleep(1.0)
+        import soxr
+
+        pcm8k = int16(soxr.resample(clips["medium"], SR, 8000))
+        resampled = await live(server, {"type": "start", "sample_rate": 8000}, [pcm8k.tobytes()])
+        return refused, refused_code, resampled
+
+    refused, refused_code, (messages, code) = asyncio.run(scenario())
+    assert refused["type"] == "error" and "3 streams are open" in refused["message"] and refused_code == 1008
+    assert code == 1000 and messages[-1]["type"] == "final" and messages[-1]["text"]
+    assert [m["chunk"] for m in messages if m["type"] == "partial"] == [0, 1]  # 4.9 s: two 2-s chunks
+    metrics = httpx.get(server.url + "/metrics", headers=auth(), timeout=30).text
+    # Every stream left the engine, the refused and abandoned ones too.
+    values = dict(line.split() for line in metrics.splitlines() if line.startswith("qasr_live"))
+    assert values["qasr_live_streams"] == "0" and int(values["qasr_live_stream_steps_total"]) > 0
