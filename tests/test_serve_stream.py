@@ -225,3 +225,26 @@ def test_streams_past_the_limit_are_refused_and_other_rates_are_resampled(server
     # Every stream left the engine, the refused and abandoned ones too.
     values = dict(line.split() for line in metrics.splitlines() if line.startswith("qasr_live"))
     assert values["qasr_live_streams"] == "0" and int(values["qasr_live_stream_steps_total"]) > 0
+
+
+def test_final_result_carries_the_aligners_words_on_the_stream_time_line(checkpoint, reference, clips,
+                                                                         tmp_path_factory) -> None:  # fmt: skip
+    from qasr_jax.aligner import Qwen3ForcedAligner
+    from tests.support import official
+
+    aligner_dir = official.build_checkpoint(
+        tmp_path_factory.mktemp("aligner"), official.small_aligner_config(classify_num=400), seed=3
+    )
+    pcm = int16(clips["medium"])
+    with running_server(checkpoint, *SERVER_ARGS, "--aligner", str(aligner_dir)) as server:
+        messages, code = asyncio.run(live(server, {"type": "start"}, frames_of(pcm, 0.6), headers={}))
+    truth = alone(reference, [pcm])
+    expected = Qwen3ForcedAligner.from_pretrained(aligner_dir).align(
+        (pcm.astype(np.float32) / 32768.0, SR), truth.text, truth.language or None
+    )[0]
+    final = messages[-1]
+    assert code == 1000 and (final["language"], final["text"]) == (truth.language, truth.text)
+    assert final["words"] == [
+        {"word": w.text, "start": w.start_time, "end": w.end_time} for w in expected.items
+    ]
+    assert len(final["words"]) > 0
