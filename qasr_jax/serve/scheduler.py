@@ -2,8 +2,9 @@
 
 One thread owns the engine. Its loop:
 
-1. admit: waiting chunks are prefilled (up to the number of free slots) and inserted into free slots, while the
-   slots already decoding keep their state — a request arriving mid-decode joins at the next step boundary;
+1. admit: waiting chunks are prefilled one by one (up to the number of free slots), each in its own length
+   bucket, and inserted into free slots, while the slots already decoding keep their state — a request arriving
+   mid-decode joins at the next step boundary;
 2. generate a few steps (``step_chunk``) for every live slot;
 3. collect the slots that finished, decode and parse their tokens, and complete a job once all its chunks are in;
 4. free the cache before the oldest live sequence when the shared index nears the end (``Engine.reclaim``).
@@ -268,18 +269,14 @@ class Scheduler:
         if not batch:
             return
         self._state, _ = self.engine.reclaim(self._state, self.max_prompt)
-        # Similar lengths share a prefill: one prefill per distinct frame bucket keeps padding low.
-        by_shape: dict[Any, list[Chunk]] = collections.defaultdict(list)
-        for chunk in batch:
-            by_shape[self.engine.prefill_shape([chunk.request], 1).frames].append(chunk)
-        slots = iter(sorted(free))
-        for group in by_shape.values():
-            prefilled = self.engine.prefill(self.params, [c.request for c in group])
-            targets = [next(slots) for _ in group]
-            self._state = self.engine.insert(self._state, prefilled, targets)
+        # One prefill per chunk, in its own length bucket: no chunk pads to a longer neighbour, and the programs
+        # are those of one request at a time whatever the concurrency (traffic never compiles a new batch shape
+        # mid-service). Decoding is where the slots are shared.
+        for slot, chunk in zip(sorted(free), batch):
+            prefilled = self.engine.prefill(self.params, [chunk.request])
+            self._state = self.engine.insert(self._state, prefilled, [slot])
             self.stats.prefills += 1
-            for slot, chunk in zip(targets, group):
-                self._slot_chunk[slot] = chunk
+            self._slot_chunk[slot] = chunk
         self._harvest()  # a chunk can end on its first token
 
     def _step(self) -> None:

@@ -7,7 +7,7 @@
 2. throughput: the same ``--throughput-files`` files one client at a time, then with ``--concurrency`` clients:
    audio-seconds per second, p50/p95 latency, time to first token (first SSE delta);
 3. soak: ``--soak`` requests at ``--concurrency``, every tenth a bad upload: every good answer must be its own
-   file's text, every bad one a 400; the server's RSS at the start and the end.
+   file's text, every bad one a 400; the server's RSS at the start and after each fifth of the requests.
 
 The model is the small random-weight test checkpoint unless ``--model`` names one. Prints one JSON object.
 """
@@ -166,9 +166,14 @@ def main() -> None:
                 else:
                     i = int(rng.integers(len(items)))
                     plan.append((items[i][0], f"{i}.wav", i))
-            report["rss_mib_soak_start"] = round(rss_mib(server.process.pid), 1)
+            # In five rounds, the server's RSS after each: a leak climbs round after round, warm-up does not.
+            rss = [round(rss_mib(server.process.pid), 1)]
             start = time.monotonic()
-            results = run_many(url, [(d, n) for d, n, _ in plan], args.concurrency, False, deadline)
+            results, size = [], -(-len(plan) // 5)
+            for first in range(0, len(plan), size):
+                part = [(d, n) for d, n, _ in plan[first : first + size]]
+                results += run_many(url, part, args.concurrency, False, deadline)
+                rss.append(round(rss_mib(server.process.pid), 1))
             ok = bad = wrong = 0
             for (_, _, i), r in zip(plan, results):
                 if i is None:
@@ -180,7 +185,7 @@ def main() -> None:
             report["soak"] = {
                 "requests": len(plan), "good_correct": ok, "bad_rejected_400": bad, "lost_or_crossed": wrong,
                 "wall_s": round(time.monotonic() - start, 1),
-                "rss_mib_start": report.pop("rss_mib_soak_start"), "rss_mib_end": round(rss_mib(server.process.pid), 1),
+                "rss_mib_start": rss[0], "rss_mib_end": rss[-1], "rss_mib_after_each_fifth": rss[1:],
             }  # fmt: skip
     report["load_average_end"] = os.getloadavg()
     print(json.dumps(report, indent=1))
