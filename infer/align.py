@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compilation-cache", metavar="DIR|off", default=None,
                         help="JAX's persistent compilation cache: a directory, or off (default: $QASR_COMPILATION_CACHE "
                              "or ~/.cache/qasr-jax/xla), so a second run compiles nothing")  # fmt: skip
+    parser.add_argument("--weights-cache", metavar="DIR|off", default=None,
+                        help="converted weights, kept so that a second run maps them instead of converting: a "
+                             "directory, or off (default: $QASR_WEIGHTS_CACHE or ~/.cache/qasr-jax/weights)")  # fmt: skip
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="params and compute dtype (default %(default)s)")  # fmt: skip
     add_cue_arguments(parser)
@@ -114,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     try:
         aligner = Qwen3ForcedAligner.from_pretrained(
-            model_dir, dtype=args.dtype, compilation_cache=args.compilation_cache
+            model_dir, dtype=args.dtype, compilation_cache=args.compilation_cache, weights_cache=args.weights_cache
         )
         (result,) = aligner.align(args.audio, text, args.language, strict=True)
     except QasrError as error:

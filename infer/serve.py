@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compilation-cache", metavar="DIR|off", default=None,
                         help="JAX's persistent compilation cache (default: $QASR_COMPILATION_CACHE or "
                              "~/.cache/qasr-jax/xla)")  # fmt: skip
+    parser.add_argument("--weights-cache", metavar="DIR|off", default=None,
+                        help="converted weights, kept so that a second run maps them instead of converting: a "
+                             "directory, or off (default: $QASR_WEIGHTS_CACHE or ~/.cache/qasr-jax/weights)")  # fmt: skip
     return parser
 
 
@@ -119,6 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         model_dir, forced_aligner=aligner_dir, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
         max_chunk_seconds=args.max_chunk_seconds, repetition_penalty=args.repetition_penalty,
         no_repeat_ngram_size=args.no_repeat_ngram_size, mesh=args.mesh, compilation_cache=cache,
+        weights_cache=args.weights_cache,
     )  # fmt: skip
     scheduler = Scheduler(model, slots=args.max_batch, max_queue=args.max_queue, step_chunk=args.step_chunk,
                           max_audio_seconds=args.max_audio_seconds)  # fmt: skip
