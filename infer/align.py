@@ -117,7 +117,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     try:
         aligner = Qwen3ForcedAligner.from_pretrained(
-            model_dir, dtype=args.dtype, compilation_cache=args.compilation_cache, weights_cache=args.weights_cache
+            model_dir,
+            dtype=args.dtype,
+            compilation_cache=args.compilation_cache,
+            weights_cache=args.weights_cache,
         )
         (result,) = aligner.align(args.audio, text, args.language, strict=True)
     except QasrError as error:
