@@ -12,12 +12,13 @@ phases (``begin_update``, ``plan_decode``, ``complete_update``). What a step bat
   in one decode state (``Engine.generate``) and ``Engine.collect``.
 
 Between steps a stream keeps its KV prefix in a cache of its own, ``[1, kv_heads, cache_len, head_dim]`` per
-layer with token i in slot i (``StreamCache``, the transcriber's layout). A step stacks the ready streams' caches
+layer (``StreamCache``, the transcriber's layout, its tokens from slot ``kv_offset``). A step stacks the ready streams' caches
 as the rows of a decode state. Rows keep different numbers of tokens and prefill runs of different lengths, while
 the engine's rows share one cache write index, so the program moves row b's kept tokens to end at a common slot
 K (keys carry their own positions: moving them changes no key or value), writes every run at K, then moves each
 row right by its run's padding, so that every row's sequence ends at one slot where decoding continues. After
-decoding, each row is moved back to slot 0 and handed back to its stream.
+decoding, each row goes back to its stream where it is (its tokens from slot ``StreamCache.kv_offset``); the
+next step moves it again. A move is one contiguous copy per row.
 
 Streams join (``open``) and leave (``finish``, ``close``) freely. ``feed`` only buffers samples, checked on the
 spot: a bad piece raises a typed error and leaves the stream as it was. ``step`` runs one batched update for up to
@@ -117,11 +118,6 @@ class LiveStream:
     @property
     def updates(self) -> list[StreamUpdate]:
         return self.state.updates
-
-    @property
-    def received_seconds(self) -> float:
-        """Audio fed so far (decoded or still buffered)."""
-        return (len(self.state.audio_accum) + len(self.state.buffer)) / SAMPLE_RATE
 
     def __repr__(self) -> str:
         return f"LiveStream(id={self.id}, chunks={self.state.chunk_id}, ended={self.ended})"
@@ -369,10 +365,11 @@ class StreamingEngine:
 
     def _decode_rows(self, pending: Sequence[PendingUpdate]) -> list[Generation]:
         """Prefill every update's run after its kept prefix and decode them all greedily, as the rows of one
-        decode state; each stream's cache comes back holding its new prompt from slot 0."""
+        decode state; each stream's cache comes back holding its new prompt from slot ``kv_offset``."""
         transcriber, cfg = self.transcriber, self.config.text
         n = len(pending)
-        rows = max(buckets.bucket_size(n, 1, 2), min_slots())
+        rows = buckets.bucket_size(n, 1, 2)
+        slots = max(rows, min_slots())
         run_len = buckets.PROMPT_LADDER.size(max(len(p.run) for p in pending))
         window_tokens = transcriber.window_tokens
         windows = max(1, max(-(-len(p.audio) // window_tokens) for p in pending))
@@ -385,24 +382,27 @@ class StreamingEngine:
         ids = np.full((rows, run_len), self.options.pad_token_id, np.int32)
         lengths = np.ones((rows,), np.int32)
         keeps = np.zeros((rows,), np.int32)
+        offsets = np.zeros((rows,), np.int32)
         budgets = np.ones((rows,), np.int32)
         audio = np.zeros((rows, audio_len, cfg.hidden_size), np.float32)
         for b, p in enumerate(pending):
             ids[b, : len(p.run)] = p.run
             lengths[b], keeps[b], budgets[b] = len(p.run), p.keep, p.budget
+            offsets[b] = p.state.cache.kv_offset
             audio[b, : len(p.audio)] = p.audio
-        caches = [transcriber._grow(p.state.cache.kv, cache_len) for p in pending]
+        caches = [transcriber.grow_cache(p.state.cache.kv, cache_len) for p in pending]
         for p in pending:
             p.state.cache.kv = None  # the stacked copy holds them now
         stacked = self._stack_program(n, rows, cache_len)(caches)
         del caches
-        extend = self._extend_program(rows, cache_len, run_len, audio_len, max_new)
-        state = extend(transcriber.params, stacked, keeps, ids, lengths, audio, budgets)
+        extend = self._extend_program(rows, slots, cache_len, run_len, audio_len, max_new)
+        state = extend(transcriber.params, stacked, keeps, offsets, ids, lengths, audio, budgets)
         state = self.engine.generate(transcriber.params, state, int(budgets[:n].max()))
         generations = self.engine.collect(state, range(n))
-        split = self._split_program(rows, cache_len)(state.caches, state.kv_start)
-        for p, kv in zip(pending, split):
-            p.state.cache.kv = kv
+        split = self._split_program(n, slots, cache_len)(state.caches)
+        starts = jax.device_get(state.kv_start)
+        for b, (p, kv) in enumerate(zip(pending, split)):
+            p.state.cache.kv, p.state.cache.kv_offset = kv, int(starts[b])
         return generations
 
     def _layer_struct(self, rows: int, cache_len: int) -> jax.ShapeDtypeStruct:
@@ -417,24 +417,25 @@ class StreamingEngine:
             ("streams-stack", n, rows, cache_len), lambda: jax.jit(fn).lower(args).compile()
         )
 
-    def _split_program(self, rows: int, cache_len: int) -> Any:
-        layer = self._layer_struct(rows, cache_len)
-        args = (
-            [{"k": layer, "v": layer} for _ in range(self.config.text.num_hidden_layers)],
-            jax.ShapeDtypeStruct((rows,), jnp.int32),
-        )
+    def _split_program(self, n: int, slots: int, cache_len: int) -> Any:
+        layer = self._layer_struct(slots, cache_len)
+        args = [{"k": layer, "v": layer} for _ in range(self.config.text.num_hidden_layers)]
+        fn = functools.partial(split_rows, n)
         return self.engine.programs.get(
-            ("streams-split", rows, cache_len), lambda: jax.jit(split_rows).lower(*args).compile()
+            ("streams-split", n, slots, cache_len), lambda: jax.jit(fn).lower(args).compile()
         )
 
-    def _extend_program(self, rows: int, cache_len: int, run_len: int, audio_len: int, max_new: int) -> Any:
-        key = ("streams-extend", rows, cache_len, run_len, audio_len, max_new, self.options)
-        fn = functools.partial(extend_rows_program, self.engine.model, self.options, max_new)
+    def _extend_program(
+        self, rows: int, slots: int, cache_len: int, run_len: int, audio_len: int, max_new: int
+    ) -> Any:
+        key = ("streams-extend", rows, slots, cache_len, run_len, audio_len, max_new, self.options)
+        fn = functools.partial(extend_rows_program, self.engine.model, self.options, max_new, slots)
         layer = self._layer_struct(rows, cache_len)
         vector = jax.ShapeDtypeStruct((rows,), jnp.int32)
         args = (
             jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.transcriber.params),
             [{"k": layer, "v": layer} for _ in range(self.config.text.num_hidden_layers)],
+            vector,
             vector,
             jax.ShapeDtypeStruct((rows, run_len), jnp.int32),
             vector,
@@ -450,47 +451,59 @@ class StreamingEngine:
 
 def roll_rows(x: jax.Array, shift: jax.Array) -> jax.Array:
     """Each row's cache slots moved right by its own ``shift`` (cyclically): ``x [rows, kv, cache_len, hd]``,
-    ``shift [rows]``."""
-    return jax.vmap(lambda row, s: jnp.roll(row, s, axis=CACHE_SEQ_AXIS - 1))(x, shift)
+    ``shift [rows]``. One contiguous slice per row of the cache laid out twice (a per-element gather is much
+    slower on the CPU)."""
+    length = x.shape[CACHE_SEQ_AXIS]
+    doubled = jnp.concatenate([x, x], axis=CACHE_SEQ_AXIS)
+    rows = [
+        jax.lax.dynamic_slice_in_dim(
+            doubled[b : b + 1], jnp.mod(-shift[b], length), length, axis=CACHE_SEQ_AXIS
+        )
+        for b in range(x.shape[0])
+    ]
+    return jnp.concatenate(rows, axis=0)
+
+
+def pad_rows(x: jax.Array, rows: int, value: Any = 0) -> jax.Array:
+    """``x`` with rows of ``value`` appended up to ``rows`` (axis 0)."""
+    if x.shape[0] >= rows:
+        return x
+    return jnp.concatenate([x, jnp.full((rows - x.shape[0], *x.shape[1:]), value, x.dtype)], axis=0)
 
 
 def stack_rows(rows: int, streams: list[list[KVCache]]) -> list[KVCache]:
     """The caches of ``len(streams)`` streams (per layer ``[1, kv, cache_len, hd]``) as the first rows of one
     cache of ``rows`` rows (the rest zeros)."""
-    stacked = []
-    for layer in range(len(streams[0])):
-        entry = {}
-        for name in ("k", "v"):
-            parts = [stream[layer][name] for stream in streams]
-            if rows > len(streams):
-                shape = (rows - len(streams), *parts[0].shape[1:])
-                parts.append(jnp.zeros(shape, parts[0].dtype))
-            entry[name] = jnp.concatenate(parts, axis=0)
-        stacked.append(entry)
-    return stacked
+    return [
+        {name: pad_rows(jnp.concatenate([stream[layer][name] for stream in streams], axis=0), rows)
+         for name in ("k", "v")}
+        for layer in range(len(streams[0]))
+    ]  # fmt: skip
 
 
-def split_rows(caches: list[KVCache], kv_start: jax.Array) -> list[list[KVCache]]:
-    """Each row of a decode state's caches as a stream's own cache, its sequence moved to start at slot 0."""
-    rows = kv_start.shape[0]
-    moved = [{name: roll_rows(layer[name], -kv_start) for name in ("k", "v")} for layer in caches]
-    return [[{name: layer[name][b : b + 1] for name in ("k", "v")} for layer in moved] for b in range(rows)]
+def split_rows(n: int, caches: list[KVCache]) -> list[list[KVCache]]:
+    """The first ``n`` rows of a decode state's caches, each as a stream's own cache (per layer
+    ``[1, kv, cache_len, hd]``, its tokens where the state has them)."""
+    return [[{name: layer[name][b : b + 1] for name in ("k", "v")} for layer in caches] for b in range(n)]
 
 
 def extend_rows_program(
     model: Qwen3ASR,
     options: DecodeOptions,
     max_new: int,
+    slots: int,
     params: Any,
     caches: list[KVCache],
     keeps: jax.Array,
+    offsets: jax.Array,
     ids: jax.Array,
     lengths: jax.Array,
     audio: jax.Array,
     budgets: jax.Array,
 ) -> DecodeState:
     """Every row's run ``ids[b, :lengths[b]]`` (its audio slots taking ``audio[b]`` in order) prefilled after the
-    ``keeps[b]`` tokens its cache holds from slot 0, and a decode state that continues all rows.
+    ``keeps[b]`` tokens its cache holds from slot ``offsets[b]``, and a decode state of ``slots`` slots (the rows,
+    then empty ones) that continues them all.
 
     caches: per layer ``[rows, kv, cache_len, hd]``. Row b's kept tokens are moved to end at slot K = max(keeps),
     the runs are written at K (right-padded), then row b is moved right by its padding, so that every row's
@@ -499,17 +512,24 @@ def extend_rows_program(
     """
     rows, run_len = ids.shape
     top = jnp.max(keeps)
-    caches = [{name: roll_rows(layer[name], top - keeps) for name in ("k", "v")} for layer in caches]
+    caches = [
+        {name: roll_rows(layer[name], top - keeps - offsets) for name in ("k", "v")} for layer in caches
+    ]
     x = model.apply({"params": params}, ids, audio, method=Qwen3ASR.embed_inputs)
     positions = keeps[:, None] + jnp.arange(run_len, dtype=jnp.int32)[None, :]
     layer_params = decode_layer_params(model, params)
     logits, caches = extend_cache(
         model, params, layer_params, x, positions, top - keeps, caches, top, lengths - 1
     )
-    caches = [{name: roll_rows(layer[name], run_len - lengths) for name in ("k", "v")} for layer in caches]
+    caches = [
+        {name: pad_rows(roll_rows(layer[name], run_len - lengths), slots) for name in ("k", "v")}
+        for layer in caches
+    ]
     first = next_token(logits, jnp.zeros((rows, 1), jnp.int32), jnp.int32(0), None, options)
-    ended = is_eos(first, options)
-    tokens = jnp.full((rows, max_new), options.pad_token_id, jnp.int32).at[:, 0].set(first)
+    ended = pad_rows(is_eos(first, options), slots)
+    first = pad_rows(first, slots, options.pad_token_id)
+    budgets = pad_rows(budgets, slots)  # empty slots: no budget, never live
+    tokens = jnp.full((slots, max_new), options.pad_token_id, jnp.int32).at[:, 0].set(first)
     seen = None
     if options.tracks_seen:
         seen = jax.nn.one_hot(first, model.config.text.vocab_size, dtype=bool)
@@ -517,11 +537,11 @@ def extend_rows_program(
     return DecodeState(
         caches=caches,
         index=index,
-        kv_start=index - lengths - keeps,
-        positions=keeps + lengths,
+        kv_start=index - pad_rows(lengths + keeps, slots),
+        positions=pad_rows(keeps + lengths, slots),
         last_token=first,
         tokens=tokens,
-        counts=jnp.ones((rows,), jnp.int32),
+        counts=jnp.ones((slots,), jnp.int32),
         budgets=budgets,
         live=~ended & (budgets > 1),
         stopped=ended,
@@ -535,6 +555,7 @@ __all__ = [
     "StreamingEngine",
     "TooManyStreamsError",
     "extend_rows_program",
+    "pad_rows",
     "roll_rows",
     "split_rows",
     "stack_rows",

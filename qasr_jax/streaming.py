@@ -95,13 +95,16 @@ class StreamCache:
 
     window_features: per encoder window, the features ``[n_mels, frames]`` its output was computed from;
     window_embeds: per window, its audio embeddings ``[tokens, hidden]``; kv: the decoder's per-layer caches
-    ``[1, cache_len, kv_heads, head_dim]``, slot i holding token i of ``kv_ids`` (the last prompt).
+    ``[1, kv_heads, cache_len, head_dim]``, slot ``kv_offset + i`` holding token i of ``kv_ids`` (the last
+    prompt); kv_offset is 0 for a lone stream (``StreamingEngine`` leaves a stream's tokens where its batched step
+    put them).
     """
 
     window_features: list[np.ndarray] = dataclasses.field(default_factory=list)
     window_embeds: list[np.ndarray] = dataclasses.field(default_factory=list)
     kv: list[KVCache] | None = None
     kv_ids: list[int] = dataclasses.field(default_factory=list)
+    kv_offset: int = 0
 
 
 @dataclasses.dataclass
@@ -516,7 +519,9 @@ class StreamingTranscriber:
         need = keep + max(run_len, len(run) + max_new)
         cache_len = max(cache_length(cache.kv[0]) if cache.kv is not None else 0,
                         buckets.bucket_size(need, MIN_CACHE_LEN, 2))  # fmt: skip
-        cache.kv = self._grow(cache.kv, cache_len)
+        if cache.kv_offset:
+            raise StreamStateError("this stream's cache belongs to a StreamingEngine; continue it there")
+        cache.kv = self.grow_cache(cache.kv, cache_len)
         ids = np.full((1, run_len), self.options.pad_token_id, np.int32)
         ids[0, : len(run)] = run
         embeds = np.zeros((1, audio_len, self.config.text.hidden_size), np.float32)
@@ -530,7 +535,9 @@ class StreamingTranscriber:
         cache.kv = state.caches
         return generation
 
-    def _grow(self, kv: list[KVCache] | None, cache_len: int) -> list[KVCache]:
+    def grow_cache(self, kv: list[KVCache] | None, cache_len: int) -> list[KVCache]:
+        """A stream's per-layer caches with ``cache_len`` slots (new zeros for None; the same ones when already that
+        long), its tokens where they were."""
         cfg = self.config.text
         if kv is not None and cache_length(kv[0]) == cache_len:
             return kv

@@ -121,9 +121,13 @@ def add_live_route(
     align: Callable[[np.ndarray, str, str], list[dict[str, Any]]] | None,
     max_context: int,
 ) -> None:
-    """Register ``WS /v1/audio/stream`` on ``app``. key_matches(connection): whether its Authorization header
-    holds the API key (the HTTP routes' constant-time check); parse_language: an ISO code or name → the language (ValueError naming a bad one);
-    align(samples, text, language) gives the final result's words (None: no aligner)."""
+    """Register ``WS /v1/audio/stream`` on ``app``.
+
+    key_matches(connection): whether its Authorization header holds the API key (the HTTP routes' constant-time
+    check); parse_language: an ISO code or a name → the language (ValueError naming a bad one);
+    align(samples, text, language): the final result's words (None: no aligner); max_context: the longest
+    context in bytes.
+    """
 
     @app.websocket("/v1/audio/stream")
     async def live(websocket: WebSocket) -> None:
