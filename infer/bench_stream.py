@@ -35,17 +35,23 @@ import numpy as np
 SAMPLE_RATE = 16000
 
 
+def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model`` (a config built with random weights), ``--checkpoint DIR`` and ``--workdir`` (see
+    ``checkpoint_dir``)."""
+    parser.add_argument("--model", default="asr-0.6b", choices=("asr-0.6b", "asr-1.7b", "small"),
+                        help="config to build with random weights (default %(default)s)")  # fmt: skip
+    parser.add_argument("--checkpoint", metavar="DIR", help="use this checkpoint dir instead")
+    parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "qasr_bench"),
+                        help="where built checkpoints are cached (default %(default)s)")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m infer.bench_stream",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", default="asr-0.6b", choices=("asr-0.6b", "asr-1.7b", "small"),
-                        help="config to build with random weights (default %(default)s)")  # fmt: skip
-    parser.add_argument("--checkpoint", metavar="DIR", help="use this checkpoint dir instead")
-    parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "qasr_bench"),
-                        help="where built checkpoints are cached (default %(default)s)")  # fmt: skip
+    add_checkpoint_arguments(parser)
     parser.add_argument("--stream-seconds", default="10,60,300",
                         help="comma-separated stream lengths (default %(default)s)")  # fmt: skip
     parser.add_argument(

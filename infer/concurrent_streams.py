@@ -23,12 +23,11 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 import numpy as np
 
-from infer.bench_stream import checkpoint_dir, speech
+from infer.bench_stream import add_checkpoint_arguments, checkpoint_dir, speech
 
 SAMPLE_RATE = 16000
 
@@ -39,11 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", default="asr-0.6b", choices=("asr-0.6b", "asr-1.7b", "small"),
-                        help="config to build with random weights (default %(default)s)")  # fmt: skip
-    parser.add_argument("--checkpoint", metavar="DIR", help="use this checkpoint dir instead")
-    parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "qasr_bench"),
-                        help="where built checkpoints are cached (default %(default)s)")  # fmt: skip
+    add_checkpoint_arguments(parser)
     parser.add_argument("--streams", default="1,2,4,8", help="concurrent stream counts (default %(default)s)")
     parser.add_argument("--stream-seconds", type=float, default=24.0,
                         help="stream length at the timed updates (default %(default)s)")  # fmt: skip

@@ -23,20 +23,32 @@ ENV = "QASR_COMPILATION_CACHE"
 _OFF = {"", "0", "off", "false", "no", "none"}
 
 
-def default_dir() -> str:
+def user_cache_dir(name: str) -> str:
+    """``$XDG_CACHE_HOME/qasr-jax/NAME`` (``~/.cache/qasr-jax/NAME``)."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "qasr-jax", "xla")
+    return os.path.join(base, "qasr-jax", name)
 
 
-def resolve(setting: str | os.PathLike | bool | None = None) -> str | None:
-    """The cache directory ``setting`` stands for, or None when the cache is off."""
+def default_dir() -> str:
+    return user_cache_dir("xla")
+
+
+def resolve_setting(setting: str | os.PathLike | bool | None, env: str, name: str) -> str | None:
+    """The directory a cache setting stands for, or None when that cache is off: ``None`` → the environment
+    variable ``env`` if set, else ``user_cache_dir(name)``; ``True`` → the latter; ``False`` or one of
+    "off"/"0"/"false"/"no"/"none"/"" → off; a path → that directory."""
     if setting is None:
-        setting = os.environ.get(ENV, True)
+        setting = os.environ.get(env, True)
     if setting is True:
-        return default_dir()
+        return user_cache_dir(name)
     if setting is False or (isinstance(setting, str) and setting.strip().lower() in _OFF):
         return None
     return os.path.abspath(os.path.expanduser(os.fspath(setting)))
+
+
+def resolve(setting: str | os.PathLike | bool | None = None) -> str | None:
+    """The compilation cache directory ``setting`` stands for, or None when the cache is off."""
+    return resolve_setting(setting, ENV, "xla")
 
 
 _explicit: list[str | None] = []  # the first explicit setting of this process (an aligner loaded by the ASR
@@ -62,4 +74,4 @@ def enable(setting: str | os.PathLike | bool | None = None) -> str | None:
     return path
 
 
-__all__ = ["ENV", "default_dir", "enable", "resolve"]
+__all__ = ["ENV", "default_dir", "enable", "resolve", "resolve_setting", "user_cache_dir"]

@@ -44,6 +44,7 @@ from jax.sharding import PartitionSpec
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from qasr_jax import compile_cache
 from qasr_jax.config import ThinkerConfig, config_to_dict, load_config
 from qasr_jax.errors import CheckpointError, UnsafeCheckpointError
 from qasr_jax.model import Qwen3ASR
@@ -338,16 +339,7 @@ def weights_cache_dir(setting: str | os.PathLike | bool | None = None) -> str | 
     ``None``: the ``QASR_WEIGHTS_CACHE`` environment variable if set, else ``$XDG_CACHE_HOME/qasr-jax/weights``
     (``~/.cache/qasr-jax/weights``); a path: that directory; ``False`` or "off"/"0"/"false"/"no"/"": off.
     """
-    if setting is None:
-        setting = os.environ.get(WEIGHTS_CACHE_ENV, True)
-    if setting is True:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        return os.path.join(base, "qasr-jax", "weights")
-    if setting is False or (
-        isinstance(setting, str) and setting.strip().lower() in ("", "0", "off", "false", "no", "none")
-    ):
-        return None
-    return os.path.abspath(os.path.expanduser(os.fspath(setting)))
+    return compile_cache.resolve_setting(setting, WEIGHTS_CACHE_ENV, "weights")
 
 
 def _cache_key(files: list[str], config: ThinkerConfig, dtype: Any) -> str:

@@ -70,27 +70,33 @@ def int16(samples: np.ndarray) -> np.ndarray:
     return np.round(np.clip(samples, -1, 1) * 32767).astype(np.int16)
 
 
-async def live(
-    server, start: dict, frames: list[bytes], headers: dict | None = None
+async def exchange(
+    server, messages: list[str | bytes], headers: dict | None = None
 ) -> tuple[list[dict], int]:
-    """One stream: start, the frames, stop; every message the server sent, and its close code."""
-    messages = []
+    """Send ``messages`` in order on one connection, then read until the server closes it: every message the
+    server sent, and its close code."""
+    received = []
     async with connect(url(server), additional_headers=auth() if headers is None else headers,
                        open_timeout=30, close_timeout=10) as ws:  # fmt: skip
         try:
-            await ws.send(json.dumps(start))
-            for frame in frames:
-                await ws.send(frame)
+            for message in messages:
+                await ws.send(message)
                 await asyncio.sleep(0)
-            await ws.send(json.dumps({"type": "stop"}))
         except ConnectionClosed:
             pass  # refused midway: the messages say why
         try:
             while True:
-                messages.append(json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT)))
+                received.append(json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT)))
         except ConnectionClosed:
             pass
-    return messages, ws.close_code
+    return received, ws.close_code
+
+
+async def live(
+    server, start: dict, frames: list[bytes], headers: dict | None = None
+) -> tuple[list[dict], int]:
+    """One stream: start, the frames, stop; every message the server sent, and its close code."""
+    return await exchange(server, [json.dumps(start), *frames, json.dumps({"type": "stop"})], headers)
 
 
 def frames_of(samples: np.ndarray, seconds: float, dtype=np.int16) -> list[bytes]:
@@ -152,20 +158,7 @@ def test_bad_messages_get_an_error_and_a_close_code_while_a_good_stream_goes_on(
     ]
 
     async def raw(first: str | bytes, rest: list = (), headers=None) -> tuple[list[dict], int]:
-        messages = []
-        async with connect(url(server), additional_headers=auth() if headers is None else headers) as ws:
-            with_close = [first, *rest]
-            try:
-                for message in with_close:
-                    await ws.send(message)
-            except ConnectionClosed:
-                pass
-            try:
-                while True:
-                    messages.append(json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT)))
-            except ConnectionClosed:
-                pass
-        return messages, ws.close_code
+        return await exchange(server, [first, *rest], headers)
 
     async def scenario():
         good = asyncio.create_task(

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qasr_jax.config import AudioEncoderConfig
+from qasr_jax.config import AudioEncoderConfig, conv_out_len
 from qasr_jax.model.attention import WindowedSelfAttention
 from qasr_jax.model.layers import Dense, Dtype, LayerNorm, default_init, gelu
 
@@ -191,9 +191,7 @@ class ConvFrontEnd(nn.Module):
             StridedConv(hidden, self.param_dtype, name=name)(in_features)
             for name, in_features in (("conv2d1", x.shape[-1]), ("conv2d2", hidden), ("conv2d3", hidden))
         ]
-        freq = x.shape[1]
-        for _ in range(3):
-            freq = (freq - 1) // 2 + 1
+        freq = conv_out_len(conv_out_len(conv_out_len(x.shape[1])))  # mel bins after the three convolutions
         out_kernel = ConvOut(hidden * freq, cfg.d_model, self.param_dtype, name="conv_out")()
         steps = cfg.tokens_per_chunk
         shape = (x.shape[0], steps, cfg.d_model)
