@@ -48,6 +48,7 @@ from qasr_jax.errors import AudioTooLongError, QasrError
 from qasr_jax.model import Qwen3ASR, decode_layer_params, extend_cache
 from qasr_jax.model.attention import KVCache
 from qasr_jax.model.decoder import CACHE_SEQ_AXIS, cache_length, layer_cache_shape
+from qasr_jax.serve.memory import HeapTrimmer
 from qasr_jax.streaming import (
     MIN_CACHE_LEN,
     SAMPLE_RATE,
@@ -128,7 +129,8 @@ class StreamingEngine:
 
     max_streams: streams open at once (``open`` raises ``TooManyStreamsError`` beyond); max_batch: stream updates
     per step (the rest wait for the next); max_stream_seconds: the longest stream (``feed`` raises
-    ``AudioTooLongError`` past it; None: no limit).
+    ``AudioTooLongError`` past it; None: no limit); trim_every: steps of the thread between returns of freed heap
+    pages to the system, also done whenever it goes idle (0: never; ``qasr_jax.serve.memory``).
     """
 
     def __init__(
@@ -138,6 +140,7 @@ class StreamingEngine:
         max_streams: int = 64,
         max_batch: int = 16,
         max_stream_seconds: float | None = None,
+        trim_every: int = 64,
     ) -> None:
         if max_streams < 1 or max_batch < 1:
             raise ValueError(f"max_streams and max_batch must be >= 1: {max_streams}, {max_batch}")
@@ -156,6 +159,7 @@ class StreamingEngine:
         self._lock = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self.heap = HeapTrimmer(trim_every)
 
     @property
     def options(self) -> DecodeOptions:
@@ -343,11 +347,17 @@ class StreamingEngine:
         try:
             while True:
                 with self._lock:
+                    idle = not any(s.ready_times for s in self._streams.values())
+                if idle:
+                    self.heap.idle()
+                with self._lock:
                     while not any(s.ready_times for s in self._streams.values()):
                         if self._stopping:
                             return
                         self._lock.wait(0.5)
                 self.step()
+                self.heap.finished()
+                self.heap.due()
         except BaseException as error:  # a bug or out of memory: every open stream ends with it
             self.failure = error
             with self._lock:

@@ -129,6 +129,9 @@ class Metrics:
                 *self.latency.lines("qasr_request_latency_seconds"),
                 "# TYPE qasr_time_to_first_token_seconds histogram",
                 *self.first_token.lines("qasr_time_to_first_token_seconds"),
+                "# TYPE qasr_heap_trims_total counter", f"qasr_heap_trims_total {scheduler.heap.trims}",
+                "# TYPE qasr_heap_trim_seconds_total counter",
+                f"qasr_heap_trim_seconds_total {scheduler.heap.seconds:.6f}",
             ]  # fmt: skip
             if streams is not None:
                 lines += [

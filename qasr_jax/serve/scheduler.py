@@ -7,7 +7,9 @@ One thread owns the engine. Its loop:
    mid-decode joins at the next step boundary;
 2. generate a few steps (``step_chunk``) for every live slot;
 3. collect the slots that finished, decode and parse their tokens, and complete a job once all its chunks are in;
-4. free the cache before the oldest live sequence when the shared index nears the end (``Engine.reclaim``).
+4. free the cache before the oldest live sequence when the shared index nears the end (``Engine.reclaim``);
+5. give freed heap pages back to the system after every ``trim_every`` finished jobs and whenever the loop goes
+   idle (``qasr_jax.serve.memory``), so the resident set stays flat under sustained traffic.
 
 A job is one uploaded audio: it is split into chunks as ``Qwen3ASRModel.transcribe`` splits it (same rule, same
 prompts, same token budgets), and its chunks spread over slots. A request's tokens depend only on itself (see
@@ -36,6 +38,7 @@ from qasr_jax import text as text_io
 from qasr_jax.asr import Qwen3ASRModel, default_token_budget
 from qasr_jax.engine import Engine, GenerationRequest
 from qasr_jax.errors import EmptyAudioError, PromptError, QasrError
+from qasr_jax.serve.memory import HeapTrimmer
 
 
 class QueueFullError(QasrError, RuntimeError):
@@ -126,7 +129,8 @@ class Scheduler:
 
     slots: decode slots (requests decoded together); max_queue: jobs that may wait for slots before ``submit``
     refuses; step_chunk: decode steps between admissions; max_chunk_seconds: the split of long audio (the
-    model's own by default); max_audio_seconds: the longest upload (sizes the cache with max_chunk_seconds).
+    model's own by default); max_audio_seconds: the longest upload (sizes the cache with max_chunk_seconds);
+    trim_every: finished jobs between returns of freed heap pages to the system (0: never; see module docstring).
     """
 
     def __init__(
@@ -137,6 +141,7 @@ class Scheduler:
         max_queue: int = 64,
         step_chunk: int = 8,
         max_audio_seconds: float = 600.0,
+        trim_every: int = 32,
     ) -> None:
         if slots < 1 or max_queue < 0 or step_chunk < 1:
             raise ValueError(
@@ -160,6 +165,7 @@ class Scheduler:
         self.max_new = buckets.STEP_LADDER.size(self._budget(self.chunk_seconds))
         self.cache_len = 2 * (self.max_prompt + self.max_new) + step_chunk
         self.stats = Stats()
+        self.heap = HeapTrimmer(trim_every)
         self._lock = threading.Condition()
         self._waiting: collections.deque[Chunk] = collections.deque()
         self._waiting_jobs: dict[int, Job] = {}
@@ -229,6 +235,8 @@ class Scheduler:
     def _loop(self) -> None:
         try:
             while True:
+                if not self._waiting and self.busy_slots == 0:
+                    self.heap.idle()
                 with self._lock:
                     while not self._waiting and self.busy_slots == 0:
                         if self._stopping:
@@ -237,6 +245,7 @@ class Scheduler:
                 self._admit()
                 if self.busy_slots:
                     self._step()
+                self.heap.due()
         except BaseException as error:  # a bug or out of memory: every job still open fails with it
             self.failure = error
             with self._lock:
@@ -333,6 +342,7 @@ class Scheduler:
         job.finished = True
         job.error = error
         job.finished_at = time.monotonic()
+        self.heap.finished()
         if job.cancelled:
             self.stats.cancelled += 1
         else:
