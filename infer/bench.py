@@ -175,6 +175,19 @@ def run_ours(args: argparse.Namespace, checkpoint: str, clip: np.ndarray) -> dic
                           lambda: asr.generator.compile_seconds)  # fmt: skip
     out["compile_s"] = compile_s + asr.generator.compile_seconds
     out["peak_memory_gb"] = peak_memory_gb()
+    if args.dtype == "float32":
+        from infer import roofline
+
+        ceilings = roofline.measure_ceilings()
+        prompt = roofline.prompt_tokens(checkpoint, config, args.clip_seconds)
+        out["gemm_gflops"], out["stream_gbps"] = ceilings.gemm_gflops, ceilings.stream_gbps
+        out["encoder_gflop_per_clip"] = roofline.encoder_gflop(config, args.clip_seconds)
+        out["encoder_gflops"] = out["encoder_gflop_per_clip"] * out["encoder_audio_s_per_s"] / args.clip_seconds
+        for batch in batch_sizes(args):
+            out["roofline"] = roofline.report(config, args.clip_seconds, prompt, batch, args.new_tokens, ceilings)
+            work = roofline.work(config, args.clip_seconds, prompt, batch, args.new_tokens)
+            floor = roofline.floor_seconds(work, ceilings, batch, args.new_tokens)
+            out[f"floor_e2e_b{batch}_s"] = floor["total_s"]
     return out
 
 
@@ -300,6 +313,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{args.model}, random weights, {args.dtype}, {args.clip_seconds:g} s clips, "
           f"{args.new_tokens} new tokens (end tokens suppressed), {jax.devices()[0].device_kind}\n")  # fmt: skip
     print(table(args, ours, theirs))
+    if "roofline" in ours:
+        print(f"\nencoder: {ours['encoder_gflops']:.0f} GFLOP/s ({ours['encoder_gflop_per_clip']:.0f} GFLOP per clip)")
+        print(f"this machine's floor (infer.roofline), largest batch:\n{ours['roofline']}")
+        for batch in batch_sizes(args):
+            floor, key = ours.get(f"floor_e2e_b{batch}_s"), f"e2e_b{batch}_s"
+            if floor and key in theirs:
+                print(f"e2e b={batch}: the floor is {floor:.1f} s, so no program can beat the official's "
+                      f"{theirs[key]:.1f} s by more than {theirs[key] / floor:.2f}× here")  # fmt: skip
     print(f"\nload average (1 min): {load_start:.2f} at the start, {load_between:.2f} between the two sides, "
           f"{os.getloadavg()[0]:.2f} at the end")  # fmt: skip
 

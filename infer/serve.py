@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the model id in /v1/models and the accepted 'model' field (default %(default)s)")  # fmt: skip
     parser.add_argument("--step-chunk", type=int, default=8, metavar="K",
                         help="decode steps between admissions of new requests (default %(default)s)")  # fmt: skip
+    parser.add_argument("--heap-trim-every", type=int, default=32, metavar="N",
+                        help="finished requests between returns of freed heap memory to the system, also done "
+                             "whenever the server goes idle; 0: never (default %(default)s)")  # fmt: skip
     parser.add_argument("--mesh", metavar="SPEC", default=None, help="device mesh, e.g. data=2,tensor=4")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                         help="params and compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")  # fmt: skip
@@ -125,10 +128,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         weights_cache=args.weights_cache,
     )  # fmt: skip
     scheduler = Scheduler(model, slots=args.max_batch, max_queue=args.max_queue, step_chunk=args.step_chunk,
-                          max_audio_seconds=args.max_audio_seconds)  # fmt: skip
+                          max_audio_seconds=args.max_audio_seconds, trim_every=args.heap_trim_every)  # fmt: skip
     scheduler.start()
     streams = StreamingEngine(model.streamer, max_streams=args.max_streams, max_batch=args.max_batch,
-                              max_stream_seconds=args.max_stream_seconds or args.max_audio_seconds)  # fmt: skip
+                              max_stream_seconds=args.max_stream_seconds or args.max_audio_seconds,
+                              trim_every=2 * args.heap_trim_every)  # fmt: skip
     streams.start()
     warm_up(scheduler)
     print(

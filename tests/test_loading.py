@@ -16,6 +16,7 @@ from safetensors.numpy import load_file, save_file
 from qasr_jax import load_config, load_pretrained
 from qasr_jax.config import config_from_dict, config_to_dict
 from qasr_jax.errors import CheckpointError, ConfigError, UnsafeCheckpointError
+from qasr_jax.weights import flatten_params, transposed
 from tests.support import official
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -127,6 +128,31 @@ def test_bf16_checkpoint_stays_bf16_unless_a_dtype_is_asked(tmp_path):
     assert kernel.dtype.name == "bfloat16"
     _, params32 = load_pretrained(path, dtype="float32")
     assert params32["decoder"]["layers"]["mlp"]["up_proj"]["kernel"].dtype.name == "float32"
+    # Values: the bf16 bits where the torch layout says, and the fp32 load their exact widening, leaf by leaf.
+    up = load_file(os.path.join(path, "model.safetensors"))["thinker.model.layers.1.mlp.up_proj.weight"]
+    np.testing.assert_array_equal(np.asarray(kernel[1]).view(np.uint16), up.T.view(np.uint16))
+    for (where, low), (_, wide) in zip(flatten_params(params), flatten_params(params32), strict=True):
+        np.testing.assert_array_equal(np.asarray(low).astype(np.float32), np.asarray(wide), err_msg=str(where))
+
+
+@pytest.mark.parametrize("source", ["float32", "bfloat16"])
+def test_transposed_copy_equals_the_transpose_in_place_and_converting(source):
+    import ml_dtypes
+
+    rng = np.random.default_rng(0)
+    array = rng.standard_normal((700, 300)).astype(np.float32)
+    if source == "bfloat16":
+        array = array.astype(ml_dtypes.bfloat16)
+    for dtype in (np.float32, ml_dtypes.bfloat16):
+        expected = array.astype(dtype).T
+        np.testing.assert_array_equal(transposed(array, dtype), expected)
+        stacked = np.zeros((3, 300, 700), dtype)
+        layer = stacked[1]
+        assert transposed(array, dtype, out=layer) is layer
+        np.testing.assert_array_equal(stacked[1], expected)
+        assert not stacked[0].any() and not stacked[2].any()
+    with pytest.raises(ValueError, match="out is"):
+        transposed(array, np.float32, out=np.zeros((700, 300), np.float32))
 
 
 def test_weights_land_where_the_torch_layout_says(ckpt):

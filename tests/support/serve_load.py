@@ -7,7 +7,7 @@
 2. throughput: the same ``--throughput-files`` files one client at a time, then with ``--concurrency`` clients:
    audio-seconds per second, p50/p95 latency, time to first token (first SSE delta);
 3. soak: ``--soak`` requests at ``--concurrency``, every tenth a bad upload: every good answer must be its own
-   file's text, every bad one a 400; the server's RSS at the start and after each fifth of the requests.
+   file's text, every bad one a 400; the server's RSS at the start and after each of --soak-rounds rounds.
 
 The model is the small random-weight test checkpoint unless ``--model`` names one. Prints one JSON object.
 """
@@ -87,6 +87,8 @@ def main() -> None:
     parser.add_argument("--soak", type=int, default=500)
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--max-chunk-seconds", type=float, default=20.0)
+    parser.add_argument("--soak-rounds", type=int, default=5, help="RSS is read after each round of the soak")
+    parser.add_argument("--heap-trim-every", type=int, default=None, help="the server's option (default its own)")
     parser.add_argument("--time-limit", type=float, default=3600.0, help="seconds for the whole run")
     args = parser.parse_args()
     deadline = time.monotonic() + args.time_limit
@@ -109,6 +111,8 @@ def main() -> None:
         "90",
         *options,
     ]
+    if args.heap_trim_every is not None:
+        server_args += ["--heap-trim-every", str(args.heap_trim_every)]
     report: dict = {"load_average_start": os.getloadavg()}
     rng = np.random.default_rng(0)
     exact_durations = [float(d) for d in np.round(rng.uniform(1, 60, args.exact_clients), 1)]
@@ -166,13 +170,16 @@ def main() -> None:
                 else:
                     i = int(rng.integers(len(items)))
                     plan.append((items[i][0], f"{i}.wav", i))
-            # In five rounds, the server's RSS after each: a leak climbs round after round, warm-up does not.
+            # In rounds, the server's RSS after each (read 1 s after the round's last answer, once the server
+            # is idle): a leak climbs round after round, warm-up does not.
+            time.sleep(1.0)
             rss = [round(rss_mib(server.process.pid), 1)]
             start = time.monotonic()
-            results, size = [], -(-len(plan) // 5)
+            results, size = [], -(-len(plan) // args.soak_rounds)
             for first in range(0, len(plan), size):
                 part = [(d, n) for d, n, _ in plan[first : first + size]]
                 results += run_many(url, part, args.concurrency, False, deadline)
+                time.sleep(1.0)
                 rss.append(round(rss_mib(server.process.pid), 1))
             ok = bad = wrong = 0
             for (_, _, i), r in zip(plan, results):
@@ -185,7 +192,7 @@ def main() -> None:
             report["soak"] = {
                 "requests": len(plan), "good_correct": ok, "bad_rejected_400": bad, "lost_or_crossed": wrong,
                 "wall_s": round(time.monotonic() - start, 1),
-                "rss_mib_start": rss[0], "rss_mib_end": rss[-1], "rss_mib_after_each_fifth": rss[1:],
+                "rss_mib_start": rss[0], "rss_mib_end": rss[-1], "rss_mib_after_each_round": rss[1:],
             }  # fmt: skip
     report["load_average_end"] = os.getloadavg()
     print(json.dumps(report, indent=1))
