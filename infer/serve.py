@@ -99,6 +99,28 @@ def warm_up(scheduler: object, seconds: float = 1.0, timeout: float = 600.0) -> 
         raise RuntimeError(f"warm-up failed: {job.error or 'timed out'}")
 
 
+def warm_up_streams(streams: object, seconds: float = 4.0, timeout: float = 600.0) -> None:
+    """One short live stream (two chunks and the final update) through the streaming engine's thread, so the
+    first WebSocket client does not pay the compilation of the stream programs."""
+    import threading
+
+    done = threading.Event()
+    failure: list[BaseException] = []
+
+    def on_event(event: object) -> None:
+        if event.error is not None:
+            failure.append(event.error)
+        if event.ended:
+            done.set()
+
+    rng = np.random.default_rng(1)
+    stream = streams.open(on_event=on_event)
+    streams.feed(stream, (rng.standard_normal(int(seconds * 16000)) * 0.01).astype(np.float32))
+    streams.finish(stream)
+    if not done.wait(timeout) or failure:
+        raise RuntimeError(f"stream warm-up failed: {failure[0] if failure else 'timed out'}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -135,6 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                               trim_every=2 * args.heap_trim_every)  # fmt: skip
     streams.start()
     warm_up(scheduler)
+    warm_up_streams(streams)
     print(
         f"model {model_dir} loaded and warm in {time.monotonic() - started:.1f} s",
         file=sys.stderr,
