@@ -152,7 +152,8 @@ def test_models_health_metrics(server) -> None:
     text = httpx.get(server.url + "/metrics", headers=auth()).text
     for name in ("qasr_requests_total{status=\"200\"}", "qasr_queue_depth", "qasr_batch_occupancy",
                  "qasr_audio_seconds_total", "qasr_request_latency_seconds_bucket",
-                 "qasr_time_to_first_token_seconds_count", "qasr_heap_trims_total"):  # fmt: skip
+                 "qasr_time_to_first_token_seconds_count", "qasr_heap_trims_total",
+                 'qasr_heap_bytes{kind="in_use"}'):  # fmt: skip
         assert name in text, name
     # Once the request is done the loop goes idle and gives the freed heap pages back (glibc).
     deadline = time.monotonic() + 30

@@ -36,6 +36,7 @@ from qasr_jax.asr import Qwen3ASRModel
 from qasr_jax.errors import AudioError, LanguageError, PromptError, QasrError
 from qasr_jax.formats import render
 from qasr_jax.serve.live import add_live_route
+from qasr_jax.serve.memory import heap_stats
 from qasr_jax.serve.scheduler import Job, QueueFullError, Scheduler, ShuttingDownError
 from qasr_jax.stream_engine import StreamingEngine
 
@@ -133,6 +134,10 @@ class Metrics:
                 "# TYPE qasr_heap_trim_seconds_total counter",
                 f"qasr_heap_trim_seconds_total {scheduler.heap.seconds:.6f}",
             ]  # fmt: skip
+            heap = heap_stats()
+            if heap is not None:
+                lines += ["# TYPE qasr_heap_bytes gauge"]
+                lines += [f'qasr_heap_bytes{{kind="{kind}"}} {value}' for kind, value in heap.items()]
             if streams is not None:
                 lines += [
                     "# TYPE qasr_live_streams gauge", f"qasr_live_streams {streams.open_streams}",

@@ -4,9 +4,10 @@ glibc's malloc keeps what a thread frees in that thread's arena for reuse, and r
 from the top of an arena. A server's threads (the event loop, the audio-decoding pool, the engine loops, XLA's
 own threads) allocate and free request-sized buffers (upload bodies, decoded audio, host copies of results)
 across many arenas, so the freed pages stay resident: the resident set climbs slowly with traffic while the
-bytes in use stay flat. ``HeapTrimmer`` calls glibc's ``malloc_trim(0)``, which gives back every whole free
-page of every arena, when its loop goes idle and after every ``every`` finished jobs. Elsewhere (musl, macOS)
-it does nothing.
+bytes in use stay flat. And a finished request's objects, tied in reference cycles, wait for Python's rare
+oldest-generation collection. ``HeapTrimmer``, when its loop goes idle and after every ``every`` finished jobs,
+collects that garbage (at most every ``collect_interval`` seconds) and calls glibc's ``malloc_trim(0)``, which
+gives back every whole free page of every arena (elsewhere than glibc: the collection only).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import gc
 import time
 from collections.abc import Callable
 
@@ -41,17 +43,51 @@ def release_free_heap() -> bool:
     return True
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost",
+    )]  # fmt: skip
+
+
+@functools.lru_cache(maxsize=1)
+def _mallinfo2() -> Callable[[], _MallInfo2] | None:
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        function = ctypes.CDLL(name).mallinfo2  # glibc >= 2.33
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = []
+    function.restype = _MallInfo2
+    return function
+
+
+def heap_stats() -> dict[str, int] | None:
+    """glibc's heap figures over all arenas, in bytes: ``in_use`` (allocated by malloc and not freed), ``free``
+    (freed but kept in the arenas) and ``mapped`` (large blocks in their own maps); None where not glibc."""
+    info = _mallinfo2()
+    if info is None:
+        return None
+    m = info()
+    return {"in_use": int(m.uordblks) + int(m.hblkhd), "free": int(m.fordblks), "mapped": int(m.hblkhd)}
+
+
 class HeapTrimmer:
     """Counts finished jobs and releases free heap pages every ``every`` of them, and when its loop goes idle
-    after any work. ``every=0`` turns it off. Called from one thread (the loop that owns it)."""
+    after any work, collecting cyclic garbage first at most every ``collect_interval`` seconds. ``every=0`` turns
+    it off. Called from one thread (the loop that owns it)."""
 
-    def __init__(self, every: int = 32) -> None:
+    def __init__(self, every: int = 32, collect_interval: float = 5.0) -> None:
         if every < 0:
             raise ValueError(f"every must be >= 0, got {every}")
         self.every = every
+        self.collect_interval = collect_interval
         self.pending = 0
         self.trims = 0
+        self.collections = 0
         self.seconds = 0.0
+        self._collected_at = -float("inf")
 
     def finished(self, jobs: int = 1) -> None:
         self.pending += jobs
@@ -68,10 +104,18 @@ class HeapTrimmer:
 
     def trim(self) -> None:
         started = time.perf_counter()
+        # A finished request's objects sit in reference cycles (a job and its chunks point at each other), so they
+        # wait for Python's oldest-generation collection, which runs rarely in a process holding as many
+        # long-lived objects as a loaded model: a served process's bytes in use climbed ~25 MiB per 500 requests
+        # that way. A full collection costs ~0.1 s here, so it runs at most every ``collect_interval`` seconds.
+        if started - self._collected_at >= self.collect_interval:
+            gc.collect()
+            self.collections += 1
+            self._collected_at = started
         if release_free_heap():
             self.trims += 1
         self.seconds += time.perf_counter() - started
         self.pending = 0
 
 
-__all__ = ["HeapTrimmer", "release_free_heap"]
+__all__ = ["HeapTrimmer", "heap_stats", "release_free_heap"]

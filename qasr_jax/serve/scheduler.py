@@ -349,6 +349,10 @@ class Scheduler:
             self.stats.completed += 1
         if job.on_done is not None:
             job.on_done(job)
+        # The callbacks close over their caller's state (a server's future holds the job as its result): dropping
+        # them breaks that cycle, so a finished job's audio is freed as soon as its caller lets go of it instead of
+        # waiting for Python's rare oldest-generation collection.
+        job.on_done = job.on_update = None
 
 
 def _partial(raw: str, forced_language: str | None) -> tuple[str, str]:

@@ -35,6 +35,21 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def heap_in_use_mib(url: str) -> float | None:
+    """The server's malloc bytes in use (its /metrics ``qasr_heap_bytes{kind="in_use"}``), in MiB."""
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        if line.startswith('qasr_heap_bytes{kind="in_use"}'):
+            return round(float(line.split()[1]) / 2**20, 1)
+    return None
+
+
+def metric(url: str, name: str) -> float | None:
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return None
+
+
 def request(url: str, data: bytes, name: str, stream: bool, deadline: float) -> dict:
     """One transcription; returns status, text, latency and time to first token (streamed requests)."""
     start = time.monotonic()
@@ -174,6 +189,7 @@ def main() -> None:
             # is idle): a leak climbs round after round, warm-up does not.
             time.sleep(1.0)
             rss = [round(rss_mib(server.process.pid), 1)]
+            heap = [heap_in_use_mib(server.url)]
             start = time.monotonic()
             results, size = [], -(-len(plan) // args.soak_rounds)
             for first in range(0, len(plan), size):
@@ -181,6 +197,7 @@ def main() -> None:
                 results += run_many(url, part, args.concurrency, False, deadline)
                 time.sleep(1.0)
                 rss.append(round(rss_mib(server.process.pid), 1))
+                heap.append(heap_in_use_mib(server.url))
             ok = bad = wrong = 0
             for (_, _, i), r in zip(plan, results):
                 if i is None:
@@ -193,6 +210,9 @@ def main() -> None:
                 "requests": len(plan), "good_correct": ok, "bad_rejected_400": bad, "lost_or_crossed": wrong,
                 "wall_s": round(time.monotonic() - start, 1),
                 "rss_mib_start": rss[0], "rss_mib_end": rss[-1], "rss_mib_after_each_round": rss[1:],
+                "heap_in_use_mib_start": heap[0], "heap_in_use_mib_after_each_round": heap[1:],
+                "heap_trims": metric(server.url, "qasr_heap_trims_total"),
+                "heap_trim_seconds": metric(server.url, "qasr_heap_trim_seconds_total"),
             }  # fmt: skip
     report["load_average_end"] = os.getloadavg()
     print(json.dumps(report, indent=1))
