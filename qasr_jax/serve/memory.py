@@ -21,17 +21,27 @@ from collections.abc import Callable
 
 
 @functools.lru_cache(maxsize=1)
-def _malloc_trim() -> Callable[[int], int] | None:
+def _libc() -> ctypes.CDLL | None:
     name = ctypes.util.find_library("c")
     if name is None:
         return None
     try:
-        function = ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError):  # not glibc
+        return ctypes.CDLL(name)
+    except OSError:
         return None
-    function.argtypes = [ctypes.c_size_t]
-    function.restype = ctypes.c_int
+
+
+def _function(name: str, argtypes: list, restype: object) -> Callable | None:
+    """The C library's ``name``, typed; None where the library lacks it (not glibc)."""
+    function = getattr(_libc(), name, None)
+    if function is None:
+        return None
+    function.argtypes, function.restype = argtypes, restype
     return function
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    return _function("malloc_trim", [ctypes.c_size_t], ctypes.c_int)
 
 
 def release_free_heap() -> bool:
@@ -49,18 +59,8 @@ class _MallInfo2(ctypes.Structure):
     )]  # fmt: skip
 
 
-@functools.lru_cache(maxsize=1)
 def _mallinfo2() -> Callable[[], _MallInfo2] | None:
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    try:
-        function = ctypes.CDLL(name).mallinfo2  # glibc >= 2.33
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = []
-    function.restype = _MallInfo2
-    return function
+    return _function("mallinfo2", [], _MallInfo2)  # glibc >= 2.33
 
 
 def heap_stats() -> dict[str, int] | None:
