@@ -350,6 +350,21 @@ class Tokenizer:
         backend.post_processor = processors.ByteLevel(trim_offsets=False)
         return backend
 
+    def with_merges(self, count: int) -> Tokenizer:
+        """This tokenizer with only its first ``count`` BPE merges. Words split into smaller pieces, each of them
+        a piece of this vocabulary (the result of an earlier merge, or a byte), so every id keeps its meaning:
+        finer units for a CTC objective whose labels must be shared between words."""
+        from tokenizers import Tokenizer as BackendTokenizer
+
+        spec = json.loads(self._plain_backend.to_str())
+        if spec.get("model", {}).get("type") != "BPE":
+            raise TokenizerError(f"{self._config_path}: with_merges needs a BPE tokenizer")
+        spec["model"]["merges"] = spec["model"]["merges"][: max(int(count), 0)]
+        plain = BackendTokenizer.from_str(json.dumps(spec))
+        return Tokenizer(
+            plain, plain, self._added_tokens, self._clean_up_tokenization_spaces, self._config_path
+        )
+
     # -- encoding and decoding --
 
     def encode(self, text: str, *, allow_special: bool = True) -> list[int]:

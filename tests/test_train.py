@@ -24,7 +24,7 @@ from qasr_jax.errors import ConfigError
 from qasr_jax.train import data as data_lib
 from qasr_jax.train import losses
 from qasr_jax.train.config import load_train_config
-from qasr_jax.train.evaluate import ErrorCounts, boundary_shift_ms, edit_distance, normalize_text
+from qasr_jax.train.evaluate import ErrorCounts, boundary_shift_ms, edit_distance, label_words, normalize_text
 from qasr_jax.train.metrics import read_metrics
 from qasr_jax.train.optim import learning_rate_schedule
 from qasr_jax.weights import export_pretrained, load_pretrained
@@ -189,7 +189,7 @@ def test_bad_manifest_rows_are_counted_and_skipped_with_reasons(tmp_path, caplog
     positions = batch.label_positions[good][: len(first.targets)]
     # The logits at each position predict the next token: the targets follow their positions.
     assert ids[positions + 1].tolist() == list(first.targets)
-    assert spec.frames % config.audio.window_frames == 0
+    assert spec.frames % config.audio.chunk_frames == 0
 
 
 def test_batch_plan_is_a_pure_function_of_the_step(tmp_path):
@@ -507,8 +507,9 @@ def _features(batch: data_lib.Batch) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_ctc_auxiliary_loss_matches_torch_ctc(tmp_path):
-    """The CTC term = torch's CTC loss on the same head logits (sum over rows, per-row weights), rows whose
-    labels cannot fit their audio tokens and zero-weight rows count nothing."""
+    """The CTC term = torch's CTC loss on the head's logits of the RMS-normalised audio embeddings (sum over
+    rows, per-row weights); rows whose labels cannot fit their audio tokens, counting the blank each repeated
+    label needs, and zero-weight rows count nothing."""
     import torch
 
     from qasr_jax.model import Qwen3ASR
@@ -517,11 +518,15 @@ def test_ctc_auxiliary_loss_matches_torch_ctc(tmp_path):
     config, params = load_pretrained(cached_small_checkpoint())
     model = Qwen3ASR(config)
     rng = np.random.default_rng(0)
-    rows, steps, labels_len = 4, 12, 5
-    audio = jnp.asarray(rng.standard_normal((rows, steps, config.text.hidden_size)), jnp.float32)
-    lengths = jnp.asarray([12, 9, 3, 12], jnp.int32)  # row 2: 3 audio tokens for 5 labels cannot fit
+    rows, steps, labels_len = 6, 12, 5
+    audio = jnp.asarray(0.03 * rng.standard_normal((rows, steps, config.text.hidden_size)), jnp.float32)
+    # row 2: 3 audio tokens for 5 labels; row 4: 3 labels fit 4 tokens, but not with the 2 blanks their repeats
+    # need; row 5: 2 labels + 1 repeat in 3 tokens fit exactly.
+    lengths = jnp.asarray([12, 9, 3, 12, 4, 3], jnp.int32)
     labels = rng.integers(1, 50, (rows, labels_len)).astype(np.int32)
-    counts = np.asarray([5, 3, 5, 4])
+    labels[4, :3] = 7
+    labels[5, :2] = 9
+    counts = np.asarray([5, 3, 5, 4, 3, 2])
     paddings = (np.arange(labels_len)[None, :] >= counts[:, None]).astype(np.float32)
     weights = np.ones((rows, 3), np.float32)
     weights[3] = 0.0  # a padding row
@@ -532,13 +537,89 @@ def test_ctc_auxiliary_loss_matches_torch_ctc(tmp_path):
                            label_weights=jnp.asarray(weights), **unused)  # fmt: skip
     blank = 0
     ours = float(losses.ctc_sum(model, params, audio, lengths, batch, blank))
+    assert np.asarray(losses.ctc_feasible(jnp.asarray(labels), jnp.asarray(paddings), lengths)).tolist() == [
+        True, True, False, True, False, True,
+    ]  # fmt: skip
 
-    logits = np.asarray(model.apply({"params": params}, audio, method=Qwen3ASR.head), np.float64)
+    x = np.asarray(audio, np.float64)
+    x = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + 1e-6)
+    table = np.asarray(params["embed_tokens"]["embedding"], np.float64)
+    logits = x @ table.T  # the tied head on unit-RMS embeddings
     log_probs = torch.log_softmax(torch.from_numpy(logits), -1).transpose(0, 1)  # [T, B, V]
     per_row = torch.nn.functional.ctc_loss(
         log_probs, torch.from_numpy(labels).long(), torch.from_numpy(np.asarray(lengths)).long(),
         torch.from_numpy(counts).long(), blank=blank, reduction="none", zero_infinity=False,
     ).numpy()  # fmt: skip
-    expected = per_row[0] + per_row[1]  # row 2 cannot fit, row 3 has no weight
-    assert np.isfinite(per_row[[0, 1, 3]]).all()
+    expected = per_row[0] + per_row[1] + per_row[5]  # rows 2 and 4 cannot fit, row 3 has no weight
+    assert np.isfinite(per_row[[0, 1, 3, 5]]).all() and not np.isfinite(per_row[[2, 4]]).any()
     np.testing.assert_allclose(ours, expected, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The CTC objective: labels, windows, lengths, the audio-use gauge
+
+
+def test_ctc_labels_do_not_depend_on_where_a_word_stands():
+    """A word has the same CTC labels first in a sentence, mid-sentence and alone; no label is a lone word
+    separator; the labels read back as the words, with the full tokenizer and with its first 500 merges."""
+    tokenizer = text_io.Tokenizer.from_pretrained(tf.DEMO_ASR_DIR)
+    config = load_config(tf.DEMO_ASR_DIR)
+    for merges in (0, 500):
+        tokens = data_lib.Tokenization(tokenizer, config, merges)
+        dog = tokens.ctc_labels("dog")
+        assert tokens.ctc_labels("dog sees the cat")[: len(dog)] == dog
+        assert tokens.ctc_labels("the dog")[-len(dog) :] == dog
+        for text in ("there are 30 round kitchens behind this garage", "es gibt 8 Brüder im sauberen Tiger"):
+            labels = tokens.ctc_labels(text)
+            assert not set(labels) & tokens.space_ids
+            assert label_words(tokenizer, labels) == text.split()
+    full, coarse = data_lib.Tokenization(tokenizer, config), data_lib.Tokenization(tokenizer, config, 500)
+    # "kitchens" is one id of the full vocabulary, several shared pieces with 500 merges.
+    assert len(full.ctc_labels("kitchens")) == 1 < len(coarse.ctc_labels("kitchens"))
+    # Rows without ctc_text: sentence case and punctuation do not reach the labels.
+    assert data_lib.spoken_words("The dog sees 3 cats.") == "the dog sees 3 cats"
+    assert data_lib.spoken_words("I see it.") == "I see it"
+
+
+def test_manifest_ctc_text_and_text_weights(tmp_path):
+    """``ctc_text`` gives the CTC labels; text_weights mark exactly the transcript's targets."""
+    model_dir = _tiny_model_dir(tmp_path / "model")
+    config = load_config(model_dir)
+    tokenizer = text_io.Tokenizer.from_pretrained(model_dir)
+    tokens = data_lib.Tokenization(tokenizer, config)
+    clip = tf.speech_rows(["The dog sees a cat."])[0]
+    rows = [dict(clip, text="The dog sees a cat.", language="English", ctc_text="the dog sees a cat"),
+            dict(clip, text="The dog sees a cat.", language="English")]  # fmt: skip
+    report = data_lib.read_manifest(tf.write_manifest(tmp_path / "m.jsonl", rows), tokens)
+    with_field, derived = report.examples
+    assert with_field.transcript == derived.transcript == tuple(tokens.ctc_labels("the dog sees a cat"))
+    shapes = data_lib.Shapes(config, 16, 16)
+    spec = shapes.spec(0, report.examples, [0], [1.0])
+    batch = data_lib.BatchLoader(report.examples, tokens)(spec).batch
+    text_targets = tokenizer.encode("The dog sees a cat.", allow_special=False)
+    marked = batch.labels[0][batch.text_weights[0] > 0].tolist()
+    assert marked == text_targets
+    assert batch.label_weights[0].sum() == len(with_field.targets)
+
+
+def test_training_window_and_token_lengths_are_exact(tmp_path):
+    """A batch shorter than the attention window, encoded with the window narrowed to the batch, gives the
+    embeddings of the full window; the jnp token count equals the config's."""
+    from qasr_jax.model import Qwen3ASR
+
+    config = load_config(_tiny_model_dir(tmp_path / "model"))
+    for samples in (800, 1600, 15999, 16000, 16160, 33333, 47000):
+        got = int(losses.audio_token_lengths(config.audio, jnp.asarray([samples]))[0])
+        assert got == config.audio.output_length(audio_io.num_frames(samples)), samples
+    params = _random_params(config)
+    model = Qwen3ASR(config)
+    rng = np.random.default_rng(0)
+    frames = 100
+    features = jnp.asarray(rng.standard_normal((2, config.audio.num_mel_bins, frames)), jnp.float32)
+    mask = (np.arange(frames)[None] < np.asarray([[100], [57]])).astype(np.int32)
+    window = losses.training_window(config.audio, frames)
+    assert window == 1 < config.audio.window_chunks
+    full, lengths = model.apply({"params": params}, features, mask, method=Qwen3ASR.encode_audio)
+    narrow, _ = model.apply({"params": params}, features, mask, window, method=Qwen3ASR.encode_audio)
+    for r, n in enumerate(np.asarray(lengths)):
+        np.testing.assert_allclose(np.asarray(narrow[r, :n]), np.asarray(full[r, :n]), rtol=1e-5, atol=1e-6)

@@ -143,10 +143,10 @@ def added_token_id(content: str) -> int:
     raise KeyError(content)
 
 
-# The small models. The audio front end keeps the released mel and chunk settings (128 bins, 1 s chunks) so
-# features and chunking are exercised exactly as with a released checkpoint; attention windows are 2 s rather
-# than 8 s (the paper's dynamic window ranges over 1-8 s), which keeps the padding of short training clips
-# small (batches are padded to whole windows) and is plenty for words spoken with pauses between them.
+# The small models. The audio front end keeps the released mel, chunk and window settings (128 bins, 1 s chunks,
+# 8 s attention windows) so features, chunking and windows are exercised exactly as with a released checkpoint,
+# and words of continuous speech are not split between windows that never see each other. Training narrows the
+# window to a batch shorter than 8 s (the same result), so short clips pay for no window padding.
 AUDIO_CONFIG = AudioEncoderConfig(
     num_mel_bins=128,
     d_model=160,
@@ -155,7 +155,7 @@ AUDIO_CONFIG = AudioEncoderConfig(
     encoder_ffn_dim=640,
     output_dim=192,
     n_window=50,
-    n_window_infer=200,
+    n_window_infer=800,
     downsample_hidden_size=32,
     max_source_positions=1500,
     conv_chunksize=500,
@@ -203,16 +203,24 @@ def aligner_config() -> ThinkerConfig:
 # Initial weights
 
 INIT_SEED = 0
+CONV_OUT_GAIN = 10.0
+PROJECTOR_GAIN = 1.4
 
 
 def initial_params(config: ThinkerConfig, seed: int = INIT_SEED) -> Any:
-    """The model's own seeded random init, with the conv front end rescaled to He scale.
+    """The model's own seeded random init, with the audio path rescaled so that its output follows the audio.
 
     At the default init (normal, std 0.02) the three stacked convolutions shrink the log-mel input so much that
-    the encoder output hardly depends on the audio (it is the sinusoidal positions; across different clips it
-    varies by 0.5% of its RMS), and a model trained from there settles into a language model that ignores the
-    audio. Kernels with std sqrt(2 / fan_in) (sqrt(1 / fan_in) for the linear ``conv_out``) keep the audio's
-    content in the encoder output (40% variation across clips).
+    the encoder output hardly depends on the audio (it is the sinusoidal positions), and a model trained from
+    there settles into outputs that ignore the audio. So:
+
+    * the convolutions get He scale (std sqrt(2 / fan_in));
+    * ``conv_out`` gets std ``CONV_OUT_GAIN`` / sqrt(fan_in): the log-mel input has a standard deviation of about
+      0.28, and the gain brings the audio features to about three times the positions' size;
+    * the projector (``proj1``, ``proj2``) gets std ``PROJECTOR_GAIN`` / sqrt(fan_in) instead of 0.02, so its
+      output is not its biases alone: with 0.02 the biases, which Adam moves as fast as any weight, soon
+      dominate every frame and the RMS-normalised CTC logits become the same at every frame.
+
     """
     import flax
     import jax
@@ -227,14 +235,20 @@ def initial_params(config: ThinkerConfig, seed: int = INIT_SEED) -> Any:
         jax.random.PRNGKey(seed), ids, jnp.ones_like(ids), features, jnp.ones((1, frames), jnp.int32)
     )
     params = flax.core.meta.unbox(variables["params"])
-    frontend = params["audio_tower"]["frontend"]
+    tower = params["audio_tower"]
+    frontend = tower["frontend"]
     channels = config.audio.downsample_hidden_size
     fan_in = {"conv2d1": 9, "conv2d2": 9 * channels, "conv2d3": 9 * channels}
     for name, fan in fan_in.items():
         kernel = frontend[name]["kernel"]
         frontend[name]["kernel"] = kernel * (np.sqrt(2.0 / fan) / float(jnp.std(kernel)))
     conv_out = frontend["conv_out"]["kernel"]
-    frontend["conv_out"]["kernel"] = conv_out * (np.sqrt(1.0 / conv_out.shape[0]) / float(jnp.std(conv_out)))
+    frontend["conv_out"]["kernel"] = conv_out * (
+        CONV_OUT_GAIN / np.sqrt(conv_out.shape[0]) / float(jnp.std(conv_out))
+    )
+    for name in ("proj1", "proj2"):
+        kernel = tower[name]["kernel"]
+        tower[name]["kernel"] = kernel * (PROJECTOR_GAIN / np.sqrt(kernel.shape[0]) / float(jnp.std(kernel)))
     return params
 
 

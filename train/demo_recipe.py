@@ -10,13 +10,19 @@ and resumes an interrupted training stage from its newest checkpoint):
    exact word times, sentences spoken in one go (continuous), and the held-out val/test splits (unseen sentences,
    unseen voice variants) in both styles;
 2. ``init``: the tokenizer-bearing checkpoint dirs and seeded initial weights (``train.demo_init``);
-3. ``asr_words``: the ASR model learns single words (``train/configs/demo_asr_words.toml``);
-4. ``asr``: sentences, phrases and continuous speech (``train/configs/demo_asr.toml``);
-5. ``aligner``: the aligner starts from the trained ASR model and learns the exact word times
+3. ``asr_ctc`` (A): the encoder learns to hear: CTC and per-frame targets, decoder skipped
+   (``train/configs/demo_asr_ctc.toml``); its gates stop the recipe if the audio is not used by step 1,000;
+4. ``asr_decoder`` (B): the decoder learns to write, encoder frozen (``demo_asr_decoder.toml``);
+5. ``asr`` (C): everything together at a low learning rate (``demo_asr.toml``);
+6. ``aligner``: the aligner starts from the trained ASR model and learns the exact word times
    (``train/configs/demo_aligner.toml``);
-6. ``evaluate``: the held-out report (``train.evaluate_demo``) on both test manifests;
-7. ``export``: the bf16 exports copied to ``<models>/qwen3-asr-demo`` and ``<models>/qwen3-forced-aligner-demo``
+7. ``evaluate``: the held-out report (``train.evaluate_demo``) on both test manifests;
+8. ``export``: the fp32 exports copied to ``<models>/qwen3-asr-demo`` and ``<models>/qwen3-forced-aligner-demo``
    with a model card each.
+
+A finished training stage's export is also copied to ``<stages>/<stage>`` (``train/stages`` by default, small
+enough to commit); a recipe started where that copy exists takes it instead of training the stage again, so an
+interrupted recipe goes on from its last finished stage on any machine.
 
 Every count and path of the recipe is a constant here or an option, so the shipped models are one command away.
 """
@@ -48,7 +54,15 @@ SYNTH_COUNTS = {
 }
 SEED = 0
 CONFIGS = Path(__file__).resolve().parent / "configs"
-STAGES = ("synth", "init", "asr_words", "asr", "aligner", "evaluate", "export")
+STAGES = ("synth", "init", "asr_ctc", "asr_decoder", "asr", "aligner", "evaluate", "export")
+# Training stages: (config file, run name).
+TRAINING = {
+    "asr_ctc": ("demo_asr_ctc.toml", "demo_asr_ctc"),
+    "asr_decoder": ("demo_asr_decoder.toml", "demo_asr_decoder"),
+    "asr": ("demo_asr.toml", "demo_asr"),
+    "aligner": ("demo_aligner.toml", "demo_aligner"),
+}
+STAGE_EXPORTS = Path(__file__).resolve().parent / "stages"
 
 
 def run(command: Sequence[str], log: Path) -> None:
@@ -86,6 +100,7 @@ class Recipe:
         self.data = Path(args.data)
         self.runs = Path(args.runs)
         self.models = Path(args.models)
+        self.stages = Path(args.stages)
         self.workers = args.workers
         self.smoke = args.smoke
         self.counts = (
@@ -116,39 +131,47 @@ class Recipe:
         counts = [f"--{name}={count}" for name, count in self.counts.items()]
         run(["-m", "train.synth", "--out", str(self.data), f"--seed={SEED}", f"--workers={self.workers}",
              *counts], self.log)  # fmt: skip
+        d = self.data
+        combine_manifests([d / "train.jsonl", d / "train_continuous.jsonl"], d / "train_asr.jsonl")
         combine_manifests(
-            [self.data / "train.jsonl", self.data / "train_continuous.jsonl"], self.data / "train_asr.jsonl"
+            [d / "words.jsonl", d / "train.jsonl", d / "train_continuous.jsonl"], d / "train_ctc.jsonl"
         )
+        combine_manifests([d / "val.jsonl", d / "val_continuous.jsonl"], d / "val_all.jsonl")
 
     def init(self) -> None:
         run(["-m", "train.demo_init", "--init-weights", str(self.data)], self.log)
 
-    def asr_words(self) -> None:
-        run(["-m", "train", "--config", str(CONFIGS / "demo_asr_words.toml"),
-             f'model.checkpoint="{self.data / "asr_init"}"', f'data.train_manifest="{self.data / "words.jsonl"}"',
-             *self.train_overrides("demo_asr_words")], self.log)  # fmt: skip
+    def train_stage(self, stage: str, checkpoint: Path, train: str, evaluation: str = "val_all") -> None:
+        config, name = TRAINING[stage]
+        run(["-m", "train", "--config", str(CONFIGS / config), f'model.checkpoint="{checkpoint}"',
+             f'data.train_manifest="{self.data / f"{train}.jsonl"}"',
+             f'data.eval_manifest="{self.data / f"{evaluation}.jsonl"}"', *self.train_overrides(name)], self.log)  # fmt: skip
+
+    def export_dir(self, stage: str) -> Path:
+        return self.runs / TRAINING[stage][1] / "export"
+
+    def asr_ctc(self) -> None:
+        self.train_stage("asr_ctc", self.data / "asr_init", "train_ctc")
+
+    def asr_decoder(self) -> None:
+        self.train_stage("asr_decoder", self.export_dir("asr_ctc"), "train_asr")
 
     def asr(self) -> None:
-        run(["-m", "train", "--config", str(CONFIGS / "demo_asr.toml"),
-             f'model.checkpoint="{self.runs / "demo_asr_words" / "export"}"',
-             f'data.train_manifest="{self.data / "train_asr.jsonl"}"',
-             f'data.eval_manifest="{self.data / "val.jsonl"}"', *self.train_overrides("demo_asr")], self.log)  # fmt: skip
+        self.train_stage("asr", self.export_dir("asr_decoder"), "train_asr")
 
     def aligner(self) -> None:
         if not (self.data / "aligner_init" / "model.safetensors").exists() or not self.state.get(
             "aligner_init"
         ):
             run(["-m", "train.demo_init", "--init-weights", str(self.data),
-                 "--aligner-from", str(self.runs / "demo_asr" / "export")], self.log)  # fmt: skip
+                 "--aligner-from", str(self.export_dir("asr"))], self.log)  # fmt: skip
             self.state["aligner_init"] = True
             self.save()
-        run(["-m", "train", "--config", str(CONFIGS / "demo_aligner.toml"),
-             f'model.checkpoint="{self.data / "aligner_init"}"', f'data.train_manifest="{self.data / "train.jsonl"}"',
-             f'data.eval_manifest="{self.data / "val.jsonl"}"', *self.train_overrides("demo_aligner")], self.log)  # fmt: skip
+        self.train_stage("aligner", self.data / "aligner_init", "train", "val")
 
     def evaluate(self) -> None:
-        asr = str(self.runs / "demo_asr" / "export")
-        aligner = str(self.runs / "demo_aligner" / "export")
+        asr = str(self.export_dir("asr"))
+        aligner = str(self.export_dir("aligner"))
         run(["-m", "train.evaluate_demo", "--manifest", str(self.data / "test.jsonl"),
              "--continuous-manifest", str(self.data / "test_continuous.jsonl"),
              "--asr", asr, "--aligner", aligner, "--json", str(self.data / "heldout.json"),
@@ -176,7 +199,19 @@ class Recipe:
                 continue
             done = self.state["stages"].get(stage)
             if done and done.get("done") and not only:
-                print(f"[{stage}] done in an earlier run ({done['seconds']:.0f} s)", flush=True)
+                print(f"[{stage}] done in an earlier run ({done.get('seconds', 0):.0f} s)", flush=True)
+                continue
+            kept = self.stages / stage
+            if stage in TRAINING and (kept / "model.safetensors").exists() and not only:
+                # A finished stage's committed export: take it instead of training the stage again.
+                shutil.rmtree(self.export_dir(stage), ignore_errors=True)
+                shutil.copytree(kept, self.export_dir(stage))
+                record = (
+                    json.loads((kept / "stage.json").read_text()) if (kept / "stage.json").exists() else {}
+                )
+                self.state["stages"][stage] = {**record, "done": True, "from": str(kept)}
+                self.save()
+                print(f"[{stage}] taken from {kept}", flush=True)
                 continue
             print(f"[{stage}] starting (load average {os.getloadavg()[0]:.2f})", flush=True)
             started = time.monotonic()
@@ -184,8 +219,12 @@ class Recipe:
             seconds = time.monotonic() - started
             self.state["stages"][stage] = {"done": True, "seconds": round(seconds, 1)}
             self.save()
+            if stage in TRAINING and not self.smoke:
+                shutil.rmtree(kept, ignore_errors=True)
+                shutil.copytree(self.export_dir(stage), kept)
+                (kept / "stage.json").write_text(json.dumps(self.state["stages"][stage]) + "\n")
             print(f"[{stage}] done in {seconds:.0f} s", flush=True)
-        total = sum(s["seconds"] for s in self.state["stages"].values())
+        total = sum(s.get("seconds", 0.0) for s in self.state["stages"].values())
         print(f"recipe: {total / 60:.1f} min of wall time over all stages", flush=True)
 
 
@@ -252,7 +291,7 @@ def model_card(kind: str, report: dict[str, Any], state: dict[str, Any]) -> str:
     config = demo_init.asr_config() if kind == "asr" else demo_init.aligner_config()
     stages = state["stages"]
     times = _table([["stage", "wall time (min)"]]
-                   + [[name, f"{s['seconds'] / 60:.1f}"] for name, s in stages.items() if name != "export"])  # fmt: skip
+                   + [[name, f"{s.get('seconds', 0) / 60:.1f}"] for name, s in stages.items() if name != "export"])  # fmt: skip
     what = (
         "a Qwen3-ASR model (transcription with language identification)"
         if kind == "asr"
@@ -262,7 +301,7 @@ def model_card(kind: str, report: dict[str, Any], state: dict[str, Any]) -> str:
     return f"""# {demo_paths.DIR_NAMES[kind]}
 
 A small demo of {what} with the released architecture and checkpoint layout (config.json, model.safetensors in
-bf16, tokenizer and processor files): the official `qwen-asr` package loads it as it loads a released
+fp32, tokenizer and processor files): the official `qwen-asr` package loads it as it loads a released
 checkpoint. It was trained from scratch on synthetic espeak-ng speech in **English and German only** and knows
 only the few hundred words of its grammar (`train/synth.py`): it lets the programs run and show real output on a
 machine without a released checkpoint. For real speech use Qwen/Qwen3-ASR-0.6B or Qwen/Qwen3-ForcedAligner-0.6B.
@@ -299,6 +338,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--runs", default="data/runs", help="training runs (default data/runs)")
     parser.add_argument("--models", default="models", help="where the finished models go (default models)")
+    parser.add_argument("--stages", default=str(STAGE_EXPORTS),
+                        help="where finished stages' exports are kept and taken from (default train/stages)")  # fmt: skip
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="synthesis processes")
     parser.add_argument(
         "--smoke", action="store_true", help="a few utterances and two steps per stage (checks the plumbing)"

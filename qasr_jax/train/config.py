@@ -30,7 +30,8 @@ class ModelConfig:
     dtype: compute dtype ("float32", "bfloat16"); param_dtype: master weights (keep "float32").
     remat: "none" or "layers" (recompute each layer's activations in the backward pass).
     freeze: parts kept fixed: any of "encoder" (audio tower and projector), "decoder" (embeddings, decoder
-        layers, head).
+        layers, head), "decoder_layers" (the decoder's layers and final norm, not the embeddings: a CTC-only
+        stage trains the tied embeddings and leaves the unused layers as they are).
     """
 
     checkpoint: str = ""
@@ -97,17 +98,34 @@ class MeshConfig:
 class RunConfig:
     """The loop. objective: "asr" (next-token loss on the target) or "aligner" (classes at timestamp slots).
 
-    ctc_weight: ASR only; > 0 adds that times a CTC loss of the transcript's tokens on the audio embeddings read
-    through the model's own head (the tied embedding; ``<tts_pad>``, unused in transcription, is the blank). It
-    adds no parameters and leaves the released layout as it is; it teaches the encoder to spell out the speech
-    monotonically, which a model trained from scratch learns far faster than through the decoder alone.
+    ce_weight: the weight of the cross-entropy of the targets (per target token). 0 (ASR only) skips the
+    decoder's forward pass: the encoder then learns from CTC alone.
+    ctc_weight: ASR only; > 0 adds that times a CTC loss (per label) of the row's words (``ctc_text``) on the
+    audio embeddings, RMS-normalised and read through the model's own head (the tied embedding;
+    ``<tts_pad>``, unused in transcription, is the blank). It adds no parameters and leaves the released layout
+    as it is; it teaches the encoder to spell out the speech monotonically, which a model trained from scratch
+    learns far faster than through the decoder alone. It needs a trainable encoder.
+    frame_weight: ASR only; > 0 adds that times a per-frame CE on the same CTC logits: on rows with word times
+    (``words`` in the manifest, one per spoken word), each encoder output token's target is the label of the
+    word under it, the blank between words. A dense signal from the first step, it lets the encoder leave the
+    all-blank start of CTC at once.
+    stop_when: "METRIC OP VALUE" (e.g. "ctc_wer <= 0.25"): the run ends (checkpoint, export) at the first
+    evaluation that meets it. gates: "STEP: METRIC OP VALUE" go/no-go checks (e.g. "1000: ctc_gap_ratio >=
+    0.1"), read at the first evaluation at or after STEP; a failed gate ends the run with ``GateFailed``.
+    ctc_merges: > 0 spells the CTC labels with only the tokenizer's first that many BPE merges (smaller pieces,
+    each still an id of the vocabulary, shared between words); 0 uses the full tokenizer.
 
     Steps count optimizer updates. ``eval_every``/``save_every`` 0 = never (a final checkpoint is always
     written). ``export_dir``: write the trained model in the released layout there at the end.
     """
 
     objective: str = "asr"
+    ce_weight: float = 1.0
     ctc_weight: float = 0.0
+    ctc_merges: int = 0
+    frame_weight: float = 0.0
+    stop_when: str = ""
+    gates: tuple[str, ...] = ()
     output_dir: str = "runs/default"
     steps: int = 1000
     seed: int = 0
@@ -220,9 +238,9 @@ def _validate(c: TrainConfig, source: str) -> None:
     if not c.model.checkpoint:
         problems.append("model.checkpoint is required (a dir with config.json and tokenizer files)")
     for part in c.model.freeze:
-        if part not in ("encoder", "decoder"):
-            problems.append(f"model.freeze: {part!r} is not 'encoder' or 'decoder'")
-    if set(c.model.freeze) == {"encoder", "decoder"}:
+        if part not in ("encoder", "decoder", "decoder_layers"):
+            problems.append(f"model.freeze: {part!r} is not 'encoder', 'decoder' or 'decoder_layers'")
+    if {"encoder", "decoder"} <= set(c.model.freeze):
         problems.append("model.freeze: freezing both the encoder and the decoder leaves nothing to train")
     if not c.data.train_manifest:
         problems.append("data.train_manifest is required")
@@ -244,6 +262,26 @@ def _validate(c: TrainConfig, source: str) -> None:
         problems.append("data.max_audio_seconds must be positive")
     if c.run.ctc_weight < 0 or (c.run.ctc_weight > 0 and c.run.objective != "asr"):
         problems.append("run.ctc_weight must be >= 0, and 0 unless run.objective is 'asr'")
+    if c.run.ce_weight < 0 or (c.run.ce_weight == 0 and c.run.objective != "asr"):
+        problems.append("run.ce_weight must be >= 0, and positive unless run.objective is 'asr'")
+    if c.run.frame_weight < 0 or (c.run.frame_weight > 0 and c.run.objective != "asr"):
+        problems.append("run.frame_weight must be >= 0, and 0 unless run.objective is 'asr'")
+    if c.run.ce_weight == 0 and c.run.ctc_weight == 0 and c.run.frame_weight == 0:
+        problems.append("run.ce_weight and run.ctc_weight are both 0: there is nothing to learn")
+    if c.run.ctc_weight > 0 and "encoder" in c.model.freeze:
+        problems.append(
+            "run.ctc_weight > 0 with model.freeze = ['encoder']: CTC would only move the tied embeddings; "
+            "set run.ctc_weight = 0 to train the decoder on a frozen encoder"
+        )
+    if c.run.ce_weight == 0 and "encoder" in c.model.freeze:
+        problems.append("run.ce_weight = 0 with a frozen encoder leaves nothing to train")
+    for text in ([c.run.stop_when] if c.run.stop_when else []) + list(c.run.gates):
+        try:
+            parse_condition(text, gate=text in c.run.gates)
+        except ValueError as error:
+            problems.append(str(error))
+    if (c.run.stop_when or c.run.gates) and not (c.data.eval_manifest and c.run.eval_every):
+        problems.append("run.stop_when and run.gates need data.eval_manifest and run.eval_every")
     if c.optim.learning_rate <= 0:
         problems.append("optim.learning_rate must be positive")
     if c.data.batch_size % c.optim.grad_accum:
@@ -256,6 +294,45 @@ def _validate(c: TrainConfig, source: str) -> None:
         problems.append("warmup_steps, eval_every, save_every and prefetch must be >= 0")
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
+
+
+_OPERATORS = {"<=": float.__le__, "<": float.__lt__, ">=": float.__ge__, ">": float.__gt__}
+
+
+@dataclasses.dataclass(frozen=True)
+class Condition:
+    """``metric op value`` on evaluation metrics, from ``step`` on (gates; 0 for stop_when)."""
+
+    text: str
+    metric: str
+    op: str
+    value: float
+    step: int = 0
+
+    def holds(self, metrics: Mapping[str, float]) -> bool | None:
+        """Whether ``metrics`` meet it; None when the metric is not among them."""
+        if self.metric not in metrics:
+            return None
+        return bool(_OPERATORS[self.op](float(metrics[self.metric]), self.value))
+
+
+def parse_condition(text: str, gate: bool = False) -> Condition:
+    """A ``run.stop_when`` ("ctc_wer <= 0.25") or ``run.gates`` ("1000: ctc_gap_ratio >= 0.1") entry."""
+    what = "run.gates" if gate else "run.stop_when"
+    step, body = 0, text
+    if gate:
+        head, sep, body = text.partition(":")
+        if not sep or not head.strip().isdigit():
+            raise ValueError(f"{what}: {text!r} is not 'STEP: METRIC OP VALUE'")
+        step = int(head)
+    parts = body.split()
+    if len(parts) != 3 or parts[1] not in _OPERATORS:
+        raise ValueError(f"{what}: {text!r} is not 'METRIC OP VALUE' with OP one of {', '.join(_OPERATORS)}")
+    try:
+        value = float(parts[2])
+    except ValueError:
+        raise ValueError(f"{what}: {text!r}: {parts[2]!r} is not a number") from None
+    return Condition(text, parts[0], parts[1], value, step)
 
 
 def _parse_value(text: str) -> Any:

@@ -59,8 +59,12 @@ class Batch:
     ``waveforms [rows, (frames + 1) · 160]`` float32 and ``wave_lengths`` (samples); ``input_ids [rows,
     seq_len]`` (right-padded) and ``attention_mask``; ``label_positions [rows, label_len]`` (where each target is
     predicted), ``labels`` and ``label_weights`` (float32; 0 on padding, on zero-weight rows and on rows that
-    failed to load); ``ctc_labels``/``ctc_label_paddings [rows, label_len]`` (the transcript's tokens, 1 on
-    padding).
+    failed to load); ``ctc_labels``/``ctc_label_paddings [rows, label_len]`` (the row's CTC labels, 1 on
+    padding); ``text_weights [rows, label_len]``: ``label_weights`` on the targets that are transcript tokens, 0 on
+    the template around them (``language X<asr_text>``, ``<|im_end|>``), which needs no audio;
+    ``frame_labels``/``frame_weights [rows, audio tokens]``: on rows with word times, each encoder output token's
+    CTC label (the word under its centre, a word's labels spread evenly over its tokens; the blank between
+    words), weight 1 on the row's valid tokens; 0 elsewhere.
     """
 
     waveforms: Any
@@ -72,6 +76,9 @@ class Batch:
     label_weights: Any
     ctc_labels: Any
     ctc_label_paddings: Any
+    text_weights: Any = None
+    frame_labels: Any = None
+    frame_weights: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +117,10 @@ class Example:
     targets: tuple[int, ...]
     target_slots: tuple[int, ...]
     words: tuple[WordTime, ...] = ()
-    transcript: tuple[int, ...] = ()  # the text's tokens alone (ASR; the CTC labels)
+    transcript: tuple[int, ...] = ()  # the CTC labels (ASR): ``Tokenization.ctc_labels`` of the row's words
+    header_targets: int = 0  # leading targets that are the template (``language X<asr_text>``), not the text
+    # ASR rows with word times: (start s, end s, the word's CTC labels) per word (the frame targets).
+    word_labels: tuple[tuple[float, float, tuple[int, ...]], ...] = ()
 
     @property
     def seconds(self) -> float:
@@ -159,11 +169,16 @@ def header_samples(path: str) -> int:
 class Tokenization:
     """Builds the token sequences of both objectives for one tokenizer and model config."""
 
-    def __init__(self, tokenizer: text_io.Tokenizer, config: ThinkerConfig) -> None:
+    def __init__(self, tokenizer: text_io.Tokenizer, config: ThinkerConfig, ctc_merges: int = 0) -> None:
+        """``ctc_merges`` > 0: CTC labels are spelt with the tokenizer's first that many BPE merges only
+        (``Tokenizer.with_merges``): pieces shared between words instead of one id per word."""
         self.tokenizer = tokenizer
+        self.ctc_tokenizer = tokenizer.with_merges(ctc_merges) if ctc_merges > 0 else tokenizer
         self.config = config
         self.pad_id = tokenizer.endoftext_id
         self.audio_pad_id = tokenizer.audio_pad_id
+        # Pieces that spell only whitespace (a lone "Ġ" before a digit): no sound of their own.
+        self.space_ids = frozenset(t for t in tokenizer.encode(" ", allow_special=False))
 
     def asr(self, text: str, language: str | None, context: str) -> tuple[list[int], list[int], list[int]]:
         """(template, targets, slots): the prompt with one audio pad, then ``language X<asr_text>text<|im_end|>``.
@@ -176,6 +191,23 @@ class Tokenization:
         target = [*header, *self.tokenizer.encode(text, allow_special=False), self.tokenizer.im_end_id]
         slots = [len(prompt) - 1 + k for k in range(len(target))]
         return [*prompt, *target], target, slots
+
+    def ctc_labels(self, ctc_text: str) -> list[int]:
+        """The CTC labels of a transcript: each word's tokens as it is spelt mid-sentence (``" " + word``), with
+        pieces that are only a word separator dropped, so a word has the same labels wherever it stands."""
+        labels = []
+        for word in ctc_text.split():
+            pieces = self.ctc_tokenizer.encode(" " + word, allow_special=False)
+            if len(pieces) > 1 and pieces[0] in self.space_ids:
+                # A lone separator before the word's first piece: its spelling with the separator when the
+                # vocabulary has one (so labels still show where words start), else dropped (numbers).
+                joined = self.tokenizer.token_to_id(
+                    (self.tokenizer.id_to_token(pieces[0]) or "")
+                    + (self.tokenizer.id_to_token(pieces[1]) or "")
+                )
+                pieces = [joined, *pieces[2:]] if joined is not None else pieces[1:]
+            labels += [t for t in pieces if t not in self.space_ids]
+        return labels
 
     def aligner(self, words: Sequence[WordTime]) -> tuple[list[int], list[int], list[int]]:
         """(template, classes, slots): the aligner input; the class at each ``<timestamp>`` is its boundary time."""
@@ -262,11 +294,50 @@ def parse_row(
             template, targets, slots = tokens.aligner(words)
         else:
             template, targets, slots = tokens.asr(text.strip(), language, context)
-            transcript = tuple(tokens.tokenizer.encode(text.strip(), allow_special=False))
+            ctc_text = row.get("ctc_text")
+            if ctc_text is not None and not isinstance(ctc_text, str):
+                raise BadRow("invalid field: 'ctc_text' must be a string")
+            spoken = ctc_text if ctc_text is not None else spoken_words(text)
+            transcript = tuple(tokens.ctc_labels(spoken))
+            word_labels = _word_labels(row.get("words"), spoken, seconds, tokens)
+            header = len(tokens.tokenizer.encode(f"language {language or 'None'}{text_io.ASR_TEXT}"))
     except QasrError as error:
         raise BadRow(f"invalid text: {error}") from None
+    if objective == "aligner":
+        return Example(line, path, text.strip(), language, num_samples, tuple(template), tuple(targets),
+                       tuple(slots), words)  # fmt: skip
     return Example(line, path, text.strip(), language, num_samples, tuple(template), tuple(targets),
-                   tuple(slots), words, transcript if objective != "aligner" else ())  # fmt: skip
+                   tuple(slots), words, transcript, header, word_labels)  # fmt: skip
+
+
+def _word_labels(
+    raw: Any, spoken: str, seconds: float, tokens: Tokenization
+) -> tuple[tuple[float, float, tuple[int, ...]], ...]:
+    """The frame targets of an ASR row: its ``words`` times paired with its spoken words' CTC labels, or ()
+    when the row has no usable times (continuous speech) or they do not pair up one to one."""
+    spoken_list = spoken.split()
+    if not isinstance(raw, list) or not raw or len(raw) != len(spoken_list):
+        return ()
+    out = []
+    for item, word in zip(raw, spoken_list):
+        try:
+            start, end = float(item["start"]), float(item["end"])
+        except (KeyError, TypeError, ValueError):
+            return ()
+        if not 0.0 <= start < end <= seconds + 1e-3:
+            return ()
+        out.append((start, end, tuple(tokens.ctc_labels(word))))
+    return tuple(out)
+
+
+def spoken_words(text: str) -> str:
+    """CTC text of a row without ``ctc_text``: the words without punctuation, the first letter lower-cased when
+    the second is (sentence case), so "The dog." and "the dog" give the same labels ("I", "USA" stay)."""
+    words = ["".join(c for c in w if c.isalnum() or c == "'") for w in text.split()]
+    words = [w for w in words if w]
+    if words and len(words[0]) > 1 and words[0][0].isupper() and words[0][1].islower():
+        words[0] = words[0][0].lower() + words[0][1:]
+    return " ".join(words)
 
 
 def read_manifest(
@@ -316,8 +387,9 @@ class Shapes:
         self.config = config
         self.token_multiple = token_multiple
         self.label_multiple = label_multiple
-        # The encoder pads audio to whole attention windows anyway, so frames come in whole windows.
-        self.window_frames = config.audio.window_frames
+        # Frames come in whole encoder chunks (1 s); the training forward pass narrows the attention window to a
+        # batch shorter than one window (``losses.training_window``), so short clips pay for no window padding.
+        self.chunk_frames = config.audio.chunk_frames
 
     def frames(self, example: Example) -> int:
         return audio_io.num_frames(padded_samples(example.num_samples))
@@ -339,9 +411,11 @@ class Shapes:
             step=step,
             rows=tuple(rows),
             weights=tuple(float(w) for w in weights),
-            frames=buckets.round_up(max(self.frames(e) for e in chosen), self.window_frames),
+            frames=buckets.round_up(max(self.frames(e) for e in chosen), self.chunk_frames),
             seq_len=buckets.round_up(max(self.seq_len(e) for e in chosen), self.token_multiple),
-            label_len=buckets.round_up(max(len(e.targets) for e in chosen), self.label_multiple),
+            label_len=buckets.round_up(
+                max(max(len(e.targets), len(e.transcript)) for e in chosen), self.label_multiple
+            ),
         )
 
 
@@ -438,11 +512,22 @@ class BatchLoader:
     """Host arrays of this process's rows of a BatchSpec (a grain map transform): a ``LoadedBatch``."""
 
     def __init__(
-        self, examples: Sequence[Example], tokens: Tokenization, process_rows: slice | None = None
+        self,
+        examples: Sequence[Example],
+        tokens: Tokenization,
+        process_rows: slice | None = None,
+        blank_id: int | None = None,
     ) -> None:
+        """``blank_id``: the CTC blank, which frame targets put between words (None: no frame targets)."""
         self.examples = examples
         self.tokens = tokens
         self.process_rows = process_rows
+        self.blank_id = blank_id
+
+    def audio_tokens(self, frames: int) -> int:
+        """Encoder output tokens of a batch ``frames`` wide (whole chunks: the encoder's padded output)."""
+        config = self.tokens.config.audio
+        return -(-frames // config.chunk_frames) * config.tokens_per_chunk
 
     def __call__(self, spec: BatchSpec) -> LoadedBatch:
         rows = spec.rows if self.process_rows is None else spec.rows[self.process_rows]
@@ -459,6 +544,9 @@ class BatchLoader:
             label_weights=np.zeros((n, spec.label_len), np.float32),
             ctc_labels=np.zeros((n, spec.label_len), np.int32),
             ctc_label_paddings=np.ones((n, spec.label_len), np.float32),
+            text_weights=np.zeros((n, spec.label_len), np.float32),
+            frame_labels=np.zeros((n, self.audio_tokens(spec.frames)), np.int32),
+            frame_weights=np.zeros((n, self.audio_tokens(spec.frames)), np.float32),
         )
         failed = np.zeros((n,), bool)
         for r, (index, weight) in enumerate(zip(rows, weights)):
@@ -480,6 +568,9 @@ class BatchLoader:
             batch.labels,
             batch.label_weights,
             batch.ctc_labels,
+            batch.text_weights,
+            batch.frame_labels,
+            batch.frame_weights,
         ):
             array[r] = 0
         batch.ctc_label_paddings[r] = 1
@@ -507,9 +598,35 @@ class BatchLoader:
         batch.label_positions[r, :k] = slots
         batch.labels[r, :k] = example.targets
         batch.label_weights[r, :k] = weight
-        n = len(example.transcript)  # shorter than the targets, which hold it
+        if example.transcript:  # ASR: the transcript's targets sit between the header and <|im_end|>
+            batch.text_weights[r, example.header_targets : k - 1] = weight
+        if example.word_labels and self.blank_id is not None:
+            batch.frame_labels[r, :audio_tokens] = frame_targets(
+                example.word_labels, audio_tokens, self.tokens.config.audio, self.blank_id
+            )
+            batch.frame_weights[r, :audio_tokens] = weight
+        n = len(example.transcript)
         batch.ctc_labels[r, :n] = example.transcript
         batch.ctc_label_paddings[r, :n] = 0.0
+
+
+def frame_targets(
+    word_labels: Sequence[tuple[float, float, Sequence[int]]], tokens: int, config: Any, blank_id: int
+) -> np.ndarray:
+    """``[tokens]`` int32: the CTC label under each encoder output token's centre (token j of chunk c covers mel
+    frames c·C + 8j … 8j + 7, its centre at (c·C + 8j + 4) / 100 s); a word's labels split its tokens evenly in
+    order; tokens outside every word get the blank."""
+    chunk, per_chunk = config.chunk_frames, config.tokens_per_chunk
+    index = np.arange(tokens)
+    centre = ((index // per_chunk) * chunk + 8 * (index % per_chunk) + 4) / 100.0
+    out = np.full(tokens, blank_id, np.int32)
+    for start, end, labels in word_labels:
+        inside = np.flatnonzero((centre >= start) & (centre < end))
+        if not len(labels) or not len(inside):
+            continue
+        for part, label in zip(np.array_split(inside, len(labels)), labels):
+            out[part] = label
+    return out
 
 
 def _expand(template: Sequence[int], audio_pad_id: int, audio_tokens: int) -> list[int]:
@@ -539,6 +656,7 @@ __all__ = [
     "Tokenization",
     "WordTime",
     "eval_specs",
+    "frame_targets",
     "header_samples",
     "load_samples",
     "read_manifest",

@@ -26,6 +26,7 @@ from qasr_jax import audio as audio_io
 from qasr_jax import buckets, sharding
 from qasr_jax import text as text_io
 from qasr_jax.engine import DecodeOptions, Engine, GenerationRequest
+from qasr_jax.train import losses
 from qasr_jax.train.data import Batch, BatchLoader, Example, Shapes, eval_specs, load_samples
 from qasr_jax.train.step import Trainer
 
@@ -116,6 +117,22 @@ def boundary_shift_ms(
     return np.abs(predicted - reference)
 
 
+def label_words(tokenizer: text_io.Tokenizer, ids: Sequence[int]) -> list[str]:
+    """CTC labels (``Tokenization.ctc_labels``) back to words: a word starts at a piece spelt with a leading
+    space ("Ġ") or at a digit after a non-digit (numbers lose their lone space piece in the labels)."""
+    groups: list[list[int]] = []
+    previous_digit = False
+    for token in ids:
+        piece = tokenizer.id_to_token(int(token)) or ""
+        digit = piece[:1].isdigit()
+        if not groups or piece.startswith("Ġ") or (digit and not previous_digit):
+            groups.append([])
+        groups[-1].append(int(token))
+        previous_digit = digit
+    words = (tokenizer.decode(g, skip_special_tokens=True).strip() for g in groups)
+    return [w for w in words if w]
+
+
 class Evaluator:
     """Evaluates params on a held-out set of examples (every process loads whole batches; they are small)."""
 
@@ -129,7 +146,10 @@ class Evaluator:
         objective: str,
         tokenizer: text_io.Tokenizer,
         max_new_tokens: int = 64,
+        transcribe: bool = True,
     ) -> None:
+        """``transcribe``: decode greedy transcripts for WER (off while the decoder is not trained). ASR sets
+        also get the audio-use gauge and the greedy CTC WER (``audio_use``)."""
         self.trainer = trainer
         self.examples = list(examples)
         self.loader = loader
@@ -138,6 +158,7 @@ class Evaluator:
         self.objective = objective
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
+        self.decode_transcripts = transcribe
         self.options = DecodeOptions(eos_token_ids=(tokenizer.im_end_id, tokenizer.endoftext_id),
                                      pad_token_id=tokenizer.endoftext_id)  # fmt: skip
         self.engine = Engine(trainer.config, options=self.options, mesh=trainer.mesh, sharding_rules=trainer.rules,
@@ -150,10 +171,28 @@ class Evaluator:
         """Token-mean loss and accuracy over the set, and each example's argmax at its targets."""
         ce = weight = correct = 0.0
         predicted = []
+        gauge: dict[str, float] = {}
+        ctc_counts = ErrorCounts()
         for spec in self.specs:
             loaded = self.loader(spec)
-            classes, sums = self.trainer.eval_step(params, self._place(loaded.batch))
+            placed = self._place(loaded.batch)
+            classes, sums = self.trainer.eval_step(params, placed)
             classes, sums = jax.device_get((classes, sums))
+            if self.objective == "asr":
+                use = jax.device_get(self.trainer.audio_use(params, placed))
+                for key in ("text_ce", "rolled_text_ce", "text_weight", "ctc", "rolled_ctc", "ctc_labels"):
+                    gauge[key] = gauge.get(key, 0.0) + float(use[key])
+                for r, (index, w) in enumerate(zip(spec.rows, spec.weights)):
+                    if w > 0 and not loaded.failed[r]:
+                        example = self.examples[index]
+                        path = losses.greedy_ctc(
+                            use["ctc_argmax"][r],
+                            int(use["audio_lengths"][r]),
+                            self.trainer.objective.blank_id,
+                        )
+                        reference = " ".join(label_words(self.tokenizer, example.transcript))
+                        hypothesis = " ".join(label_words(self.tokenizer, path))
+                        ctc_counts.add(reference, hypothesis, example.language)
             ce, weight, correct = (
                 ce + float(sums["ce_sum"]),
                 weight + float(sums["weight"]),
@@ -164,6 +203,23 @@ class Evaluator:
                     example = self.examples[index]
                     predicted.append((example, classes[r, : len(example.targets)]))
         metrics = {"loss": ce / max(weight, 1e-9), "accuracy": correct / max(weight, 1e-9), "targets": weight}
+        if gauge:
+            text_weight, labels = max(gauge["text_weight"], 1e-9), max(gauge["ctc_labels"], 1e-9)
+            metrics.update(
+                text_ce=gauge["text_ce"] / text_weight,
+                rolled_text_ce=gauge["rolled_text_ce"] / text_weight,
+                ctc=gauge["ctc"] / labels,
+                rolled_ctc=gauge["rolled_ctc"] / labels,
+            )
+            # The audio-use gap: how much worse each loss gets when a row hears another row's audio.
+            metrics["text_ce_gap"] = metrics["rolled_text_ce"] - metrics["text_ce"]
+            metrics["ctc_gap"] = metrics["rolled_ctc"] - metrics["ctc"]
+            metrics["ctc_gap_ratio"] = metrics["ctc_gap"] / max(metrics["rolled_ctc"], 1e-9)
+            rates = ctc_counts.rates()
+            if "wer" in rates:
+                metrics["ctc_wer"] = rates["wer"]
+            if "cer" in rates:
+                metrics["ctc_cer"] = rates["cer"]
         return metrics, predicted
 
     def transcribe(self, params: Any, examples: Sequence[Example]) -> list[tuple[str, str]]:
@@ -198,6 +254,8 @@ class Evaluator:
             if shifts:
                 metrics["boundary_shift_ms"] = float(np.mean(np.concatenate(shifts)))
             return metrics
+        if not self.decode_transcripts:
+            return metrics
         examples = [e for e, _ in predicted]
         counts = ErrorCounts()
         language_hits = language_total = 0
@@ -218,6 +276,7 @@ __all__ = [
     "Evaluator",
     "boundary_shift_ms",
     "edit_distance",
+    "label_words",
     "normalize_text",
     "scoring_units",
 ]

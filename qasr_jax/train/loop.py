@@ -23,12 +23,18 @@ from qasr_jax import text as text_io
 from qasr_jax.config import load_config
 from qasr_jax.train import data as data_lib
 from qasr_jax.train.checkpointing import Checkpoints
-from qasr_jax.train.config import TrainConfig, config_to_dict
+from qasr_jax.train.config import TrainConfig, config_to_dict, parse_condition
 from qasr_jax.train.evaluate import Evaluator
+from qasr_jax.train.losses import Objective
 from qasr_jax.train.metrics import MetricsWriter, Progress
 from qasr_jax.train.step import StepCallback, Trainer
 
 log = logging.getLogger("qasr_jax.train")
+
+
+class GateFailed(RuntimeError):
+    """A ``run.gates`` check failed: the run stops (its last checkpoint stays) and says which and by how much."""
+
 
 # The CTC blank of the auxiliary loss: an added token of the released vocabulary that transcription never uses.
 CTC_BLANK_TOKEN = "<tts_pad>"
@@ -67,7 +73,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[StepCallback] = ()) -> dict[str,
             f"({'an aligner' if config.is_aligner else 'an ASR model'})"
         )
     tokenizer = text_io.Tokenizer.from_pretrained(cfg.model.checkpoint)
-    tokens = data_lib.Tokenization(tokenizer, config)
+    tokens = data_lib.Tokenization(tokenizer, config, cfg.run.ctc_merges)
     shapes = data_lib.Shapes(config, cfg.data.token_multiple, cfg.data.label_multiple)
     train_report = data_lib.read_manifest(
         cfg.data.train_manifest, tokens, cfg.run.objective, cfg.data.max_audio_seconds
@@ -75,17 +81,17 @@ def train(cfg: TrainConfig, callbacks: Sequence[StepCallback] = ()) -> dict[str,
     plan = data_lib.BatchPlan(
         train_report.examples, shapes, cfg.data.batch_size, cfg.run.steps, cfg.data.seed, cfg.data.sort_window
     )
-    loader = data_lib.BatchLoader(plan.examples, tokens, sharding.process_rows(cfg.data.batch_size))
+    blank = tokenizer.token_to_id(CTC_BLANK_TOKEN)
+    loader = data_lib.BatchLoader(plan.examples, tokens, sharding.process_rows(cfg.data.batch_size),
+                                  blank if cfg.run.frame_weight > 0 else None)  # fmt: skip
     batches = data_lib.train_iterator(plan, loader, cfg.data.num_threads, cfg.data.prefetch)
 
-    blank = tokenizer.token_to_id(CTC_BLANK_TOKEN)
-    if cfg.run.ctc_weight > 0 and blank is None:
+    if (cfg.run.ctc_weight > 0 or cfg.run.frame_weight > 0) and blank is None:
         raise ValueError(
-            f"run.ctc_weight needs the token {CTC_BLANK_TOKEN} in {cfg.model.checkpoint}'s tokenizer"
+            f"run.ctc_weight and run.frame_weight need the token {CTC_BLANK_TOKEN} in {cfg.model.checkpoint}'s tokenizer"
         )
-    trainer = Trainer(
-        config, cfg.model, cfg.optim, cfg.run.steps, mesh, rules, cfg.run.ctc_weight, blank or 0
-    )
+    objective = Objective(cfg.run.ce_weight, cfg.run.ctc_weight, blank or 0, cfg.run.frame_weight)
+    trainer = Trainer(config, cfg.model, cfg.optim, cfg.run.steps, mesh, rules, objective)
     evaluator = None
     if cfg.data.eval_manifest:
         eval_report = data_lib.read_manifest(
@@ -95,6 +101,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[StepCallback] = ()) -> dict[str,
             evaluator = Evaluator(
                 trainer, eval_report.examples, data_lib.BatchLoader(eval_report.examples, tokens), shapes,
                 cfg.data.eval_batch_size, cfg.run.objective, tokenizer, cfg.run.eval_max_new_tokens,
+                transcribe=cfg.run.ce_weight > 0,
             )  # fmt: skip
 
     checkpoints = Checkpoints(
@@ -103,10 +110,17 @@ def train(cfg: TrainConfig, callbacks: Sequence[StepCallback] = ()) -> dict[str,
     metrics_log = MetricsWriter(os.path.join(run_dir, "metrics.jsonl"), enabled=is_main)
     latest = checkpoints.latest_step()
     bad_rows = 0
+    stopped = None
+    stop_marker = os.path.join(run_dir, "stopped.json")
     if latest is not None:
         state, data_state, meta = checkpoints.restore(latest, trainer.abstract_state())
         batches.set_state(data_state)
         bad_rows = int(meta.get("bad_rows", 0))
+        if os.path.exists(stop_marker):
+            with open(stop_marker, encoding="utf-8") as f:
+                marker = json.load(f)
+            if marker.get("step") == latest:
+                stopped = marker.get("stop_when")
         log.info("resumed from %s at step %d", checkpoints.directory, latest)
     else:
         state = trainer.init_state(_load_params(cfg, trainer))
@@ -115,6 +129,10 @@ def train(cfg: TrainConfig, callbacks: Sequence[StepCallback] = ()) -> dict[str,
             **{f"skipped/{k}": v for k, v in train_report.reasons.items()},
         })  # fmt: skip
     start = int(jax.device_get(state.step))
+    stop_when = parse_condition(cfg.run.stop_when) if cfg.run.stop_when else None
+    gates = [parse_condition(text, gate=True) for text in cfg.run.gates]
+    # Gates whose step has passed were checked before the interruption this run resumes from.
+    open_gates = [g for g in gates if g.step > start]
 
     progress = Progress(cfg.run.steps, initial=start, enabled=cfg.run.progress and is_main)
     pending: list[tuple[int, dict[str, jax.Array], dict[str, float]]] = []
@@ -122,6 +140,9 @@ def train(cfg: TrainConfig, callbacks: Sequence[StepCallback] = ()) -> dict[str,
     last_eval: dict[str, Any] = {}
     interval_start = time.perf_counter()
     step = start
+    if stopped and stopped == cfg.run.stop_when:
+        log.info("the run ended at step %d (stop_when %r was met); exporting", start, stopped)
+        step = cfg.run.steps
     try:
         while step < cfg.run.steps:
             loaded = next(batches)
@@ -146,6 +167,29 @@ def train(cfg: TrainConfig, callbacks: Sequence[StepCallback] = ()) -> dict[str,
             ):
                 last_eval = evaluator.evaluate(state.params)
                 metrics_log.write("eval", step, last_eval)
+                for gate in [g for g in open_gates if g.step <= step]:
+                    open_gates.remove(gate)
+                    held = gate.holds(last_eval)
+                    metrics_log.write("gate", step, {"passed": float(bool(held)),
+                                                     gate.metric: float(last_eval.get(gate.metric, "nan"))})  # fmt: skip
+                    if not held:
+                        checkpoints.wait()
+                        raise GateFailed(
+                            f"gate {gate.text!r} failed at step {step}: {gate.metric} = "
+                            f"{last_eval.get(gate.metric, 'not measured')}"
+                        )
+                    log.info("gate %r passed at step %d", gate.text, step)
+                if stop_when is not None and stop_when.holds(last_eval):
+                    log.info("stop_when %r met at step %d: %s = %s", stop_when.text, step, stop_when.metric,
+                             last_eval[stop_when.metric])  # fmt: skip
+                    if not (cfg.run.save_every and step % cfg.run.save_every == 0):
+                        checkpoints.save(step, state, batches.get_state(), {"bad_rows": bad_rows})
+                    checkpoints.wait()
+                    # A marker beside the checkpoints: a rerun exports this step instead of training on.
+                    if is_main:
+                        with open(stop_marker, "w", encoding="utf-8") as f:
+                            json.dump({"step": step, "stop_when": stop_when.text}, f)
+                    break
         checkpoints.wait()
         if cfg.run.export_dir:
             out = weights.export_pretrained(
@@ -181,9 +225,10 @@ def _flush(
             bad_rows=bad_rows,
         )
         metrics_log.write("train", step, record, echo=i == len(pending) - 1)
-    progress.update(len(pending), loss=record["loss"], ex_per_s=record["examples_per_second"])
+    progress.update(len(pending), loss=record.get("loss", record.get("ctc_loss")),
+                    ex_per_s=record["examples_per_second"])  # fmt: skip
     pending.clear()
     return record
 
 
-__all__ = ["train"]
+__all__ = ["GateFailed", "train"]

@@ -13,6 +13,7 @@ from qasr_jax.train.config import OptimConfig
 PARTS: dict[str, tuple[str, ...]] = {
     "encoder": ("audio_tower",),
     "decoder": ("embed_tokens", "decoder", "lm_head"),
+    "decoder_layers": ("decoder",),
 }
 
 

@@ -72,13 +72,11 @@ class Trainer:
         total_steps: int,
         mesh: Mesh,
         rules: sharding.Rules = sharding.DEFAULT_RULES,
-        ctc_weight: float = 0.0,
-        ctc_blank_id: int = 0,
+        objective: losses.Objective | None = None,
     ) -> None:
-        """``ctc_weight``/``ctc_blank_id``: the auxiliary CTC loss of ASR training (``losses.loss_sums``)."""
+        """``objective``: the loss weights (``losses.Objective``; None: CE only)."""
         self.config = config
-        self.ctc_weight = float(ctc_weight)
-        self.ctc_blank_id = int(ctc_blank_id)
+        self.objective = objective or losses.Objective()
         self.model = build_model(config, model_cfg)
         self.mesh = mesh
         self.rules = rules
@@ -114,6 +112,10 @@ class Trainer:
             self._train_step, out_shardings=(self.state_shardings, replicated), donate_argnums=0
         )
         self._eval = jax.jit(self._eval_step, out_shardings=replicated)
+        self._audio_use = jax.jit(
+            lambda params, batch: losses.audio_use(self.model, params, batch, self.objective.blank_id),
+            out_shardings=replicated,
+        )
 
     # -- state --
 
@@ -165,9 +167,22 @@ class Trainer:
 
     def _train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
 
+        # Each loss is divided by its total over the whole batch, so the micro-batches' gradients add up.
+        ce_total = jnp.maximum(jnp.sum(batch.label_weights.astype(jnp.float32)), 1e-9)
+        ctc_total = jnp.maximum(losses.ctc_label_count(self.config.audio, batch), 1e-9)
+        frame_total = None
+        if batch.frame_weights is not None:
+            frame_total = jnp.maximum(jnp.sum(batch.frame_weights.astype(jnp.float32)), 1e-9)
+
         def objective(params: Any, micro: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
             return losses.loss_sums(
-                self.model, self._masked_params(params), micro, self.ctc_weight, self.ctc_blank_id
+                self.model,
+                self._masked_params(params),
+                micro,
+                self.objective,
+                ce_total,
+                ctc_total,
+                frame_total,
             )
 
         grad_fn = jax.value_and_grad(objective, has_aux=True)
@@ -189,19 +204,22 @@ class Trainer:
             )
             (grads, counts), _ = jax.lax.scan(accumulate, (zeros, count_zeros), micro)
         # A batch whose rows all failed to load has no targets: its update is zero rather than NaN.
-        denominator = jnp.maximum(counts["weight"], 1e-9)
-        grads = jax.tree_util.tree_map(lambda g, p: (g / denominator).astype(p.dtype), grads, state.params)
+        grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, state.params)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {
-            "loss": counts["ce"] / denominator,
-            "accuracy": counts["correct"] / denominator,
             "targets": counts["weight"],
             "grad_norm": optax.tree.norm(grads),
             "learning_rate": self.schedule(state.step),
         }
+        if "ce" in counts:
+            metrics["loss"] = counts["ce"] / ce_total
+            metrics["accuracy"] = counts["correct"] / ce_total
         if "ctc" in counts:
-            metrics["ctc_loss"] = counts["ctc"] / denominator
+            metrics["ctc_loss"] = counts["ctc"] / ctc_total
+            metrics["ctc_labels"] = counts["ctc_labels"]
+        if "frame" in counts:
+            metrics["frame_loss"] = counts["frame"] / jnp.maximum(counts["frames"], 1e-9)
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -216,6 +234,11 @@ class Trainer:
         """Argmax predictions at the targets ``[B, L]`` and the loss sums (``ce_sum``, ``weight``, ``correct``)."""
         with sharding.use_mesh(self.mesh, self.rules):
             return self._eval(params, batch)
+
+    def audio_use(self, params: Any, batch: Batch) -> dict[str, jax.Array]:
+        """``losses.audio_use`` on a placed batch: the audio-use gauge's sums and the greedy CTC argmax."""
+        with sharding.use_mesh(self.mesh, self.rules):
+            return self._audio_use(params, batch)
 
     def shard_batch(self, batch: Batch) -> Batch:
         """Global arrays from this process's rows of a host batch."""
