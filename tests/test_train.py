@@ -623,3 +623,67 @@ def test_training_window_and_token_lengths_are_exact(tmp_path):
     narrow, _ = model.apply({"params": params}, features, mask, window, method=Qwen3ASR.encode_audio)
     for r, n in enumerate(np.asarray(lengths)):
         np.testing.assert_allclose(np.asarray(narrow[r, :n]), np.asarray(full[r, :n]), rtol=1e-5, atol=1e-6)
+
+
+def test_frame_targets_put_each_word_under_its_tokens():
+    """Hand-computed: token j of chunk c has its centre at (100c + 8j + 4) / 100 s; a word's labels split its
+    tokens evenly; the blank elsewhere."""
+    config = load_config(tf.DEMO_ASR_DIR).audio
+    blank = 5
+    words = [(0.05, 0.30, (7,)), (0.50, 1.20, (8, 9)), (1.5, 1.51, (4,))]  # the last covers no centre
+    got = data_lib.frame_targets(words, 26, config, blank)
+    expected = np.full(26, blank)
+    expected[1:4] = 7  # centres 0.12, 0.20, 0.28
+    expected[6:11] = 8  # 0.52 … 0.84: the first 5 of the word's 9 tokens
+    expected[11:13] = 9  # 0.92, 1.00
+    expected[13:15] = 9  # 1.04, 1.12 (second chunk)
+    assert got.tolist() == expected.tolist()
+
+
+def test_conditions_parse_and_name_their_errors():
+    from qasr_jax.train.config import parse_condition
+
+    stop = parse_condition("ctc_wer <= 0.25")
+    assert (stop.metric, stop.op, stop.value, stop.step) == ("ctc_wer", "<=", 0.25, 0)
+    assert stop.holds({"ctc_wer": 0.25}) and not stop.holds({"ctc_wer": 0.3}) and stop.holds({}) is None
+    gate = parse_condition("1000: ctc_gap_ratio >= 0.1", gate=True)
+    assert (gate.step, gate.metric) == (1000, "ctc_gap_ratio")
+    for bad, message in (("ctc_wer = 0.2", "METRIC OP VALUE"), ("wer <= x", "'x' is not a number")):
+        with pytest.raises(ValueError, match=message):
+            parse_condition(bad)
+    with pytest.raises(ValueError, match="STEP: METRIC OP VALUE"):
+        parse_condition("wer <= 0.2", gate=True)
+
+
+def test_stop_when_ends_the_run_and_a_rerun_exports_without_training_on(tmp_path):
+    """A met ``run.stop_when`` ends the run at that evaluation (checkpoint, export); rerunning the command finds
+    the marker and exports the same step. A failed gate raises GateFailed naming the gate and the value."""
+    from qasr_jax.train import train
+    from qasr_jax.train.loop import GateFailed
+
+    model_dir = _tiny_model_dir(tmp_path / "model")
+    manifest = tf.write_manifest(tmp_path / "train.jsonl", tf.speech_rows(tf.SENTENCES[:2]))
+
+    def config(name: str, run: dict) -> object:
+        toml = tf.train_toml(model_dir, manifest, str(tmp_path / name), {
+            "data": {"eval_manifest": manifest, "eval_batch_size": 2},
+            "run": {"steps": 10, "eval_every": 2, "save_every": 0, "eval_max_new_tokens": 4,
+                    "export_dir": str(tmp_path / name / "export"), "async_checkpointing": False, **run},
+        })  # fmt: skip
+        (tmp_path / f"{name}.toml").write_text(toml, encoding="utf-8")
+        return load_train_config(tmp_path / f"{name}.toml")
+
+    stopping = config("stop", {"stop_when": "loss >= 0"})
+    assert train(stopping)["step"] == 2
+    marker = json.loads((tmp_path / "stop" / "stopped.json").read_text())
+    assert marker == {"step": 2, "stop_when": "loss >= 0"}
+    assert (tmp_path / "stop" / "export" / "model.safetensors").is_file()
+    assert [r["step"] for r in read_metrics(tmp_path / "stop" / "metrics.jsonl", "train")] == [1, 2]
+    (tmp_path / "stop" / "export" / "model.safetensors").unlink()
+    assert train(stopping)["step"] == 2  # the rerun trains no further step: it exports again
+    assert (tmp_path / "stop" / "export" / "model.safetensors").is_file()
+    assert [r["step"] for r in read_metrics(tmp_path / "stop" / "metrics.jsonl", "train")] == [1, 2]
+
+    with pytest.raises(GateFailed, match=r"gate '2: loss < 0' failed at step 2: loss = \d"):
+        train(config("gate", {"gates": ["2: loss < 0"]}))
+    assert read_metrics(tmp_path / "gate" / "metrics.jsonl", "gate")[0]["passed"] == 0.0

@@ -16,6 +16,7 @@ import sys
 
 from qasr_jax.errors import QasrError
 from qasr_jax.train import load_train_config, train
+from qasr_jax.train.loop import GateFailed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     except QasrError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except GateFailed as error:
+        print(f"no-go: {error}", file=sys.stderr)
+        return 3
     print(json.dumps(summary, sort_keys=True))
     return 0
 

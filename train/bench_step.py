@@ -1,12 +1,12 @@
 """Time one training step (forward, backward, AdamW update) of the demo models and of the released sizes.
 
-    python -m train.bench_step [--models demo-words,demo,demo-aligner,asr-0.6b] [--repeats 5]
+    python -m train.bench_step [--models demo-ctc,demo-decoder,demo,demo-aligner,asr-0.6b] [--repeats 5]
 
-Each model gets a synthetic batch of the shape its training config produces (``demo-words``: batch 16 × 1 s
-single words; ``demo``: batch 16 × 2 s sentences; ``demo-aligner``: batch 8 × 4 s; ``asr-0.6b``: batch 1 × 10 s,
+Each model gets a synthetic batch of the shape and the objective of its training stage (``demo-ctc``: stage A,
+batch 16 × 2 s, CTC and frame targets, the decoder skipped; ``demo-decoder``: stage B, batch 16 × 3 s, CE with
+the encoder frozen; ``demo``: stage C, everything; ``demo-aligner``: batch 16 × 3 s; ``asr-0.6b``: batch 1 × 10 s,
 the released Qwen3-ASR-0.6B config with random weights, fp32). Audio is noise, the tokens are random ids: the
-step's cost does not depend on either. The encoder part of a step is also timed on its own, and the step with the
-encoder frozen, so where the time goes is visible. Prints one table with the load average before the run.
+step's cost does not depend on either. Prints one table with the load average before and after the run.
 """
 
 from __future__ import annotations
@@ -22,11 +22,13 @@ from typing import Any
 import numpy as np
 
 SIZES: dict[str, dict[str, Any]] = {
-    "demo-words": {"batch": 16, "seconds": 1.0, "targets": 6, "aligner": False},
-    "demo": {"batch": 16, "seconds": 2.0, "targets": 14, "aligner": False},
-    "demo-aligner": {"batch": 8, "seconds": 4.0, "targets": 16, "aligner": True},
+    "demo-ctc": {"batch": 16, "seconds": 2.0, "targets": 10, "aligner": False, "ce": 0.0, "ctc": 1.0,
+                 "frame": 1.0, "freeze": ("decoder_layers",)},
+    "demo-decoder": {"batch": 16, "seconds": 3.0, "targets": 12, "aligner": False, "freeze": ("encoder",)},
+    "demo": {"batch": 16, "seconds": 3.0, "targets": 12, "aligner": False, "ctc": 0.1, "frame": 0.1},
+    "demo-aligner": {"batch": 16, "seconds": 3.0, "targets": 16, "aligner": True},
     "asr-0.6b": {"batch": 1, "seconds": 10.0, "targets": 40, "aligner": False},
-}
+}  # fmt: skip
 
 
 def thinker_config(name: str) -> Any:
@@ -43,17 +45,16 @@ def thinker_config(name: str) -> Any:
         return load_config(tmp)
 
 
-def synthetic_batch(
-    config: Any, batch: int, seconds: float, targets: int, seed: int = 0
-) -> dict[str, np.ndarray]:
+def synthetic_batch(config: Any, batch: int, seconds: float, targets: int, seed: int = 0) -> Any:
     """A training batch in the data pipeline's layout (``qasr_jax.train.data.BatchLoader``)."""
     from qasr_jax import audio as audio_io
+    from qasr_jax.train.data import Batch
 
     rng = np.random.default_rng(seed)
     samples = int(seconds * audio_io.SAMPLE_RATE)
     frames = audio_io.num_frames(samples)
-    window = config.audio.window_frames
-    padded_frames = -(-frames // window) * window
+    chunk = config.audio.chunk_frames
+    padded_frames = -(-frames // chunk) * chunk
     audio_tokens = config.audio.output_length(frames)
     prompt = 12
     seq_len = -(-(prompt + audio_tokens + targets) // 16) * 16
@@ -63,31 +64,40 @@ def synthetic_batch(
     mask[:, : prompt + audio_tokens + targets] = 1
     first = prompt + audio_tokens
     classes = config.classify_num if config.is_aligner else config.text.vocab_size
-    return {
-        "waveforms": (0.1 * rng.standard_normal((batch, (padded_frames + 1) * audio_io.HOP_LENGTH))).astype(
+    tokens = padded_frames // chunk * config.audio.tokens_per_chunk
+    return Batch(
+        waveforms=(0.1 * rng.standard_normal((batch, (padded_frames + 1) * audio_io.HOP_LENGTH))).astype(
             np.float32
         ),
-        "wave_lengths": np.full((batch,), samples, np.int32),
-        "input_ids": ids,
-        "attention_mask": mask,
-        "label_positions": np.tile(np.arange(first - 1, first - 1 + targets, dtype=np.int32), (batch, 1)),
-        "labels": rng.integers(0, classes, (batch, targets)).astype(np.int32),
-        "label_weights": np.ones((batch, targets), np.float32),
-    }
+        wave_lengths=np.full((batch,), samples, np.int32),
+        input_ids=ids,
+        attention_mask=mask,
+        label_positions=np.tile(np.arange(first - 1, first - 1 + targets, dtype=np.int32), (batch, 1)),
+        labels=rng.integers(0, classes, (batch, targets)).astype(np.int32),
+        label_weights=np.ones((batch, targets), np.float32),
+        ctc_labels=rng.integers(0, 1000, (batch, targets)).astype(np.int32),
+        ctc_label_paddings=np.zeros((batch, targets), np.float32),
+        text_weights=np.ones((batch, targets), np.float32),
+        frame_labels=rng.integers(0, 1000, (batch, tokens)).astype(np.int32),
+        frame_weights=np.ones((batch, tokens), np.float32),
+    )
 
 
-def time_steps(name: str, repeats: int, freeze: tuple[str, ...] = ()) -> float:
-    """Median seconds per train step (compiled ahead of the timing)."""
+def time_steps(name: str, repeats: int) -> float:
+    """Median seconds per train step of the stage's objective (compiled ahead of the timing)."""
     import jax
 
     from qasr_jax import sharding
     from qasr_jax.train.config import ModelConfig, OptimConfig
+    from qasr_jax.train.losses import Objective
     from qasr_jax.train.step import Trainer
 
     size = SIZES[name]
     config = thinker_config(name)
     mesh = sharding.make_mesh("data=1")
-    trainer = Trainer(config, ModelConfig(checkpoint="-", freeze=freeze), OptimConfig(), 1000, mesh)
+    objective = Objective(size.get("ce", 1.0), size.get("ctc", 0.0), 0, size.get("frame", 0.0))
+    model_cfg = ModelConfig(checkpoint="-", freeze=size.get("freeze", ()))
+    trainer = Trainer(config, model_cfg, OptimConfig(), 1000, mesh, objective=objective)
     state = trainer.init_state(trainer.init_random_params(0))
     batch = trainer.shard_batch(synthetic_batch(config, size["batch"], size["seconds"], size["targets"]))
     state, metrics = trainer.train_step(state, batch)  # compile
@@ -104,7 +114,7 @@ def time_steps(name: str, repeats: int, freeze: tuple[str, ...] = ()) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.bench_step", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--models", default="demo-words,demo,demo-aligner,asr-0.6b")
+    parser.add_argument("--models", default="demo-ctc,demo-decoder,demo,demo-aligner,asr-0.6b")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.models.split(",") if n.strip()]
@@ -113,13 +123,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--models: unknown {unknown}; choose from {', '.join(SIZES)}")
     load = os.getloadavg()[0]
     print(f"load average before the run: {load:.2f} ({os.cpu_count()} CPUs)")
-    print("| model | batch | clip (s) | step (s) | step, encoder frozen (s) |")
-    print("|---|---:|---:|---:|---:|")
+    print("| model | batch | clip (s) | frozen | step (s) |")
+    print("|---|---:|---:|---|---:|")
     for name in names:
         size = SIZES[name]
         step = time_steps(name, args.repeats)
-        frozen = time_steps(name, args.repeats, freeze=("encoder",))
-        print(f"| {name} | {size['batch']} | {size['seconds']:g} | {step:.3f} | {frozen:.3f} |", flush=True)
+        frozen = ", ".join(size.get("freeze", ())) or "-"
+        print(f"| {name} | {size['batch']} | {size['seconds']:g} | {frozen} | {step:.3f} |", flush=True)
     print(f"load average after the run: {os.getloadavg()[0]:.2f}")
     return 0
 

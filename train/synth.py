@@ -97,67 +97,34 @@ MAX_WORDS = 8
 # by the audio.
 
 EN_NOUNS: tuple[tuple[str, str], ...] = (
-    ("cat", "cats"), ("dog", "dogs"), ("bird", "birds"), ("horse", "horses"), ("cow", "cows"),
-    ("rabbit", "rabbits"), ("duck", "ducks"), ("mouse", "mice"), ("lion", "lions"), ("tiger", "tigers"),
-    ("monkey", "monkeys"), ("elephant", "elephants"), ("house", "houses"), ("garden", "gardens"),
-    ("car", "cars"), ("train", "trains"), ("boat", "boats"), ("bus", "buses"), ("street", "streets"),
-    ("city", "cities"), ("river", "rivers"), ("mountain", "mountains"), ("forest", "forests"),
-    ("tree", "trees"), ("flower", "flowers"), ("apple", "apples"), ("orange", "oranges"), ("lemon", "lemons"),
-    ("cake", "cakes"), ("teacher", "teachers"), ("doctor", "doctors"), ("farmer", "farmers"),
-    ("child", "children"), ("friend", "friends"), ("neighbour", "neighbours"), ("brother", "brothers"),
-    ("sister", "sisters"), ("mother", "mothers"), ("father", "fathers"), ("student", "students"),
-    ("window", "windows"), ("door", "doors"), ("table", "tables"), ("chair", "chairs"), ("book", "books"),
-    ("letter", "letters"), ("phone", "phones"), ("computer", "computers"), ("picture", "pictures"),
-    ("song", "songs"), ("story", "stories"), ("game", "games"), ("ball", "balls"), ("box", "boxes"),
-    ("bottle", "bottles"), ("cup", "cups"), ("glass", "glasses"), ("key", "keys"), ("bag", "bags"),
-    ("coat", "coats"), ("shoe", "shoes"), ("hat", "hats"), ("bicycle", "bicycles"), ("ship", "ships"),
-    ("island", "islands"), ("village", "villages"), ("school", "schools"), ("market", "markets"),
-    ("kitchen", "kitchens"), ("bridge", "bridges"), ("lamp", "lamps"), ("clock", "clocks"),
-    ("pencil", "pencils"), ("machine", "machines"), ("robot", "robots"), ("camera", "cameras"),
-    ("basket", "baskets"), ("blanket", "blankets"), ("candle", "candles"), ("bench", "benches"),
-    ("fence", "fences"), ("ladder", "ladders"), ("bucket", "buckets"), ("carpet", "carpets"),
-    ("pillow", "pillows"), ("mirror", "mirrors"), ("garage", "garages"), ("tower", "towers"),
+    ("cat", "cats"), ("dog", "dogs"), ("bird", "birds"), ("horse", "horses"), ("mouse", "mice"),
+    ("lion", "lions"), ("tiger", "tigers"), ("monkey", "monkeys"), ("house", "houses"), ("garden", "gardens"),
+    ("car", "cars"), ("train", "trains"), ("boat", "boats"), ("tree", "trees"), ("flower", "flowers"),
+    ("apple", "apples"), ("teacher", "teachers"), ("doctor", "doctors"), ("child", "children"),
+    ("friend", "friends"), ("kitchen", "kitchens"), ("garage", "garages"), ("window", "windows"),
+    ("book", "books"), ("ball", "balls"), ("lamp", "lamps"),
 )  # fmt: skip
 EN_ADJECTIVES: tuple[str, ...] = (
-    "red", "green", "yellow", "black", "white", "brown", "big", "small", "old", "young", "new", "happy", "quiet",
-    "loud", "fast", "slow", "warm", "cold", "clean", "bright", "dark", "heavy", "tiny", "tall", "short",
-    "strange", "friendly", "busy", "lazy", "hungry", "clever", "funny", "beautiful", "empty", "wooden",
-    "little", "round", "soft", "famous", "sleepy",
+    "red", "green", "black", "white", "big", "small", "old", "happy", "round", "warm", "cold", "funny",
 )  # fmt: skip
 # (base form, third person singular)
 EN_TRANSITIVE_VERBS: tuple[tuple[str, str], ...] = (
-    ("see", "sees"), ("find", "finds"), ("like", "likes"), ("want", "wants"), ("need", "needs"),
-    ("open", "opens"), ("close", "closes"), ("carry", "carries"), ("paint", "paints"), ("watch", "watches"),
-    ("follow", "follows"), ("help", "helps"), ("visit", "visits"), ("clean", "cleans"), ("build", "builds"),
-    ("draw", "draws"), ("catch", "catches"), ("bring", "brings"), ("keep", "keeps"), ("love", "loves"),
-    ("push", "pushes"), ("pull", "pulls"), ("take", "takes"), ("hold", "holds"), ("wash", "washes"),
-    ("call", "calls"), ("hear", "hears"),
+    ("see", "sees"), ("find", "finds"), ("like", "likes"), ("want", "wants"), ("open", "opens"),
+    ("carry", "carries"), ("paint", "paints"), ("watch", "watches"), ("help", "helps"), ("take", "takes"),
 )  # fmt: skip
 EN_INTRANSITIVE_VERBS: tuple[tuple[str, str], ...] = (
-    ("sleep", "sleeps"), ("run", "runs"), ("sing", "sings"), ("wait", "waits"), ("laugh", "laughs"),
-    ("swim", "swims"), ("jump", "jumps"), ("dance", "dances"), ("work", "works"), ("play", "plays"),
-    ("smile", "smiles"), ("sit", "sits"),
+    ("sleep", "sleeps"), ("run", "runs"), ("sing", "sings"), ("wait", "waits"), ("jump", "jumps"),
+    ("dance", "dances"),
 )  # fmt: skip
 EN_SINGULAR_PRONOUNS = ("he", "she", "it")
 EN_PLURAL_PRONOUNS = ("I", "you", "we", "they")
-EN_SINGULAR_DETERMINERS = ("the", "a", "this", "that", "my", "your", "our", "his", "her")
-EN_PLURAL_DETERMINERS = ("the", "these", "those", "my", "your", "our", "some", "many")
-EN_PLACE_DETERMINERS = ("the", "my", "our", "your", "this")
-EN_PREPOSITIONS = ("in", "near", "behind", "under", "on", "beside", "inside", "at")
-EN_ADVERBS = (
-    "today",
-    "tomorrow",
-    "again",
-    "now",
-    "later",
-    "often",
-    "quickly",
-    "slowly",
-    "sometimes",
-    "tonight",
-)
-EN_FRONT_ADVERBS = ("today", "tomorrow", "now", "later", "sometimes", "tonight")
-NUMBERS: tuple[int, ...] = (*range(2, 21), 30, 40, 50, 60, 70, 80, 90, 100)
+EN_SINGULAR_DETERMINERS = ("the", "a", "this", "that", "my", "your")
+EN_PLURAL_DETERMINERS = ("the", "these", "those", "my", "some", "many")
+EN_PLACE_DETERMINERS = ("the", "my", "this")
+EN_PREPOSITIONS = ("in", "near", "behind", "under", "on")
+EN_ADVERBS = ("today", "tomorrow", "again", "now", "later", "often")
+EN_FRONT_ADVERBS = ("today", "tomorrow", "now", "later")
+NUMBERS: tuple[int, ...] = (*range(2, 13), 20, 30, 50, 100)
 
 
 def _pick(rng: np.random.Generator, items: Sequence[Any]) -> Any:
@@ -243,56 +210,34 @@ def english_phrase(rng: np.random.Generator) -> list[str]:
 # (singular, plural, gender)
 DE_NOUNS: tuple[tuple[str, str, str], ...] = (
     ("Hund", "Hunde", "m"), ("Katze", "Katzen", "f"), ("Vogel", "Vögel", "m"), ("Pferd", "Pferde", "n"),
-    ("Kuh", "Kühe", "f"), ("Maus", "Mäuse", "f"), ("Ente", "Enten", "f"), ("Tiger", "Tiger", "m"),
-    ("Haus", "Häuser", "n"), ("Garten", "Gärten", "m"), ("Auto", "Autos", "n"), ("Zug", "Züge", "m"),
-    ("Boot", "Boote", "n"), ("Straße", "Straßen", "f"), ("Stadt", "Städte", "f"), ("Fluss", "Flüsse", "m"),
-    ("Berg", "Berge", "m"), ("Wald", "Wälder", "m"), ("Baum", "Bäume", "m"), ("Blume", "Blumen", "f"),
-    ("Apfel", "Äpfel", "m"), ("Kuchen", "Kuchen", "m"), ("Brot", "Brote", "n"), ("Lehrer", "Lehrer", "m"),
-    ("Ärztin", "Ärztinnen", "f"), ("Kind", "Kinder", "n"), ("Freund", "Freunde", "m"),
-    ("Bruder", "Brüder", "m"), ("Schwester", "Schwestern", "f"), ("Mutter", "Mütter", "f"),
-    ("Vater", "Väter", "m"), ("Fenster", "Fenster", "n"), ("Tür", "Türen", "f"), ("Tisch", "Tische", "m"),
-    ("Stuhl", "Stühle", "m"), ("Buch", "Bücher", "n"), ("Brief", "Briefe", "m"), ("Bild", "Bilder", "n"),
-    ("Lied", "Lieder", "n"), ("Ball", "Bälle", "m"), ("Kiste", "Kisten", "f"), ("Flasche", "Flaschen", "f"),
-    ("Tasse", "Tassen", "f"), ("Schlüssel", "Schlüssel", "m"), ("Tasche", "Taschen", "f"),
-    ("Jacke", "Jacken", "f"), ("Schuh", "Schuhe", "m"), ("Hut", "Hüte", "m"), ("Fahrrad", "Fahrräder", "n"),
-    ("Schiff", "Schiffe", "n"), ("Insel", "Inseln", "f"), ("Dorf", "Dörfer", "n"), ("Schule", "Schulen", "f"),
-    ("Markt", "Märkte", "m"), ("Küche", "Küchen", "f"), ("Brücke", "Brücken", "f"), ("Lampe", "Lampen", "f"),
-    ("Uhr", "Uhren", "f"), ("Zimmer", "Zimmer", "n"), ("Teller", "Teller", "m"), ("Glas", "Gläser", "n"),
-    ("Kamera", "Kameras", "f"), ("Korb", "Körbe", "m"), ("Kerze", "Kerzen", "f"), ("Spiegel", "Spiegel", "m"),
-    ("Turm", "Türme", "m"), ("Teppich", "Teppiche", "m"), ("Leiter", "Leitern", "f"), ("Roboter", "Roboter", "m"),
+    ("Maus", "Mäuse", "f"), ("Tiger", "Tiger", "m"), ("Haus", "Häuser", "n"), ("Garten", "Gärten", "m"),
+    ("Auto", "Autos", "n"), ("Zug", "Züge", "m"), ("Boot", "Boote", "n"), ("Baum", "Bäume", "m"),
+    ("Blume", "Blumen", "f"), ("Apfel", "Äpfel", "m"), ("Lehrer", "Lehrer", "m"), ("Kind", "Kinder", "n"),
+    ("Freund", "Freunde", "m"), ("Bruder", "Brüder", "m"), ("Küche", "Küchen", "f"),
+    ("Brücke", "Brücken", "f"), ("Lampe", "Lampen", "f"), ("Buch", "Bücher", "n"), ("Ball", "Bälle", "m"),
+    ("Tisch", "Tische", "m"),
 )  # fmt: skip
 DE_ADJECTIVES: tuple[str, ...] = (
-    "rot", "blau", "grün", "gelb", "schwarz", "weiß", "braun", "groß", "klein", "alt", "jung", "neu",
-    "glücklich", "leise", "laut", "schnell", "langsam", "warm", "kalt", "sauber", "hell", "schwer", "schön",
-    "müde", "freundlich", "lustig", "leer", "hungrig", "klug", "stark", "rund", "weich", "berühmt", "fremd",
+    "rot", "grün", "schwarz", "weiß", "groß", "klein", "alt", "neu", "laut", "leise", "sauber", "rund",
 )  # fmt: skip
 # (plural/infinitive, first person singular, second person singular, third person singular)
 DE_TRANSITIVE_VERBS: tuple[tuple[str, str, str, str], ...] = (
     ("sehen", "sehe", "siehst", "sieht"), ("finden", "finde", "findest", "findet"),
     ("suchen", "suche", "suchst", "sucht"), ("kaufen", "kaufe", "kaufst", "kauft"),
     ("öffnen", "öffne", "öffnest", "öffnet"), ("tragen", "trage", "trägst", "trägt"),
-    ("malen", "male", "malst", "malt"), ("brauchen", "brauche", "brauchst", "braucht"),
-    ("besuchen", "besuche", "besuchst", "besucht"), ("bauen", "baue", "baust", "baut"),
-    ("holen", "hole", "holst", "holt"), ("zeichnen", "zeichne", "zeichnest", "zeichnet"),
-    ("waschen", "wasche", "wäschst", "wäscht"), ("verkaufen", "verkaufe", "verkaufst", "verkauft"),
-    ("bringen", "bringe", "bringst", "bringt"), ("lieben", "liebe", "liebst", "liebt"),
-    ("nehmen", "nehme", "nimmst", "nimmt"), ("fangen", "fange", "fängst", "fängt"),
-    ("ziehen", "ziehe", "ziehst", "zieht"), ("schieben", "schiebe", "schiebst", "schiebt"),
-    ("hören", "höre", "hörst", "hört"), ("halten", "halte", "hältst", "hält"),
+    ("malen", "male", "malst", "malt"), ("bringen", "bringe", "bringst", "bringt"),
+    ("nehmen", "nehme", "nimmst", "nimmt"), ("hören", "höre", "hörst", "hört"),
 )  # fmt: skip
 DE_INTRANSITIVE_VERBS: tuple[tuple[str, str, str, str], ...] = (
     ("schlafen", "schlafe", "schläfst", "schläft"), ("laufen", "laufe", "läufst", "läuft"),
     ("singen", "singe", "singst", "singt"), ("warten", "warte", "wartest", "wartet"),
-    ("lachen", "lache", "lachst", "lacht"), ("schwimmen", "schwimme", "schwimmst", "schwimmt"),
-    ("springen", "springe", "springst", "springt"), ("tanzen", "tanze", "tanzt", "tanzt"),
-    ("arbeiten", "arbeite", "arbeitest", "arbeitet"), ("spielen", "spiele", "spielst", "spielt"),
-    ("wohnen", "wohne", "wohnst", "wohnt"),
+    ("lachen", "lache", "lachst", "lacht"), ("spielen", "spiele", "spielst", "spielt"),
 )  # fmt: skip
 # pronoun -> index of the verb form it takes
 DE_PRONOUNS: dict[str, int] = {"ich": 1, "du": 2, "er": 3, "sie": 3, "es": 3, "wir": 0}
-DE_ADVERBS = ("heute", "morgen", "jetzt", "wieder", "oft", "später", "manchmal", "immer", "bald")
-DE_FRONT_ADVERBS = ("heute", "morgen", "jetzt", "später", "manchmal", "bald")
-DE_PREPOSITIONS = ("in", "neben", "hinter", "unter", "auf", "vor")
+DE_ADVERBS = ("heute", "morgen", "jetzt", "wieder", "oft", "bald")
+DE_FRONT_ADVERBS = ("heute", "morgen", "jetzt", "bald")
+DE_PREPOSITIONS = ("in", "neben", "hinter", "unter", "auf")
 
 # Determiner forms by case and gender ("p" = plural). "der" words take weak adjective endings, "ein" words mixed.
 DE_DEFINITE = {

@@ -140,11 +140,11 @@ def train(cfg: TrainConfig, callbacks: Sequence[StepCallback] = ()) -> dict[str,
     last_eval: dict[str, Any] = {}
     interval_start = time.perf_counter()
     step = start
-    if stopped and stopped == cfg.run.stop_when:
+    finished = bool(stopped) and stopped == cfg.run.stop_when
+    if finished:
         log.info("the run ended at step %d (stop_when %r was met); exporting", start, stopped)
-        step = cfg.run.steps
     try:
-        while step < cfg.run.steps:
+        while step < cfg.run.steps and not finished:
             loaded = next(batches)
             batch_info = {
                 "examples": float(len(loaded.batch.wave_lengths) * jax.process_count()),
