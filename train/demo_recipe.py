@@ -185,7 +185,7 @@ class Recipe:
             tmp = target.with_name(target.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(source, tmp)
-            (tmp / "README.md").write_text(model_card(kind, report, self.state), encoding="utf-8")
+            (tmp / "README.md").write_text(model_card(kind, report, self.state, self.runs), encoding="utf-8")
             shutil.rmtree(target, ignore_errors=True)
             os.replace(tmp, target)
             print(f"{target}: {sum(f.stat().st_size for f in target.iterdir()) / 1e6:.1f} MB", flush=True)
@@ -281,7 +281,40 @@ def config_text(config: Any) -> str:
     return text
 
 
-def model_card(kind: str, report: dict[str, Any], state: dict[str, Any]) -> str:
+# Per training stage: the evaluation metrics its model card shows (name in the metrics log, column title, format).
+STAGE_METRICS = {
+    "asr_ctc": (("ctc_wer", "greedy CTC WER", "{:.1%}"), ("ctc", "val CTC per label", "{:.3f}"),
+                ("rolled_ctc", "same, audio rolled by a row", "{:.3f}"), ("ctc_gap_ratio", "audio-use gap", "{:.0%}")),
+    "asr_decoder": (("wer", "greedy WER", "{:.1%}"), ("language_accuracy", "language ID", "{:.1%}"),
+                    ("text_ce", "transcript CE", "{:.3f}"), ("text_ce_gap", "CE gap, audio rolled", "{:.3f}")),
+    "asr": (("wer", "greedy WER", "{:.1%}"), ("language_accuracy", "language ID", "{:.1%}"),
+            ("ctc_wer", "greedy CTC WER", "{:.1%}"), ("text_ce_gap", "CE gap, audio rolled", "{:.3f}")),
+    "aligner": (("boundary_shift_ms", "mean boundary shift (ms)", "{:.1f}"),),
+}  # fmt: skip
+
+
+def stage_tables(runs: Path) -> str:
+    """Each training stage's evaluations on the validation set (val + val-continuous), as Markdown tables."""
+    from qasr_jax.train.metrics import read_metrics
+
+    parts = []
+    for stage, columns in STAGE_METRICS.items():
+        log = runs / TRAINING[stage][1] / "metrics.jsonl"
+        if not log.exists():
+            continue
+        rows = [["step", *(title for _, title, _ in columns)]]
+        for record in read_metrics(log, "eval"):
+            rows.append(
+                [
+                    str(record["step"]),
+                    *(fmt.format(record[key]) if key in record else "" for key, _, fmt in columns),
+                ]
+            )
+        parts.append(f"{stage} ({TRAINING[stage][0]}):\n\n{_table(rows)}")
+    return "\n\n".join(parts)
+
+
+def model_card(kind: str, report: dict[str, Any], state: dict[str, Any], runs: Path | None = None) -> str:
     from train import demo_init
 
     config = demo_init.asr_config() if kind == "asr" else demo_init.aligner_config()
@@ -294,12 +327,16 @@ def model_card(kind: str, report: dict[str, Any], state: dict[str, Any]) -> str:
         else "a Qwen3-ForcedAligner model (word timestamps for a given transcript)"
     )
     counts = ", ".join(f"{k} {v}" for k, v in state.get("counts", SYNTH_COUNTS).items())
+    from train import synth
+
+    words = len(set().union(*(synth.vocabulary(language) for language in synth.LANGUAGES)))
+    validation = stage_tables(runs) if runs is not None else ""
     return f"""# {demo_paths.DIR_NAMES[kind]}
 
 A small demo of {what} with the released architecture and checkpoint layout (config.json, model.safetensors in
 fp32, tokenizer and processor files): the official `qwen-asr` package loads it as it loads a released
 checkpoint. It was trained from scratch on synthetic espeak-ng speech in **English and German only** and knows
-only the few hundred words of its grammar (`train/synth.py`): it lets the programs run and show real output on a
+only the {words} word forms of its grammar (`train/synth.py`): it lets the programs run and show real output on a
 machine without a released checkpoint. For real speech use Qwen/Qwen3-ASR-0.6B or Qwen/Qwen3-ForcedAligner-0.6B.
 
 ## Data
@@ -316,6 +353,11 @@ hash of their text, voice variants by name).
 `python -m train.demo_recipe` (all stages; rerunning resumes). Measured wall time on {state.get("machine")}:
 
 {times}
+
+Validation during training (`metrics.jsonl` of each run; the audio-use gap is how much worse the CTC loss gets
+when each row hears the next row's audio):
+
+{validation}
 
 ## Held-out results
 `python -m train.evaluate_demo --manifest data/demo/test.jsonl --continuous-manifest data/demo/test_continuous.jsonl`
