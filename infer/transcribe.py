@@ -17,6 +17,11 @@ Two ways to name the audio:
 Failed items are reported on stderr with their error after every other item is written, and the exit status is
 then 1 (2 for bad arguments). Items whose text hit the token budget are written with ``"truncated": true`` and
 warned about.
+
+A json/jsonl record also says how sure the model was and why decoding stopped: ``"finish_reason"`` (stop,
+length, repetition or error), ``"avg_logprob"`` (mean log-probability of the generated tokens; null when none),
+``"compression_ratio"`` (of the text, zlib) and ``"segments"``, one per decoded chunk, each with its time span,
+text, ``"token_ids"`` and their ``"logprobs"``, and the same three summaries.
 """
 
 from __future__ import annotations
@@ -136,6 +141,11 @@ def result_record(job: Job, result: Any) -> dict[str, Any]:
     }
     if result.truncated:
         record["truncated"] = True
+    record["finish_reason"] = result.finish_reason.value
+    if not result.error:
+        record["avg_logprob"] = result.avg_logprob
+        record["compression_ratio"] = result.compression_ratio
+        record["segments"] = [segment.to_dict() for segment in result.segments]
     if result.time_stamps is not None:
         from qasr_jax import formats
 

@@ -7,7 +7,8 @@ forced language that broadcast or come per item, and returns one ``ASRTranscript
 2. split long audio with the official rule (≤ ``max_chunk_seconds``, 180 s when timestamps are asked for);
 3. build each chunk's prompt, give it a token budget (``max_new_tokens``, or one that grows with its duration);
 4. run all chunks of all items through ``qasr_jax.generate`` in batches of similar length;
-5. decode, parse ``language X<asr_text>text`` with the official repair, merge each item's chunks;
+5. decode, parse ``language X<asr_text>text`` with the official repair into one ``Segment`` per chunk (its
+   token ids and their log-probabilities, ``finish_reason``; ``qasr_jax.transcript``), merge each item's chunks;
 6. optionally align the text with a forced aligner and shift its timestamps by each chunk's offset.
 
 ``iter_transcribe`` yields ``(index, result)`` pairs as items complete, for progress reporting.
@@ -32,8 +33,16 @@ from qasr_jax import text as text_io
 from qasr_jax.aligner import Qwen3ForcedAligner
 from qasr_jax.config import ThinkerConfig
 from qasr_jax.errors import EmptyAudioError, QasrError
-from qasr_jax.generate import DecodeOptions, Generation, GenerationRequest, Generator
+from qasr_jax.generate import DecodeOptions, GenerationRequest, Generator
 from qasr_jax.streaming import ASRStreamingState, StreamingTranscriber
+from qasr_jax.transcript import (
+    FinishReason,
+    Segment,
+    compression_ratio,
+    decode_segment,
+    item_finish_reason,
+    mean_logprob,
+)
 
 MAX_ASR_CHUNK_SECONDS = 1200.0
 MAX_ALIGN_CHUNK_SECONDS = 180.0
@@ -57,6 +66,12 @@ class ASRTranscription:
     time_stamps: the forced aligner's result (its items shifted to the item's time line), when asked for.
     truncated: some chunk used its whole token budget without an end token; the text may be cut short.
     error: why the item failed (a ``QasrError`` naming the input; "" text and language then), or None.
+    segments: one ``Segment`` per decoded chunk, in order: its time span, text, generated token ids with their
+        log-probabilities, ``avg_logprob``, ``compression_ratio`` and ``finish_reason``.
+
+    Per item: ``finish_reason`` (error, else the most telling of the chunks': repetition, length, stop),
+    ``avg_logprob`` (over every generated token of every chunk; None when there are none), ``compression_ratio``
+    (of ``text``), ``token_ids`` and ``token_logprobs`` (the chunks' in order).
     """
 
     language: str
@@ -64,6 +79,27 @@ class ASRTranscription:
     time_stamps: Any | None = None
     truncated: bool = False
     error: QasrError | None = None
+    segments: list[Segment] = dataclasses.field(default_factory=list)
+
+    @property
+    def finish_reason(self) -> FinishReason:
+        return item_finish_reason(self.segments, failed=self.error is not None)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [i for segment in self.segments for i in segment.token_ids]
+
+    @property
+    def token_logprobs(self) -> list[float]:
+        return [p for segment in self.segments for p in segment.logprobs]
+
+    @property
+    def avg_logprob(self) -> float | None:
+        return mean_logprob(self.token_logprobs)
+
+    @property
+    def compression_ratio(self) -> float:
+        return compression_ratio(self.text)
 
 
 def default_token_budget(seconds: float) -> int:
@@ -129,9 +165,7 @@ class _Chunk:
     item: int
     piece: audio_io.AudioPiece
     request: GenerationRequest
-    generation: Generation | None = None
-    language: str = ""
-    text: str = ""
+    segment: Segment | None = None
 
 
 @dataclasses.dataclass
@@ -420,9 +454,8 @@ class Qwen3ASRModel:
         here (out of memory, a bug) is not any one item's: it surfaces as itself."""
         generations = self.generator.generate([c.request for c in batch])
         for chunk, generation in zip(batch, generations):
-            chunk.generation = generation
-            raw = self.tokenizer.decode(generation.token_ids, skip_special_tokens=True)
-            chunk.language, chunk.text = text_io.parse_asr_output(raw, items[chunk.item].language)
+            forced = items[chunk.item].language
+            chunk.segment = decode_segment(self.tokenizer, generation, chunk.piece, forced)
 
     def _align(self, items: list[_Item], indices: list[int], results: dict[int, ASRTranscription]) -> None:
         """Word timestamps for the completed items ``indices``, aligned together, into their results."""
@@ -430,8 +463,8 @@ class Qwen3ASRModel:
             return
         alignments = self.forced_aligner.align_transcripts(
             [[c.piece for c in items[i].chunks] for i in indices],
-            [[c.text for c in items[i].chunks] for i in indices],
-            [[c.language for c in items[i].chunks] for i in indices],
+            [[c.segment.text for c in items[i].chunks] for i in indices],
+            [[c.segment.language for c in items[i].chunks] for i in indices],
         )
         for index, alignment in zip(indices, alignments):
             results[index].time_stamps = alignment
@@ -439,11 +472,12 @@ class Qwen3ASRModel:
     def _merge(self, item: _Item) -> ASRTranscription:
         if item.error is not None:
             return ASRTranscription(language="", text="", error=item.error)
-        chunks = item.chunks
+        segments = [c.segment for c in item.chunks]
         return ASRTranscription(
-            language=text_io.merge_languages(c.language for c in chunks),
-            text="".join(c.text for c in chunks),
-            truncated=any(c.generation is not None and c.generation.truncated for c in chunks),
+            language=text_io.merge_languages(s.language for s in segments),
+            text="".join(s.text for s in segments),
+            truncated=any(s.truncated for s in segments),
+            segments=segments,
         )
 
 

@@ -5,7 +5,7 @@
     prefilled = engine.prefill(params, requests)                  # audio + prompts → KV blocks, first tokens
     state = engine.insert(state, prefilled, slots=[0, 3])         # into free slots, others may be mid-decode
     state = engine.generate(params, state, steps=16)              # up to 16 steps for every live slot
-    results = engine.collect(state, [0, 3])                       # tokens of (finished) slots
+    results = engine.collect(state, [0, 3])                       # tokens (and log-probs) of (finished) slots
 
 The decode state holds a fixed number of slots over one KV cache per decoder layer, ``[slots, kv, cache_len,
 hd]``. All slots write their next token at one shared cache index (``DecodeState.index``), so a step updates the
@@ -15,6 +15,10 @@ of a free slot (left padding included, masked by ``kv_start``). When ``index`` r
 ``compact`` moves every slot's range left by the oldest live slot's start. A request's tokens depend on nothing
 but itself: attention sees only its own range, positions are its own, and a slot that is inserted later sees
 the same keys at the same positions as it would alone.
+
+Every step also records the log-probability of the token it chose (log-softmax of the model's fp32 logits, before
+suppression or penalties: what the model itself gave that token), in ``DecodeState.logprobs`` beside the tokens.
+It stays on the device and comes back with the tokens (``collect``), so it costs no transfer or sync of its own.
 
 Programs are compiled once per static shape (``qasr_jax.buckets``): prefill per (rows, frames, prompt
 bucket), insert per (rows, prompt bucket) and state shape, generate and compact per state shape. Steps are a
@@ -91,11 +95,13 @@ class GenerationRequest:
 
 @dataclasses.dataclass(frozen=True)
 class Generation:
-    """One request's result: generated ids (up to and including the end token) and whether it stopped on an
-    end token (else it used its whole budget)."""
+    """One request's result: generated ids (up to and including the end token), whether it stopped on an
+    end token (else it used its whole budget), and the log-probability of each id (natural log, fp32 model
+    logits; empty when not recorded)."""
 
     token_ids: list[int]
     stopped: bool
+    logprobs: list[float] = dataclasses.field(default_factory=list)
 
     @property
     def truncated(self) -> bool:
@@ -131,13 +137,14 @@ class Prefilled:
 
     caches: ``{"k", "v"}: [layers, rows, kv, prompt_len, hd]``; kv_start: ``[rows]`` first valid slot (left
     padding); positions: ``[rows]`` the next token's position (the prompt length); first_token: ``[rows]``;
-    budgets: ``[rows]`` tokens each request may generate.
+    first_logprob: ``[rows]`` its log-probability; budgets: ``[rows]`` tokens each request may generate.
     """
 
     caches: KVCache
     kv_start: jax.Array
     positions: jax.Array
     first_token: jax.Array
+    first_logprob: jax.Array
     budgets: jax.Array
     count: int = flax.struct.field(pytree_node=False, default=0)
 
@@ -149,7 +156,8 @@ class DecodeState:
     caches: one ``{"k", "v"}: [slots, kv, cache_len, hd]`` per decoder layer; index: the cache slot the next step
     writes (shared); kv_start: each slot's first valid cache slot; positions: the position of the token fed
     next; last_token: the token fed next; tokens: ``[slots, max_new_tokens]`` generated ids (pad after the
-    end); counts: tokens generated; budgets: tokens allowed; live: still generating; stopped: ended on an end
+    end); logprobs: ``[slots, max_new_tokens]`` fp32 log-probability of each generated id (0 after the end);
+    counts: tokens generated; budgets: tokens allowed; live: still generating; stopped: ended on an end
     token; seen: ``[slots, vocab]`` tokens generated so far (only with a repetition penalty, else None).
     """
 
@@ -159,6 +167,7 @@ class DecodeState:
     positions: jax.Array
     last_token: jax.Array
     tokens: jax.Array
+    logprobs: jax.Array
     counts: jax.Array
     budgets: jax.Array
     live: jax.Array
@@ -214,6 +223,17 @@ def next_token(
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
+def token_logprob(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """log-softmax of ``logits [batch, vocab]`` at ``tokens [batch]``, in fp32: ``[batch]``.
+
+    The raw logits decide (not those after suppression or a repetition penalty), so the value is the model's
+    probability of the token, comparable across decoding options.
+    """
+    logits = logits.astype(jnp.float32)
+    chosen = jnp.take_along_axis(logits, tokens[:, None].astype(jnp.int32), axis=-1)[:, 0]
+    return chosen - jax.nn.logsumexp(logits, axis=-1)
+
+
 def is_eos(tokens: jax.Array, options: DecodeOptions) -> jax.Array:
     if not options.eos_token_ids:
         return jnp.zeros(tokens.shape, bool)
@@ -247,7 +267,7 @@ def prefill_program(
     )
     rows = input_ids.shape[0]
     first = next_token(logits, jnp.zeros((rows, 1), jnp.int32), jnp.int32(0), None, options)
-    return Prefilled(cache, kv_start, lengths, first, budgets)
+    return Prefilled(cache, kv_start, lengths, first, token_logprob(logits, first), budgets)
 
 
 def init_state_program(
@@ -268,6 +288,7 @@ def init_state_program(
         positions=zeros,
         last_token=jnp.full((slots,), options.pad_token_id, jnp.int32),
         tokens=jnp.full((slots, shape.max_new_tokens), options.pad_token_id, jnp.int32),
+        logprobs=jnp.zeros((slots, shape.max_new_tokens), jnp.float32),
         counts=zeros,
         budgets=zeros,
         live=jnp.zeros((slots,), bool),
@@ -297,6 +318,7 @@ def insert_program(
     ended = is_eos(first, options)
     row_tokens = jnp.full((first.shape[0], state.tokens.shape[1]), options.pad_token_id, jnp.int32)
     row_tokens = row_tokens.at[:, 0].set(first)
+    row_logprobs = jnp.zeros(row_tokens.shape, jnp.float32).at[:, 0].set(prefilled.first_logprob)
     seen = state.seen
     if seen is not None:
         rows_seen = jax.nn.one_hot(first, seen.shape[1], dtype=bool)
@@ -312,6 +334,7 @@ def insert_program(
         positions=put(state.positions, prefilled.positions),
         last_token=put(state.last_token, first),
         tokens=put(state.tokens, row_tokens),
+        logprobs=put(state.logprobs, row_logprobs),
         counts=put(state.counts, jnp.ones_like(first)),
         budgets=put(state.budgets, prefilled.budgets),
         live=put(state.live, ~ended & (prefilled.budgets > 1)),
@@ -342,6 +365,8 @@ def generate_program(
         new = jnp.where(s.live, new, options.pad_token_id)
         write = jnp.minimum(s.counts, max_new - 1)
         tokens = s.tokens.at[rows, write].set(jnp.where(s.live, new, s.tokens[rows, write]))
+        logprob = token_logprob(logits, new)
+        logprobs = s.logprobs.at[rows, write].set(jnp.where(s.live, logprob, s.logprobs[rows, write]))
         seen = s.seen
         if seen is not None:
             seen = seen.at[rows, new].set(seen[rows, new] | s.live)
@@ -354,6 +379,7 @@ def generate_program(
             positions=s.positions + 1,
             last_token=new,
             tokens=tokens,
+            logprobs=logprobs,
             counts=counts,
             budgets=s.budgets,
             live=s.live & ~ended & (counts < s.budgets),
@@ -537,9 +563,12 @@ class Engine:
         return self.compact(state, shift), shift
 
     def collect(self, state: DecodeState, slots: Sequence[int]) -> list[Generation]:
-        """The tokens of ``slots`` (finished or not) as ``Generation``s."""
-        tokens, counts, stopped = jax.device_get((state.tokens, state.counts, state.stopped))
-        return [Generation(tokens[s, : counts[s]].tolist(), bool(stopped[s])) for s in slots]
+        """The tokens of ``slots`` (finished or not) as ``Generation``s, with their log-probabilities (one
+        transfer for all of it)."""
+        tokens, logprobs, counts, stopped = jax.device_get(
+            (state.tokens, state.logprobs, state.counts, state.stopped)
+        )
+        return [generation_of(tokens, logprobs, counts, stopped, s) for s in slots]
 
     # -- one policy --
 
@@ -562,6 +591,15 @@ class Engine:
         state = self.insert(state, self.prefill(params, requests, shape), list(range(len(requests))))
         state = self.generate(params, state, max_new)
         return self.collect(state, range(len(requests)))
+
+
+def generation_of(
+    tokens: np.ndarray, logprobs: np.ndarray, counts: np.ndarray, stopped: np.ndarray, slot: int
+) -> Generation:
+    """Slot ``slot``'s ``Generation`` from host copies of a state's ``tokens``, ``logprobs``, ``counts`` and
+    ``stopped``."""
+    n = int(counts[slot])
+    return Generation(tokens[slot, :n].tolist(), bool(stopped[slot]), logprobs[slot, :n].tolist())
 
 
 def pack_prefill(
@@ -606,7 +644,9 @@ __all__ = [
     "PrefillShape",
     "Prefilled",
     "StateShape",
+    "generation_of",
     "is_eos",
     "next_token",
     "pack_prefill",
+    "token_logprob",
 ]

@@ -43,7 +43,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from qasr_jax import buckets
-from qasr_jax.engine import DecodeOptions, DecodeState, Generation, is_eos, min_slots, next_token
+from qasr_jax.engine import (
+    DecodeOptions,
+    DecodeState,
+    Generation,
+    is_eos,
+    min_slots,
+    next_token,
+    token_logprob,
+)
 from qasr_jax.errors import AudioTooLongError, QasrError
 from qasr_jax.model import Qwen3ASR, decode_layer_params, extend_cache
 from qasr_jax.model.attention import KVCache
@@ -536,10 +544,12 @@ def extend_rows_program(
         for layer in caches
     ]
     first = next_token(logits, jnp.zeros((rows, 1), jnp.int32), jnp.int32(0), None, options)
+    first_logprob = pad_rows(token_logprob(logits, first), slots)
     ended = pad_rows(is_eos(first, options), slots)
     first = pad_rows(first, slots, options.pad_token_id)
     budgets = pad_rows(budgets, slots)  # empty slots: no budget, never live
     tokens = jnp.full((slots, max_new), options.pad_token_id, jnp.int32).at[:, 0].set(first)
+    logprobs = jnp.zeros((slots, max_new), jnp.float32).at[:, 0].set(first_logprob)
     seen = None
     if options.tracks_seen:
         seen = jax.nn.one_hot(first, model.config.text.vocab_size, dtype=bool)
@@ -551,6 +561,7 @@ def extend_rows_program(
         positions=pad_rows(keeps + lengths, slots),
         last_token=first,
         tokens=tokens,
+        logprobs=logprobs,
         counts=jnp.ones((slots,), jnp.int32),
         budgets=budgets,
         live=~ended & (budgets > 1),

@@ -40,7 +40,7 @@ from qasr_jax import audio as audio_io
 from qasr_jax import buckets
 from qasr_jax import text as text_io
 from qasr_jax.config import ThinkerConfig
-from qasr_jax.engine import DecodeOptions, DecodeState, Engine, Generation, is_eos, next_token
+from qasr_jax.engine import DecodeOptions, DecodeState, Engine, Generation, is_eos, next_token, token_logprob
 from qasr_jax.errors import EmptyAudioError, InvalidAudioError, QasrError
 from qasr_jax.model import Qwen3ASR, decode_layer_params, extend_cache
 from qasr_jax.model.attention import KVCache
@@ -599,6 +599,7 @@ def extend_program(
     first = next_token(logits, jnp.zeros((1, 1), jnp.int32), jnp.int32(0), None, options)
     ended = is_eos(first, options)
     tokens = jnp.full((1, max_new), options.pad_token_id, jnp.int32).at[:, 0].set(first)
+    logprobs = jnp.zeros((1, max_new), jnp.float32).at[:, 0].set(token_logprob(logits, first))
     seen = None
     if options.tracks_seen:
         seen = jax.nn.one_hot(first, model.config.text.vocab_size, dtype=bool)
@@ -610,6 +611,7 @@ def extend_program(
         positions=jnp.reshape(end, (1,)),
         last_token=first,
         tokens=tokens,
+        logprobs=logprobs,
         counts=jnp.ones((1,), jnp.int32),
         budgets=jnp.reshape(budget, (1,)),
         live=~ended & (budget > 1),

@@ -8,6 +8,7 @@ segmenters of the aligner are optional extras (`qasr-jax[ja]`, `qasr-jax[ko]`).
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import json
 import os
 import re
@@ -564,26 +565,33 @@ def repair_repetitions(text: str, threshold: int = REPETITION_THRESHOLD) -> str:
     return _collapse_pattern_runs(text, threshold, MAX_REPEATED_PATTERN)
 
 
-def parse_asr_output(raw: str | None, forced_language: str | None = None) -> tuple[str, str]:
-    """Split the decoded model output into (language, text).
+@dataclasses.dataclass(frozen=True)
+class ParsedOutput:
+    """The model's output split into language and text; ``repaired``: the repetition repair cut something."""
 
-    "language X<asr_text>text" -> ("X", "text"); "language None<asr_text>" (no speech) -> ("", ""); output
-    without the tag is all text with an unknown language; with `forced_language` the output is all text.
-    Repetitions are repaired first.
-    """
+    language: str
+    text: str
+    repaired: bool = False
+
+
+def parse_model_output(raw: str | None, forced_language: str | None = None) -> ParsedOutput:
+    """Split the decoded model output into language and text (see ``parse_asr_output``), and say whether the
+    repetition repair changed it (a runaway repetition was cut back)."""
     if raw is None:
-        return "", ""
+        return ParsedOutput("", "")
     text = str(raw).strip()
     if not text:
-        return "", ""
-    text = repair_repetitions(text)
+        return ParsedOutput("", "")
+    repaired_text = repair_repetitions(text)
+    repaired = repaired_text != text
+    text = repaired_text
     if forced_language:
-        return forced_language, text
+        return ParsedOutput(forced_language, text, repaired)
     if ASR_TEXT not in text:
-        return "", text.strip()
+        return ParsedOutput("", text.strip(), repaired)
     meta, transcript = text.split(ASR_TEXT, 1)
     if "language none" in meta.lower():
-        return "", transcript.strip()
+        return ParsedOutput("", transcript.strip(), repaired)
     language = ""
     for line in meta.splitlines():
         line = line.strip()
@@ -595,7 +603,18 @@ def parse_asr_output(raw: str | None, forced_language: str | None = None) -> tup
             if value:
                 language = value[:1].upper() + value[1:].lower()
             break
-    return language, transcript.strip()
+    return ParsedOutput(language, transcript.strip(), repaired)
+
+
+def parse_asr_output(raw: str | None, forced_language: str | None = None) -> tuple[str, str]:
+    """Split the decoded model output into (language, text).
+
+    "language X<asr_text>text" -> ("X", "text"); "language None<asr_text>" (no speech) -> ("", ""); output
+    without the tag is all text with an unknown language; with `forced_language` the output is all text.
+    Repetitions are repaired first.
+    """
+    parsed = parse_model_output(raw, forced_language)
+    return parsed.language, parsed.text
 
 
 def merge_languages(languages: Iterable[str | None]) -> str:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import soundfile
 
 from tests.support import speech
@@ -80,6 +81,12 @@ def test_manifest_job_resumes_and_reports_failures_last(tmp_path):
     records = read_jsonl(results)
     assert sorted(r["id"] for r in records) == ["audio/hi.wav", "fox"]
     assert all(r["truncated"] and r["text"] and "error" not in r for r in records)
+    for record in records:  # the budget of 4 tokens ends every item
+        [segment] = record["segments"]
+        assert record["finish_reason"] == segment["finish_reason"] == "length"
+        assert len(segment["token_ids"]) == len(segment["logprobs"]) == 4
+        assert record["avg_logprob"] == segment["avg_logprob"] == pytest.approx(sum(segment["logprobs"]) / 4)
+        assert all(p < 0 for p in segment["logprobs"]) and record["compression_ratio"] > 0
     errors = [line for line in first.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 2 and "gone" in errors[0] + errors[1] and "audio/notes.wav" in errors[0] + errors[1]
     assert first.stderr.rstrip().endswith("2 item(s) failed")  # after everything else
@@ -101,5 +108,7 @@ def test_manifest_job_resumes_and_reports_failures_last(tmp_path):
     listed = json.loads(output.read_text(encoding="utf-8"))
     by_id = {r["id"]: r for r in records}
     assert [r["text"] for r in listed][1] == by_id["fox"]["text"]
+    assert listed[1]["segments"][0]["token_ids"] == by_id["fox"]["segments"][0]["token_ids"]
+    assert listed[1]["avg_logprob"] == pytest.approx(by_id["fox"]["avg_logprob"], abs=1e-5)
     assert [r["id"] for r in listed] == [str(audio_dir / "hi.wav"), str(audio_dir / "fox.flac")]
     assert "warning:" in files.stderr  # truncated items are warned about

@@ -158,13 +158,19 @@ def parse_language(value: str | None) -> str | None:
 
 
 def _segments(job: Job) -> list[dict[str, Any]]:
+    """verbose_json segments, one per chunk: the generated ids, their mean log-probability and the text's
+    compression ratio (``qasr_jax.transcript``). No ``no_speech_prob``: nothing here estimates it."""
     segments = []
     for i, chunk in enumerate(job.chunks):
         start = chunk.piece.start / audio_io.SAMPLE_RATE
         end = (chunk.piece.start + chunk.piece.num_samples) / audio_io.SAMPLE_RATE
-        segments.append({"id": i, "seek": 0, "start": round(start, 3), "end": round(end, 3), "text": chunk.text,
-                         "tokens": [], "temperature": 0.0, "avg_logprob": 0.0, "compression_ratio": 0.0,
-                         "no_speech_prob": 0.0})  # fmt: skip
+        entry = {"id": i, "seek": 0, "start": round(start, 3), "end": round(end, 3), "text": chunk.text,
+                 "temperature": 0.0}  # fmt: skip
+        if chunk.segment is not None:
+            entry.update(tokens=list(chunk.segment.token_ids), avg_logprob=chunk.segment.avg_logprob,
+                         compression_ratio=chunk.segment.compression_ratio,
+                         finish_reason=chunk.segment.finish_reason.value)  # fmt: skip
+        segments.append(entry)
     return segments
 
 

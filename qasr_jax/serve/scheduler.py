@@ -6,7 +6,8 @@ One thread owns the engine. Its loop:
    bucket, and inserted into free slots, while the slots already decoding keep their state — a request arriving
    mid-decode joins at the next step boundary;
 2. generate a few steps (``step_chunk``) for every live slot;
-3. collect the slots that finished, decode and parse their tokens, and complete a job once all its chunks are in;
+3. collect the slots that finished, decode and parse their tokens (with their log-probabilities, fetched in the
+   same transfer) into a ``Segment``, and complete a job once all its chunks are in;
 4. free the cache before the oldest live sequence when the shared index nears the end (``Engine.reclaim``);
 5. give freed heap pages back to the system after every ``trim_every`` finished jobs and whenever the loop goes
    idle (``qasr_jax.serve.memory``), so the resident set stays flat under sustained traffic.
@@ -36,9 +37,10 @@ from qasr_jax import audio as audio_io
 from qasr_jax import buckets
 from qasr_jax import text as text_io
 from qasr_jax.asr import Qwen3ASRModel, default_token_budget
-from qasr_jax.engine import Engine, GenerationRequest
+from qasr_jax.engine import Engine, GenerationRequest, generation_of
 from qasr_jax.errors import EmptyAudioError, PromptError, QasrError
 from qasr_jax.serve.memory import HeapTrimmer
+from qasr_jax.transcript import Segment, decode_segment
 
 
 class QueueFullError(QasrError, RuntimeError):
@@ -51,6 +53,9 @@ class ShuttingDownError(QasrError, RuntimeError):
 
 @dataclasses.dataclass
 class Chunk:
+    """One chunk of a job: its text so far, and once done its ``Segment`` (ids, log-probabilities, finish
+    reason)."""
+
     job: Job
     index: int
     piece: audio_io.AudioPiece
@@ -59,6 +64,7 @@ class Chunk:
     text: str = ""
     done: bool = False
     truncated: bool = False
+    segment: Segment | None = None
 
 
 class Job:
@@ -302,8 +308,9 @@ class Scheduler:
         self._harvest()
 
     def _harvest(self) -> None:
-        live, counts, tokens, stopped = jax.device_get(
-            (self._state.live, self._state.counts, self._state.tokens, self._state.stopped)
+        state = self._state
+        live, counts, tokens, logprobs, stopped = jax.device_get(
+            (state.live, state.counts, state.tokens, state.logprobs, state.stopped)
         )
         touched: dict[int, Job] = {}
         for slot, chunk in enumerate(self._slot_chunk):
@@ -314,13 +321,15 @@ class Scheduler:
                 job.first_token_at = time.monotonic()
             if live[slot] and job.on_update is None:
                 continue
-            raw = self.tokenizer.decode(tokens[slot, : counts[slot]].tolist(), skip_special_tokens=True)
             if not live[slot]:
-                chunk.language, chunk.text = text_io.parse_asr_output(raw, job.language)
-                chunk.truncated = not bool(stopped[slot])
+                generation = generation_of(tokens, logprobs, counts, stopped, slot)
+                chunk.segment = decode_segment(self.tokenizer, generation, chunk.piece, job.language)
+                chunk.language, chunk.text = chunk.segment.language, chunk.segment.text
+                chunk.truncated = chunk.segment.truncated
                 chunk.done = True
                 self._slot_chunk[slot] = None
             else:
+                raw = self.tokenizer.decode(tokens[slot, : counts[slot]].tolist(), skip_special_tokens=True)
                 chunk.language, chunk.text = _partial(raw, job.language)
             touched[id(job)] = job
         for job in touched.values():
