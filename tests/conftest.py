@@ -14,11 +14,18 @@ os.environ.setdefault("QASR_WEIGHTS_CACHE", "off")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+# Distributions of the `[test]` extra that tests import (by the name pip knows them by).
+TEST_PACKAGES = ("qwen-asr", "torch", "transformers", "openai", "httpx", "websockets", "fastapi", "uvicorn",
+                 "python-multipart", "jiwer", "srt", "webvtt-py")  # fmt: skip
+
+
 def pytest_sessionstart(session) -> None:
     """The suite's references must be present: espeak-ng (test speech), sox with its MP3 handler and the ffmpeg
-    program (test files; the official loader's decoder for what libsndfile cannot read) and the official qwen-asr
-    package (parity). The README's test command installs them all, so a missing one is an error here, never a
-    quiet skip."""
+    program (test files; the official loader's decoder for what libsndfile cannot read), curl (a client of the
+    server), the official qwen-asr package and its PyTorch stack (parity), the server's packages and its
+    clients' (openai, httpx, websockets), the subtitle parsers and jiwer (error rates). The README's test command
+    installs them all, so a missing one is an error here, never a quiet skip."""
+    import importlib.metadata
     import shutil
     import subprocess
 
@@ -28,11 +35,19 @@ def pytest_sessionstart(session) -> None:
         listing = subprocess.run(["sox", "-h"], capture_output=True, text=True).stdout
         return " mp3 " in listing
 
+    def installed(distribution: str) -> bool:
+        try:
+            importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            return False
+        return True
+
     checks = (
         ("espeak-ng", shutil.which("espeak-ng") is not None),
         ("sox with MP3 support (libsox-fmt-mp3)", sox_writes_mp3()),
         ("ffmpeg", shutil.which("ffmpeg") is not None),
-        ("qwen-asr", importlib.util.find_spec("qwen_asr") is not None),
+        ("curl", shutil.which("curl") is not None),
+        *((name, installed(name)) for name in TEST_PACKAGES),
     )
     missing = [name for name, ok in checks if not ok]
     if missing:

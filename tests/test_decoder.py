@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from qasr_jax.config import config_from_dict
+from qasr_jax.errors import ConfigError
 from qasr_jax.model import Qwen3ASR, first_valid, init_cache, positions_from_mask
 from qasr_jax.model.rope import apply_rope, rope_cos_sin
 from tests.support import official
@@ -132,7 +133,27 @@ def test_bf16_compute_stays_close_to_fp32(small_model):
     assert rel < 0.1
 
 
-def test_config_rejects_what_the_model_cannot_compute():
-    raw = official.small_asr_config()
-    cfg = config_from_dict(raw)
+# Field by field, what the decoder and encoder cannot compute (test_loading.py covers missing and mistyped fields).
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"text": {"head_dim": 15, "rope_scaling": {"mrope_section": [4, 2, 1]}}},
+         r"head_dim must be even for rotary embeddings, got 15"),
+        ({"text": {"num_key_value_heads": 3}},
+         r"num_key_value_heads \(3\) does not divide num_attention_heads \(4\)"),
+        ({"text": {"rope_scaling": {"mrope_section": [4, 4]}}},
+         r"mrope_section \[4, 4\] must have 3 parts summing to head_dim/2 = 8"),
+        ({"text": {"rope_scaling": {"rope_type": "yarn"}}}, r"rope_scaling type 'yarn' is not supported"),
+        ({"text": {"hidden_act": "gelu"}}, r"hidden_act 'gelu' is not supported \(only 'silu'\)"),
+        ({"text": {"attention_bias": True}}, r"attention_bias=true is not supported"),
+        ({"audio": {"activation_function": "relu"}}, r"activation_function 'relu' is not supported"),
+        ({"audio": {"scale_embedding": True}}, r"scale_embedding=true is not supported"),
+    ],
+    ids=["odd-head-dim", "kv-heads", "mrope-parts", "rope-type", "hidden-act", "attention-bias",
+         "audio-activation", "audio-scale-embedding"],
+)  # fmt: skip
+def test_config_rejects_what_the_model_cannot_compute(overrides, message):
+    cfg = config_from_dict(official.small_asr_config())  # the unchanged config is computable
     assert cfg.text.kv_groups == 2 and cfg.audio.window_chunks == 8 and cfg.audio.tokens_per_chunk == 13
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(official.small_asr_config(**overrides))

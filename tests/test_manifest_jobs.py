@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import math
+import time
 
 import numpy as np
 import pytest
@@ -130,7 +130,7 @@ def test_results_file_cuts_a_torn_line_and_merge_keeps_one_record_per_id(tmp_pat
     assert batch_jobs.merge_parts(str(output)) == 0
 
 
-def test_pipeline_results_equal_the_models_own_transcribe_and_a_bad_file_fails_alone(tmp_path):
+def test_pipeline_results_equal_the_models_own_transcribe_and_a_bad_file_fails_alone(tmp_path, monkeypatch):
     from qasr_jax.asr import Qwen3ASRModel
     from tests.test_asr import cached_small_checkpoint
 
@@ -149,9 +149,29 @@ def test_pipeline_results_equal_the_models_own_transcribe_and_a_bad_file_fails_a
     jobs.append(Job("tiny", str(tmp_path / "tiny.wav")))
     soundfile.write(tmp_path / "tiny.wav", np.zeros(100, np.float32), 16000)  # under one feature frame
 
+    # Known delays in the decode and in the model make the time accounting checkable: every decode counts (the
+    # bad files' too), every result's model time counts, and the first batch waits for its audio.
+    load_delay, model_delay = 0.1, 0.1
+    load_audio, iter_transcribe = batch_jobs.audio_io.load_audio, model.iter_transcribe
+
+    def slow_load(*args, **kwargs):
+        time.sleep(load_delay)
+        return load_audio(*args, **kwargs)
+
+    def slow_model(*args, **kwargs):
+        for item in iter_transcribe(*args, **kwargs):
+            time.sleep(model_delay)
+            yield item
+
     plan = batch_jobs.plan_batches(batch_jobs.job_seconds(jobs), 2, model.max_chunk_seconds)
     stats = batch_jobs.PipelineStats()
-    results = list(batch_jobs.run_batches(model, jobs, plan, context="Topic: tests.", workers=2, stats=stats))
+    with monkeypatch.context() as patch:
+        patch.setattr(batch_jobs.audio_io, "load_audio", slow_load)
+        patch.setattr(model, "iter_transcribe", slow_model)
+        started = time.perf_counter()
+        results = list(batch_jobs.run_batches(model, jobs, plan, context="Topic: tests.", workers=2,
+                                              stats=stats))  # fmt: skip
+        wall = time.perf_counter() - started
     assert sorted(job.id for job, _ in results) == sorted(job.id for job in jobs)
     by_id = {job.id: result for job, result in results}
     assert "bad.wav" in str(by_id["bad"].error) and "tiny.wav" in str(by_id["tiny"].error)
@@ -165,4 +185,9 @@ def test_pipeline_results_equal_the_models_own_transcribe_and_a_bad_file_fails_a
     assert stats.audio_seconds == pytest.approx(
         sum(len(c) for c in (clips[0], clips[2], clips[1])) / 16000 + 3
     )
-    assert stats.load_seconds > 0 and stats.host_wait_seconds >= 0 and math.isfinite(stats.model_seconds)
+    good_items, all_items = len(good), len(jobs)
+    assert all_items * load_delay <= stats.load_seconds <= 2 * wall, stats  # summed over the 2 workers
+    assert stats.model_seconds >= good_items * model_delay, stats
+    assert stats.host_wait_seconds >= 0.5 * load_delay, stats  # the first batch's audio was not decoded yet
+    # The driver either waits for audio or runs the model: the two account for its time, and no more.
+    assert 0.8 * wall <= stats.host_wait_seconds + stats.model_seconds <= wall, (stats, wall)

@@ -12,10 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-pytest.importorskip("torch")
-pytest.importorskip("qwen_asr")
-
 import torch
 
 from tests.support import official

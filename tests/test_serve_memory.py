@@ -8,12 +8,12 @@ import sys
 
 import pytest
 
-from qasr_jax.serve import memory
 from qasr_jax.serve.memory import HeapTrimmer
 
 # Run in a fresh process, so the heap measured is only this script's: it frees most of ~256 MiB of small blocks
 # spread over 4 threads (4 glibc arenas), keeping every 64th block so no arena can shrink from its top, then
-# reads the resident set before and after ``release_free_heap``.
+# reads the resident anonymous memory before and after ``release_free_heap``, and the allocator's own figures
+# before the churn and before the release.
 SCRIPT = r"""
 import ctypes, json, threading
 from qasr_jax.serve.memory import heap_stats, release_free_heap
@@ -23,9 +23,9 @@ libc.malloc.restype = ctypes.c_void_p
 libc.malloc.argtypes = [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
 
-def rss_mib():
+def rss_anon_mib():  # the heap's resident pages, without the file pages of code and libraries
     with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS:")) / 1024
+        return next(int(l.split()[1]) for l in f if l.startswith("RssAnon:")) / 1024
 
 def churn():
     blocks = []
@@ -37,26 +37,31 @@ def churn():
         if i % 64:
             libc.free(p)
 
+start = heap_stats()
 threads = [threading.Thread(target=churn) for _ in range(4)]
 for t in threads: t.start()
 for t in threads: t.join()
-before, stats = rss_mib(), heap_stats()
+before, stats = rss_anon_mib(), heap_stats()
 released = release_free_heap()
-print(json.dumps({"before": before, "after": rss_mib(), "released": released, "stats": stats}))
+print(json.dumps({"before": before, "after": rss_anon_mib(), "released": released, "start": start,
+                  "stats": stats}))
 """
 
 
-@pytest.mark.skipif(memory._malloc_trim() is None, reason="the C library has no malloc_trim (it is glibc's)")
 def test_release_free_heap_gives_freed_pages_back_to_the_system() -> None:
     out = subprocess.run([sys.executable, "-c", "import ctypes.util\n" + SCRIPT], check=True,
                          capture_output=True, text=True).stdout  # fmt: skip
     result = json.loads(out.strip().splitlines()[-1])
-    assert result["released"]
-    # ~252 MiB were freed but stayed resident; afterwards at least 150 MiB of it is gone.
-    assert result["before"] - result["after"] > 150, result
-    # heap_stats saw the freed ~252 MiB as free bytes kept in the arenas, the kept 1/64 as in use.
+    assert result["released"], "the C library has no malloc_trim: the server's heap trimming is glibc's"
+    # What the churn left free in the arenas, by the allocator's count: ~252 MiB with glibc's default arenas,
+    # less where fewer arenas are allowed (freed blocks at an arena's top go back at once), never nothing.
     stats = result["stats"]
-    assert stats["free"] > 200 * 2**20 and stats["in_use"] < stats["free"], stats
+    freed_mib = (stats["free"] - result["start"]["free"]) / 2**20
+    assert freed_mib > 64 and stats["in_use"] < stats["free"], result
+    # The release gives back the whole pages of those free bytes (all but about 1/63 of each freed run), and
+    # cannot give back more than the arenas held free.
+    dropped_mib = result["before"] - result["after"]
+    assert 0.9 * freed_mib <= dropped_mib <= stats["free"] / 2**20, result
 
 
 def test_heap_trimmer_trims_every_n_jobs_and_when_idle_after_work() -> None:

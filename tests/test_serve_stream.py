@@ -12,21 +12,16 @@ from __future__ import annotations
 import asyncio
 import json
 
-import httpx
 import numpy as np
 import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from qasr_jax.asr import Qwen3ASRModel
 from qasr_jax.streaming import fixed_text
 from tests.support import speech
 from tests.support.server import running_server
 from tests.test_asr import cached_small_checkpoint
-
-pytestmark = pytest.mark.skipif(not speech.have_espeak(), reason="espeak-ng is needed for the test speech")
-
-websockets = pytest.importorskip("websockets")
-from websockets.asyncio.client import connect  # noqa: E402
-from websockets.exceptions import ConnectionClosed  # noqa: E402
 
 SR = 16000
 KEY = "live-key-0123456789"
@@ -102,6 +97,11 @@ async def live(
 def frames_of(samples: np.ndarray, seconds: float, dtype=np.int16) -> list[bytes]:
     n = int(seconds * SR)
     return [samples[i : i + n].astype(dtype).tobytes() for i in range(0, len(samples), n)]
+
+
+async def live_streams(server, count: int) -> None:
+    """Wait until the server's ``qasr_live_streams`` gauge reads ``count`` (an AssertionError after 60 s)."""
+    await asyncio.to_thread(server.wait_for_metric, "qasr_live_streams", lambda streams: streams == count)
 
 
 def alone(reference: Qwen3ASRModel, pieces: list[np.ndarray], **kwargs):
@@ -194,7 +194,7 @@ def test_streams_past_the_limit_are_refused_and_other_rates_are_resampled(server
         holders = [await connect(url(server), additional_headers=auth()) for _ in range(3)]
         for ws in holders:
             await ws.send(json.dumps({"type": "start"}))
-        await asyncio.sleep(1.0)  # the three streams are open
+        await live_streams(server, 3)  # the three streams are open
         async with connect(url(server), additional_headers=auth()) as extra:
             await extra.send(json.dumps({"type": "start"}))
             refused = json.loads(await asyncio.wait_for(extra.recv(), TIMEOUT))
@@ -203,27 +203,22 @@ def test_streams_past_the_limit_are_refused_and_other_rates_are_resampled(server
         refused_code = extra.close_code
         for ws in holders:
             await ws.close()
-        await asyncio.sleep(1.0)
+        await live_streams(server, 0)  # the abandoned streams left the engine
         import soxr
 
         pcm8k = int16(soxr.resample(clips["medium"], SR, 8000))
         resampled = await live(server, {"type": "start", "sample_rate": 8000}, [pcm8k.tobytes()])
         return refused, refused_code, resampled
 
-    def steps() -> int:
-        metrics = httpx.get(server.url + "/metrics", headers=auth(), timeout=30).text
-        return int(next(line.split()[1] for line in metrics.splitlines()
-                        if line.startswith("qasr_live_stream_steps_total")))  # fmt: skip
-
-    steps_before = steps()  # the server's warm-up stream ran some already
+    # The server's warm-up stream ran some steps already.
+    steps_before = server.metric("qasr_live_stream_steps_total")
     refused, refused_code, (messages, code) = asyncio.run(scenario())
     assert refused["type"] == "error" and "3 streams are open" in refused["message"] and refused_code == 1008
     assert code == 1000 and messages[-1]["type"] == "final" and messages[-1]["text"]
     assert [m["chunk"] for m in messages if m["type"] == "partial"] == [0, 1]  # 4.9 s: two 2-s chunks
-    metrics = httpx.get(server.url + "/metrics", headers=auth(), timeout=30).text
-    # Every stream left the engine, the refused and abandoned ones too.
-    values = dict(line.split() for line in metrics.splitlines() if line.startswith("qasr_live"))
-    assert values["qasr_live_streams"] == "0" and int(values["qasr_live_stream_steps_total"]) >= steps_before + 3
+    # Every stream left the engine, the refused and abandoned ones too; only the last one's three updates ran.
+    assert server.metric("qasr_live_streams") == 0
+    assert server.metric("qasr_live_stream_steps_total") == steps_before + 3
 
 
 def test_final_result_carries_the_aligners_words_on_the_stream_time_line(checkpoint, reference, clips,

@@ -21,8 +21,6 @@ from qasr_jax.streaming import StreamingTranscriber, StreamStateError
 from tests.support import speech
 from tests.test_asr import cached_small_checkpoint
 
-pytestmark = pytest.mark.skipif(not speech.have_espeak(), reason="espeak-ng is needed for the test speech")
-
 SR = 16000
 
 

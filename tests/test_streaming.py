@@ -192,15 +192,18 @@ def test_rollback_that_splits_a_chinese_character_matches_official(ours, referen
 
 
 def test_broken_variants_fail_the_comparison(ours, reference, clips, monkeypatch):
-    """Negative controls: a stale encoder window and a missing rollback each break exactness."""
+    """Negative controls: a stale encoder window and a missing rollback each break exactness, and each is caught
+    by the text comparison at the first update it changes, not by any other assertion."""
     louder = np.concatenate([clips["long"][: 13 * SR] * 0.02, clips["long"][13 * SR : 16 * SR]])
     with monkeypatch.context() as patch:
         patch.setattr(streaming, "window_unchanged", lambda cached, fresh: cached.shape == fresh.shape)
-        with pytest.raises(AssertionError):
+        # The 7th 2-s chunk (12-14 s) is the first with the louder audio: its window's log-mel clamp moved.
+        with pytest.raises(AssertionError, match=r"^after chunk 7\n"):
             stream_both(ours, reference, louder, int(1.9 * SR))
     with monkeypatch.context() as patch:
         patch.setattr(streaming, "rollback_prefix", lambda tokenizer, raw, k, final: raw)
-        with pytest.raises(AssertionError):
+        # The 3rd 1-s chunk is the first whose prompt carries a prefix, which the rollback would have cut.
+        with pytest.raises(AssertionError, match=r"^after chunk 3\n"):
             stream_both(ours, reference, clips["medium"], int(1.9 * SR), chunk_size_sec=1.0)
 
 

@@ -12,13 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import qwen_asr.inference.utils as qwen_utils
+import transformers
 
 from qasr_jax import text
 from qasr_jax.errors import LanguageError, MissingExtraError, PromptError, TokenizerError
 from tests.support.vocab import write_preprocessor_config, write_tokenizer_files
-
-transformers = pytest.importorskip("transformers")
-qwen_utils = pytest.importorskip("qwen_asr.inference.utils")
 
 RELEASED_IDS = {
     "endoftext_id": 151643,

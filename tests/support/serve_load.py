@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from tests.support.server import running_server, speech_files
+from tests.support.server import read_metric, running_server, speech_files
 
 
 def rss_mib(pid: int) -> float:
@@ -37,17 +37,8 @@ def rss_mib(pid: int) -> float:
 
 def heap_in_use_mib(url: str) -> float | None:
     """The server's malloc bytes in use (its /metrics ``qasr_heap_bytes{kind="in_use"}``), in MiB."""
-    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
-        if line.startswith('qasr_heap_bytes{kind="in_use"}'):
-            return round(float(line.split()[1]) / 2**20, 1)
-    return None
-
-
-def metric(url: str, name: str) -> float | None:
-    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return None
+    value = read_metric(url, 'qasr_heap_bytes{kind="in_use"}')
+    return None if value is None else round(value / 2**20, 1)
 
 
 def request(url: str, data: bytes, name: str, stream: bool, deadline: float) -> dict:
@@ -211,8 +202,8 @@ def main() -> None:
                 "wall_s": round(time.monotonic() - start, 1),
                 "rss_mib_start": rss[0], "rss_mib_end": rss[-1], "rss_mib_after_each_round": rss[1:],
                 "heap_in_use_mib_start": heap[0], "heap_in_use_mib_after_each_round": heap[1:],
-                "heap_trims": metric(server.url, "qasr_heap_trims_total"),
-                "heap_trim_seconds": metric(server.url, "qasr_heap_trim_seconds_total"),
+                "heap_trims": read_metric(server.url, "qasr_heap_trims_total"),
+                "heap_trim_seconds": read_metric(server.url, "qasr_heap_trim_seconds_total"),
             }  # fmt: skip
     report["load_average_end"] = os.getloadavg()
     print(json.dumps(report, indent=1))

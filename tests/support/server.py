@@ -1,4 +1,5 @@
-"""Start ``python -m infer serve`` on a free local port for tests and load runs, and make test audio files."""
+"""Start ``python -m infer serve`` on a free local port for tests and load runs, read its ``/metrics``, and make
+test audio files."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+import httpx
 import numpy as np
 import soundfile as sf
 
@@ -27,10 +29,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def read_metric(url: str, name: str, headers: dict[str, str] | None = None) -> float | None:
+    """The value of the sample ``name`` (labels included, as in ``qasr_heap_bytes{kind="in_use"}``) on the
+    ``/metrics`` page of the server at ``url``; None when the page has no such sample."""
+    for line in httpx.get(url + "/metrics", headers=headers, timeout=30).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return None
+
+
 class Server:
-    def __init__(self, process: subprocess.Popen, port: int, log: Path) -> None:
+    def __init__(self, process: subprocess.Popen, port: int, log: Path, api_key: str | None = None) -> None:
         self.process, self.port, self.log = process, port, log
         self.url = f"http://127.0.0.1:{port}"
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    def metric(self, name: str) -> float:
+        value = read_metric(self.url, name, self.headers)
+        assert value is not None, f"/metrics has no sample {name}"
+        return value
+
+    def wait_for_metric(self, name: str, done: Callable[[float], bool], timeout: float = 60.0) -> float:
+        """Poll the sample ``name`` until ``done(value)`` holds and return that value; an AssertionError naming
+        the last value when ``timeout`` seconds pass first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = self.metric(name)
+            if done(value):
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{name} is still {value:g} after {timeout:g} s")
+            time.sleep(0.05)
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -48,10 +77,13 @@ def running_server(
     port = free_port()
     log = Path(tempfile.mkstemp(prefix="qasr-serve-", suffix=".log")[1])
     command = [sys.executable, "-m", "infer", "serve", "--model", model, "--port", str(port), *args]
+    environment = {**os.environ, **(env or {})}
     with open(log, "wb") as handle:
-        process = subprocess.Popen(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
-                                   env={**os.environ, **(env or {})})  # fmt: skip
-    server = Server(process, port, log)
+        process = subprocess.Popen(
+            command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, env=environment
+        )
+    api_key = args[args.index("--api-key") + 1] if "--api-key" in args else environment.get("QASR_API_KEY")
+    server = Server(process, port, log, api_key)
     try:
         deadline = time.monotonic() + startup_timeout
         while True:
