@@ -89,6 +89,11 @@ def test_missed_bars_name_each_bar() -> None:
         "aligner mean shift 41.0 ms > 40 ms",
     ]
     assert demo_eval.missed_bars(good, {"mean_shift_ms": 20.0, "within_80ms": 0.9}) == []
+    # The floor below which no demo model ships: 10% / 20% WER, 95% language identification.
+    assert demo_eval.missed_bars(good, aligner, continuous, bars=demo_eval.FLOOR) == [
+        "continuous ASR language identification 90.00% < 95%",
+        "aligner mean shift 41.0 ms > 40 ms",
+    ]
 
 
 @pytest.mark.slow

@@ -202,6 +202,23 @@ class Recipe:
                 print(f"[{stage}] done in an earlier run ({done.get('seconds', 0):.0f} s)", flush=True)
                 continue
             kept = self.stages / stage
+            later = (
+                [s for s in list(TRAINING)[list(TRAINING).index(stage) + 1 :] if s != "aligner"]
+                if stage in TRAINING
+                else []
+            )
+            if (
+                stage in TRAINING
+                and not only
+                and not self.smoke
+                and any((self.stages / s / "model.safetensors").exists() for s in later)
+                and stage != "aligner"
+            ):
+                # A later ASR stage's export is kept: this stage fed it and need not run again.
+                self.state["stages"][stage] = {"done": True, "superseded_by": str(self.stages)}
+                self.save()
+                print(f"[{stage}] skipped: a later stage's export is kept in {self.stages}", flush=True)
+                continue
             if stage in TRAINING and (kept / "model.safetensors").exists() and not only and not self.smoke:
                 # A finished stage's committed export: take it instead of training the stage again.
                 shutil.rmtree(self.export_dir(stage), ignore_errors=True)
