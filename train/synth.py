@@ -27,7 +27,9 @@ Manifest rows (one JSON object per line, in ``<out>/<split>.jsonl``)::
 words, each written as it is mid-sentence (no sentence case, no punctuation: the sounds alone decide it; the
 CTC labels of training); ``words`` hold the aligner's words (letters, digits and
 apostrophes only) with times in seconds in the 16 kHz file. The same ``--seed`` and counts give the same rows and
-the same audio.
+the same audio, except with the variants that add noise to the voice (the Klatt variants, m6, ...): that noise
+comes from a generator inside espeak-ng that carries on from call to call and that no API resets, so their
+samples, and a word's length by a few samples, differ from run to run (the texts, voices and parameters do not).
 """
 
 from __future__ import annotations
