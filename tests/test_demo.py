@@ -147,13 +147,14 @@ def test_synth_word_times_are_where_the_speech_is(tmp_path: Path) -> None:
     from train import synth
 
     espeak = synth.Espeak()
-    # Variants with a noise source (klatt*, m6, ...) draw it from a generator inside espeak-ng that carries on
-    # across calls (see synth's docstring); a variant without one renders the same samples every time.
+    # espeak-ng keeps state from call to call (its noise generator, see synth's docstring), so a plan renders the
+    # same words at the same times, not always the same samples.
     plan = synth.plan_split("val", 1, 3, ["English"])[0]
-    plan = dataclasses.replace(plan, voice=plan.voice.split("+")[0] + "+Henrique")
     clean = synth.render(plan, espeak)
     again = synth.render(plan, espeak)
-    np.testing.assert_array_equal(clean.audio, again.audio)
+    assert abs(len(clean.audio) - len(again.audio)) <= 0.01 * len(clean.audio)
+    for (w1, s1, e1), (w2, s2, e2) in zip(clean.word_times, again.word_times, strict=True):
+        assert w1 == w2 and abs(s1 - s2) < 0.005 and abs(e1 - e2) < 0.005
     assert [w for w, _, _ in clean.word_times] == [synth.aligner_word(w) for w in plan.words]
     manifest = synth.write_split(tmp_path, "val", 2, seed=3, languages=["German"])
     row = json.loads(manifest.read_text().splitlines()[0])

@@ -250,10 +250,12 @@ def test_loss_matches_official_pytorch_model(tmp_path):
     (spec,) = data_lib.eval_specs(report.examples, data_lib.Shapes(config, 16, 16), 3)
     batch = data_lib.BatchLoader(report.examples, tokens)(spec).batch
     model = Qwen3ASR(config)
-    ce_sum, counts = jax.jit(lambda p, b: losses.loss_sums(model, p, b))(
-        params, jax.tree_util.tree_map(jnp.asarray, batch)
-    )
-    ours = float(ce_sum) / float(counts["weight"])
+    batch = jax.tree_util.tree_map(jnp.asarray, batch)
+    loss, counts = jax.jit(
+        lambda p, b: losses.loss_sums(model, p, b, losses.Objective(), jnp.sum(b.label_weights), jnp.float32(1))
+    )(params, batch)
+    ours = float(loss)  # the CE per target token (CE only)
+    np.testing.assert_allclose(ours, float(counts["ce"]) / float(counts["weight"]), rtol=1e-6)
 
     processor = Qwen3ASRProcessor.from_pretrained(model_dir, fix_mistral_regex=True)
     reference = official.load_official(model_dir)
