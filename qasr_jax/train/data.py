@@ -180,8 +180,11 @@ class Tokenization:
         # Pieces that spell only whitespace (a lone "Ġ" before a digit): no sound of their own.
         self.space_ids = frozenset(t for t in tokenizer.encode(" ", allow_special=False))
 
-    def asr(self, text: str, language: str | None, context: str) -> tuple[list[int], list[int], list[int]]:
-        """(template, targets, slots): the prompt with one audio pad, then ``language X<asr_text>text<|im_end|>``.
+    def asr(
+        self, text: str, language: str | None, context: str
+    ) -> tuple[list[int], list[int], list[int], int]:
+        """(template, targets, slots, header): the prompt with one audio pad, then
+        ``language X<asr_text>text<|im_end|>``; ``header``: how many leading targets are ``language X<asr_text>``.
 
         The logits at slot i predict targets[i] (the token after it).
         """
@@ -190,7 +193,7 @@ class Tokenization:
         # The transcript is plain text: special-token spellings inside it stay text.
         target = [*header, *self.tokenizer.encode(text, allow_special=False), self.tokenizer.im_end_id]
         slots = [len(prompt) - 1 + k for k in range(len(target))]
-        return [*prompt, *target], target, slots
+        return [*prompt, *target], target, slots, len(header)
 
     def ctc_labels(self, ctc_text: str) -> list[int]:
         """The CTC labels of a transcript: each word's tokens as it is spelt mid-sentence (``" " + word``), with
@@ -293,14 +296,13 @@ def parse_row(
             words = _parse_words(row.get("words"), seconds, tokens.config)
             template, targets, slots = tokens.aligner(words)
         else:
-            template, targets, slots = tokens.asr(text.strip(), language, context)
+            template, targets, slots, header = tokens.asr(text.strip(), language, context)
             ctc_text = row.get("ctc_text")
             if ctc_text is not None and not isinstance(ctc_text, str):
                 raise BadRow("invalid field: 'ctc_text' must be a string")
             spoken = ctc_text if ctc_text is not None else spoken_words(text)
             transcript = tuple(tokens.ctc_labels(spoken))
             word_labels = _word_labels(row.get("words"), spoken, seconds, tokens)
-            header = len(tokens.tokenizer.encode(f"language {language or 'None'}{text_io.ASR_TEXT}"))
     except QasrError as error:
         raise BadRow(f"invalid text: {error}") from None
     if objective == "aligner":
