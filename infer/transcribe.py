@@ -318,7 +318,13 @@ def run_manifest(args: argparse.Namespace) -> int:
 
     try:
         jobs = batch_jobs.read_manifest(args.manifest)
-    except (OSError, ValueError) as error:
+    except UnicodeDecodeError as error:
+        print(f"error: --manifest {args.manifest}: not UTF-8 text ({error})", file=sys.stderr)
+        return 1
+    except OSError as error:
+        print(f"error: --manifest {args.manifest}: {error.strerror or error}", file=sys.stderr)
+        return 1
+    except ValueError as error:  # names the manifest and its line
         print(f"error: {error}", file=sys.stderr)
         return 1
     output = args.output or args.manifest + ".results.jsonl"
