@@ -7,8 +7,13 @@
 
 Routes: POST /v1/audio/transcriptions (json, text, srt, vtt, verbose_json; stream=true for server-sent events),
 WS /v1/audio/stream (live streams: a JSON start message, binary PCM frames, a stop message; partial and final
-results as JSON), GET /v1/models, GET /health, GET /metrics. SIGTERM (or Ctrl-C) stops taking requests, finishes those in flight
-and exits. Requests never make the server read a path or URL: only uploaded bytes are decoded.
+results as JSON), GET /v1/models, GET /health, GET /metrics. SIGTERM (or Ctrl-C) stops taking connections,
+finishes the requests in flight and those waiting for a slot, closes live streams (1012) and exits. Requests
+never make the server read a path or URL: only uploaded bytes are decoded.
+
+QASR_SERVE_FAULT_CONTEXT=TEXT (for tests of the failure handling): an upload whose prompt, or a live stream whose
+context, is exactly TEXT makes the upload scheduler's or the streaming engine's loop fail as a bug would; the
+requests it held get 500, the streams 1011, and /health turns 503.
 """
 
 from __future__ import annotations
@@ -54,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="live WebSocket streams open at once; more are refused (default %(default)s)")  # fmt: skip
     parser.add_argument("--max-stream-seconds", type=float, default=None, metavar="S",
                         help="longest live stream (default: --max-audio-seconds)")  # fmt: skip
+    parser.add_argument("--stream-start-timeout", type=float, default=30.0, metavar="S",
+                        help="seconds a live stream may take to send its start message (default %(default)s)")  # fmt: skip
     parser.add_argument("--served-model-name", default="qwen3-asr", metavar="NAME",
                         help="the model id in /v1/models and the accepted 'model' field (default %(default)s)")  # fmt: skip
     parser.add_argument("--step-chunk", type=int, default=8, metavar="K",
@@ -142,6 +149,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if not args.stream_start_timeout > 0:
+        print("error: --stream-start-timeout must be positive", file=sys.stderr)
+        return 2
+    if args.mesh is not None:
+        import jax
+
+        from qasr_jax.sharding import parse_mesh_spec
+
+        try:
+            parse_mesh_spec(args.mesh, jax.device_count())
+        except ValueError as error:
+            print(f"error: --mesh: {error}", file=sys.stderr)
+            return 2
+    fault_context = os.environ.get("QASR_SERVE_FAULT_CONTEXT") or None
     started = time.monotonic()
     model = Qwen3ASRModel.from_pretrained(
         model_dir, forced_aligner=aligner_dir, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
@@ -150,11 +171,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         weights_cache=args.weights_cache,
     )  # fmt: skip
     scheduler = Scheduler(model, slots=args.max_batch, max_queue=args.max_queue, step_chunk=args.step_chunk,
-                          max_audio_seconds=args.max_audio_seconds, trim_every=args.heap_trim_every)  # fmt: skip
+                          max_audio_seconds=args.max_audio_seconds, trim_every=args.heap_trim_every,
+                          fault_context=fault_context)  # fmt: skip
     scheduler.start()
     streams = StreamingEngine(model.streamer, max_streams=args.max_streams, max_batch=args.max_batch,
                               max_stream_seconds=args.max_stream_seconds or args.max_audio_seconds,
-                              trim_every=2 * args.heap_trim_every)  # fmt: skip
+                              trim_every=2 * args.heap_trim_every, fault_context=fault_context)  # fmt: skip
     streams.start()
     warm_up(scheduler)
     warm_up_streams(streams)
@@ -165,7 +187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     config = ServeConfig(model_name=args.served_model_name, api_key=api_key,
                          max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
-                         max_audio_seconds=args.max_audio_seconds)  # fmt: skip
+                         max_audio_seconds=args.max_audio_seconds,
+                         stream_start_timeout=args.stream_start_timeout)  # fmt: skip
     app = create_app(model, scheduler, config, streams)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                            access_log=False, timeout_keep_alive=5))  # fmt: skip

@@ -9,6 +9,9 @@ pass); ``-`` reads headerless s16le mono 16 kHz PCM from stdin until it ends. Te
 update (the stream's time and its current text) and a final line per stream; ``--format jsonl`` writes one event
 per update: stream id, chunk index, audio seconds, language, text, the fixed prefix (text no later chunk
 rewrites), the update's latency and work, and whether it is the final one.
+
+Exit status: 0 when every stream ran to its end; 1 when the model cannot be loaded or a stream failed (a file
+that cannot be read or decoded: the others still run, and the error names it on stderr); 2 for bad arguments.
 """
 
 from __future__ import annotations
@@ -145,6 +148,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("stdin (-) can be given once")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         parser.error("--max-new-tokens must be >= 1")
+    if args.language:
+        from qasr_jax.text import normalize_language
+
+        try:
+            args.language = normalize_language(args.language)
+        except ValueError as error:
+            parser.error(str(error))
 
     from infer.defaults import model_or_demo
     from qasr_jax.asr import Qwen3ASRModel
@@ -154,8 +164,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = Qwen3ASRModel.from_pretrained(
             model_or_demo(args.model), max_new_tokens=args.max_new_tokens, dtype=args.dtype
         )
-        if args.language:
-            model.init_streaming_state(language=args.language)  # an unsupported language fails here
     except (QasrError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -29,6 +29,8 @@ N_MELS = 128
 MEL_MAX_HZ = 8000.0
 # The official pipeline zero-pads split pieces shorter than this.
 MIN_PIECE_SECONDS = 0.5
+# split_audio looks this far either side of the nominal cut for the quietest point: a piece can be this much longer.
+SPLIT_SEARCH_SECONDS = 5.0
 
 # A path, URL, base64 string or data URI, an encoded file's bytes, or (samples, sample_rate) with samples [time] or [time, channels] /
 # [channels, time].
@@ -310,7 +312,7 @@ def split_audio(
     max_seconds: float,
     *,
     sr: int = SAMPLE_RATE,
-    search_seconds: float = 5.0,
+    search_seconds: float = SPLIT_SEARCH_SECONDS,
     window_ms: float = 100.0,
 ) -> list[AudioPiece]:
     """Split [samples] audio into pieces of about ``max_seconds``, cutting where it is quietest.

@@ -138,7 +138,9 @@ class StreamingEngine:
     max_streams: streams open at once (``open`` raises ``TooManyStreamsError`` beyond); max_batch: stream updates
     per step (the rest wait for the next); max_stream_seconds: the longest stream (``feed`` raises
     ``AudioTooLongError`` past it; None: no limit); trim_every: steps of the thread between returns of freed heap
-    pages to the system, also done whenever it goes idle (0: never; ``qasr_jax.serve.memory``).
+    pages to the system, also done whenever it goes idle (0: never; ``qasr_jax.serve.memory``); fault_context: a
+    stream whose context is exactly this string makes its step raise as an internal error would (a bug, out of
+    memory), so that a server's handling of a failed engine can be exercised; None (the default): never.
     """
 
     def __init__(
@@ -149,6 +151,7 @@ class StreamingEngine:
         max_batch: int = 16,
         max_stream_seconds: float | None = None,
         trim_every: int = 64,
+        fault_context: str | None = None,
     ) -> None:
         if max_streams < 1 or max_batch < 1:
             raise ValueError(f"max_streams and max_batch must be >= 1: {max_streams}, {max_batch}")
@@ -168,6 +171,7 @@ class StreamingEngine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.heap = HeapTrimmer(trim_every)
+        self.fault_context = fault_context
 
     @property
     def options(self) -> DecodeOptions:
@@ -290,6 +294,8 @@ class StreamingEngine:
                 taken.append((stream, since, final, take > 0))
         events: list[StreamEvent] = []
         work: list[tuple[LiveStream, float, PendingUpdate]] = []
+        if self.fault_context is not None and any(s.state.context == self.fault_context for s, *_ in taken):
+            raise RuntimeError(f"fault injected for a stream with the context {self.fault_context!r}")
         for stream, since, final, has_audio in taken:
             if not has_audio:  # finished on a chunk boundary: nothing left to decode
                 events.append(self._end(stream, None, None, since))

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import hmac
 import json
+import logging
 import threading
 import time
 from typing import Any
@@ -53,6 +54,7 @@ ISO_LANGUAGES = {
     "fil": "Filipino", "tl": "Filipino", "fa": "Persian", "el": "Greek", "ro": "Romanian", "hu": "Hungarian",
     "mk": "Macedonian",
 }  # fmt: skip
+LOG = logging.getLogger(__name__)
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
@@ -79,6 +81,7 @@ class ServeConfig:
     max_audio_seconds: float = 600.0
     max_fields: int = 16
     max_field_bytes: int = 4096
+    stream_start_timeout: float = 30.0
 
 
 class Histogram:
@@ -259,6 +262,11 @@ def create_app(
             response = await _transcribe(request)
         except ApiError as error:
             response = error.response()
+        except Exception as error:  # a bug: answered in the API's error shape, and logged
+            LOG.exception("transcription request failed")
+            response = ApiError(
+                500, f"internal error: {error!r}", code="internal_error", kind="server_error"
+            ).response()
         metrics.count(response.status_code)
         return response
 
@@ -371,6 +379,9 @@ def create_app(
         except QueueFullError as error:
             raise ApiError(429, str(error), code="queue_full", kind="rate_limit_error") from None
         except ShuttingDownError as error:
+            if scheduler.failure is not None:
+                raise ApiError(503, f"the transcription engine failed ({scheduler.failure!r}); restart the server",
+                               code="engine_failed", kind="server_error") from None  # fmt: skip
             raise ApiError(503, str(error), code="shutting_down", kind="server_error") from None
         metrics.audio_seconds += job.duration
 
@@ -471,7 +482,7 @@ def create_app(
     if streams is not None:
         add_live_route(app, streams, key_matches=key_matches, parse_language=live_language,
                        align=_align_stream if model.forced_aligner is not None else None,
-                       max_context=config.max_field_bytes)  # fmt: skip
+                       max_context=config.max_field_bytes, start_timeout=config.stream_start_timeout)  # fmt: skip
     return app
 
 

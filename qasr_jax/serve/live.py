@@ -13,9 +13,11 @@ The server answers with ``{"type": "partial", "chunk", "audio_seconds", "languag
 from the chunk's last sample to the result) and, after stop, ``{"type": "final", "language", "text"}`` with
 ``"words": [{"word", "start", "end"}]`` when a forced aligner is loaded; then it closes the connection (1000).
 A bad message gets ``{"type": "error", "message"}`` naming the problem and a close: 1003 for data it cannot take
-(not JSON, a bad field, samples that are not audio), 1008 for what policy refuses (API key, too many streams, a
-stream too long). Other streams go on. Every connection's updates run in the engine's shared steps on its own
-thread; the event loop only moves messages.
+(not JSON, a binary first frame, a bad field, a text message other than stop, samples that are not audio), 1008
+for what policy refuses (API key, too many streams, a stream too long, no start message within the start
+timeout). Other streams go on. When the streaming engine itself fails (a bug, out of memory), every open stream
+and every later one gets an error naming the failure and 1011. Every connection's updates run in the engine's
+shared steps on its own thread; the event loop only moves messages.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -43,6 +46,7 @@ SAMPLE_FORMATS = {"s16le": np.dtype("<i2"), "f32le": np.dtype("<f4")}
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8000, 48000
 MIN_CHUNK_SECONDS, MAX_CHUNK_SECONDS = 0.1, 30.0
 START_TIMEOUT = 30.0
+LOG = logging.getLogger(__name__)
 
 
 class ProtocolError(Exception):
@@ -120,13 +124,14 @@ def add_live_route(
     parse_language: Callable[[str | None], str | None],
     align: Callable[[np.ndarray, str, str], list[dict[str, Any]]] | None,
     max_context: int,
+    start_timeout: float = START_TIMEOUT,
 ) -> None:
     """Register ``WS /v1/audio/stream`` on ``app``.
 
     key_matches(connection): whether its Authorization header holds the API key (the HTTP routes' constant-time
     check); parse_language: an ISO code or a name → the language (ValueError naming a bad one);
     align(samples, text, language): the final result's words (None: no aligner); max_context: the longest
-    context in bytes.
+    context in bytes; start_timeout: seconds a connection may take to send its start message.
     """
 
     @app.websocket("/v1/audio/stream")
@@ -136,11 +141,14 @@ def add_live_route(
         try:
             if not key_matches(websocket):
                 raise ProtocolError("missing or wrong API key (Authorization: Bearer KEY)", POLICY_VIOLATION)
-            await session.run(parse_language, max_context)
+            await session.run(parse_language, max_context, start_timeout)
         except ProtocolError as error:
             await session.refuse(error)
         except WebSocketDisconnect:
             pass
+        except Exception as error:  # a bug: the client learns that the server failed, not that it vanished
+            LOG.exception("live stream failed")
+            await session.refuse(ProtocolError(f"internal error: {error!r}", INTERNAL_ERROR))
         finally:
             session.release()
 
@@ -162,14 +170,18 @@ class LiveSession:
         self.events: asyncio.Queue[StreamEvent | ProtocolError | None] = asyncio.Queue()
         self.closed = False
 
-    async def run(self, parse_language: Callable[[str | None], str | None], max_context: int) -> None:
+    async def run(
+        self, parse_language: Callable[[str | None], str | None], max_context: int, start_timeout: float
+    ) -> None:
         try:
-            first = await asyncio.wait_for(self.websocket.receive(), START_TIMEOUT)
+            first = await asyncio.wait_for(self.websocket.receive(), start_timeout)
         except asyncio.TimeoutError:
-            raise ProtocolError(f"no start message within {START_TIMEOUT:g} s", POLICY_VIOLATION) from None
+            raise ProtocolError(f"no start message within {start_timeout:g} s", POLICY_VIOLATION) from None
         if first["type"] == "websocket.disconnect":
             raise WebSocketDisconnect(first.get("code", 1000))
         start = StartMessage(self._json(first), parse_language, max_context)
+        if self.streams.failure is not None:
+            raise ProtocolError(f"the streaming engine failed: {self.streams.failure!r}", INTERNAL_ERROR)
         try:
             self.stream = self.streams.open(
                 start.context, start.language, chunk_size_sec=start.chunk_seconds, on_event=self._on_event

@@ -136,7 +136,9 @@ class Scheduler:
     slots: decode slots (requests decoded together); max_queue: jobs that may wait for slots before ``submit``
     refuses; step_chunk: decode steps between admissions; max_chunk_seconds: the split of long audio (the
     model's own by default); max_audio_seconds: the longest upload (sizes the cache with max_chunk_seconds);
-    trim_every: finished jobs between returns of freed heap pages to the system (0: never; see module docstring).
+    trim_every: finished jobs between returns of freed heap pages to the system (0: never; see module docstring);
+    fault_context: a job whose context is exactly this string makes the loop raise as an internal error would (a
+    bug, out of memory), so that a server's handling of a failed loop can be exercised; None (the default): never.
     """
 
     def __init__(
@@ -148,6 +150,7 @@ class Scheduler:
         step_chunk: int = 8,
         max_audio_seconds: float = 600.0,
         trim_every: int = 32,
+        fault_context: str | None = None,
     ) -> None:
         if slots < 1 or max_queue < 0 or step_chunk < 1:
             raise ValueError(
@@ -162,13 +165,15 @@ class Scheduler:
         self.step_chunk = step_chunk
         self.max_audio_seconds = float(max_audio_seconds)
         self.chunk_seconds = min(model.max_chunk_seconds, self.max_audio_seconds)
-        # The largest prompt and token budget any chunk can have fix the state's shape.
-        longest = int(self.chunk_seconds * audio_io.SAMPLE_RATE)
+        # The largest prompt and token budget any chunk can have fix the state's shape. A split cuts at the
+        # quietest point up to SPLIT_SEARCH_SECONDS past the nominal length, so a chunk can be that much longer.
+        longest_seconds = min(self.chunk_seconds + audio_io.SPLIT_SEARCH_SECONDS, self.max_audio_seconds)
+        longest = int(longest_seconds * audio_io.SAMPLE_RATE)
         audio_tokens = model.config.audio.output_length(audio_io.num_frames(longest))
         prompt = text_io.build_prompt_ids(self.tokenizer, audio_tokens, "", None)
         self.max_context_tokens = 256
         self.max_prompt = buckets.PROMPT_LADDER.size(len(prompt) + self.max_context_tokens + 8)
-        self.max_new = buckets.STEP_LADDER.size(self._budget(self.chunk_seconds))
+        self.max_new = buckets.STEP_LADDER.size(self._budget(longest_seconds))
         self.cache_len = 2 * (self.max_prompt + self.max_new) + step_chunk
         self.stats = Stats()
         self.heap = HeapTrimmer(trim_every)
@@ -176,6 +181,8 @@ class Scheduler:
         self._waiting: collections.deque[Chunk] = collections.deque()
         self._waiting_jobs: dict[int, Job] = {}
         self._slot_chunk: list[Chunk | None] = [None] * slots
+        self._admitting: list[Chunk] = []  # taken from the queue, not yet in a slot
+        self.fault_context = fault_context
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._state: Any = None
@@ -256,7 +263,8 @@ class Scheduler:
             self.failure = error
             with self._lock:
                 self._stopping = True
-                jobs = {id(c.job): c.job for c in list(self._waiting) + [c for c in self._slot_chunk if c]}
+                chunks = [*self._waiting, *self._admitting, *(c for c in self._slot_chunk if c)]
+                jobs = {id(c.job): c.job for c in chunks}
                 self._waiting.clear()
             for job in jobs.values():
                 self._finish(job, error)
@@ -283,15 +291,19 @@ class Scheduler:
                     self._waiting_jobs.pop(id(chunk.job), None)
         if not batch:
             return
+        self._admitting = batch
         self._state, _ = self.engine.reclaim(self._state, self.max_prompt)
         # One prefill per chunk, in its own length bucket: no chunk pads to a longer neighbour, and the programs
         # are those of one request at a time whatever the concurrency (traffic never compiles a new batch shape
         # mid-service). Decoding is where the slots are shared.
         for slot, chunk in zip(sorted(free), batch):
+            if self.fault_context is not None and chunk.job.context == self.fault_context:
+                raise RuntimeError(f"fault injected for a job with the context {self.fault_context!r}")
             prefilled = self.engine.prefill(self.params, [chunk.request])
             self._state = self.engine.insert(self._state, prefilled, [slot])
             self.stats.prefills += 1
             self._slot_chunk[slot] = chunk
+        self._admitting = []
         self._harvest()  # a chunk can end on its first token
 
     def _step(self) -> None:
