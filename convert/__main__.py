@@ -2,6 +2,10 @@
 
 DST gets the params as an Orbax checkpoint (``DST/params``) plus the config, tokenizer and processor files, so
 ``qasr_jax.load_pretrained(DST)`` and the transcription programs accept it directly.
+
+``--verify`` then reloads both and compares every tensor bit for bit; given a DST that already holds a conversion,
+it only compares (a copied or older conversion against its source). Exit status: 0 when identical, 1 on any
+difference (the report names the tensors and files), 2 when a checkpoint cannot be read or DST is taken.
 """
 
 from __future__ import annotations
@@ -16,18 +20,24 @@ from qasr_jax.errors import QasrError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m convert", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("src", help="checkpoint dir: released (thinker.*) or -hf layout, safetensors")
     parser.add_argument("dst", help="output dir (must not exist or be empty)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="store params in this dtype (default: keep the checkpoint's)")  # fmt: skip
     parser.add_argument("--verify", action="store_true",
-                        help="reload SRC and DST and compare every tensor; non-zero exit on any difference")  # fmt: skip
+                        help="reload SRC and DST and compare every tensor (only that when DST already holds a "
+                             "conversion); exit 1 on any difference")  # fmt: skip
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     try:
-        convert_checkpoint(args.src, args.dst, dtype=args.dtype)
-        print(f"wrote {os.path.abspath(args.dst)} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        if args.verify and os.path.isdir(args.dst) and os.listdir(args.dst):
+            print(f"{os.path.abspath(args.dst)} exists: verifying it against {args.src}", file=sys.stderr)
+        else:
+            convert_checkpoint(args.src, args.dst, dtype=args.dtype)
+            print(f"wrote {os.path.abspath(args.dst)} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         if args.verify:
             report = verify_conversion(args.src, args.dst, dtype=args.dtype)
             print(report.summary())

@@ -583,12 +583,13 @@ def restore_params(
 
 
 def tree_equal(a: dict, b: dict) -> list[str]:
-    """Paths whose arrays differ (shape, dtype or any value) between two param trees."""
+    """Paths whose arrays differ (shape, dtype or any bit) between two param trees: a NaN equals the same NaN,
+    and -0.0 differs from 0.0."""
     fa, fb = dict(flatten_params(a)), dict(flatten_params(b))
     diffs = [("/".join(p)) for p in fa.keys() ^ fb.keys()]
     for p in fa.keys() & fb.keys():
         x, y = np.asarray(fa[p]), np.asarray(fb[p])
-        if x.shape != y.shape or x.dtype != y.dtype or not np.array_equal(x, y):
+        if x.shape != y.shape or x.dtype != y.dtype or x.tobytes() != y.tobytes():
             diffs.append("/".join(p))
     return sorted(diffs)
 
@@ -626,6 +627,25 @@ def _torch_name(path: tuple[str, ...], layer: int | None) -> str:
     return name
 
 
+def linear_input_axes(module: str) -> int:
+    """How many leading axes of a Linear's kernel are its input (2 for the attention outputs: heads, head_dim)."""
+    return 2 if module in _MERGED_INPUT else 1
+
+
+def module_name(module_path: tuple[str, ...], layer: int | None) -> str:
+    """The official model's name of a module (``thinker.model.layers.3.self_attn.q_proj``) from its path in the
+    param tree (``("decoder", "layers", "self_attn", "q_proj")``) and layer index (None: not a stacked layer)."""
+    return "thinker." + _torch_name((*module_path, "kernel"), layer).rpartition(".")[0]
+
+
+def module_location(name: str) -> tuple[tuple[str, ...], int | None] | None:
+    """(module path in the param tree, layer index or None) of an official module name in either key layout
+    (``thinker.…`` or the "-hf" names), or None when the name is no module of the thinker."""
+    canonical = canonical_name(name + ".weight")
+    location = None if canonical is None else _flax_location(canonical)
+    return None if location is None else (location[0], location[1])
+
+
 def _torch_layout(value: np.ndarray, path: tuple[str, ...]) -> np.ndarray:
     """One (per-layer) Flax leaf in torch's layout."""
     leaf = path[-1]
@@ -638,6 +658,11 @@ def _torch_layout(value: np.ndarray, path: tuple[str, ...]) -> np.ndarray:
     if leaf == "bias":
         return value.reshape(-1)  # per-head biases [heads, head_dim] → [out]
     return value
+
+
+def host_array(value: Any) -> np.ndarray:
+    """A (possibly sharded, multi-process) array as one host numpy array (a collective on several processes)."""
+    return _host(value)
 
 
 def _host(value: Any) -> np.ndarray:
@@ -743,9 +768,13 @@ __all__ = [
     "abstract_params",
     "export_pretrained",
     "flatten_params",
+    "host_array",
     "is_orbax_checkpoint",
+    "linear_input_axes",
     "iter_safetensors",
     "load_pretrained",
+    "module_location",
+    "module_name",
     "param_logical_axes",
     "params_from_state_dict",
     "released_tensors",
