@@ -202,13 +202,18 @@ def _reflect_index(index: jax.Array, length: jax.Array) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("frames",))
 def log_mel(
-    waveforms: jax.Array, lengths: jax.Array, frames: int | None = None
+    waveforms: jax.Array, lengths: jax.Array, frames: int | None = None, frequency_scale: jax.Array | None = None
 ) -> tuple[jax.Array, jax.Array]:
     """Whisper-style log-mel features of a padded batch, each item computed on its own samples only.
 
     waveforms: [batch, samples] float32 at 16 kHz; samples past an item's length are ignored.
     lengths: [batch] int, each item's sample count (clamped to [0, samples]).
     frames: output frame count (static); default samples // 160.
+
+    frequency_scale: [batch] factors (training augmentation only; None for the exact features): each item's
+    power spectrum is stretched along the frequency axis by its factor before the mel filters (bin k reads the
+    power at k / factor, linearly interpolated, zero past 8 kHz), as a vocal tract that much shorter would move
+    its formants (vocal-tract-length perturbation).
 
     Returns (mel [batch, 128, frames] float32, num_frames [batch] int32). Item i has lengths[i] // 160 valid
     frames, equal to what the official processor gives for that item as a batch of one: centred STFT (n_fft 400,
@@ -234,6 +239,8 @@ def log_mel(
 
     spectrum = jnp.fft.rfft(windows * _hann_window(), axis=-1)  # [batch, frames, n_fft // 2 + 1]
     power = jnp.real(spectrum) ** 2 + jnp.imag(spectrum) ** 2
+    if frequency_scale is not None:
+        power = _scale_frequencies(power, frequency_scale)
     mel = jnp.einsum("btf,fm->bmt", power, mel_filters(), precision=jax.lax.Precision.HIGHEST)
     log_spec = jnp.log10(jnp.maximum(mel, 1e-10))
 
@@ -242,6 +249,20 @@ def log_mel(
     item_max = jnp.max(jnp.where(valid, log_spec, -jnp.inf), axis=(1, 2), keepdims=True, initial=-jnp.inf)
     log_spec = jnp.maximum(log_spec, item_max - 8.0)
     return jnp.where(valid, (log_spec + 4.0) / 4.0, 0.0), item_frames
+
+
+def _scale_frequencies(power: jax.Array, scale: jax.Array) -> jax.Array:
+    """``power [batch, frames, bins]`` with bin k of item b read at k / scale[b] (linear interpolation; 0 beyond
+    the last bin)."""
+    bins = power.shape[-1]
+    source = jnp.arange(bins, dtype=jnp.float32)[None, :] / scale.astype(jnp.float32)[:, None]  # [batch, bins]
+    low = jnp.clip(jnp.floor(source).astype(jnp.int32), 0, bins - 1)
+    high = jnp.clip(low + 1, 0, bins - 1)
+    frac = (source - low)[:, None, :]
+    lower = jnp.take_along_axis(power, low[:, None, :], axis=-1)
+    upper = jnp.take_along_axis(power, high[:, None, :], axis=-1)
+    inside = (source <= bins - 1)[:, None, :]
+    return jnp.where(inside, lower + frac * (upper - lower), 0.0)
 
 
 def features(wavs: list[np.ndarray], *, pad_to_multiple: int | None = None) -> tuple[np.ndarray, np.ndarray]:

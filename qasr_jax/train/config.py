@@ -84,6 +84,20 @@ class OptimConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    """Perturbation of the training features (``qasr_jax.train.augment``; all 0: none). frequency_scale: each
+    row's spectrum is stretched by a factor drawn log-uniformly in [1 / (1 + f), 1 + f] (voices of other
+    vocal-tract lengths); freq_masks bands of up to freq_width mel bins and time_masks spans of up to time_width
+    frames are set to the row's mean (SpecAugment). Evaluation and inference never augment."""
+
+    frequency_scale: float = 0.0
+    freq_masks: int = 0
+    freq_width: int = 0
+    time_masks: int = 0
+    time_width: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
 class MeshConfig:
     """The device mesh (``qasr_jax.sharding``): a spec like "data=2,fsdp=2,tensor=2" and rule overrides
     (``{ heads = "tensor", embed = "" }``, "" = replicated). ``distributed``: call
@@ -147,6 +161,7 @@ class TrainConfig:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
 
     def replace(self, **sections: Any) -> TrainConfig:
         return dataclasses.replace(self, **sections)
@@ -168,6 +183,7 @@ _SECTION_CLASSES = {
     "optim": OptimConfig,
     "mesh": MeshConfig,
     "run": RunConfig,
+    "augment": AugmentConfig,
 }
 
 
@@ -268,6 +284,12 @@ def _validate(c: TrainConfig, source: str) -> None:
         problems.append("run.frame_weight must be >= 0, and 0 unless run.objective is 'asr'")
     if c.run.ce_weight == 0 and c.run.ctc_weight == 0 and c.run.frame_weight == 0:
         problems.append("run.ce_weight and run.ctc_weight are both 0: there is nothing to learn")
+    a = c.augment
+    if not 0 <= a.frequency_scale <= 1:
+        problems.append(f"augment.frequency_scale must be in [0, 1], got {a.frequency_scale}")
+    for name in ("freq_masks", "freq_width", "time_masks", "time_width"):
+        if getattr(a, name) < 0:
+            problems.append(f"augment.{name} must be >= 0, got {getattr(a, name)}")
     if c.run.ctc_weight > 0 and "encoder" in c.model.freeze:
         problems.append(
             "run.ctc_weight > 0 with model.freeze = ['encoder']: CTC would only move the tied embeddings; "
@@ -397,6 +419,7 @@ def config_to_dict(config: TrainConfig) -> dict[str, Any]:
 
 
 __all__ = [
+    "AugmentConfig",
     "DataConfig",
     "MeshConfig",
     "ModelConfig",

@@ -8,6 +8,7 @@ as it would have without the interruption.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ from qasr_jax import sharding, weights
 from qasr_jax import text as text_io
 from qasr_jax.config import load_config
 from qasr_jax.train import data as data_lib
+from qasr_jax.train.augment import SpecAugment
 from qasr_jax.train.checkpointing import Checkpoints
 from qasr_jax.train.config import TrainConfig, config_to_dict, parse_condition
 from qasr_jax.train.evaluate import Evaluator
@@ -90,8 +92,11 @@ def train(cfg: TrainConfig, callbacks: Sequence[StepCallback] = ()) -> dict[str,
         raise ValueError(
             f"run.ctc_weight and run.frame_weight need the token {CTC_BLANK_TOKEN} in {cfg.model.checkpoint}'s tokenizer"
         )
-    objective = Objective(cfg.run.ce_weight, cfg.run.ctc_weight, blank or 0, cfg.run.frame_weight)
-    trainer = Trainer(config, cfg.model, cfg.optim, cfg.run.steps, mesh, rules, objective)
+    augment = SpecAugment(**dataclasses.asdict(cfg.augment))
+    objective = Objective(
+        cfg.run.ce_weight, cfg.run.ctc_weight, blank or 0, cfg.run.frame_weight, augment if augment.active else None
+    )
+    trainer = Trainer(config, cfg.model, cfg.optim, cfg.run.steps, mesh, rules, objective, cfg.run.seed)
     evaluator = None
     if cfg.data.eval_manifest:
         eval_report = data_lib.read_manifest(

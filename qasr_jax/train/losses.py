@@ -24,6 +24,7 @@ import optax
 from qasr_jax import audio as audio_io
 from qasr_jax.config import AudioEncoderConfig
 from qasr_jax.model import Qwen3ASR, first_valid, positions_from_mask
+from qasr_jax.train.augment import SpecAugment
 from qasr_jax.train.data import Batch
 
 
@@ -48,11 +49,20 @@ def audio_token_lengths(config: AudioEncoderConfig, wave_lengths: jax.Array) -> 
     return full * config.tokens_per_chunk + rest
 
 
-def encode(module: Qwen3ASR, batch: Batch) -> tuple[jax.Array, jax.Array]:
+def encode(
+    module: Qwen3ASR, batch: Batch, augment: SpecAugment | None = None, key: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
     """``(audio embeddings [batch, tokens, hidden], their lengths)``: log-mel on device, exactly as the inference
-    program computes it, then the encoder."""
+    program computes it, then the encoder. With ``augment`` and ``key`` the features are perturbed first."""
     frames = batch_frames(batch.waveforms)
-    features, feature_frames = audio_io.log_mel(batch.waveforms, batch.wave_lengths, frames=frames)
+    scales = None
+    if augment is not None and augment.active and key is not None:
+        scales = augment.scales(key, batch.waveforms.shape[0])
+    features, feature_frames = audio_io.log_mel(
+        batch.waveforms, batch.wave_lengths, frames=frames, frequency_scale=scales
+    )
+    if augment is not None and augment.active and key is not None:
+        features = augment(features, feature_frames, key)
     feature_mask = (jnp.arange(frames)[None, :] < feature_frames[:, None]).astype(jnp.int32)
     return module.encode_audio(features, feature_mask, training_window(module.config.audio, frames))
 
@@ -160,13 +170,15 @@ class Objective:
     ``frame_weight`` × CE per frame of the frame targets (rows with word times; ``Batch.frame_labels``).
 
     ``ce_weight = 0`` skips the decoder's forward pass (the encoder learns from CTC alone); ``ctc_weight = 0``
-    skips CTC. ``blank_id``: the CTC blank.
+    skips CTC. ``blank_id``: the CTC blank. ``augment``: feature perturbation of the training forward pass
+    (``augment.SpecAugment``; it needs the step's key).
     """
 
     ce_weight: float = 1.0
     ctc_weight: float = 0.0
     blank_id: int = 0
     frame_weight: float = 0.0
+    augment: SpecAugment | None = None
 
 
 def loss_sums(
@@ -177,11 +189,13 @@ def loss_sums(
     ce_total: jax.Array,
     ctc_total: jax.Array,
     frame_total: jax.Array | None = None,
+    key: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The objective on ``batch`` (a micro-batch) with each loss divided by its whole-batch total (``ce_total``
     target weight, ``ctc_total`` labels, ``frame_total`` frame weight), so micro-batches add up to the batch's
-    means; and the sums (``ce``, ``weight``, ``correct``, ``ctc``, ``ctc_labels``, ``frame``, ``frames``)."""
-    audio_embeds, audio_lengths = model.apply({"params": params}, batch, method=encode)
+    means; and the sums (``ce``, ``weight``, ``correct``, ``ctc``, ``ctc_labels``, ``frame``, ``frames``).
+    ``key`` draws the objective's feature augmentation (none without it)."""
+    audio_embeds, audio_lengths = model.apply({"params": params}, batch, objective.augment, key, method=encode)
     loss = jnp.zeros((), jnp.float32)
     counts: dict[str, jax.Array] = {"weight": jnp.sum(batch.label_weights.astype(jnp.float32))}
     if objective.ce_weight > 0:

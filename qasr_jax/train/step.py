@@ -73,9 +73,12 @@ class Trainer:
         mesh: Mesh,
         rules: sharding.Rules = sharding.DEFAULT_RULES,
         objective: losses.Objective | None = None,
+        seed: int = 0,
     ) -> None:
-        """``objective``: the loss weights (``losses.Objective``; None: CE only)."""
+        """``objective``: the loss weights (``losses.Objective``; None: CE only). ``seed``: the augmentation's
+        draws (a step's are a function of the seed and the step, so a resumed run draws the same)."""
         self.config = config
+        self.seed = seed
         self.objective = objective or losses.Objective()
         self.model = build_model(config, model_cfg)
         self.mesh = mesh
@@ -174,7 +177,10 @@ class Trainer:
         if batch.frame_weights is not None:
             frame_total = jnp.maximum(jnp.sum(batch.frame_weights.astype(jnp.float32)), 1e-9)
 
-        def objective(params: Any, micro: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+        # The augmentation's draws: one key per step (and micro-batch), from the run's seed.
+        step_key = jax.random.fold_in(jax.random.key(self.seed), state.step)
+
+        def objective(params: Any, micro: Batch, key: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
             return losses.loss_sums(
                 self.model,
                 self._masked_params(params),
@@ -183,16 +189,18 @@ class Trainer:
                 ce_total,
                 ctc_total,
                 frame_total,
+                key,
             )
 
         grad_fn = jax.value_and_grad(objective, has_aux=True)
         if self.grad_accum == 1:
-            (_, counts), grads = grad_fn(state.params, batch)
+            (_, counts), grads = grad_fn(state.params, batch, step_key)
         else:
 
-            def accumulate(carry: tuple, micro: Batch) -> tuple[tuple, None]:
+            def accumulate(carry: tuple, xs: tuple[Batch, jax.Array]) -> tuple[tuple, None]:
                 grads_sum, totals = carry
-                (_, counts), grads = grad_fn(state.params, micro)
+                micro, index = xs
+                (_, counts), grads = grad_fn(state.params, micro, jax.random.fold_in(step_key, index))
                 grads_sum = jax.tree_util.tree_map(jnp.add, grads_sum, grads)
                 return (grads_sum, jax.tree_util.tree_map(jnp.add, totals, counts)), None
 
@@ -200,9 +208,11 @@ class Trainer:
             micro = _micro_batches(batch, self.grad_accum)
             first = jax.tree_util.tree_map(lambda x: x[0], micro)
             count_zeros = jax.tree_util.tree_map(
-                lambda c: jnp.zeros(c.shape, jnp.float32), jax.eval_shape(objective, state.params, first)[1]
+                lambda c: jnp.zeros(c.shape, jnp.float32),
+                jax.eval_shape(objective, state.params, first, step_key)[1],
             )
-            (grads, counts), _ = jax.lax.scan(accumulate, (zeros, count_zeros), micro)
+            indices = jnp.arange(self.grad_accum, dtype=jnp.int32)
+            (grads, counts), _ = jax.lax.scan(accumulate, (zeros, count_zeros), (micro, indices))
         # A batch whose rows all failed to load has no targets: its update is zero rather than NaN.
         grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, state.params)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
