@@ -4,16 +4,20 @@ package) on a free local port.
 The truth for every stream is ``StreamingTranscriber`` alone on the same audio, fed the same pieces (itself
 proven equal to the official streaming algorithm), on the small random-weight checkpoint whose weights matter.
 Concurrent connections share the server's ``StreamingEngine`` steps; bad messages get an error naming the problem
-and a close code while the other streams go on.
+and a close code while the other streams go on. The aligner's words are checked on the same server over both
+routes: the live final result and the upload's ``verbose_json``, each against the library's own alignment.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 
+import httpx
 import numpy as np
 import pytest
+import soundfile as sf
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
@@ -26,8 +30,9 @@ from tests.test_asr import cached_small_checkpoint
 SR = 16000
 KEY = "live-key-0123456789"
 MAX_NEW = 12
+START_TIMEOUT = 3.0
 SERVER_ARGS = ("--max-new-tokens", str(MAX_NEW), "--max-streams", "3", "--max-stream-seconds", "25",
-               "--max-batch", "4")  # fmt: skip
+               "--max-batch", "4", "--stream-start-timeout", str(START_TIMEOUT))  # fmt: skip
 TIMEOUT = 300.0
 
 
@@ -221,8 +226,59 @@ def test_streams_past_the_limit_are_refused_and_other_rates_are_resampled(server
     assert server.metric("qasr_live_stream_steps_total") == steps_before + 3
 
 
-def test_final_result_carries_the_aligners_words_on_the_stream_time_line(checkpoint, reference, clips,
-                                                                         tmp_path_factory) -> None:  # fmt: skip
+def test_protocol_errors_after_start_and_a_binary_first_frame_close_1003(server) -> None:
+    start = json.dumps({"type": "start"})
+    pcm = np.zeros(SR // 2, np.int16).tobytes()
+
+    async def scenario():
+        return [
+            await exchange(server, [pcm]),  # audio before any start message
+            await exchange(server, [start, pcm, json.dumps({"type": "pause"})]),  # JSON, but not stop
+            await exchange(server, [start, "stop"]),  # text that is not JSON
+        ]
+
+    outcomes = asyncio.run(scenario())
+    expected = [
+        "expected a JSON text message, got a binary frame",
+        'after start, send binary PCM frames and then {"type": "stop"}',
+        "the message is not JSON",
+    ]
+    for (messages, code), text in zip(outcomes, expected):
+        assert code == 1003, messages
+        assert [m["type"] for m in messages] == ["error"] and text in messages[0]["message"], messages
+    # Each refused stream left the engine.
+    server.wait_for_metric("qasr_live_streams", lambda streams: streams == 0)
+
+
+def test_stop_with_no_audio_gives_the_empty_stream_result(server, reference) -> None:
+    messages, code = asyncio.run(
+        exchange(server, [json.dumps({"type": "start"}), json.dumps({"type": "stop"})])
+    )
+    truth = alone(reference, [])
+    assert code == 1000
+    assert messages == [{"type": "final", "language": truth.language, "text": truth.text}]
+    assert truth.text == ""
+
+
+def test_a_connection_that_sends_no_start_message_is_closed_1008_after_the_start_timeout(server) -> None:
+    async def silent() -> tuple[dict, int, float]:
+        async with connect(url(server), additional_headers=auth(), open_timeout=30) as ws:
+            opened = time.monotonic()
+            message = json.loads(await asyncio.wait_for(ws.recv(), START_TIMEOUT + 60))
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 60)
+            return message, ws.close_code, time.monotonic() - opened
+
+    message, code, waited = asyncio.run(silent())
+    assert code == 1008 and message == {
+        "type": "error",
+        "message": f"no start message within {START_TIMEOUT:g} s",
+    }
+    assert waited >= START_TIMEOUT - 0.5  # the server waited out the timeout (its clock started at accept)
+
+
+def test_aligners_words_in_the_live_final_result_and_in_verbose_json(checkpoint, reference, clips,
+                                                                      tmp_path_factory) -> None:  # fmt: skip
     from qasr_jax.aligner import Qwen3ForcedAligner
     from tests.support import official
 
@@ -230,8 +286,24 @@ def test_final_result_carries_the_aligners_words_on_the_stream_time_line(checkpo
         tmp_path_factory.mktemp("aligner"), official.small_aligner_config(classify_num=400), seed=3
     )
     pcm = int16(clips["medium"])
+    upload = tmp_path_factory.mktemp("upload") / "medium.wav"
+    sf.write(upload, pcm, SR, subtype="PCM_16")
     with running_server(checkpoint, *SERVER_ARGS, "--aligner", str(aligner_dir)) as server:
         messages, code = asyncio.run(live(server, {"type": "start"}, frames_of(pcm, 0.6), headers={}))
+        verbose = httpx.post(server.url + "/v1/audio/transcriptions", files={"file": ("medium.wav", upload.read_bytes())},
+                             data={"response_format": "verbose_json", "timestamp_granularities[]": "word"},
+                             timeout=TIMEOUT)  # fmt: skip
+    # Over HTTP: the words of transcribe(..., return_time_stamps=True) with the same aligner and options.
+    with_aligner = Qwen3ASRModel.from_pretrained(checkpoint, max_new_tokens=MAX_NEW, max_chunk_seconds=30.0,
+                                                 forced_aligner=str(aligner_dir))  # fmt: skip
+    [transcribed] = with_aligner.transcribe(str(upload), return_time_stamps=True)
+    assert verbose.status_code == 200, verbose.text
+    body = verbose.json()
+    assert body["text"] == transcribed.text and transcribed.time_stamps.error is None
+    assert body["words"] == [
+        {"word": w.text, "start": w.start_time, "end": w.end_time} for w in transcribed.time_stamps.items
+    ]
+    assert len(body["words"]) > 0 and body["words"][-1]["end"] > 0
     truth = alone(reference, [pcm])
     expected = Qwen3ForcedAligner.from_pretrained(aligner_dir).align(
         (pcm.astype(np.float32) / 32768.0, SR), truth.text, truth.language or None
