@@ -97,7 +97,7 @@ def test_missed_bars_name_each_bar() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["demo_asr_ctc", "demo_asr_decoder", "demo_asr", "demo_aligner"])
+@pytest.mark.parametrize("name", ["demo_asr_ctc", "demo_asr_decoder", "demo_asr", "demo_asr_voices", "demo_aligner"])
 def test_demo_config_trains_a_few_steps(name: str, held_out: Path, tmp_path: Path) -> None:
     from qasr_jax.train import load_train_config, train
     from train import demo_init

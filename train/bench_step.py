@@ -1,10 +1,11 @@
 """Time one training step (forward, backward, AdamW update) of the demo models and of the released sizes.
 
-    python -m train.bench_step [--models demo-ctc,demo-decoder,demo,demo-aligner,asr-0.6b] [--repeats 5]
+    python -m train.bench_step [--models demo-ctc,demo-decoder,demo,demo-voices,demo-aligner,asr-0.6b] [--repeats 5]
 
 Each model gets a synthetic batch of the shape and the objective of its training stage (``demo-ctc``: stage A,
 batch 16 × 2 s, CTC and frame targets, the decoder skipped; ``demo-decoder``: stage B, batch 16 × 3 s, CE with
-the encoder frozen; ``demo``: stage C, everything; ``demo-aligner``: batch 16 × 3 s; ``asr-0.6b``: batch 1 × 10 s,
+the encoder frozen; ``demo``: stage C, everything; ``demo-voices``: stage D, C with the feature augmentation of
+``demo_asr_voices.toml``; ``demo-aligner``: batch 16 × 3 s; ``asr-0.6b``: batch 1 × 10 s,
 the released Qwen3-ASR-0.6B config with random weights, fp32). Audio is noise, the tokens are random ids: the
 step's cost does not depend on either. Prints one table with the load average before and after the run.
 """
@@ -25,7 +26,10 @@ SIZES: dict[str, dict[str, Any]] = {
     "demo-ctc": {"batch": 16, "seconds": 2.0, "targets": 10, "aligner": False, "ce": 0.0, "ctc": 1.0,
                  "frame": 1.0, "freeze": ("decoder_layers",)},
     "demo-decoder": {"batch": 16, "seconds": 3.0, "targets": 12, "aligner": False, "freeze": ("encoder",)},
-    "demo": {"batch": 16, "seconds": 3.0, "targets": 12, "aligner": False, "ctc": 0.1, "frame": 0.1},
+    "demo": {"batch": 16, "seconds": 3.0, "targets": 12, "aligner": False, "ctc": 0.3, "frame": 0.3},
+    "demo-voices": {"batch": 16, "seconds": 3.0, "targets": 12, "aligner": False, "ctc": 0.3, "frame": 0.3,
+                    "augment": {"frequency_scale": 0.3, "freq_masks": 2, "freq_width": 12, "time_masks": 2,
+                                "time_width": 20}},
     "demo-aligner": {"batch": 16, "seconds": 3.0, "targets": 16, "aligner": True},
     "asr-0.6b": {"batch": 1, "seconds": 10.0, "targets": 40, "aligner": False},
 }  # fmt: skip
@@ -89,13 +93,15 @@ def time_steps(name: str, repeats: int) -> float:
 
     from qasr_jax import sharding
     from qasr_jax.train.config import ModelConfig, OptimConfig
+    from qasr_jax.train.augment import SpecAugment
     from qasr_jax.train.losses import Objective
     from qasr_jax.train.step import Trainer
 
     size = SIZES[name]
     config = thinker_config(name)
     mesh = sharding.make_mesh("data=1")
-    objective = Objective(size.get("ce", 1.0), size.get("ctc", 0.0), 0, size.get("frame", 0.0))
+    augment = SpecAugment(**size["augment"]) if "augment" in size else None
+    objective = Objective(size.get("ce", 1.0), size.get("ctc", 0.0), 0, size.get("frame", 0.0), augment)
     model_cfg = ModelConfig(checkpoint="-", freeze=size.get("freeze", ()))
     trainer = Trainer(config, model_cfg, OptimConfig(), 1000, mesh, objective=objective)
     state = trainer.init_state(trainer.init_random_params(0))
@@ -114,7 +120,7 @@ def time_steps(name: str, repeats: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.bench_step", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--models", default="demo-ctc,demo-decoder,demo,demo-aligner,asr-0.6b")
+    parser.add_argument("--models", default="demo-ctc,demo-decoder,demo,demo-voices,demo-aligner,asr-0.6b")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.models.split(",") if n.strip()]

@@ -14,10 +14,12 @@ and resumes an interrupted training stage from its newest checkpoint):
    (``train/configs/demo_asr_ctc.toml``); its gates stop the recipe if the audio is not used by step 1,000;
 4. ``asr_decoder`` (B): the decoder learns to write, encoder frozen (``demo_asr_decoder.toml``);
 5. ``asr`` (C): everything together at a low learning rate (``demo_asr.toml``);
-6. ``aligner``: the aligner starts from the trained ASR model and learns the exact word times
+6. ``asr_voices`` (D): C goes on with augmented features (spectra stretched as by other vocal tracts,
+   SpecAugment masks), to hear voices unlike the training voices (``demo_asr_voices.toml``);
+7. ``aligner``: the aligner starts from the trained ASR model and learns the exact word times
    (``train/configs/demo_aligner.toml``);
-7. ``evaluate``: the held-out report (``train.evaluate_demo``) on both test manifests;
-8. ``export``: the fp32 exports copied to ``<models>/qwen3-asr-demo`` and ``<models>/qwen3-forced-aligner-demo``
+8. ``evaluate``: the held-out report (``train.evaluate_demo``) on both test manifests;
+9. ``export``: the fp32 exports copied to ``<models>/qwen3-asr-demo`` and ``<models>/qwen3-forced-aligner-demo``
    with a model card each.
 
 A finished training stage's export is also copied to ``<stages>/<stage>`` (``train/stages`` by default, small
@@ -54,15 +56,17 @@ SYNTH_COUNTS = {
 }
 SEED = 0
 CONFIGS = Path(__file__).resolve().parent / "configs"
-STAGES = ("synth", "init", "asr_ctc", "asr_decoder", "asr", "aligner", "evaluate", "export")
+STAGES = ("synth", "init", "asr_ctc", "asr_decoder", "asr", "asr_voices", "aligner", "evaluate", "export")
 # Training stages: (config file, run name).
 TRAINING = {
     "asr_ctc": ("demo_asr_ctc.toml", "demo_asr_ctc"),
     "asr_decoder": ("demo_asr_decoder.toml", "demo_asr_decoder"),
     "asr": ("demo_asr.toml", "demo_asr"),
+    "asr_voices": ("demo_asr_voices.toml", "demo_asr_voices"),
     "aligner": ("demo_aligner.toml", "demo_aligner"),
 }
 STAGE_EXPORTS = Path(__file__).resolve().parent / "stages"
+FINAL_ASR = "asr_voices"  # the ASR stage whose model is shipped (and the aligner starts from)
 
 
 def run(command: Sequence[str], log: Path) -> None:
@@ -159,18 +163,21 @@ class Recipe:
     def asr(self) -> None:
         self.train_stage("asr", self.export_dir("asr_decoder"), "train_asr")
 
+    def asr_voices(self) -> None:
+        self.train_stage("asr_voices", self.export_dir("asr"), "train_asr")
+
     def aligner(self) -> None:
         if not (self.data / "aligner_init" / "model.safetensors").exists() or not self.state.get(
             "aligner_init"
         ):
             run(["-m", "train.demo_init", "--init-weights", str(self.data),
-                 "--aligner-from", str(self.export_dir("asr"))], self.log)  # fmt: skip
+                 "--aligner-from", str(self.export_dir(FINAL_ASR))], self.log)  # fmt: skip
             self.state["aligner_init"] = True
             self.save()
         self.train_stage("aligner", self.data / "aligner_init", "train", "val")
 
     def evaluate(self) -> None:
-        asr = str(self.export_dir("asr"))
+        asr = str(self.export_dir(FINAL_ASR))
         aligner = str(self.export_dir("aligner"))
         run(["-m", "train.evaluate_demo", "--manifest", str(self.data / "test.jsonl"),
              "--continuous-manifest", str(self.data / "test_continuous.jsonl"),
@@ -179,8 +186,8 @@ class Recipe:
 
     def export(self) -> None:
         report = json.loads((self.data / "heldout.json").read_text())
-        for kind, run_name in (("asr", "demo_asr"), ("aligner", "demo_aligner")):
-            source = self.runs / run_name / "export"
+        for kind, stage in (("asr", FINAL_ASR), ("aligner", "aligner")):
+            source = self.export_dir(stage)
             target = self.models / demo_paths.DIR_NAMES[kind]
             tmp = target.with_name(target.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
@@ -306,6 +313,8 @@ STAGE_METRICS = {
                     ("text_ce", "transcript CE", "{:.3f}"), ("text_ce_gap", "CE gap, audio rolled", "{:.3f}")),
     "asr": (("wer", "greedy WER", "{:.1%}"), ("language_accuracy", "language ID", "{:.1%}"),
             ("ctc_wer", "greedy CTC WER", "{:.1%}"), ("text_ce_gap", "CE gap, audio rolled", "{:.3f}")),
+    "asr_voices": (("wer", "greedy WER", "{:.1%}"), ("language_accuracy", "language ID", "{:.1%}"),
+                   ("ctc_wer", "greedy CTC WER", "{:.1%}"), ("text_ce_gap", "CE gap, audio rolled", "{:.3f}")),
     "aligner": (("boundary_shift_ms", "mean boundary shift (ms)", "{:.1f}"),),
 }  # fmt: skip
 
