@@ -61,3 +61,12 @@ class MissingExtraError(QasrError, ImportError):
 
 class PromptError(QasrError, ValueError):
     """Prompt text that would corrupt the model input (e.g. a context holding an audio placeholder)."""
+
+
+class AdapterError(QasrError, ValueError):
+    """Adapter weights or settings that do not fit the model: unknown projections, a rank that disagrees with
+    its config, shapes of another base model, features this package does not compute."""
+
+
+class UnknownAdapterError(AdapterError):
+    """A request names an adapter that is not loaded."""

@@ -27,11 +27,12 @@ class WindowedSelfAttention(nn.Module):
     attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora_dropout: float = 0.0  # dropout on the adapters' input (training with a "dropout" rng)
 
     @nn.compact
     def __call__(self, x: jax.Array, valid_len: jax.Array) -> jax.Array:
         d = x.shape[-1]
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, lora_dropout=self.lora_dropout)
         heads = (self.num_heads, self.head_dim)
         axes = ("embed", "heads", "head_dim")
         q = Dense((d,), heads, axes, name="q_proj", **kw)(x)
@@ -55,6 +56,7 @@ class CausalSelfAttention(nn.Module):
     attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora_dropout: float = 0.0  # dropout on the adapters' input (training with a "dropout" rng)
 
     @nn.compact
     def __call__(
@@ -68,7 +70,7 @@ class CausalSelfAttention(nn.Module):
     ) -> tuple[jax.Array, KVCache | None]:
         """x: [batch, seq, hidden]; cos/sin: [batch, seq, head_dim]; kv_start: [batch] first valid slot."""
         cfg = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, lora_dropout=self.lora_dropout)
         d, hd = cfg.hidden_size, cfg.head_dim
         q = Dense(
             (d,), (cfg.num_attention_heads, hd), ("embed", "heads", "head_dim"), False, name="q_proj", **kw
@@ -77,7 +79,7 @@ class CausalSelfAttention(nn.Module):
                   **kw)(x)  # fmt: skip
         v = Dense((d,), (cfg.num_key_value_heads, hd), ("embed", "kv_heads", "head_dim"), False, name="v_proj",
                   **kw)(x)  # fmt: skip
-        norm_kw = dict(eps=cfg.rms_norm_eps, axis_name="head_dim", **kw)
+        norm_kw = dict(eps=cfg.rms_norm_eps, axis_name="head_dim", dtype=self.dtype, param_dtype=self.param_dtype)
         q = RMSNorm(name="q_norm", **norm_kw)(q)
         k = RMSNorm(name="k_norm", **norm_kw)(k)
         q = apply_rope(q, cos, sin)

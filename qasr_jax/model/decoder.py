@@ -26,11 +26,12 @@ class MLP(nn.Module):
     config: TextConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora_dropout: float = 0.0  # dropout on the adapters' input (training with a "dropout" rng)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         d, f = self.config.hidden_size, self.config.intermediate_size
-        kw = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, lora_dropout=self.lora_dropout)
         gate = Dense((d,), (f,), ("embed", "mlp"), name="gate_proj", **kw)(x)
         up = Dense((d,), (f,), ("embed", "mlp"), name="up_proj", **kw)(x)
         return Dense((f,), (d,), ("mlp", "embed"), name="down_proj", **kw)(jax.nn.silu(gate) * up)
@@ -41,6 +42,7 @@ class DecoderLayer(nn.Module):
     attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora_dropout: float = 0.0  # dropout on the adapters' input (training with a "dropout" rng)
 
     @nn.compact
     def __call__(
@@ -55,12 +57,13 @@ class DecoderLayer(nn.Module):
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = RMSNorm(cfg.rms_norm_eps, name="input_layernorm", **kw)(x)
-        h, layer_cache = CausalSelfAttention(cfg, self.attention_impl, name="self_attn", **kw)(
+        lora = dict(lora_dropout=self.lora_dropout)
+        h, layer_cache = CausalSelfAttention(cfg, self.attention_impl, name="self_attn", **kw, **lora)(
             h, cos, sin, kv_start, layer_cache, cache_index
         )
         x = x + h
         h = RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
-        x = x + MLP(cfg, name="mlp", **kw)(h)
+        x = x + MLP(cfg, name="mlp", **kw, **lora)(h)
         x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
         return x, layer_cache
 
@@ -72,6 +75,7 @@ class Decoder(nn.Module):
     attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora_dropout: float = 0.0  # dropout on the adapters' input (training with a "dropout" rng)
     remat: bool = False
 
     @nn.compact
@@ -92,13 +96,13 @@ class Decoder(nn.Module):
         stack = nn.scan(
             layer,
             variable_axes={"params": 0},
-            split_rngs={"params": True},
+            split_rngs={"params": True, "dropout": True},
             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             out_axes=0,
             length=cfg.num_hidden_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        x, cache = stack(cfg, self.attention_impl, self.dtype, self.param_dtype, name="layers")(
+        x, cache = stack(cfg, self.attention_impl, self.dtype, self.param_dtype, self.lora_dropout, name="layers")(
             x.astype(self.dtype),
             cache,
             cos,

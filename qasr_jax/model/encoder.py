@@ -62,17 +62,19 @@ class EncoderLayer(nn.Module):
     attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora_dropout: float = 0.0  # dropout on the adapters' input (training with a "dropout" rng)
 
     @nn.compact
     def __call__(self, x: jax.Array, valid_len: jax.Array) -> tuple[jax.Array, None]:
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = LayerNorm(cfg.layer_norm_eps, name="self_attn_layer_norm", **kw)(x)
+        lora = dict(lora_dropout=self.lora_dropout)
         x = x + WindowedSelfAttention(cfg.encoder_attention_heads, cfg.head_dim, self.attention_impl,
-                                      name="self_attn", **kw)(h, valid_len)  # fmt: skip
+                                      name="self_attn", **kw, **lora)(h, valid_len)  # fmt: skip
         h = LayerNorm(cfg.layer_norm_eps, name="final_layer_norm", **kw)(x)
-        h = Dense((cfg.d_model,), (cfg.encoder_ffn_dim,), ("embed", "mlp"), name="fc1", **kw)(h)
-        h = Dense((cfg.encoder_ffn_dim,), (cfg.d_model,), ("mlp", "embed"), name="fc2", **kw)(gelu(h))
+        h = Dense((cfg.d_model,), (cfg.encoder_ffn_dim,), ("embed", "mlp"), name="fc1", **kw, **lora)(h)
+        h = Dense((cfg.encoder_ffn_dim,), (cfg.d_model,), ("mlp", "embed"), name="fc2", **kw, **lora)(gelu(h))
         x = x + h
         x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
         return x, None
@@ -212,6 +214,7 @@ class AudioEncoder(nn.Module):
     attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora_dropout: float = 0.0  # dropout on the adapters' input (training with a "dropout" rng)
     remat: bool = False
     # Chunks per conv front-end group (None: 8 on the CPU, the config's ``conv_chunksize`` elsewhere). On the CPU
     # small groups keep the im2col activations in cache-sized blocks (ASR-0.6B encoder, batch 8 × 30 s: 12.1 s
@@ -315,17 +318,20 @@ class AudioEncoder(nn.Module):
         stack = nn.scan(
             layer,
             variable_axes={"params": 0},
-            split_rngs={"params": True},
+            split_rngs={"params": True, "dropout": True},
             in_axes=nn.broadcast,
             length=cfg.encoder_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        x, _ = stack(cfg, self.attention_impl, self.dtype, self.param_dtype, name="layers")(x, window_valid)
+        x, _ = stack(cfg, self.attention_impl, self.dtype, self.param_dtype, self.lora_dropout, name="layers")(
+            x, window_valid
+        )
 
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        lora = dict(lora_dropout=self.lora_dropout)
         x = LayerNorm(cfg.layer_norm_eps, name="ln_post", **kw)(x)
-        x = gelu(Dense((cfg.d_model,), (cfg.d_model,), ("embed", "mlp"), name="proj1", **kw)(x))
-        x = Dense((cfg.d_model,), (cfg.output_dim,), ("mlp", "embed_out"), name="proj2", **kw)(x)
+        x = gelu(Dense((cfg.d_model,), (cfg.d_model,), ("embed", "mlp"), name="proj1", **kw, **lora)(x))
+        x = Dense((cfg.d_model,), (cfg.output_dim,), ("mlp", "embed_out"), name="proj2", **kw, **lora)(x)
         x = x.reshape(batch, n_chunks * tpc, cfg.output_dim)
         lengths = tok_valid.sum(-1)
         return x, lengths

@@ -36,6 +36,7 @@ class Dense(nn.Module):
     use_bias: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora_dropout: float = 0.0
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -49,6 +50,8 @@ class Dense(nn.Module):
         x = x.astype(self.dtype)
         contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
         y = jax.lax.dot_general(x, kernel.astype(self.dtype), (contract, ((), ())))
+        if self.has_variable("params", "lora_a"):
+            y = y + self.low_rank_update(x)
         if self.use_bias:
             bias = self.param(
                 "bias",
@@ -58,6 +61,32 @@ class Dense(nn.Module):
             )
             y = y + bias.astype(self.dtype)
         return y
+
+    def low_rank_update(self, x: jax.Array) -> jax.Array:
+        """The adapter's ``(x · lora_a) · lora_b`` (``qasr_jax.adapters``; its scale is already in ``lora_b``).
+
+        ``lora_a [*in_shape, rank]``, ``lora_b [rank, *out_shape]`` apply to every row; with a leading axis,
+        ``lora_a [n, *in_shape, rank]``, ``lora_b [n, rank, *out_shape]`` give each of n rows its own adapter,
+        and x's leading axis of ``k·n`` holds k consecutive entries per row (the encoder's windows of a clip).
+        With ``lora_dropout`` and a "dropout" rng (training), x is dropped out on the adapter's path only.
+        """
+        n_in = len(self.in_shape)
+        a = self.get_variable("params", "lora_a").astype(self.dtype)
+        b = self.get_variable("params", "lora_b").astype(self.dtype)
+        if self.lora_dropout > 0 and self.has_rng("dropout"):
+            keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.lora_dropout, x.shape)
+            x = jnp.where(keep, x / (1.0 - self.lora_dropout), 0).astype(self.dtype)
+        if a.ndim == n_in + 1:
+            contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+            h = jax.lax.dot_general(x, a, (contract, ((), ())))
+            return jax.lax.dot_general(h, b, (((h.ndim - 1,), (0,)), ((), ())))
+        rows = a.shape[0]
+        lead = x.shape[: x.ndim - n_in]
+        xr = x.reshape(rows, -1, *self.in_shape)  # [rows, entries, *in]
+        contract = (tuple(range(2, 2 + n_in)), tuple(range(1, 1 + n_in)))
+        h = jax.lax.dot_general(xr, a, (contract, ((0,), (0,))))  # [rows, entries, rank]
+        out = jax.lax.dot_general(h, b, (((2,), (1,)), ((0,), (0,))))  # [rows, entries, *out]
+        return out.reshape(*lead, *self.out_shape)
 
 
 class LayerNorm(nn.Module):

@@ -49,16 +49,19 @@ class Qwen3ASR(nn.Module):
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "auto"
     remat: bool = False
+    # Dropout on the input of every adapter (``qasr_jax.adapters``) when applied with a "dropout" rng.
+    lora_dropout: float = 0.0
 
     def setup(self) -> None:
         cfg = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, lora_dropout=self.lora_dropout)
         self.audio_tower = AudioEncoder(cfg.audio, self.attention_impl, remat=self.remat, **kw)
         self.embed_tokens = nn.Embed(
             cfg.text.vocab_size,
             cfg.text.hidden_size,
             embedding_init=nn.with_logical_partitioning(default_init, ("vocab", "embed")),
-            **kw,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
         )
         self.decoder = Decoder(cfg.text, self.attention_impl, remat=self.remat, **kw)
         if not cfg.tied_head:

@@ -41,9 +41,9 @@ def _path_names(path: tuple) -> tuple[str, ...]:
 
 
 def decay_mask(params: Any) -> Any:
-    """True for matrices and embeddings; norms and biases are not decayed."""
+    """True for matrices, embeddings and adapter matrices; norms and biases are not decayed."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: _path_names(path)[-1] in ("kernel", "embedding"), params
+        lambda path, _: _path_names(path)[-1] in ("kernel", "embedding", "lora_a", "lora_b"), params
     )
 
 
