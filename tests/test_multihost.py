@@ -1,7 +1,9 @@
 """Multi-host runs for real: two processes × 4 CPU devices joined by ``jax.distributed`` on 127.0.0.1.
 
-A manifest job split over the two processes writes what one process writes, and resumes after one process is
-killed mid-way; one train step and a checkpoint round trip over both processes equal one device.
+A manifest job split over the two processes writes what one process writes, resumes after one process is killed
+mid-way, and, when process 0 dies in the middle of merging the parts, a rerun with another process count finishes
+the merge with nothing lost or written twice; one train step and a checkpoint round trip over both processes equal
+one device.
 """
 
 from __future__ import annotations
@@ -134,7 +136,9 @@ def on_processes(command: list[str], port: int) -> list[list[str]]:
             for i in range(2)]  # fmt: skip
 
 
-def test_manifest_split_over_two_processes_equals_one_process_and_resumes_after_a_kill(tmp_path):
+def test_manifest_split_over_two_processes_equals_one_process_and_resumes_after_kills_with_any_count(
+    tmp_path,
+):
     checkpoint = cached_small_checkpoint()
     manifest, good = write_job(tmp_path)
     env = cpu_env(tmp_path / "jax-cache")
@@ -170,11 +174,23 @@ def test_manifest_split_over_two_processes_equals_one_process_and_resumes_after_
     assert 1 <= len(written) < len(good), written
     assert len(set(written)) == len(written)
 
+    # The rerun with another process count, one: it skips what the two wrote, transcribes the rest into the output
+    # and merges their parts, and is killed the moment its merge starts removing them, with every record in the
+    # output and every part still there (tests.support.die_during_merge).
+    rerun = [sys.executable, "-m", "tests.support.die_during_merge", *command[3:]]
+    killed = subprocess.run(rerun, cwd=REPO, env=env, capture_output=True, text=True, timeout=PROCESS_TIMEOUT)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert f"skipping {len(written)} item(s)" in killed.stderr, killed.stderr[-3000:]
+    assert sorted(tmp_path.glob("multi.jsonl.part-*"))  # died inside the merge
+    assert sorted(r["id"] for r in read_jsonl(output)) == sorted(good)
+
+    # Two processes again: only the broken item is left (it fails on the process it falls to, alone), and process
+    # 0 finishes the merge.
     with processes(on_processes(command, free_port()), env, tmp_path / "rerun") as started:
         codes = [p.wait(timeout=PROCESS_TIMEOUT) for p in started]
     errs = read_tails(tmp_path / "rerun", 2)
-    assert sorted(codes) == [0, 1], (codes, errs)  # the broken item fails on the process it fell to, alone
-    assert "broken" in errs[0] + errs[1] and f"skipping {len(written)} item(s)" in errs[0], errs
+    assert sorted(codes) == [0, 1], (codes, errs)
+    assert "broken" in errs[0] + errs[1] and f"skipping {len(good)} item(s)" in errs[0], errs
     merged = read_jsonl(output)
     ids = [r["id"] for r in merged]
     assert sorted(ids) == sorted(good), ids  # nothing lost, nothing twice
