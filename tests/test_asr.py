@@ -73,8 +73,17 @@ def spy_generations(model: Qwen3ASRModel) -> Iterator[dict[tuple[int, ...], list
         del model.generator.generate
 
 
-def official_transcribe(reference, audio, context, language, max_new_tokens: int, suppress_eos: bool):
-    """The official transcribe, item by item, encoder windows wired in; (results, {prompt ids: new ids})."""
+def official_transcribe(
+    reference,
+    audio,
+    context,
+    language,
+    max_new_tokens: int,
+    suppress_eos: bool,
+    return_time_stamps: bool = False,
+):
+    """The official transcribe, item by item, encoder windows wired in (its aligner's too); (results, {prompt
+    ids: new ids})."""
     captured: dict[tuple[int, ...], list[int]] = {}
     generate = reference.model.generate
 
@@ -90,7 +99,9 @@ def official_transcribe(reference, audio, context, language, max_new_tokens: int
     reference.max_new_tokens = max_new_tokens
     try:
         with official.official_encoder_windows():
-            results = reference.transcribe(audio, context=context, language=language)
+            results = reference.transcribe(
+                audio, context=context, language=language, return_time_stamps=return_time_stamps
+            )
     finally:
         del reference.model.generate
     return results, captured
@@ -269,28 +280,52 @@ def test_arguments_are_checked_like_official(job_model, clips):
     assert "Cantonese" in job_model.get_supported_languages()
 
 
-@dataclasses.dataclass
-class RecordingAligner:
-    """Stands in for Qwen3ForcedAligner: records what it is asked to align, answers with a marker."""
-
-    calls: list = dataclasses.field(default_factory=list)
-
-    def align_transcripts(self, pieces, texts, languages):
-        self.calls.append((pieces, texts, languages))
-        return [f"alignment of {len(p)} piece(s)" for p in pieces]
+@pytest.fixture(scope="module")
+def aligner_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
+    # 400 classes × 80 ms = 32 s of range, as in tests/test_aligner.py.
+    config = official.small_aligner_config(classify_num=400)
+    return official.build_checkpoint(tmp_path_factory.mktemp("aligner"), config, seed=3)
 
 
-def test_timestamps_come_from_the_forced_aligner(job_model, mixed_job, mixed_results, monkeypatch):
-    results, _, _ = mixed_results
-    aligner = RecordingAligner()
-    monkeypatch.setattr(job_model, "forced_aligner", aligner)
-    out = job_model.transcribe([(mixed_job[0], 16000), (mixed_job[1], 16000)], return_time_stamps=True)
-    assert [r.time_stamps for r in out] == ["alignment of 1 piece(s)"] * 2
-    assert [(r.language, r.text) for r in out] == [(r.language, r.text) for r in results[:2]]
-    ((pieces, texts, languages),) = aligner.calls
-    assert [p[0].num_samples for p in pieces] == [len(mixed_job[0]), len(mixed_job[1])]
-    assert texts == [[results[0].text], [results[1].text]]
-    assert languages == [[results[0].language], [results[1].language]]
+def word_times(result) -> list[tuple[str, float, float]]:
+    return [(item.text, item.start_time, item.end_time) for item in result.time_stamps.items]
+
+
+def test_timestamps_match_official_transcribe_with_its_aligner(
+    checkpoint, aligner_checkpoint, clips, reference, monkeypatch
+):
+    """``transcribe(..., return_time_stamps=True)`` end to end (real decode, real aligner) against the official
+    ``transcribe`` with its forced aligner, encoder windows wired into both official models. Word times must be
+    identical, not close: each is a class index × 80 ms, offset by its chunk's start and rounded to the
+    millisecond, so a parity error shows as whole 80-ms steps or another repair, never as rounding noise."""
+    import qwen_asr.inference.qwen3_asr as official_pipeline
+    import torch
+    from qwen_asr.inference.qwen3_forced_aligner import Qwen3ForcedAligner as OfficialAligner
+
+    # With a 2-s limit the 4.9-s clip is cut at its quietest 100 ms near the end: the 0.34-s tail is transcribed
+    # and aligned alone, and its words are shifted by the tail's start (4.555 s).
+    limit = 2.0
+    monkeypatch.setattr(official_pipeline, "MAX_FORCE_ALIGN_INPUT_SECONDS", limit)
+    monkeypatch.setattr(
+        reference, "forced_aligner", OfficialAligner.from_pretrained(aligner_checkpoint, dtype=torch.float32)
+    )
+    audio = [(clips["medium"], 16000), (clips["short"], 16000)]
+    languages = ["English", "Chinese"]  # forced, so that every chunk has text to align
+    ours = Qwen3ASRModel.from_pretrained(
+        checkpoint, forced_aligner=aligner_checkpoint, max_new_tokens=12, max_chunk_seconds=limit
+    )
+    results = ours.transcribe(audio, language=languages, return_time_stamps=True)
+    expected, _ = official_transcribe(
+        reference, audio, "", languages, 12, suppress_eos=False, return_time_stamps=True
+    )
+
+    assert [p.start for p in audio_io.split_audio(clips["medium"], limit)] == [0, 72884]
+    assert [(r.language, r.text) for r in results] == [(e.language, e.text) for e in expected]
+    official_times = [[(i.text, i.start_time, i.end_time) for i in e.time_stamps.items] for e in expected]
+    assert [word_times(r) for r in results] == official_times
+    # A demanding reference: many words, spread over many distinct times.
+    assert [len(times) for times in official_times] == [24, 12]
+    assert len({t for times in official_times for _, start, end in times for t in (start, end)}) >= 20
 
 
 def test_token_budget_grows_with_duration_and_truncation_is_flagged(job_model, clips):
