@@ -87,14 +87,34 @@ class OptimConfig:
 class AugmentConfig:
     """Perturbation of the training features (``qasr_jax.train.augment``; all 0: none). frequency_scale: each
     row's spectrum is stretched by a factor drawn log-uniformly in [1 / (1 + f), 1 + f] (voices of other
-    vocal-tract lengths); freq_masks bands of up to freq_width mel bins and time_masks spans of up to time_width
-    frames are set to the row's mean (SpecAugment). Evaluation and inference never augment."""
+    vocal-tract lengths); freq_masks bands of up to freq_width mel bins and time_masks spans of up to time_width frames are set to the
+    row's mean (SpecAugment). Evaluation and inference never augment."""
 
     frequency_scale: float = 0.0
     freq_masks: int = 0
     freq_width: int = 0
     time_masks: int = 0
     time_width: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptersConfig:
+    """LoRA fine-tuning (``qasr_jax.adapters``): with ``rank`` > 0 the base model stays frozen (no gradient, no
+    optimizer state; its ``model.param_dtype``) and only low-rank adapters on the ``targets`` train (fp32).
+    targets: patterns over the official model's module names (``model.layers.*.self_attn.[qkvo]_proj``; a plain
+    name such as ``q_proj`` matches it in every layer of both towers). alpha: the update is scaled by
+    alpha / rank. dropout: on the adapters' input. ``run.export_dir`` then receives the adapter in the PEFT
+    layout; ``export_merged``: also write base + adapter there as a released-layout checkpoint. rank 0: off."""
+
+    targets: tuple[str, ...] = ("model.layers.*.self_attn.[qkvo]_proj", "model.layers.*.mlp.*_proj")
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    export_merged: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,6 +182,7 @@ class TrainConfig:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
     augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
+    adapters: AdaptersConfig = dataclasses.field(default_factory=AdaptersConfig)
 
     def replace(self, **sections: Any) -> TrainConfig:
         return dataclasses.replace(self, **sections)
@@ -184,6 +205,7 @@ _SECTION_CLASSES = {
     "mesh": MeshConfig,
     "run": RunConfig,
     "augment": AugmentConfig,
+    "adapters": AdaptersConfig,
 }
 
 
@@ -314,8 +336,27 @@ def _validate(c: TrainConfig, source: str) -> None:
         problems.append("optim.end_lr_ratio must be in [0, 1]")
     if c.optim.warmup_steps < 0 or c.run.eval_every < 0 or c.run.save_every < 0 or c.data.prefetch < 0:
         problems.append("warmup_steps, eval_every, save_every and prefetch must be >= 0")
+    problems += _adapter_problems(c.adapters, c.model)
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
+
+
+def _adapter_problems(a: AdaptersConfig, model: ModelConfig) -> list[str]:
+    if not a.enabled:
+        changed = [f.name for f in dataclasses.fields(a) if getattr(a, f.name) != f.default and f.name != "rank"]
+        if a.rank < 0 or changed:
+            return [f"adapters.rank must be a positive number to train adapters (got {a.rank}; set: {changed})"]
+        return []
+    problems = []
+    if not a.targets:
+        problems.append("adapters.targets is empty")
+    if not a.alpha > 0:
+        problems.append(f"adapters.alpha must be positive, got {a.alpha}")
+    if not 0 <= a.dropout < 1:
+        problems.append(f"adapters.dropout must be in [0, 1), got {a.dropout}")
+    if model.freeze:
+        problems.append("model.freeze does not apply with adapters (the whole base model is frozen)")
+    return problems
 
 
 _OPERATORS = {"<=": float.__le__, "<": float.__lt__, ">=": float.__ge__, ">": float.__gt__}
@@ -419,6 +460,7 @@ def config_to_dict(config: TrainConfig) -> dict[str, Any]:
 
 
 __all__ = [
+    "AdaptersConfig",
     "AugmentConfig",
     "DataConfig",
     "MeshConfig",

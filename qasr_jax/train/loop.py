@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from qasr_jax import adapters as lora
 from qasr_jax import sharding, weights
 from qasr_jax import text as text_io
 from qasr_jax.config import load_config
@@ -96,7 +97,12 @@ def train(cfg: TrainConfig, callbacks: Sequence[StepCallback] = ()) -> dict[str,
     objective = Objective(
         cfg.run.ce_weight, cfg.run.ctc_weight, blank or 0, cfg.run.frame_weight, augment if augment.active else None
     )
-    trainer = Trainer(config, cfg.model, cfg.optim, cfg.run.steps, mesh, rules, objective, cfg.run.seed)
+    adapter_spec = None
+    if cfg.adapters.enabled:
+        a = cfg.adapters
+        adapter_spec = lora.LoraSpec(a.targets, a.rank, a.alpha, a.dropout)
+    trainer = Trainer(config, cfg.model, cfg.optim, cfg.run.steps, mesh, rules, objective, cfg.run.seed,
+                      adapter_spec)  # fmt: skip
     evaluator = None
     if cfg.data.eval_manifest:
         eval_report = data_lib.read_manifest(
@@ -119,6 +125,8 @@ def train(cfg: TrainConfig, callbacks: Sequence[StepCallback] = ()) -> dict[str,
     stop_marker = os.path.join(run_dir, "stopped.json")
     if latest is not None:
         state, data_state, meta = checkpoints.restore(latest, trainer.abstract_state())
+        if adapter_spec is not None:  # checkpoints hold the adapters; the frozen base is read again
+            trainer.set_base(_load_params(cfg, trainer))
         batches.set_state(data_state)
         bad_rows = int(meta.get("bad_rows", 0))
         if os.path.exists(stop_marker):
@@ -170,7 +178,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[StepCallback] = ()) -> dict[str,
             if evaluator is not None and (
                 (cfg.run.eval_every and step % cfg.run.eval_every == 0) or step == cfg.run.steps
             ):
-                last_eval = evaluator.evaluate(state.params)
+                last_eval = evaluator.evaluate(trainer.model_params(state.params))
                 metrics_log.write("eval", step, last_eval)
                 for gate in [g for g in open_gates if g.step <= step]:
                     open_gates.remove(gate)
@@ -196,11 +204,21 @@ def train(cfg: TrainConfig, callbacks: Sequence[StepCallback] = ()) -> dict[str,
                             json.dump({"step": step, "stop_when": stop_when.text}, f)
                     break
         checkpoints.wait()
-        if cfg.run.export_dir:
+        if cfg.run.export_dir and adapter_spec is not None:
+            out = lora.save_peft(cfg.run.export_dir, config, state.params, adapter_spec.rank, adapter_spec.alpha,
+                                 adapter_spec.dropout, base_model=cfg.model.checkpoint)  # fmt: skip
+            log.info("exported the adapter to %s", out)
+        elif cfg.run.export_dir:
             out = weights.export_pretrained(
                 cfg.run.export_dir, config, state.params, cfg.model.checkpoint, cfg.run.export_dtype
             )
             log.info("exported the trained model to %s", out)
+        if adapter_spec is not None and cfg.adapters.export_merged:
+            merged = lora.merge_adapter(trainer.base, state.params, adapter_spec.scale)
+            out = weights.export_pretrained(
+                cfg.adapters.export_merged, config, merged, cfg.model.checkpoint, cfg.run.export_dtype
+            )
+            log.info("exported the base with the adapter merged in to %s", out)
     finally:
         progress.close()
         checkpoints.close()

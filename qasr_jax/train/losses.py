@@ -194,12 +194,17 @@ def loss_sums(
     """The objective on ``batch`` (a micro-batch) with each loss divided by its whole-batch total (``ce_total``
     target weight, ``ctc_total`` labels, ``frame_total`` frame weight), so micro-batches add up to the batch's
     means; and the sums (``ce``, ``weight``, ``correct``, ``ctc``, ``ctc_labels``, ``frame``, ``frames``).
-    ``key`` draws the objective's feature augmentation (none without it)."""
-    audio_embeds, audio_lengths = model.apply({"params": params}, batch, objective.augment, key, method=encode)
+    ``key`` draws the objective's feature augmentation (none without it) and the adapters' dropout (a model with
+    ``lora_dropout``)."""
+    # The adapters' dropout masks: their own stream, so the augmentation's draws stay what they are without it.
+    rngs = {"dropout": jax.random.fold_in(key, 0x10A)} if key is not None and model.lora_dropout > 0 else None
+    audio_embeds, audio_lengths = model.apply(
+        {"params": params}, batch, objective.augment, key, method=encode, rngs=rngs
+    )
     loss = jnp.zeros((), jnp.float32)
     counts: dict[str, jax.Array] = {"weight": jnp.sum(batch.label_weights.astype(jnp.float32))}
     if objective.ce_weight > 0:
-        logits = model.apply({"params": params}, batch, audio_embeds, method=decode_targets)
+        logits = model.apply({"params": params}, batch, audio_embeds, method=decode_targets, rngs=rngs)
         ce_sum, weight, correct = cross_entropy_sums(logits, batch.labels, batch.label_weights)
         counts.update(ce=ce_sum, weight=weight, correct=correct)
         loss = loss + objective.ce_weight * ce_sum / ce_total

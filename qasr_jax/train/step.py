@@ -4,6 +4,10 @@ One step: the global batch (sharded over ``data``×``fsdp``) is cut into ``grad_
 processed one after another (``lax.scan``), each spread over every device; gradients and loss are summed and
 divided by the batch's total target weight, so accumulation gives the same update as one big batch. Frozen
 parts get no gradient computation (``stop_gradient``) and no optimizer update.
+
+With adapters (``qasr_jax.adapters.LoraSpec``) the state's params are the adapters alone: the base params are an
+argument of the step, never differentiated and without optimizer state, and each forward pass applies
+``adapters.combine(base, adapters, alpha / rank)``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from qasr_jax import adapters as lora
 from qasr_jax import sharding, weights
 from qasr_jax.config import ThinkerConfig
 from qasr_jax.model import Qwen3ASR
@@ -37,7 +42,7 @@ class TrainState:
     opt_state: Any
 
 
-def build_model(config: ThinkerConfig, cfg: ModelConfig) -> Qwen3ASR:
+def build_model(config: ThinkerConfig, cfg: ModelConfig, lora_dropout: float = 0.0) -> Qwen3ASR:
     """The model with the compute/param dtypes and rematerialisation of the train config."""
     return Qwen3ASR(
         config,
@@ -45,6 +50,7 @@ def build_model(config: ThinkerConfig, cfg: ModelConfig) -> Qwen3ASR:
         param_dtype=DTYPES[cfg.param_dtype],
         attention_impl=cfg.attention_impl,
         remat=cfg.remat == "layers",
+        lora_dropout=lora_dropout,
     )
 
 
@@ -74,22 +80,33 @@ class Trainer:
         rules: sharding.Rules = sharding.DEFAULT_RULES,
         objective: losses.Objective | None = None,
         seed: int = 0,
+        adapters: lora.LoraSpec | None = None,
     ) -> None:
         """``objective``: the loss weights (``losses.Objective``; None: CE only). ``seed``: the augmentation's
-        draws (a step's are a function of the seed and the step, so a resumed run draws the same)."""
+        draws (a step's are a function of the seed and the step, so a resumed run draws the same), and the
+        adapters' initial draw. ``adapters``: train LoRA adapters on the frozen base instead of the params."""
         self.config = config
         self.seed = seed
         self.objective = objective or losses.Objective()
-        self.model = build_model(config, model_cfg)
+        self.adapters = adapters
+        self.model = build_model(config, model_cfg, adapters.dropout if adapters else 0.0)
         self.mesh = mesh
         self.rules = rules
         self.grad_accum = optim_cfg.grad_accum
         self.freeze = tuple(model_cfg.freeze)
-        self.param_shardings = sharding.param_shardings(config, mesh, rules)
-        shapes = weights.abstract_params(config)
+        self.base_shardings = sharding.param_shardings(config, mesh, rules)
         self.param_dtype = DTYPES[model_cfg.param_dtype]
+        self.base: Any = None  # the frozen base params (adapters only; ``set_base``)
+        if adapters is None:
+            self.param_shardings = self.base_shardings
+            shapes = weights.abstract_params(config)
+            self.trained_dtype = self.param_dtype
+        else:
+            self.param_shardings = lora.adapter_shardings(config, adapters, mesh, rules)
+            shapes = lora.abstract_adapters(config, adapters)
+            self.trained_dtype = jnp.float32
         self.abstract_params = jax.tree_util.tree_map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, self.param_dtype, sharding=sh),
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, self.trained_dtype, sharding=sh),
             shapes,
             self.param_shardings,
         )
@@ -114,6 +131,9 @@ class Trainer:
         self._train = jax.jit(
             self._train_step, out_shardings=(self.state_shardings, replicated), donate_argnums=0
         )
+        self._init_adapters = jax.jit(
+            lambda: lora.init_adapters(config, adapters, jax.random.key(seed)), out_shardings=self.param_shardings
+        ) if adapters is not None else None  # fmt: skip
         self._eval = jax.jit(self._eval_step, out_shardings=replicated)
         self._audio_use = jax.jit(
             lambda params, batch: losses.audio_use(self.model, params, batch, self.objective.blank_id),
@@ -123,14 +143,33 @@ class Trainer:
     # -- state --
 
     def _init_state(self, params: Any) -> TrainState:
-        params = jax.tree_util.tree_map(lambda p: p.astype(self.param_dtype), params)
+        params = jax.tree_util.tree_map(lambda p: p.astype(self.trained_dtype), params)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
 
     def init_state(self, params: Any) -> TrainState:
-        """A fresh state around ``params`` (any placement; they are moved into the mesh's shardings)."""
+        """A fresh state around ``params`` (any placement; they are moved into the mesh's shardings). With
+        adapters, ``params`` become the frozen base and the state holds freshly drawn adapters."""
+        if self.adapters is not None:
+            self.set_base(params)
+            with sharding.use_mesh(self.mesh, self.rules):
+                params = self._init_adapters()
         params = sharding.shard_params(params, self.param_shardings)
         with sharding.use_mesh(self.mesh, self.rules):
             return self._init(params)
+
+    def set_base(self, params: Any) -> None:
+        """The frozen base params of adapter training (placed in the mesh's shardings, ``model.param_dtype``)."""
+        params = lora.strip_adapters(params)
+        params = jax.tree_util.tree_map(lambda p: p.astype(self.param_dtype), params)
+        self.base = sharding.shard_params(params, self.base_shardings)
+
+    def model_params(self, params: Any) -> Any:
+        """The params the model applies for the state's ``params``: themselves, or base + adapters (scaled)."""
+        if self.adapters is None:
+            return params
+        if self.base is None:
+            raise ValueError("adapter training needs its base params: call init_state or set_base first")
+        return lora.combine(self.base, params, self.adapters.scale)
 
     def abstract_state(self) -> TrainState:
         """Shapes, dtypes and shardings of the state (the target of a checkpoint restore)."""
@@ -157,7 +196,7 @@ class Trainer:
             return flax.core.meta.unbox(variables["params"])
 
         with sharding.use_mesh(self.mesh, self.rules):
-            return jax.jit(init, out_shardings=self.param_shardings)()
+            return jax.jit(init, out_shardings=self.base_shardings)()
 
     # -- steps --
 
@@ -168,7 +207,9 @@ class Trainer:
             lambda p, t: p if t else jax.lax.stop_gradient(p), params, self.trainable
         )
 
-    def _train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    def _train_step(
+        self, state: TrainState, batch: Batch, base: Any = None
+    ) -> tuple[TrainState, dict[str, jax.Array]]:
 
         # Each loss is divided by its total over the whole batch, so the micro-batches' gradients add up.
         ce_total = jnp.maximum(jnp.sum(batch.label_weights.astype(jnp.float32)), 1e-9)
@@ -181,6 +222,8 @@ class Trainer:
         step_key = jax.random.fold_in(jax.random.key(self.seed), state.step)
 
         def objective(params: Any, micro: Batch, key: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+            if self.adapters is not None:
+                params = lora.combine(jax.lax.stop_gradient(base), params, self.adapters.scale)
             return losses.loss_sums(
                 self.model,
                 self._masked_params(params),
@@ -235,7 +278,7 @@ class Trainer:
     def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         """One optimizer update (``state`` is donated: do not use it afterwards)."""
         with sharding.use_mesh(self.mesh, self.rules):
-            return self._train(state, batch)
+            return self._train(state, batch, self.base)
 
     def _eval_step(self, params: Any, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
         return losses.predictions(self.model, params, batch)
