@@ -23,9 +23,16 @@ STEPS = 32
 UTTERANCES = bench_bf16.UTTERANCES[:3]  # about 0.7, 5 and 19 s of English (several encoder windows)
 
 # Measured on this config and these clips (seed 1): the official bf16 against its fp32 is max 0.72 / mean
-# 0.044 std; ours bf16 against the official bf16 max 0.47 / mean 0.037, against our fp32 max 0.80 / mean 0.040.
+# 0.042 std; ours bf16 against the official bf16 max 0.58 / mean 0.037, against our fp32 max 0.80 / mean 0.038.
 OFFICIAL_SPREAD_MAX = 0.9
 OFFICIAL_SPREAD_MEAN = 0.06
+# Ours bf16 against our fp32 on the single worst logit, as a multiple of the official's (README: at most 12%
+# further; measured 0.80 / 0.72 = 1.11). Per clip it is random which side leaves fp32 more: ours 0.80 / 0.41 /
+# 0.35, the official 0.72 / 0.58 / 0.37.
+WORST_LOGIT_MARGIN = 1.12
+# The common prefix of our bf16 greedy tokens with the official bf16's, as a share of the steps (README: at least
+# 40%; measured 46%, the official bf16 with its own fp32 17%).
+PREFIX_FLOOR = 0.4
 
 
 @dataclasses.dataclass
@@ -79,13 +86,15 @@ def test_bf16_logits_match_official_bf16_within_its_own_bf16_spread(runs: Runs):
 
 
 def test_bf16_is_no_further_from_fp32_than_official_bf16(runs: Runs):
-    """Held on the typical worst logit of a clip, not on the single worst of all: at one position of the 0.7 s
-    clip both bf16 runs leave fp32 the most, ours by 0.80 std and the official by 0.72 (and ours leaves the
-    official bf16 there by only 0.47), an extreme of two independent roundings rather than a trend."""
+    """No further on the mean, on a clip's typical worst logit and in argmax agreement; on the single worst logit
+    of all at most ``WORST_LOGIT_MARGIN`` times as far: that extreme is one position of the 0.7 s clip where both
+    bf16 runs leave fp32 the most (ours 0.80 std, the official 0.72), two independent roundings, while on the
+    other clips ours stays closer."""
     ours = spread(runs, "ours bfloat16", "ours float32")
     theirs = spread(runs, "official bfloat16", "official float32")
     assert ours.mean_rel <= theirs.mean_rel
     assert ours.clip_max_rel <= theirs.clip_max_rel
+    assert ours.max_rel <= WORST_LOGIT_MARGIN * theirs.max_rel
     assert ours.argmax_agreement >= theirs.argmax_agreement
 
 
@@ -93,6 +102,7 @@ def test_bf16_greedy_tokens_agree_with_official_bf16_as_well_as_it_agrees_with_f
     ours = bench_bf16.token_agreement(runs.tokens["ours bfloat16"], runs.tokens["official bfloat16"])
     theirs = bench_bf16.token_agreement(runs.tokens["official bfloat16"], runs.tokens["official float32"])
     assert ours.prefix_share >= theirs.prefix_share
+    assert ours.prefix_share >= PREFIX_FLOOR
 
 
 def bf16_angle_rope(positions, head_dim, theta, mrope_section, interleaved=True):
