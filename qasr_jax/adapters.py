@@ -262,7 +262,7 @@ def strip_adapters(params: Mapping) -> dict:
     }
 
 
-def low_rank_delta(a: jax.Array, b: jax.Array, n_in: int, stacked: bool) -> jax.Array:
+def low_rank_delta(a: jax.Array, b: jax.Array, stacked: bool) -> jax.Array:
     """``A · B`` in the kernel's layout ``[L?, *in, *out]`` (fp32)."""
     a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
     if not stacked:
@@ -280,8 +280,7 @@ def merge_adapter(params: Mapping, adapter: Mapping, scale: float = 1.0) -> dict
         node = _lookup(out, path)
         kernel = node["kernel"]
         stacked = len(path) > 2 and path[1] == "layers"
-        n_in = weights.linear_input_axes(path[-1])
-        delta = low_rank_delta(module[LORA_A], module[LORA_B], n_in, stacked) * scale
+        delta = low_rank_delta(module[LORA_A], module[LORA_B], stacked) * scale
         if delta.shape != kernel.shape:
             raise AdapterError(
                 f"adapter module {'/'.join(path)}: A·B has shape {delta.shape}, the kernel {kernel.shape}"
@@ -480,8 +479,8 @@ def load_peft(path: str | os.PathLike, config: ThinkerConfig, name: str | None =
         entry[location[1]] = (a, b * scale)
     rank = max(ranks)
     tree: dict = {}
-    for path, layers in built.items():
-        target = targets[path]
+    for module_path, layers in built.items():
+        target = targets[module_path]
         shape_a, shape_b = target.shapes(rank)
         a_all, b_all = np.zeros(shape_a, np.float32), np.zeros(shape_b, np.float32)
         for layer, (a, b) in layers.items():
@@ -492,8 +491,8 @@ def load_peft(path: str | os.PathLike, config: ThinkerConfig, name: str | None =
                 a_all[..., :r], b_all[:r] = a_k, b_k
             else:
                 a_all[layer, ..., :r], b_all[layer, :r] = a_k, b_k
-        _tree_set(tree, (*path, LORA_A), a_all)
-        _tree_set(tree, (*path, LORA_B), b_all)
+        _tree_set(tree, (*module_path, LORA_A), a_all)
+        _tree_set(tree, (*module_path, LORA_B), b_all)
     return Adapter(name or os.path.basename(os.path.normpath(path)), tree, rank, path)
 
 

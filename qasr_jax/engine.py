@@ -24,6 +24,11 @@ Programs are compiled once per static shape (``qasr_jax.buckets``): prefill per 
 bucket), insert per (rows, prompt bucket) and state shape, generate and compact per state shape. Steps are a
 run-time argument of generate. The state is donated to insert, generate and compact.
 
+Adapters (``qasr_jax.adapters``): prefill, generate and run take an ``AdapterStack``; each request names its slot
+(``GenerationRequest.adapter``, 0 = the base model), each decode slot keeps it (``DecodeState.adapters``), and the
+programs give every row its own low-rank updates (the stacked weights gathered by row once per call), so rows
+with different adapters share one prefill and one decode step.
+
 Callers: ``Generator`` (one-shot batches: prefill, insert all, generate to completion), the streaming and
 serving loops (insert as requests arrive, generate a few steps, collect finished slots) and the trainer's
 evaluator (params change between calls; the programs do not).
@@ -42,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from qasr_jax import adapters as lora
 from qasr_jax import audio, buckets, sharding
 from qasr_jax.config import ThinkerConfig
 from qasr_jax.model import Qwen3ASR, decode_layer_params, decode_step
@@ -91,6 +97,7 @@ class GenerationRequest:
     samples: np.ndarray
     prompt_ids: Sequence[int]
     max_new_tokens: int
+    adapter: int = 0  # the request's slot in the AdapterStack it runs with (0: the base model)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +154,7 @@ class Prefilled:
     first_logprob: jax.Array
     budgets: jax.Array
     count: int = flax.struct.field(pytree_node=False, default=0)
+    adapters: jax.Array | None = None  # [rows] each row's adapter slot
 
 
 @flax.struct.dataclass
@@ -173,6 +181,7 @@ class DecodeState:
     live: jax.Array
     stopped: jax.Array
     seen: jax.Array | None
+    adapters: jax.Array | None = None  # [slots] each slot's adapter slot (0: the base model)
 
     @property
     def shape(self) -> StateShape:
@@ -254,8 +263,13 @@ def prefill_program(
     input_ids: jax.Array,
     attention_mask: jax.Array,
     budgets: jax.Array,
+    adapter_rows: jax.Array | None = None,
+    stack: Any = None,
 ) -> Prefilled:
-    """Encoder and prompt of every row into its KV block, and each row's first token."""
+    """Encoder and prompt of every row into its KV block, and each row's first token (with ``stack``, row i
+    runs with the adapter in slot ``adapter_rows[i]``)."""
+    if stack is not None:
+        params = lora.combine(params, lora.select_rows(stack, adapter_rows))
     logits, cache, kv_start, lengths = model.apply(
         {"params": params},
         waveforms,
@@ -267,7 +281,9 @@ def prefill_program(
     )
     rows = input_ids.shape[0]
     first = next_token(logits, jnp.zeros((rows, 1), jnp.int32), jnp.int32(0), None, options)
-    return Prefilled(cache, kv_start, lengths, first, token_logprob(logits, first), budgets)
+    return Prefilled(
+        cache, kv_start, lengths, first, token_logprob(logits, first), budgets, adapters=adapter_rows
+    )
 
 
 def init_state_program(
@@ -294,6 +310,7 @@ def init_state_program(
         live=jnp.zeros((slots,), bool),
         stopped=jnp.zeros((slots,), bool),
         seen=jnp.zeros((slots, cfg.vocab_size), bool) if options.tracks_seen else None,
+        adapters=zeros,
     )
 
 
@@ -340,13 +357,20 @@ def insert_program(
         live=put(state.live, ~ended & (prefilled.budgets > 1)),
         stopped=put(state.stopped, ended),
         seen=seen,
+        adapters=None if state.adapters is None else put(
+            state.adapters, jnp.zeros_like(first) if prefilled.adapters is None else prefilled.adapters
+        ),
     )
 
 
 def generate_program(
-    model: Qwen3ASR, options: DecodeOptions, params: Any, state: DecodeState, steps: jax.Array
+    model: Qwen3ASR, options: DecodeOptions, params: Any, state: DecodeState, steps: jax.Array, stack: Any = None
 ) -> DecodeState:
-    """Up to ``steps`` decode steps for every live slot; stops early when no slot is live or the cache is full."""
+    """Up to ``steps`` decode steps for every live slot; stops early when no slot is live or the cache is full.
+    With ``stack``, each slot runs with the adapter of its slot in ``state.adapters``."""
+    if stack is not None:
+        # The slots' adapters do not change within a call: gather each row's weights once, before the loop.
+        params = lora.combine(params, lora.select_rows(stack, state.adapters))
     layer_params = decode_layer_params(model, params)  # one copy per call, not per step
     slots, max_new = state.tokens.shape
     cache_len = cache_length(state.caches[0])
@@ -385,6 +409,7 @@ def generate_program(
             live=s.live & ~ended & (counts < s.budgets),
             stopped=s.stopped | ended,
             seen=seen,
+            adapters=s.adapters,
         )
 
     _, state = jax.lax.while_loop(keep_going, one_step, (jnp.int32(0), state))
@@ -445,7 +470,10 @@ class Engine:
         self, key: Any, fn: Any, *args: Any, donate: tuple[int, ...] = (), state_out: bool = False
     ) -> Any:
         """The program of ``fn`` for abstract ``args``, compiled on first use. On a mesh, a state (in and out)
-        is split over the batch axes by its slots, and other results are replicated (every process reads them)."""
+        is split over the batch axes by its slots, and other results are replicated (every process reads them).
+        Params of another structure or shape (an adapter merged in) get a program of their own."""
+        leaves, structure = jax.tree_util.tree_flatten(args[0])
+        key = (key, structure, tuple((leaf.shape, str(leaf.dtype)) for leaf in leaves))
 
         def build() -> Any:
             placement = {}
@@ -496,11 +524,20 @@ class Engine:
         return program(jnp.int32(start))
 
     def prefill(
-        self, params: Any, requests: Sequence[GenerationRequest], shape: PrefillShape | None = None
+        self,
+        params: Any,
+        requests: Sequence[GenerationRequest],
+        shape: PrefillShape | None = None,
+        adapters: lora.AdapterStack | None = None,
     ) -> Prefilled:
-        """Encoder and prompts of ``requests`` (one program per ``PrefillShape``; default: their own bucket)."""
+        """Encoder and prompts of ``requests`` (one program per ``PrefillShape``; default: their own bucket), each
+        with the adapter of its ``adapter`` slot in ``adapters``."""
         shape = shape or self.prefill_shape(requests, max(len(requests), 1))
         arrays = pack_prefill(requests, shape, self.options.pad_token_id)
+        if adapters is not None:
+            return self._prefill_adapters(params, requests, shape, arrays, adapters)
+        if any(r.adapter for r in requests):
+            raise ValueError("a request names an adapter slot, but no adapters were passed")
         mesh, rules = self.mesh, self.sharding_rules
         fn = functools.partial(prefill_program, self.model, self.options, shape.frames)
         int_vec = sharding.batch_struct((shape.rows,), jnp.int32, mesh, rules)
@@ -512,6 +549,28 @@ class Engine:
         )  # fmt: skip
         placed = sharding.place_batch(list(arrays), mesh, rules)
         return program(params, *placed).replace(count=len(requests))
+
+    def _prefill_adapters(
+        self, params: Any, requests: Sequence[GenerationRequest], shape: PrefillShape, arrays: tuple,
+        adapters: lora.AdapterStack,
+    ) -> Prefilled:  # fmt: skip
+        slots = len(adapters.names) + 1
+        rows = np.zeros((shape.rows,), np.int32)
+        for i, r in enumerate(requests):
+            if not 0 <= r.adapter < slots:
+                raise ValueError(f"request {i}: adapter slot {r.adapter} is not in [0, {slots})")
+            rows[i] = r.adapter
+        mesh, rules = self.mesh, self.sharding_rules
+        fn = functools.partial(prefill_program, self.model, self.options, shape.frames)
+        int_vec = sharding.batch_struct((shape.rows,), jnp.int32, mesh, rules)
+        prompt = sharding.batch_struct((shape.rows, shape.prompt_len), jnp.int32, mesh, rules)
+        waves = sharding.batch_struct((shape.rows, shape.samples), jnp.float32, mesh, rules)
+        program = self._compile(
+            ("prefill", shape, self.options, adapters.signature), fn, sharding.abstract_arrays(params), waves,
+            int_vec, prompt, prompt, int_vec, int_vec, sharding.abstract_arrays(adapters.weights),
+        )  # fmt: skip
+        placed = sharding.place_batch([*arrays, rows], mesh, rules)
+        return program(params, *placed, adapters.weights).replace(count=len(requests))
 
     def insert(self, state: DecodeState, prefilled: Prefilled, slots: Sequence[int]) -> DecodeState:
         """Prefilled request i into slot ``slots[i]`` (``state`` is donated). The state's ``index`` must be at
@@ -525,7 +584,8 @@ class Engine:
         targets = np.full((rows,), n_slots, np.int32)  # out of range: padding rows are dropped
         targets[: len(slots)] = slots
         fn = functools.partial(insert_program, self.options)
-        key = ("insert", state.shape, rows, prefilled.caches["k"].shape[1 + CACHE_SEQ_AXIS], self.options)
+        key = ("insert", state.shape, rows, prefilled.caches["k"].shape[1 + CACHE_SEQ_AXIS], self.options,
+               prefilled.adapters is not None)  # fmt: skip
         prefilled = prefilled.replace(count=0)  # the count is host bookkeeping, not part of the program
         program = self._compile(
             key, fn, self._abstract(state, True), self._abstract(prefilled), jax.ShapeDtypeStruct((rows,), jnp.int32),
@@ -533,15 +593,20 @@ class Engine:
         )  # fmt: skip
         return program(state, prefilled, jnp.asarray(targets))
 
-    def generate(self, params: Any, state: DecodeState, steps: int) -> DecodeState:
+    def generate(
+        self, params: Any, state: DecodeState, steps: int, adapters: lora.AdapterStack | None = None
+    ) -> DecodeState:
         """Up to ``steps`` steps for every live slot (``state`` is donated); returns early when no slot is live or
-        the cache is full (then ``compact``)."""
+        the cache is full (then ``compact``). ``adapters``: the stack the slots' adapter slots refer to."""
         fn = functools.partial(generate_program, self.model, self.options)
+        extra, key = (), ("generate", state.shape, self.options)
+        if adapters is not None:
+            extra, key = (adapters.weights,), (*key, adapters.signature)
         program = self._compile(
-            ("generate", state.shape, self.options), fn, sharding.abstract_arrays(params), self._abstract(state, True),
-            jax.ShapeDtypeStruct((), jnp.int32), donate=(1,), state_out=True,
+            key, fn, sharding.abstract_arrays(params), self._abstract(state, True),
+            jax.ShapeDtypeStruct((), jnp.int32), *map(sharding.abstract_arrays, extra), donate=(1,), state_out=True,
         )  # fmt: skip
-        return program(params, state, jnp.int32(steps))
+        return program(params, state, jnp.int32(steps), *extra)
 
     def compact(self, state: DecodeState, shift: int) -> DecodeState:
         """Move every slot's range ``shift`` cache slots to the left (``state`` is donated)."""
@@ -578,9 +643,11 @@ class Engine:
         requests: Sequence[GenerationRequest],
         shape: PrefillShape | None = None,
         max_new: int | None = None,
+        adapters: lora.AdapterStack | None = None,
     ) -> list[Generation]:
         """Every request to completion in one batch: prefill, insert all, one loop until all are done (the
-        one-shot policy). ``max_new``: token slots per request (default: the step bucket of the largest budget)."""
+        one-shot policy). ``max_new``: token slots per request (default: the step bucket of the largest budget).
+        ``adapters``: the stack the requests' adapter slots refer to."""
         if not requests:
             return []
         shape = shape or self.prefill_shape(requests, len(requests))
@@ -588,8 +655,9 @@ class Engine:
         if max(r.max_new_tokens for r in requests) > max_new:
             raise ValueError(f"a request's max_new_tokens exceeds the {max_new} token slots")
         state = self.init_state(shape.rows, shape.prompt_len + max_new, max_new, start=shape.prompt_len)
-        state = self.insert(state, self.prefill(params, requests, shape), list(range(len(requests))))
-        state = self.generate(params, state, max_new)
+        prefilled = self.prefill(params, requests, shape, adapters)
+        state = self.insert(state, prefilled, list(range(len(requests))))
+        state = self.generate(params, state, max_new, adapters)
         return self.collect(state, range(len(requests)))
 
 

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from qasr_jax import buckets, sharding
+from qasr_jax.adapters import AdapterStack
 from qasr_jax.config import ThinkerConfig
 from qasr_jax.engine import (
     DEFAULT_EOS_TOKEN_IDS,
@@ -112,9 +113,13 @@ class Generator:
         return BatchShape(prefill.rows, prefill.frames, prefill.prompt_len, steps)
 
     def generate(
-        self, requests: Sequence[GenerationRequest], options: DecodeOptions | None = None
+        self,
+        requests: Sequence[GenerationRequest],
+        options: DecodeOptions | None = None,
+        adapters: AdapterStack | None = None,
     ) -> list[Generation]:
-        """Greedy generation for one batch of requests (independent rows)."""
+        """Greedy generation for one batch of requests (independent rows); ``adapters``: the stack the requests'
+        adapter slots refer to (passed on only when a request uses one)."""
         if not requests:
             return []
         for i, r in enumerate(requests):
@@ -124,7 +129,9 @@ class Generator:
         shape = self.shape_for(requests)
         engine = self.engine(options)
         self._buckets.setdefault((shape, options), shape)
-        return engine.run(self.params, requests, shape.prefill, shape.steps)
+        if not any(r.adapter for r in requests):
+            adapters = None
+        return engine.run(self.params, requests, shape.prefill, shape.steps, adapters)
 
 
 __all__ = [
