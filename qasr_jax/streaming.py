@@ -190,6 +190,45 @@ def rollback_prefix(tokenizer: text_io.Tokenizer, raw: str, unfixed_token_num: i
         drop += 1
 
 
+def generated_text(tokenizer: text_io.Tokenizer, prompt_ids: Sequence[int], ids: Sequence[int]) -> str:
+    """The text of an update's generated ``ids`` as the official streaming backend (vLLM) reports it.
+
+    vLLM detokenises incrementally. It primes with the end of the prompt (the shortest suffix of 4 to 23 tokens
+    that decodes without U+FFFD, else the whole prompt), then emits text whenever the text so far grows and does
+    not end with U+FFFD. So the bytes of a character that the budget cut are held back, where a plain decode would
+    end with U+FFFD; and what the priming held back (a prompt ending with U+FFFD: the final flush's prefix when
+    its cut split a character) comes out in front of the new text. Special tokens are skipped.
+    """
+    primer = list(prompt_ids)
+    if len(primer) > 4:
+        primer = next(
+            (
+                primer[-n:]
+                for n in range(4, min(len(primer), 23) + 1)
+                if "\ufffd" not in _decode(tokenizer, primer[-n:])
+            ),
+            primer,
+        )
+    tokens = primer + list(ids)
+    primed = _last_whole_text(tokenizer, tokens, 0, len(primer))
+    emitted = _last_whole_text(tokenizer, tokens, len(primer) + 1, len(tokens))
+    return "" if emitted is None else emitted[len(primed or "") :]
+
+
+def _decode(tokenizer: text_io.Tokenizer, ids: Sequence[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _last_whole_text(tokenizer: text_io.Tokenizer, tokens: list[int], first: int, last: int) -> str | None:
+    """The text of ``tokens[:k]`` for the largest ``k`` in ``[first, last]`` at which it does not end with U+FFFD
+    (the last point an incremental detokeniser emitted), or None."""
+    for k in range(last, first - 1, -1):
+        text = _decode(tokenizer, tokens[:k])
+        if not text.endswith("\ufffd"):
+            return text
+    return None
+
+
 def fixed_text(prefix: str, force_language: str | None) -> str:
     """The transcript part of an update's prefix (after ``<asr_text>``; all of it with a forced language)."""
     if force_language:
@@ -448,7 +487,7 @@ class StreamingTranscriber:
         """Parse the update's output into the state, record it (with its work) and advance the chunk count."""
         state = pending.state
         state.cache.kv_ids = pending.ids
-        generated = self.tokenizer.decode(generation.token_ids, skip_special_tokens=True)
+        generated = generated_text(self.tokenizer, pending.ids, generation.token_ids)
         state._raw_decoded = pending.prefix + generated
         state.language, state.text = text_io.parse_asr_output(state._raw_decoded, state.force_language)
         stats = UpdateStats(

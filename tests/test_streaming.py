@@ -10,6 +10,9 @@ of each update show that it did.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -146,21 +149,52 @@ def test_forced_language_and_context_match_official(ours, reference, clips):
     assert mine.language == "English" and all(u.language == "English" for u in mine.updates)
 
 
-def test_chinese_output_whose_rollback_cuts_characters_matches_official(checkpoint, tmp_path):
+@dataclasses.dataclass
+class ChineseStream:
+    """A Chinese stream through both sides: the official updates, ours, and the official generation calls."""
+
+    reference: Any
+    mine: Any
+    expected: list[tuple[str, str, str]]
+    calls: list[official_stream.GenerateCall]
+
+
+@pytest.fixture(scope="module")
+def chinese_stream(checkpoint, tmp_path_factory) -> ChineseStream:
     # Embedding rows of Chinese tokens (whole characters and pieces of them) made larger: the model writes
-    # Chinese text and character pieces, so cutting 5 tokens off often lands inside a character.
-    path = official_stream.favour_tokens(checkpoint, str(tmp_path / "zh"), ZH_TEXT, gain=3.0)
+    # Chinese text and character pieces, so cutting 5 tokens off often lands inside a character, and so does
+    # the end of a 12-token budget.
+    path = official_stream.favour_tokens(checkpoint, str(tmp_path_factory.mktemp("zh")), ZH_TEXT, gain=2.0)
     ours = Qwen3ASRModel.from_pretrained(path, max_new_tokens=MAX_NEW)
     reference = official_stream.official_streamer(path, MAX_NEW)
     samples = speech.synth(speech.MEDIUM_ZH, voice="cmn")
     mine, _, expected = stream_both(ours, reference, samples, int(0.9 * SR), chunk_size_sec=1.0)
-    tokenizer = reference.processor.tokenizer
+    return ChineseStream(reference, mine, expected, list(reference.model.calls))
+
+
+def test_chinese_output_whose_rollback_cuts_characters_matches_official(chinese_stream):
+    mine, expected = chinese_stream.mine, chinese_stream.expected
+    tokenizer = chinese_stream.reference.processor.tokenizer
     cut = [
         "\ufffd" in tokenizer.decode(tokenizer.encode(update.raw)[:-5]) for update in mine.updates[1:-2]
     ]  # the rollback before chunks 2.. (the last one is the final flush, which does not check)
     assert sum(cut) >= 2, "the 5-token cut never landed inside a character"
     assert all("\ufffd" not in prefix for prefix, _, _ in expected[:-1])
     assert any("\u4e00" <= ch <= "\u9fff" for update in mine.updates for ch in update.text)
+
+
+def test_a_budget_that_ends_inside_a_character_holds_it_back_as_vllm_does(chinese_stream):
+    # vLLM's incremental detokeniser (the official streaming backend) reports text only up to the last whole
+    # character: the bytes of a character that the token budget cut are held back, not written as U+FFFD.
+    tokenizer = chinese_stream.reference.processor.tokenizer
+    cut_short = 0
+    for update, call in zip(chinese_stream.mine.updates, chinese_stream.calls, strict=True):
+        plain = tokenizer.decode(call.token_ids, skip_special_tokens=True)
+        assert not call.text.endswith("\ufffd") and plain.startswith(call.text)
+        if len(call.token_ids) == MAX_NEW and plain.endswith("\ufffd"):
+            cut_short += 1
+        assert update.raw == update.prefix + call.text  # ours holds back exactly what vLLM holds back
+    assert cut_short >= 2, "no update's budget ended inside a character"
 
 
 @pytest.mark.parametrize("final", [False, True], ids=["chunk", "finish"])
@@ -185,9 +219,15 @@ def test_rollback_that_splits_a_chinese_character_matches_official(ours, referen
             finish(state)
         states.append(state)
     mine, theirs = states
-    official_prefix = reference.model.calls[-1].prompt[len(theirs.prompt_raw) :]
+    call = reference.model.calls[-1]
+    official_prefix = call.prompt[len(theirs.prompt_raw) :]
     assert mine.updates[-1].prefix == official_prefix
     assert ("\ufffd" in official_prefix) == final
+    if final:
+        # The prompt ends with U+FFFD, which vLLM's detokeniser held back while priming on the prompt: it comes
+        # out in front of the new text.
+        assert call.text.startswith("\ufffd")
+    assert mine.updates[-1].raw == official_prefix + call.text
     assert (mine.language, mine.text) == (theirs.language, theirs.text)
 
 
