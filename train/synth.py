@@ -16,6 +16,13 @@ The splits differ in two ways, both by construction:
 - voices: each espeak-ng voice variant (``m3``, ``f2``, ``klatt4``, ``Alicia``, ...) belongs to one split, so
   test voices are never heard in training.
 
+``--voices`` replaces every split's variants with the ones named, e.g. a domain of robotic voices that no split
+uses (``UNHEARD_VARIANTS``) for adapting the demo model (``python -m train.adapt_demo``); sentences stay split
+by their hash, so a domain's test sentences are unseen sentences too::
+
+    python -m train.synth --out data/domain --train 1600 --val 100 --test 200 --seed 1 \
+        --voices robosoft,robosoft2,robosoft4,robosoft6,robosoft8,UniRobot,anikaRobot,RicishayMax,RicishayMax2
+
 Manifest rows (one JSON object per line, in ``<out>/<split>.jsonl``)::
 
     {"id": "test-en-00007", "audio": "test/test-en-00007.flac", "text": "The dog sees 3 red cats.",
@@ -85,6 +92,12 @@ VARIANTS: dict[str, tuple[str, ...]] = {
         "victor", "zac",
     ),
 }  # fmt: skip
+# The variants of no split above that espeak-ng voices in both languages: a domain of voices the demo model never
+# heard (``--voices``), for adapting it. robosoft3 sounds as robosoft2 does, robosoft5 and robosoft7 as robosoft4.
+UNHEARD_VARIANTS: tuple[str, ...] = (
+    "robosoft", "robosoft2", "robosoft4", "robosoft6", "robosoft8", "UniRobot", "anikaRobot", "RicishayMax",
+    "RicishayMax2", "RicishayMax3", "croak", "kaukovalta", "Tweaky",
+)  # fmt: skip
 
 # Speaking rate (espeak-ng words per minute), pitch and pitch range (0-100) are drawn per utterance.
 RATE_RANGE = (130, 230)
@@ -514,6 +527,7 @@ def plan_split(
     languages: Sequence[str],
     short_fraction: float = 0.0,
     continuous: bool = False,
+    variants: Sequence[str] | None = None,
 ) -> list[UtterancePlan]:
     """``count`` utterances of ``split``, languages taking turns, texts unique within the split.
 
@@ -521,7 +535,10 @@ def plan_split(
     let the model learn what single words sound like before it has learnt to find them in a sentence.
     ``continuous`` plans sentences spoken in one go (ids ``<split>c-…``, drawn from their own random stream, so
     the word-by-word sets stay as they are).
+    ``variants``: the voice variants to draw from instead of the split's own (``VARIANTS[split]``), e.g. the
+    variants left out of every split, for a domain of voices the demo model never heard.
     """
+    variants = VARIANTS[split] if variants is None else tuple(variants)
     rng = np.random.default_rng([seed, SPLITS.index(split), *([1] if continuous else [])])
     prefix = f"{split}c" if continuous else split
     seen: set[str] = set()
@@ -537,7 +554,7 @@ def plan_split(
             if len(words) <= MAX_WORDS and sentence_split(language, text) == split and text not in seen:
                 break
         seen.add(text)
-        voice = f"{_pick(rng, ACCENTS[language])}+{_pick(rng, VARIANTS[split])}"
+        voice = f"{_pick(rng, ACCENTS[language])}+{_pick(rng, variants)}"
         plans.append(
             UtterancePlan(
                 id=f"{prefix}-{spec.code}-{index:05d}",
@@ -733,10 +750,11 @@ def write_split(
     workers: int = 1,
     short_fraction: float = 0.0,
     continuous: bool = False,
+    variants: Sequence[str] | None = None,
 ) -> Path:
     """Render ``count`` utterances of ``split`` into ``out_dir`` and write ``<out_dir>/<split>.jsonl``
     (``<split>_continuous.jsonl`` for sentences spoken in one go)."""
-    plans = plan_split(split, count, seed, languages, short_fraction, continuous)
+    plans = plan_split(split, count, seed, languages, short_fraction, continuous, variants)
     return write_manifest(out_dir, f"{split}_continuous" if continuous else split, plans, workers)
 
 
@@ -773,11 +791,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="share of training utterances that are 1-3 word phrases (default 0.3; val and test have none)",
     )
     parser.add_argument("--workers", type=int, default=1, help="parallel synthesis processes (default 1)")
+    parser.add_argument(
+        "--voices",
+        help="comma-separated voice variants for every split instead of each split's own, e.g. variants of no "
+        f"split for a domain the demo model never heard ({', '.join(UNHEARD_VARIANTS)})",
+    )
     args = parser.parse_args(argv)
     languages = [name.strip() for name in args.languages.split(",") if name.strip()]
     unknown = [name for name in languages if name not in LANGUAGES]
     if unknown or not languages:
         parser.error(f"--languages: choose from {', '.join(LANGUAGES)} (got {args.languages!r})")
+    variants = None
+    if args.voices is not None:
+        variants = [name.strip() for name in args.voices.split(",") if name.strip()]
+        known = {*UNHEARD_VARIANTS, *(v for names in VARIANTS.values() for v in names)}
+        # espeak-ng falls back to the plain voice for a variant it does not have, so unknown names are refused here.
+        unknown = [name for name in variants if name not in known]
+        if unknown or not variants:
+            parser.error(f"--voices: unknown voice variants {unknown} (known: {', '.join(sorted(known))})")
     for split, continuous in [(split, c) for c in (False, True) for split in SPLITS]:
         count = getattr(args, f"{split}_continuous" if continuous else split)
         if count <= 0:
@@ -792,6 +823,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             workers=args.workers,
             short_fraction=args.short_fraction if split == "train" else 0.0,
             continuous=continuous,
+            variants=variants,
         )
         print(
             f"{manifest.stem}: {count} utterances -> {manifest} ({time.monotonic() - started:.1f} s)",
