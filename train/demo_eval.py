@@ -97,9 +97,10 @@ def _boundary_shifts(
     return [abs(p - r) for (ps, pe), (rs, re) in zip(predicted, reference) for p, r in ((ps, rs), (pe, re))]
 
 
-def asr_report(model: Any, rows: Sequence[HeldOutRow]) -> dict[str, Any]:
-    """WER (overall and per language) and language identification of ``model`` (a ``Qwen3ASRModel``)."""
-    results = model.transcribe([row.audio for row in rows])
+def asr_report(model: Any, rows: Sequence[HeldOutRow], adapter: str | None = None) -> dict[str, Any]:
+    """WER (overall and per language) and language identification of ``model`` (a ``Qwen3ASRModel``), with one
+    of its loaded adapters (``adapter``; None: the base model)."""
+    results = model.transcribe([row.audio for row in rows], adapter=adapter)
     per_language: dict[str, dict[str, Any]] = {}
     failures = []
     for row, result in zip(rows, results):

@@ -16,12 +16,12 @@ The splits differ in two ways, both by construction:
 - voices: each espeak-ng voice variant (``m3``, ``f2``, ``klatt4``, ``Alicia``, ...) belongs to one split, so
   test voices are never heard in training.
 
-``--voices`` replaces every split's variants with the ones named, e.g. a domain of robotic voices that no split
-uses (``UNHEARD_VARIANTS``) for adapting the demo model (``python -m train.adapt_demo``); sentences stay split
-by their hash, so a domain's test sentences are unseen sentences too::
+``--voices`` replaces every split's variants with the ones named, e.g. a domain of voices that no split uses
+(``UNHEARD_VARIANTS``: robotic echoes, a croak, distorted formants) for adapting the demo model
+(``python -m train.adapt_demo``); sentences stay split by their hash, so a domain's test sentences are unseen
+sentences too::
 
-    python -m train.synth --out data/domain --train 1600 --val 100 --test 200 --seed 1 \
-        --voices robosoft,robosoft2,robosoft4,robosoft6,robosoft8,UniRobot,anikaRobot,RicishayMax,RicishayMax2
+    python -m train.synth --out data/domain --train 1600 --val 100 --test 200 --seed 1 --voices croak,kaukovalta,Tweaky
 
 Manifest rows (one JSON object per line, in ``<out>/<split>.jsonl``)::
 
