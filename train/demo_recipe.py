@@ -1,4 +1,4 @@
-"""Reproduce the shipped demo models from scratch: synthesis, initial weights, two ASR stages, the aligner,
+"""Reproduce the shipped demo models from scratch: synthesis, initial weights, the ASR stages, the aligner,
 held-out evaluation and export to models/.
 
     python -m train.demo_recipe [--data data/demo] [--runs data/runs] [--models models] [--workers 2]
