@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="longest live stream (default: --max-audio-seconds)")  # fmt: skip
     parser.add_argument("--stream-start-timeout", type=float, default=30.0, metavar="S",
                         help="seconds a live stream may take to send its start message (default %(default)s)")  # fmt: skip
+    parser.add_argument("--adapters", nargs="+", default=[], metavar="NAME=DIR",
+                        help="LoRA adapters (PEFT adapter dirs) served beside the base model: a request's "
+                             "`model` field NAME picks one; rows of different adapters share decode steps")  # fmt: skip
     parser.add_argument("--served-model-name", default="qwen3-asr", metavar="NAME",
                         help="the model id in /v1/models and the accepted 'model' field (default %(default)s)")  # fmt: skip
     parser.add_argument("--step-chunk", type=int, default=8, metavar="K",
@@ -96,14 +99,15 @@ def warm_up(scheduler: object, seconds: float = 1.0, timeout: float = 600.0) -> 
     from qasr_jax.serve.scheduler import Job
 
     rng = np.random.default_rng(0)
-    done = threading.Event()
-    job = Job(
-        (rng.standard_normal(int(seconds * 16000)) * 0.01).astype(np.float32), on_done=lambda _: done.set()
-    )
-    scheduler.prepare(job)
-    scheduler.submit(job)
-    if not done.wait(timeout) or job.error is not None:
-        raise RuntimeError(f"warm-up failed: {job.error or 'timed out'}")
+    # The base model's programs, and with adapters loaded those that give rows their adapters.
+    for adapter in [None, *list(scheduler.model.adapters)[:1]]:
+        done = threading.Event()
+        job = Job((rng.standard_normal(int(seconds * 16000)) * 0.01).astype(np.float32),
+                  on_done=lambda _, done=done: done.set(), adapter=adapter)  # fmt: skip
+        scheduler.prepare(job)
+        scheduler.submit(job)
+        if not done.wait(timeout) or job.error is not None:
+            raise RuntimeError(f"warm-up failed: {job.error or 'timed out'}")
 
 
 def warm_up_streams(streams: object, seconds: float = 4.0, timeout: float = 600.0) -> None:
@@ -162,6 +166,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as error:
             print(f"error: --mesh: {error}", file=sys.stderr)
             return 2
+    adapter_dirs = {}
+    for item in args.adapters:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            print(f"error: --adapters: {item!r} is not NAME=DIR", file=sys.stderr)
+            return 2
+        if name == args.served_model_name or name in adapter_dirs:
+            print(f"error: --adapters: the name {name!r} is taken", file=sys.stderr)
+            return 2
+        adapter_dirs[name] = path
     fault_context = os.environ.get("QASR_SERVE_FAULT_CONTEXT") or None
     started = time.monotonic()
     model = Qwen3ASRModel.from_pretrained(
@@ -170,6 +184,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         no_repeat_ngram_size=args.no_repeat_ngram_size, mesh=args.mesh, compilation_cache=cache,
         weights_cache=args.weights_cache,
     )  # fmt: skip
+    from qasr_jax.errors import AdapterError
+
+    try:
+        for name, path in adapter_dirs.items():
+            model.load_adapter(name, path)
+    except AdapterError as error:
+        print(f"error: --adapters: {error}", file=sys.stderr)
+        return 2
     scheduler = Scheduler(model, slots=args.max_batch, max_queue=args.max_queue, step_chunk=args.step_chunk,
                           max_audio_seconds=args.max_audio_seconds, trim_every=args.heap_trim_every,
                           fault_context=fault_context)  # fmt: skip

@@ -12,6 +12,10 @@ forced language that broadcast or come per item, and returns one ``ASRTranscript
 6. optionally align the text with a forced aligner and shift its timestamps by each chunk's offset.
 
 ``iter_transcribe`` yields ``(index, result)`` pairs as items complete, for progress reporting.
+
+Adapters (``qasr_jax.adapters``, PEFT LoRA dirs): loaded by name (``from_pretrained(adapters={"name": dir})`` or
+``load_adapter``), picked per item with ``transcribe(..., adapter=NAME)``; items with different adapters (and
+the base model, ``adapter=None``) are decoded together in the same batches.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from qasr_jax import adapters as lora
 from qasr_jax import audio as audio_io
 from qasr_jax import audio_files, compile_cache, sharding
 from qasr_jax import text as text_io
@@ -172,6 +177,7 @@ class _Chunk:
 class _Item:
     language: str | None  # forced language (canonical) or None
     context: str
+    adapter: int = 0  # slot in the model's adapter stack (0: the base model)
     chunks: list[_Chunk] = dataclasses.field(default_factory=list)
     pending: int = 0
     error: QasrError | None = None
@@ -219,6 +225,30 @@ class Qwen3ASRModel:
             config, params, dtype=dtype, attention_impl=attention_impl, max_batch=max_batch,
             options=decode_options, mesh=mesh, sharding_rules=sharding_rules,
         )  # fmt: skip
+        self.adapters: dict[str, lora.Adapter] = {}
+        self._adapter_stack: lora.AdapterStack | None = None
+        self._adapter_dtype = dtype
+
+    def load_adapter(self, name: str, path: str | os.PathLike | lora.Adapter) -> None:
+        """Make a LoRA adapter (a PEFT adapter dir, or a loaded ``Adapter``) available as ``adapter=name``."""
+        if not name:
+            raise lora.AdapterError("an adapter needs a non-empty name")
+        adapter = path if isinstance(path, lora.Adapter) else lora.load_peft(path, self.config, name)
+        self.adapters[name] = dataclasses.replace(adapter, name=name)
+        self._adapter_stack = lora.stack_adapters(self.config, list(self.adapters.values()), self._adapter_dtype)
+
+    @property
+    def adapter_stack(self) -> lora.AdapterStack | None:
+        """Every loaded adapter stacked for per-row use (None when none is loaded)."""
+        return self._adapter_stack
+
+    def adapter_slot(self, name: str | None) -> int:
+        """The stack slot of an adapter name (None or "": the base model); ``UnknownAdapterError`` if unknown."""
+        if not name:
+            return 0
+        if self._adapter_stack is None:
+            raise lora.UnknownAdapterError(f"adapter {name!r} is not loaded (loaded: none)")
+        return self._adapter_stack.slot(name)
 
     @classmethod
     def from_pretrained(
@@ -241,6 +271,7 @@ class Qwen3ASRModel:
         sharding_rules: Any = None,
         compilation_cache: str | os.PathLike | bool | None = None,
         weights_cache: str | os.PathLike | bool | None = None,
+        adapters: dict[str, str | os.PathLike] | None = None,
     ) -> Qwen3ASRModel:
         """Load a checkpoint dir (released, "-hf" or Orbax layout) with its tokenizer and generation config.
 
@@ -264,6 +295,7 @@ class Qwen3ASRModel:
           weights_cache: the converted-weights cache (``weights.load_pretrained``): None = the
             ``QASR_WEIGHTS_CACHE`` environment variable or ``~/.cache/qasr-jax/weights``; a directory; False: off.
             A safetensors checkpoint is converted to the param layout once per machine; later loads map it.
+          adapters: ``{name: PEFT LoRA adapter dir}`` to load (``load_adapter``), picked per item by name.
         """
         compile_cache.enable(compilation_cache)
         path = os.fspath(pretrained_model_name_or_path)
@@ -282,7 +314,7 @@ class Qwen3ASRModel:
             repetition_penalty=float(repetition_penalty),
             no_repeat_ngram_size=int(no_repeat_ngram_size),
         )
-        return cls(
+        model = cls(
             config,
             params,
             tokenizer,
@@ -297,6 +329,9 @@ class Qwen3ASRModel:
             mesh=mesh,
             sharding_rules=rules,
         )
+        for name, adapter_dir in (adapters or {}).items():
+            model.load_adapter(name, adapter_dir)
+        return model
 
     @property
     def compile_count(self) -> int:
@@ -354,7 +389,9 @@ class Qwen3ASRModel:
         state = self.streamer.finish(state)
         if return_time_stamps:
             audio = (state.audio_accum, audio_io.SAMPLE_RATE)
-            state.time_stamps = self.forced_aligner.align(audio, state.text, state.language or None)[0]
+            alignment = self.forced_aligner.align(audio, state.text, state.language or None)[0]
+            segments = [state.updates[-1].segment] if state.updates and state.updates[-1].segment else []
+            state.time_stamps = with_word_confidences(alignment, segments)
         return state
 
     def transcribe(
@@ -363,15 +400,18 @@ class Qwen3ASRModel:
         context: str | list[str] = "",
         language: str | list[str | None] | None = None,
         return_time_stamps: bool = False,
+        adapter: str | list[str | None] | None = None,
     ) -> list[ASRTranscription]:
         """Transcribe one audio or a list; one ``ASRTranscription`` per input, in order.
 
+        ``adapter``: the name of a loaded adapter for all items or per item (None: the base model).
+
         Raises ValueError for arguments that do not fit (mismatched list lengths, an unsupported language,
-        timestamps without a forced aligner); problems with one input (unreadable, empty) are reported in that
-        item's ``error`` instead.
+        timestamps without a forced aligner, an adapter that is not loaded); problems with one input
+        (unreadable, empty) are reported in that item's ``error`` instead.
         """
         results: dict[int, ASRTranscription] = dict(
-            self.iter_transcribe(audio, context, language, return_time_stamps)
+            self.iter_transcribe(audio, context, language, return_time_stamps, adapter)
         )
         return [results[i] for i in range(len(results))]
 
@@ -381,6 +421,7 @@ class Qwen3ASRModel:
         context: str | list[str] = "",
         language: str | list[str | None] | None = None,
         return_time_stamps: bool = False,
+        adapter: str | list[str | None] | None = None,
     ) -> Iterator[tuple[int, ASRTranscription]]:
         """Like ``transcribe``, but yields ``(input index, result)`` as each item completes."""
         if return_time_stamps and self.forced_aligner is None:
@@ -401,7 +442,9 @@ class Qwen3ASRModel:
             self.max_chunk_seconds
         )  # fmt: skip
 
-        items = [_Item(language=lang, context=ctx or "") for lang, ctx in zip(forced, contexts)]
+        adapter_slots = [self.adapter_slot(a) for a in ([None] * n if adapter is None else _broadcast(adapter, n, "adapter"))]
+        items = [_Item(language=lang, context=ctx or "", adapter=slot)
+                 for lang, ctx, slot in zip(forced, contexts, adapter_slots)]  # fmt: skip
         chunks: list[_Chunk] = []
         for index, (source, item) in enumerate(zip(sources, items)):
             try:
@@ -446,13 +489,13 @@ class Qwen3ASRModel:
                 self.tokenizer, self.config.audio.output_length(frames), item.context, item.language
             )
             budget = self.max_new_tokens or default_token_budget(len(piece.samples) / audio_io.SAMPLE_RATE)
-            chunks.append(_Chunk(index, piece, GenerationRequest(piece.samples, prompt, budget)))
+            chunks.append(_Chunk(index, piece, GenerationRequest(piece.samples, prompt, budget, item.adapter)))
         return chunks
 
     def _run_batch(self, batch: list[_Chunk], items: list[_Item]) -> None:
         """Generate, decode and parse a batch. Inputs were validated when their chunks were made, so a failure
         here (out of memory, a bug) is not any one item's: it surfaces as itself."""
-        generations = self.generator.generate([c.request for c in batch])
+        generations = self.generator.generate([c.request for c in batch], adapters=self._adapter_stack)
         for chunk, generation in zip(batch, generations):
             forced = items[chunk.item].language
             chunk.segment = decode_segment(self.tokenizer, generation, chunk.piece, forced)

@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 # Distributions of the `[test]` extra that tests import (by the name pip knows them by).
-TEST_PACKAGES = ("qwen-asr", "torch", "transformers", "openai", "httpx", "websockets", "fastapi", "uvicorn",
+TEST_PACKAGES = ("qwen-asr", "torch", "transformers", "peft", "openai", "httpx", "websockets", "fastapi", "uvicorn",
                  "python-multipart", "jiwer", "srt", "webvtt-py")  # fmt: skip
 
 

@@ -252,8 +252,9 @@ def create_app(
             check_key(request)
         except ApiError as error:
             return error.response()
-        entry = {"id": config.model_name, "object": "model", "created": 0, "owned_by": "qasr-jax"}
-        return JSONResponse({"object": "list", "data": [entry]})
+        names = [config.model_name, *model.adapters]  # the base, then each loaded adapter by its name
+        entries = [{"id": name, "object": "model", "created": 0, "owned_by": "qasr-jax"} for name in names]
+        return JSONResponse({"object": "list", "data": entries})
 
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(request: Request) -> Response:
@@ -341,9 +342,11 @@ def create_app(
             raise ApiError(400, "stream=true gives text events; use response_format json or text",
                            param="stream")  # fmt: skip
         name = field("model")
-        if name is not None and name not in (config.model_name, "whisper-1"):
-            raise ApiError(404, f"model {name!r} is not served here; GET /v1/models lists {config.model_name!r}",
+        if name is not None and name not in (config.model_name, "whisper-1", *model.adapters):
+            served = [config.model_name, *model.adapters]
+            raise ApiError(404, f"model {name!r} is not served here; GET /v1/models lists {served}",
                            param="model", code="model_not_found")  # fmt: skip
+        adapter = name if name in model.adapters else None
         language = parse_language(field("language"))
         context = field("prompt", "") or ""
 
@@ -355,7 +358,7 @@ def create_app(
             )
         except AudioError as error:
             raise ApiError(400, str(error), param="file", code=_code(error)) from None
-        job = Job(samples, context=context, language=language)
+        job = Job(samples, context=context, language=language, adapter=adapter)
         try:
             scheduler.prepare(job)
         except (AudioError, PromptError) as error:

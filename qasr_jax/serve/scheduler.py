@@ -82,10 +82,12 @@ class Job:
         language: str | None = None,
         on_update: Callable[[Job], None] | None = None,
         on_done: Callable[[Job], None] | None = None,
+        adapter: str | None = None,
     ) -> None:
         self.samples = samples
         self.context = context
         self.language = language
+        self.adapter = adapter  # a loaded adapter's name (``Qwen3ASRModel.load_adapter``); None: the base model
         self.on_update = on_update
         self.on_done = on_done
         self.chunks: list[Chunk] = []
@@ -195,6 +197,7 @@ class Scheduler:
 
     def prepare(self, job: Job) -> None:
         """Split ``job``'s audio and build its chunks' prompts (raises a QasrError for unusable input)."""
+        slot = self.model.adapter_slot(job.adapter)
         if audio_io.num_frames(len(job.samples)) == 0:
             raise EmptyAudioError(
                 f"{len(job.samples)} samples is shorter than one feature frame ({audio_io.HOP_LENGTH} samples)"
@@ -207,7 +210,7 @@ class Scheduler:
             if len(ids) > self.max_prompt:
                 raise PromptError(f"the prompt has {len(ids)} tokens; at most {self.max_prompt} fit")
             budget = self._budget(len(piece.samples) / audio_io.SAMPLE_RATE)
-            job.chunks.append(Chunk(job, i, piece, GenerationRequest(piece.samples, ids, budget)))
+            job.chunks.append(Chunk(job, i, piece, GenerationRequest(piece.samples, ids, budget, slot)))
 
     @property
     def queue_depth(self) -> int:
@@ -299,7 +302,8 @@ class Scheduler:
         for slot, chunk in zip(sorted(free), batch):
             if self.fault_context is not None and chunk.job.context == self.fault_context:
                 raise RuntimeError(f"fault injected for a job with the context {self.fault_context!r}")
-            prefilled = self.engine.prefill(self.params, [chunk.request])
+            adapters = self.model.adapter_stack if chunk.request.adapter else None
+            prefilled = self.engine.prefill(self.params, [chunk.request], adapters=adapters)
             self._state = self.engine.insert(self._state, prefilled, [slot])
             self.stats.prefills += 1
             self._slot_chunk[slot] = chunk
@@ -313,7 +317,9 @@ class Scheduler:
             if shift == 0:
                 raise RuntimeError(f"decode cache of {self.cache_len} is full and nothing can be freed")
         busy = self.busy_slots
-        self._state = self.engine.generate(self.params, self._state, self.step_chunk)
+        # Slots of different adapters decode in the same step; without any, the base program runs.
+        adapters = self.model.adapter_stack if any(c and c.request.adapter for c in self._slot_chunk) else None
+        self._state = self.engine.generate(self.params, self._state, self.step_chunk, adapters)
         self.stats.steps += self.step_chunk
         self.stats.busy_slot_steps += busy * self.step_chunk
         self.stats.slot_steps += self.slots * self.step_chunk
