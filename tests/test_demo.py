@@ -27,10 +27,6 @@ CONTINUOUS_PER_LANGUAGE = 25
 MAX_MODEL_BYTES = 20 * 1000 * 1000
 ASR_DIR = REPO / "models" / demo.ASR_DIR_NAME
 ALIGNER_DIR = REPO / "models" / demo.ALIGNER_DIR_NAME
-shipped = pytest.mark.skipif(
-    not (ASR_DIR / "config.json").is_file() or not (ALIGNER_DIR / "config.json").is_file(),
-    reason="the demo models are not in models/ yet: python -m train.demo_recipe trains and exports them",
-)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +60,6 @@ def test_default_paths_follow_the_environment(monkeypatch: pytest.MonkeyPatch, t
     assert demo.default_aligner_path() == tmp_path / "aligner"
 
 
-@shipped
 def test_default_paths_find_the_shipped_models(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(demo.ASR_ENV, raising=False)
     monkeypatch.delenv(demo.ALIGNER_ENV, raising=False)
@@ -216,10 +211,9 @@ def test_recipe_smoke_run_goes_through_every_stage(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The shipped models (their acceptance checks; skipped, with the reason, while models/ holds none)
+# The shipped models (their acceptance checks)
 
 
-@shipped
 @pytest.mark.parametrize("model_dir", [ASR_DIR, ALIGNER_DIR], ids=["asr", "aligner"])
 def test_shipped_model_is_small_and_complete(model_dir: Path) -> None:
     files = {p.name for p in model_dir.iterdir()}
@@ -231,7 +225,6 @@ def test_shipped_model_is_small_and_complete(model_dir: Path) -> None:
     assert "python -m train.demo_recipe" in card and "Held-out results" in card
 
 
-@shipped
 @pytest.mark.parametrize("model_dir", [ASR_DIR, ALIGNER_DIR], ids=["asr", "aligner"])
 def test_official_code_loads_the_shipped_model_and_agrees(model_dir: Path) -> None:
     import jax
@@ -258,7 +251,6 @@ def test_official_code_loads_the_shipped_model_and_agrees(model_dir: Path) -> No
     assert np.max(np.abs(ours - reference)) <= 1e-3 * np.std(reference)
 
 
-@shipped
 def test_shipped_model_transcribes_the_examples() -> None:
     from qasr_jax import Qwen3ASRModel
 
@@ -271,7 +263,6 @@ def test_shipped_model_transcribes_the_examples() -> None:
         assert reference == row["text"]
 
 
-@shipped
 @pytest.mark.slow
 def test_shipped_models_meet_the_bars_on_fresh_held_out_speech(
     held_out: Path, held_out_continuous: Path
