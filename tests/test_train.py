@@ -352,9 +352,10 @@ def test_exported_checkpoint_loads_in_official_code_with_same_logits(overfit_run
     ours = np.asarray(Qwen3ASR(config).apply({"params": params}, ids, mask, feats, feat_mask))
     reference = official.load_official(export)
     theirs = official.official_logits(reference, ids, mask, features)
-    rel = official.relative_difference(ours, theirs)
-    print(f"exported model: logits relative difference {rel:.2e}")
-    assert rel <= 1e-5
+    worst = float(np.max(np.abs(ours - theirs)))
+    print(f"exported model: max |logit difference| {worst:.2e} = {worst / np.std(theirs):.2e} std")
+    assert ours.shape == theirs.shape
+    assert worst <= 1e-3 * np.std(theirs)  # the README's fp32 rule
     # The trained model says the utterance: its greedy next token after "language English" is <asr_text>.
     assert int(np.argmax(theirs[0, -1])) == tokenizer.asr_text_id
 
