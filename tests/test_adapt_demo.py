@@ -68,7 +68,11 @@ def test_adapt_demo_table_counts_what_the_runs_trained(smoke_run: tuple[Path, di
         assert entries[key]["trainable_params"] == _elements(
             out / key / "export" / "adapter_model.safetensors"
         )
-    assert entries["full"]["trainable_params"] == _elements(out / "full" / "export" / "model.safetensors")
+    # The released layout writes the tied head beside the embedding: one trained tensor, counted once.
+    exported = load_file(str(out / "full" / "export" / "model.safetensors"))
+    head, embedding = exported.pop("thinker.lm_head.weight"), exported["thinker.model.embed_tokens.weight"]
+    assert np.array_equal(head, embedding)
+    assert entries["full"]["trainable_params"] == sum(math.prod(t.shape) for t in exported.values())
     # LoRA's count is linear in the rank.
     assert entries["lora32"]["trainable_params"] == 4 * entries["lora8"]["trainable_params"]
     for key in ("full", "lora8", "lora32"):
