@@ -8,7 +8,9 @@ Each file is fed to the model chunk by chunk as if it were live (``--realtime`` 
 pass); ``-`` reads headerless s16le mono 16 kHz PCM from stdin until it ends. Text output prints one line per
 update (the stream's time and its current text) and a final line per stream; ``--format jsonl`` writes one event
 per update: stream id, chunk index, audio seconds, language, text, the fixed prefix (text no later chunk
-rewrites), the update's latency and work, and whether it is the final one.
+rewrites), the update's latency and work, whether it is the final one, and the tokens behind the text with their
+log-probabilities and their mean (``avg_logprob``; the prefix's tokens as the updates that generated them scored
+them).
 
 Exit status: 0 when every stream ran to its end; 1 when the model cannot be loaded or a stream failed (a file
 that cannot be read or decoded: the others still run, and the error names it on stderr); 2 for bad arguments.
@@ -93,6 +95,9 @@ def event(stream_id: str, update: Any, fixed: str) -> dict[str, Any]:
         "latency": round(update.stats.seconds, 4),
         "encoder_chunks": update.stats.encoder_chunks,
         "prefilled_tokens": update.stats.prefilled_tokens,
+        "avg_logprob": update.avg_logprob,
+        "token_ids": list(update.token_ids),
+        "logprobs": list(update.logprobs),
     }
 
 

@@ -21,7 +21,15 @@ warned about.
 A json/jsonl record also says how sure the model was and why decoding stopped: ``"finish_reason"`` (stop,
 length, repetition or error), ``"avg_logprob"`` (mean log-probability of the generated tokens; null when none),
 ``"compression_ratio"`` (of the text, zlib) and ``"segments"``, one per decoded chunk, each with its time span,
-text, ``"token_ids"`` and their ``"logprobs"``, and the same three summaries.
+text, ``"token_ids"`` and their ``"logprobs"``, and the same three summaries. Each word has a ``"confidence"``,
+the mean probability of the tokens it spans: in ``"time_stamps"`` with --timestamps, else in ``"words"``
+(``{"text", "confidence"}``, the words with their spaces and punctuation, which concatenate back to the text).
+
+Manifest jobs can filter for pseudo-labelling: with ``--min-avg-logprob X`` and/or ``--max-compression-ratio Y``
+an item whose avg_logprob is below X (or that has none) or whose compression ratio is above Y is written to the
+``--rejected`` file instead of the output (default: beside it, ``.jsonl`` → ``.rejected.jsonl``), with a
+``"rejected"`` list of ``{"filter", "threshold", "value"}``. Every item that finishes is in exactly one of the
+two files, and a rerun skips the ids of both (delete the rejected file to judge its items again).
 """
 
 from __future__ import annotations
@@ -109,6 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-processes", type=int, default=None, metavar="N", help="processes of the run")
     parser.add_argument("--process-id", type=int, default=None, metavar="I",
                         help="this process's index in [0, N) (0 merges the results)")  # fmt: skip
+    parser.add_argument("--min-avg-logprob", type=float, default=None, metavar="X",
+                        help="manifest: items whose avg_logprob is below X (a log-probability, <= 0) go to the "
+                             "--rejected file instead of the output")  # fmt: skip
+    parser.add_argument("--max-compression-ratio", type=float, default=None, metavar="Y",
+                        help="manifest: items whose text's compression ratio is above Y (> 0; e.g. 2.4) go to "
+                             "the --rejected file instead of the output")  # fmt: skip
+    parser.add_argument("--rejected", metavar="PATH",
+                        help="manifest: where items that fail a filter are appended, with their reasons "
+                             "(default: beside the output, .jsonl -> .rejected.jsonl)")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return parser
 
@@ -146,6 +163,8 @@ def result_record(job: Job, result: Any) -> dict[str, Any]:
         record["avg_logprob"] = result.avg_logprob
         record["compression_ratio"] = result.compression_ratio
         record["segments"] = [segment.to_dict() for segment in result.segments]
+        if result.time_stamps is None:
+            record["words"] = [word.to_dict() for word in result.words]
     if result.time_stamps is not None:
         from qasr_jax import formats
 
@@ -233,10 +252,15 @@ def write_results(records: list[dict[str, Any]], fmt: str, out: TextIO) -> None:
             out.write(" ".join(record.get("text", "").split()) + "\n")
 
 
-def report(failures: list[tuple[Job, str]], truncated: list[Job]) -> int:
+def report(
+    failures: list[tuple[Job, str]], truncated: list[Job], rejected: tuple[int, str] | None = None
+) -> int:
+    """Warnings, the rejected count and its file (``(count, path)``), then failures; the exit status."""
     for job in truncated:
         print(f"warning: {job.id}: the text reached the token budget and may be cut short "
               f"(raise --max-new-tokens)", file=sys.stderr)  # fmt: skip
+    if rejected is not None and rejected[0]:
+        print(f"{rejected[0]} item(s) failed the filters and went to {rejected[1]}", file=sys.stderr)
     for job, error in failures:
         print(f"error: {job.id}: {error}", file=sys.stderr)
     if failures:
@@ -328,14 +352,20 @@ def run_manifest(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     output = args.output or args.manifest + ".results.jsonl"
+    rejected_output = args.rejected or batch_jobs.rejected_path(output)
+    if os.path.abspath(rejected_output) == os.path.abspath(output):
+        print("error: --rejected must name another file than the output", file=sys.stderr)
+        return 2
     index, count = jax.process_index(), jax.process_count()
-    done = batch_jobs.finished_ids(output)
+    # Items in the rejected file finished too: each item goes to exactly one of the two files.
+    done = batch_jobs.finished_ids(output) | batch_jobs.finished_ids(rejected_output)
     barrier("qasr manifest: results read")  # every process sees the same finished ids before anyone writes
     jobs = [job for job in jobs if job.id not in done]
     if done and index == 0:
-        print(f"skipping {len(done)} item(s) already in {output}", file=sys.stderr)
+        print(f"skipping {len(done)} item(s) already in {output} or {rejected_output}", file=sys.stderr)
     failures: list[tuple[Job, str]] = []
     truncated: list[Job] = []
+    rejected = 0
     if jobs:
         try:
             mesh = local_mesh(args.mesh)
@@ -358,6 +388,10 @@ def run_manifest(args: argparse.Namespace) -> int:
             [jobs[i] for i in positions], not args.no_progress, [seconds[i] for i in positions]
         )
         sink = batch_jobs.ResultsFile(output if count == 1 else batch_jobs.part_path(output, index, count))
+        side = None
+        if args.quality is not None:
+            side_path = rejected_output if count == 1 else batch_jobs.part_path(rejected_output, index, count)
+            side = batch_jobs.ResultsFile(side_path)
         try:
             for job, result in batch_jobs.run_batches(
                 model, jobs, mine, context=args.context, language=args.language,
@@ -369,15 +403,24 @@ def run_manifest(args: argparse.Namespace) -> int:
                     continue  # not written: a rerun retries it
                 if result.truncated:
                     truncated.append(job)
-                sink.write(result_record(job, result))
+                reasons = args.quality.reasons(result) if args.quality is not None else []
+                if reasons and side is not None:
+                    side.write({**result_record(job, result), "rejected": reasons})
+                    rejected += 1
+                else:
+                    sink.write(result_record(job, result))
         finally:
             progress.close()
             sink.close(sync=True)
+            if side is not None:
+                side.close(sync=True)
     barrier("qasr manifest: parts written")
-    if index == 0 and batch_jobs.part_files(output):
-        batch_jobs.merge_parts(output)
+    if index == 0:
+        for path in (output, rejected_output):
+            if batch_jobs.part_files(path):
+                batch_jobs.merge_parts(path)
     barrier("qasr manifest: merged")
-    return report(failures, truncated)
+    return report(failures, truncated, (rejected, rejected_output))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -406,6 +449,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--coordinator needs --num-processes and --process-id")
     if (args.distributed or args.coordinator) and not args.manifest:
         parser.error("a multi-process run needs --manifest LIST")
+    filters = args.min_avg_logprob is not None or args.max_compression_ratio is not None
+    if (filters or args.rejected) and not args.manifest:
+        parser.error(
+            "--min-avg-logprob, --max-compression-ratio and --rejected filter a manifest job (--manifest)"
+        )
+    if args.rejected and not filters:
+        parser.error("--rejected needs a filter: --min-avg-logprob X and/or --max-compression-ratio Y")
+    args.quality = None
+    if filters:
+        from qasr_jax.batch_jobs import QualityFilter
+
+        try:
+            args.quality = QualityFilter(args.min_avg_logprob, args.max_compression_ratio)
+        except ValueError as error:  # "min_avg_logprob must be ..." names the option
+            parser.error("--" + str(error).replace("_", "-"))
     if args.language:
         from qasr_jax.text import normalize_language
 

@@ -45,11 +45,14 @@ TEXT_BUCKET_TOKENS = 64
 
 @dataclasses.dataclass(frozen=True)
 class ForcedAlignItem:
-    """One aligned word (or CJK character): its text and its start/end in seconds."""
+    """One aligned word (or CJK character): its text and its start/end in seconds; ``confidence``: how sure the
+    transcription model was of the word (``qasr_jax.transcript.Word``), when the words came from a
+    transcription (None otherwise)."""
 
     text: str
     start_time: float
     end_time: float
+    confidence: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +83,11 @@ class ForcedAlignResult:
         """The same words with ``seconds`` added to every time (rounded to the millisecond, as the official
         pipeline offsets the pieces of long audio)."""
         items = [
-            ForcedAlignItem(item.text, round(item.start_time + seconds, 3), round(item.end_time + seconds, 3))
+            dataclasses.replace(
+                item,
+                start_time=round(item.start_time + seconds, 3),
+                end_time=round(item.end_time + seconds, 3),
+            )
             for item in self.items
         ]
         return ForcedAlignResult(items, self.error)

@@ -43,10 +43,12 @@ from qasr_jax.streaming import ASRStreamingState, StreamingTranscriber
 from qasr_jax.transcript import (
     FinishReason,
     Segment,
+    Word,
     compression_ratio,
     decode_segment,
     item_finish_reason,
     mean_logprob,
+    with_word_confidences,
 )
 
 MAX_ASR_CHUNK_SECONDS = 1200.0
@@ -76,7 +78,10 @@ class ASRTranscription:
 
     Per item: ``finish_reason`` (error, else the most telling of the chunks': repetition, length, stop),
     ``avg_logprob`` (over every generated token of every chunk; None when there are none), ``compression_ratio``
-    (of ``text``), ``token_ids`` and ``token_logprobs`` (the chunks' in order).
+    (of ``text``), ``token_ids`` and ``token_logprobs`` (the chunks' in order), and ``words``: the text as words,
+    each with its ``confidence`` (the mean probability of the tokens it spans; ``qasr_jax.transcript.Word``),
+    which concatenate back to ``text``. With timestamps, each word of ``time_stamps`` carries the same
+    ``confidence``.
     """
 
     language: str
@@ -105,6 +110,10 @@ class ASRTranscription:
     @property
     def compression_ratio(self) -> float:
         return compression_ratio(self.text)
+
+    @property
+    def words(self) -> list[Word]:
+        return [word for segment in self.segments for word in segment.words]
 
 
 def default_token_budget(seconds: float) -> int:
@@ -380,7 +389,8 @@ class Qwen3ASRModel:
 
         ``return_time_stamps`` (beyond the official API, needs a forced aligner) aligns the final text to the
         whole stream: ``state.time_stamps`` is the aligner's result on the stream's time line (its ``error`` says
-        why when the stream cannot be aligned, e.g. longer than the aligner's limit).
+        why when the stream cannot be aligned, e.g. longer than the aligner's limit), each word with its
+        confidence from the tokens behind the final text (``StreamUpdate.segment``).
         """
         if return_time_stamps and self.forced_aligner is None:
             raise ValueError(
@@ -510,7 +520,8 @@ class Qwen3ASRModel:
             [[c.segment.language for c in items[i].chunks] for i in indices],
         )
         for index, alignment in zip(indices, alignments):
-            results[index].time_stamps = alignment
+            segments = [c.segment for c in items[index].chunks]
+            results[index].time_stamps = with_word_confidences(alignment, segments)
 
     def _merge(self, item: _Item) -> ASRTranscription:
         if item.error is not None:

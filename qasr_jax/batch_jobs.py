@@ -18,6 +18,11 @@ Results files (``ResultsFile``) are JSONL, one object per finished item with its
 already there, so a killed job resumes without loss or duplicates. With several processes each writes its own
 part file next to the output (``part_path``) and process 0 merges the parts into the output once every process
 is done (``merge_parts``); the parts of a killed run count as finished on the rerun.
+
+Quality filters (``QualityFilter``) route results for pseudo-labelling: an item whose ``avg_logprob`` is below
+a minimum, or whose ``compression_ratio`` is above a maximum, goes to a side file (``rejected_path`` beside the
+output by default) with the filters it failed and its measured values, and not to the output. Every finished
+item is in exactly one of the two files, and both count as finished on a rerun.
 """
 
 from __future__ import annotations
@@ -340,6 +345,60 @@ def run_batches(
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Quality filters
+
+
+@dataclasses.dataclass(frozen=True)
+class QualityFilter:
+    """Thresholds a result must meet to be kept (None: no such filter).
+
+    min_avg_logprob: the lowest mean log-probability of the generated tokens (a log-probability: ≤ 0); an item
+    with no generated tokens has no ``avg_logprob`` and fails it. max_compression_ratio: the highest zlib
+    compression ratio of the text (> 0; runaway repetitions compress well, Whisper's default is 2.4).
+
+    Raises ValueError naming the threshold for a value that is not a finite number in its range.
+    """
+
+    min_avg_logprob: float | None = None
+    max_compression_ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        low, high = self.min_avg_logprob, self.max_compression_ratio
+        if low is not None and not (math.isfinite(low) and low <= 0):
+            raise ValueError(f"min_avg_logprob must be a finite log-probability ≤ 0, got {low!r}")
+        if high is not None and not (math.isfinite(high) and high > 0):
+            raise ValueError(f"max_compression_ratio must be a finite number > 0, got {high!r}")
+
+    def reasons(self, result: Any) -> list[dict[str, Any]]:
+        """The filters ``result`` (an ``ASRTranscription``) fails: ``{"filter", "threshold", "value"}`` each, in
+        the order min_avg_logprob, max_compression_ratio; [] when it passes."""
+        failed = []
+        if self.min_avg_logprob is not None:
+            value = result.avg_logprob
+            if value is None or value < self.min_avg_logprob:
+                failed.append(
+                    {"filter": "min_avg_logprob", "threshold": self.min_avg_logprob, "value": value}
+                )
+        if self.max_compression_ratio is not None:
+            value = result.compression_ratio
+            if value > self.max_compression_ratio:
+                failed.append(
+                    {
+                        "filter": "max_compression_ratio",
+                        "threshold": self.max_compression_ratio,
+                        "value": value,
+                    }
+                )
+        return failed
+
+
+def rejected_path(output: str) -> str:
+    """The side file for results that fail the quality filters, beside ``output``: ``X.jsonl`` →
+    ``X.rejected.jsonl`` (any other name gets ``.rejected.jsonl`` appended)."""
+    return output.removesuffix(".jsonl") + ".rejected.jsonl"
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Results files
 
 
@@ -437,6 +496,7 @@ __all__ = [
     "Loaded",
     "PipelineStats",
     "PlannedBatch",
+    "QualityFilter",
     "ResultsFile",
     "chunk_count",
     "finished_ids",
@@ -450,6 +510,7 @@ __all__ = [
     "process_share",
     "read_manifest",
     "read_records",
+    "rejected_path",
     "row_limit",
     "run_batches",
 ]

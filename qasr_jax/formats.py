@@ -13,12 +13,11 @@ sentence, or when the cue's text would no longer fit in ``max_lines`` lines of `
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
-from qasr_jax.text import is_cjk_ideograph
+from qasr_jax.text import is_cjk_ideograph, word_pieces
 
 FORMATS = ("json", "srt", "vtt", "txt")
 
@@ -110,47 +109,17 @@ def _joined_pieces(words: Sequence[str]) -> list[_Piece]:
     return pieces
 
 
-def _locate(words: Sequence[str], text: str) -> list[tuple[int, int]] | None:
-    """Where each word's characters are in ``text`` (matched in order): ``[(first, last + 1)]``, or None.
-
-    The words hold exactly the letters, digits and apostrophes of the text, in order, so matching each
-    character at its next occurrence finds them; a text they did not come from fails to match (None).
-    """
-    spans = []
-    position = 0
-    for word in words:
-        first = -1
-        for char in word:
-            position = text.find(char, position)
-            if position < 0:
-                return None
-            if first < 0:
-                first = position
-            position += 1
-        if first < 0:
-            return None
-        spans.append((first, position))
-    return spans
-
-
 def _pieces_from_text(words: Sequence[str], text: str) -> list[_Piece] | None:
-    """Each word with the text around it: a word's piece runs from the first space after the previous word (or
-    the start of the next word when there is none, as in Chinese) to the same point after it."""
-    spans = _locate(words, text)
-    if spans is None:
+    """Each word with the text around it (``text.word_pieces``: the space before it, the punctuation after)."""
+    pieces = word_pieces(words, text)
+    if pieces is None:
         return None
-    cuts = [0]
-    for (_, previous_end), (start, _) in itertools.pairwise(spans):
-        between = text[previous_end:start]
-        space = next((i for i, char in enumerate(between) if char.isspace()), None)
-        cuts.append(previous_end + space if space is not None else start)
-    cuts.append(len(text))
-    pieces = []
-    for index in range(len(words)):
-        raw = text[cuts[index] : cuts[index + 1]]
+    out = []
+    for index, (start, end) in enumerate(pieces):
+        raw = text[start:end]
         separator = " " if index > 0 and raw[:1].isspace() else ""
-        pieces.append(_Piece(separator, " ".join(raw.split())))
-    return pieces
+        out.append(_Piece(separator, " ".join(raw.split())))
+    return out
 
 
 def display_pieces(words: Sequence[str], text: str | None = None) -> list[tuple[str, str]]:
@@ -302,8 +271,16 @@ def to_vtt(words: Iterable[TimedWord], text: str | None = None, options: CueOpti
 
 
 def words_to_dicts(words: Iterable[TimedWord]) -> list[dict[str, Any]]:
-    """``[{"text", "start", "end"}]`` with times in seconds."""
-    return [{"text": word.text, "start": word.start_time, "end": word.end_time} for word in words]
+    """``[{"text", "start", "end"}]`` with times in seconds, and ``"confidence"`` for words that have one (the
+    words of a transcription; ``qasr_jax.transcript.Word``)."""
+    dicts = []
+    for word in words:
+        entry = {"text": word.text, "start": word.start_time, "end": word.end_time}
+        confidence = getattr(word, "confidence", None)
+        if confidence is not None:
+            entry["confidence"] = confidence
+        dicts.append(entry)
+    return dicts
 
 
 def to_json(

@@ -45,6 +45,7 @@ from qasr_jax.errors import EmptyAudioError, InvalidAudioError, QasrError
 from qasr_jax.model import Qwen3ASR, decode_layer_params, extend_cache
 from qasr_jax.model.attention import KVCache
 from qasr_jax.model.decoder import cache_length, layer_cache_shape
+from qasr_jax.transcript import Segment, mean_logprob, segment_of_output
 
 SAMPLE_RATE = audio_io.SAMPLE_RATE
 # Cache slots on a two-steps-per-octave ladder from this size: few programs, at most a third unused.
@@ -77,7 +78,13 @@ class UpdateStats:
 @dataclasses.dataclass(frozen=True)
 class StreamUpdate:
     """One update of a stream: chunk index, the parsed result, the prefix it was given (the part of the text
-    fixed before this update), the raw decoded output, whether it was the final flush, and its cost."""
+    fixed before this update), the raw decoded output, whether it was the final flush, and its cost.
+
+    ``segment``: the tokens behind ``raw`` with their log-probabilities, the text's words with their confidences
+    and the finish reason (``qasr_jax.transcript.Segment``, spanning the stream from 0 s): the prefix's tokens
+    as the updates that generated them recorded them (a token the rollback cut inside counts whole), then this
+    update's. ``token_ids``, ``logprobs`` and ``avg_logprob`` are the segment's.
+    """
 
     chunk_index: int
     audio_seconds: float
@@ -87,6 +94,50 @@ class StreamUpdate:
     raw: str
     final: bool
     stats: UpdateStats
+    segment: Segment | None = None
+
+    @property
+    def token_ids(self) -> tuple[int, ...]:
+        return self.segment.token_ids if self.segment is not None else ()
+
+    @property
+    def logprobs(self) -> tuple[float, ...]:
+        return self.segment.logprobs if self.segment is not None else ()
+
+    @property
+    def avg_logprob(self) -> float | None:
+        return mean_logprob(self.logprobs)
+
+
+@dataclasses.dataclass(frozen=True)
+class RawTokens:
+    """The tokens behind a stream's raw output: ids, their log-probabilities as the decode loop recorded them
+    when it generated them, and the characters of the raw text each produced, ``(start, end)``."""
+
+    ids: tuple[int, ...] = ()
+    logprobs: tuple[float, ...] = ()
+    spans: tuple[tuple[int, int], ...] = ()
+
+    def behind(self, prefix: str) -> RawTokens:
+        """The tokens behind ``prefix``, a rolled-back prefix of their raw text: those whose characters start
+        inside it, their spans cut at its end (a token the rollback cut inside is kept)."""
+        end = len(prefix)
+        kept = [k for k, (start, _) in enumerate(self.spans) if start < end]
+        return RawTokens(
+            tuple(self.ids[k] for k in kept),
+            tuple(self.logprobs[k] for k in kept),
+            tuple((self.spans[k][0], min(self.spans[k][1], end)) for k in kept),
+        )
+
+    def extended(
+        self, offset: int, ids: Sequence[int], logprobs: Sequence[float], spans: Sequence[tuple[int, int]]
+    ) -> RawTokens:
+        """These tokens, then ``ids`` whose spans start at character ``offset`` of the raw text."""
+        return RawTokens(
+            (*self.ids, *(int(i) for i in ids)),
+            (*self.logprobs, *(float(p) for p in logprobs)),
+            (*self.spans, *((offset + start, offset + end) for start, end in spans)),
+        )
 
 
 @dataclasses.dataclass
@@ -97,7 +148,7 @@ class StreamCache:
     window_embeds: per window, its audio embeddings ``[tokens, hidden]``; kv: the decoder's per-layer caches
     ``[1, kv_heads, cache_len, head_dim]``, slot ``kv_offset + i`` holding token i of ``kv_ids`` (the last
     prompt); kv_offset is 0 for a lone stream (``StreamingEngine`` leaves a stream's tokens where its batched step
-    put them).
+    put them); raw_tokens: the tokens behind the latest raw output, whose scores the next update's prefix keeps.
     """
 
     window_features: list[np.ndarray] = dataclasses.field(default_factory=list)
@@ -105,6 +156,7 @@ class StreamCache:
     kv: list[KVCache] | None = None
     kv_ids: list[int] = dataclasses.field(default_factory=list)
     kv_offset: int = 0
+    raw_tokens: RawTokens = dataclasses.field(default_factory=RawTokens)
 
 
 @dataclasses.dataclass
@@ -144,6 +196,20 @@ class ASRStreamingState:
     def fixed_text(self) -> str:
         """The transcript part of the prefix the latest update was given: text the coming updates keep."""
         return fixed_text(self.updates[-1].prefix, self.force_language) if self.updates else ""
+
+    @property
+    def token_ids(self) -> tuple[int, ...]:
+        """The tokens behind the latest result (``StreamUpdate.segment``)."""
+        return self.updates[-1].token_ids if self.updates else ()
+
+    @property
+    def token_logprobs(self) -> tuple[float, ...]:
+        return self.updates[-1].logprobs if self.updates else ()
+
+    @property
+    def avg_logprob(self) -> float | None:
+        """Mean log-probability of the tokens behind the latest result; None before the first update."""
+        return mean_logprob(self.token_logprobs)
 
 
 @dataclasses.dataclass
@@ -489,14 +555,29 @@ class StreamingTranscriber:
         state.cache.kv_ids = pending.ids
         generated = generated_text(self.tokenizer, pending.ids, generation.token_ids)
         state._raw_decoded = pending.prefix + generated
-        state.language, state.text = text_io.parse_asr_output(state._raw_decoded, state.force_language)
+        # The tokens behind the raw output: the prefix's, then the generated ones whose text ends ``generated``
+        # (those of a held-back tail are not; text the priming held back may come before theirs).
+        full, spans = self.tokenizer.decode_with_spans(generation.token_ids, skip_special_tokens=True)
+        behind = len(spans)
+        while behind > 0 and not generated.endswith(full[: spans[behind - 1][1]]):
+            behind -= 1
+        start = len(pending.prefix) + len(generated) - (spans[behind - 1][1] if behind else 0)
+        tokens = state.cache.raw_tokens.behind(pending.prefix).extended(
+            start, generation.token_ids[:behind], generation.logprobs[:behind], spans[:behind]
+        )
+        state.cache.raw_tokens = tokens
+        segment = segment_of_output(
+            state._raw_decoded, tokens.ids, tokens.logprobs, tokens.spans, generation.stopped,
+            state.force_language, 0.0, pending.samples / SAMPLE_RATE,
+        )  # fmt: skip
+        state.language, state.text = segment.language, segment.text
         stats = UpdateStats(
             pending.chunks, len(pending.todo), pending.recomputed, len(pending.run), pending.keep,
             len(generation.token_ids), time.perf_counter() - pending.started,
         )  # fmt: skip
         update = StreamUpdate(
             state.chunk_id, pending.samples / SAMPLE_RATE, state.language, state.text, pending.prefix,
-            state._raw_decoded, pending.final, stats,
+            state._raw_decoded, pending.final, stats, segment,
         )  # fmt: skip
         state.updates.append(update)
         state.chunk_id += 1
@@ -666,6 +747,7 @@ def _abstract(tree: Any) -> Any:
 __all__ = [
     "ASRStreamingState",
     "PendingUpdate",
+    "RawTokens",
     "StreamCache",
     "StreamStateError",
     "StreamUpdate",

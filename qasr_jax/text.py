@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import itertools
 import json
 import os
 import re
 import unicodedata
 from collections.abc import Iterable, Sequence
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Any
 
@@ -388,6 +389,68 @@ class Tokenizer:
             text = _clean_up_tokenization(text)
         return text
 
+    def decode_with_spans(
+        self, ids: Iterable[int], *, skip_special_tokens: bool = False
+    ) -> tuple[str, list[tuple[int, int]]]:
+        """``decode(ids)`` and, per id, the characters of that text it produced: ``(start, end)``, end exclusive.
+
+        A character whose UTF-8 bytes come from several ids belongs to each of them; an id that produces no text
+        (a skipped special token) gets an empty span where it stands. The spans come from each id's bytes (the
+        byte-level BPE pieces); a tokenizer whose pieces do not reassemble to its ``decode`` (another decoder, a
+        clean-up rule) is measured by decoding every prefix of ``ids`` instead.
+        """
+        ids = [int(i) for i in ids]
+        text = self.decode(ids, skip_special_tokens=skip_special_tokens)
+        pieces = [self._token_bytes(i, skip_special_tokens) for i in ids]
+        if all(piece is not None for piece in pieces):
+            decoded, spans = _char_spans_of_bytes(pieces)  # type: ignore[arg-type]
+            if decoded == text:
+                return text, spans
+        return text, self._spans_by_prefixes(ids, skip_special_tokens, text)
+
+    def _token_bytes(self, token_id: int, skip_special_tokens: bool) -> bytes | None:
+        """The bytes one id contributes to a decoded text (as the byte-level decoder maps its piece), or None for
+        an id outside the vocabulary."""
+        if skip_special_tokens and token_id in self._special_ids:
+            return b""
+        piece = self._backend.id_to_token(token_id)
+        if piece is None:
+            return None
+        table = _byte_decoder()
+        if all(char in table for char in piece):
+            return bytes(table[char] for char in piece)
+        return piece.encode("utf-8")
+
+    @cached_property
+    def _special_ids(self) -> frozenset[int]:
+        return frozenset(i for i, token in self._backend.get_added_tokens_decoder().items() if token.special)
+
+    def _spans_by_prefixes(
+        self, ids: list[int], skip_special_tokens: bool, text: str
+    ) -> list[tuple[int, int]]:
+        """Spans measured by decoding each prefix ``ids[:k + 1]``: id k owns the characters of ``text`` it settles
+        (that now agree with ``text``), and the character after them when its prefix ends inside one (decodes
+        past the agreeing part)."""
+        spans: list[tuple[int, int]] = []
+        settled = 0
+        waiting: list[int] = []  # ids that reach into the character at ``settled``
+        for k, token_id in enumerate(ids):
+            spans.append((settled, settled))
+            if skip_special_tokens and token_id in self._special_ids:
+                continue  # produces no text
+            decoded = self.decode(ids[: k + 1], skip_special_tokens=skip_special_tokens)
+            agree = _common_prefix_length(decoded, text)
+            if agree > settled:
+                for j in waiting:
+                    spans[j] = (spans[j][0], settled + 1)
+                spans[k] = (settled, agree)
+                waiting, settled = [], agree
+            if len(decoded) > agree:
+                waiting.append(k)
+        for j in waiting:
+            spans[j] = (spans[j][0], min(settled + 1, len(text)))
+        return spans
+
     def token_to_id(self, token: str) -> int | None:
         """The id of one vocabulary piece or added token, or None."""
         return self._backend.token_to_id(token)
@@ -440,6 +503,80 @@ class Tokenizer:
     @cached_property
     def timestamp_id(self) -> int:
         return self._added_token_id(TIMESTAMP)
+
+
+@cache
+def _byte_decoder() -> dict[str, int]:
+    """The byte-level BPE alphabet (GPT-2's ``bytes_to_unicode``) back to bytes: printable bytes stand for
+    themselves, the others for the characters from U+0100 on, in byte order."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    table = {chr(b): b for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
+
+
+# Byte ranges each continuation byte must fall in, per lead byte (Unicode's well-formed UTF-8 table).
+_ANY = (0x80, 0xBF)
+_CONTINUATIONS = {
+    **{b: (_ANY,) for b in range(0xC2, 0xE0)},
+    0xE0: ((0xA0, 0xBF), _ANY),
+    **{b: (_ANY, _ANY) for b in (*range(0xE1, 0xED), 0xEE, 0xEF)},
+    0xED: ((0x80, 0x9F), _ANY),
+    0xF0: ((0x90, 0xBF), _ANY, _ANY),
+    **{b: (_ANY, _ANY, _ANY) for b in range(0xF1, 0xF4)},
+    0xF4: ((0x80, 0x8F), _ANY, _ANY),
+}
+
+
+def _utf8_characters(data: bytes) -> list[int]:
+    """The character of ``data.decode("utf-8", errors="replace")`` each byte falls in: a well-formed sequence is
+    one character, and so is each maximal ill-formed subpart (one U+FFFD), as the decoder replaces them."""
+    owners: list[int] = []
+    i = character = 0
+    while i < len(data):
+        length = 1
+        for low, high in _CONTINUATIONS.get(data[i], ()):
+            if i + length < len(data) and low <= data[i + length] <= high:
+                length += 1
+            else:
+                break
+        owners.extend([character] * length)
+        character += 1
+        i += length
+    return owners
+
+
+def _char_spans_of_bytes(pieces: Sequence[bytes]) -> tuple[str, list[tuple[int, int]]]:
+    """The UTF-8 text of the concatenated ``pieces`` (ill-formed bytes as U+FFFD) and the characters each piece's
+    bytes fall in."""
+    data = b"".join(pieces)
+    owners = _utf8_characters(data)
+    spans = []
+    offset = 0
+    for piece in pieces:
+        if piece:
+            spans.append((owners[offset], owners[offset + len(piece) - 1] + 1))
+        else:
+            at = owners[offset] if offset < len(owners) else (owners[-1] + 1 if owners else 0)
+            spans.append((at, at))
+        offset += len(piece)
+    return data.decode("utf-8", errors="replace"), spans
+
+
+def _common_prefix_length(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -516,29 +653,31 @@ REPETITION_THRESHOLD = 20
 MAX_REPEATED_PATTERN = 20
 
 
-def _collapse_character_runs(text: str, threshold: int) -> str:
-    """A run of more than `threshold` identical characters becomes one character."""
-    pieces = []
+def _character_runs_kept(text: str, threshold: int) -> list[int]:
+    """Indices of ``text`` kept when a run of more than ``threshold`` identical characters becomes one character
+    (its first)."""
+    kept: list[int] = []
     start = 0
     while start < len(text):
         end = start + 1
         while end < len(text) and text[end] == text[start]:
             end += 1
-        pieces.append(text[start] if end - start > threshold else text[start:end])
+        kept.extend([start] if end - start > threshold else range(start, end))
         start = end
-    return "".join(pieces)
+    return kept
 
 
-def _collapse_pattern_runs(text: str, threshold: int, max_pattern: int) -> str:
-    """Scanning left to right, the first place where a pattern of 1..`max_pattern` characters (shortest first)
-    repeats at least `threshold` times back to back is replaced by one copy, and the scan resumes after the run.
-    """
+def _pattern_runs_kept(text: str, threshold: int, max_pattern: int) -> list[int]:
+    """Indices of ``text`` kept when, scanning left to right, the first place where a pattern of 1..`max_pattern`
+    characters (shortest first) repeats at least `threshold` times back to back is replaced by one copy (its
+    first), and the scan resumes after the run."""
     n = len(text)
     min_run = threshold * 2
-    pieces = []
+    kept: list[int] = []
     i = 0
     while i <= n - min_run:
         run_end = None
+        width = 0
         for width in range(1, max_pattern + 1):
             if i + width * threshold > n:
                 break
@@ -549,49 +688,75 @@ def _collapse_pattern_runs(text: str, threshold: int, max_pattern: int) -> str:
                     run_end += width
                 break
         if run_end is None:
-            pieces.append(text[i])
+            kept.append(i)
             i += 1
         else:
-            pieces.append(pattern)
+            kept.extend(range(i, i + width))
             i = run_end
-    pieces.append(text[i:])
-    return "".join(pieces)
+    kept.extend(range(i, n))
+    return kept
+
+
+def repair_repetitions_indexed(text: str, threshold: int = REPETITION_THRESHOLD) -> tuple[str, list[int]]:
+    """``repair_repetitions(text)`` and, for each of its characters, its index in ``text`` (increasing: the
+    repair only drops characters)."""
+    first = _character_runs_kept(text, threshold)
+    once = "".join(text[i] for i in first)
+    second = _pattern_runs_kept(once, threshold, MAX_REPEATED_PATTERN)
+    return "".join(once[i] for i in second), [first[i] for i in second]
 
 
 def repair_repetitions(text: str, threshold: int = REPETITION_THRESHOLD) -> str:
     """Cut back runaway repetitions (a character, or a pattern of up to 20 characters, repeated >= `threshold`
     times) to one occurrence, as the official post-processing does."""
-    text = _collapse_character_runs(text, threshold)
-    return _collapse_pattern_runs(text, threshold, MAX_REPEATED_PATTERN)
+    return repair_repetitions_indexed(text, threshold)[0]
 
 
 @dataclasses.dataclass(frozen=True)
 class ParsedOutput:
-    """The model's output split into language and text; ``repaired``: the repetition repair cut something."""
+    """The model's output split into language and text; ``repaired``: the repetition repair cut something;
+    ``offsets``: for each character of ``text``, its index in the raw output it was parsed from (increasing)."""
 
     language: str
     text: str
     repaired: bool = False
+    offsets: tuple[int, ...] = dataclasses.field(default=(), compare=False, repr=False)
+
+
+def _stripped(text: str, offsets: list[int]) -> tuple[str, list[int]]:
+    """``text.strip()`` with the offsets of the characters kept."""
+    start = len(text) - len(text.lstrip())
+    end = len(text.rstrip())
+    if end <= start:
+        return "", []
+    return text[start:end], offsets[start:end]
 
 
 def parse_model_output(raw: str | None, forced_language: str | None = None) -> ParsedOutput:
-    """Split the decoded model output into language and text (see ``parse_asr_output``), and say whether the
-    repetition repair changed it (a runaway repetition was cut back)."""
+    """Split the decoded model output into language and text (see ``parse_asr_output``), say whether the
+    repetition repair changed it (a runaway repetition was cut back), and where each character of the text was in
+    ``raw``."""
     if raw is None:
         return ParsedOutput("", "")
-    text = str(raw).strip()
+    text, offsets = _stripped(str(raw), list(range(len(str(raw)))))
     if not text:
         return ParsedOutput("", "")
-    repaired_text = repair_repetitions(text)
+    repaired_text, kept = repair_repetitions_indexed(text)
     repaired = repaired_text != text
-    text = repaired_text
+    text, offsets = repaired_text, [offsets[i] for i in kept]
+
+    def output(language: str, start: int) -> ParsedOutput:
+        transcript, where = _stripped(text[start:], offsets[start:])
+        return ParsedOutput(language, transcript, repaired, tuple(where))
+
     if forced_language:
-        return ParsedOutput(forced_language, text, repaired)
+        return ParsedOutput(forced_language, text, repaired, tuple(offsets))
     if ASR_TEXT not in text:
-        return ParsedOutput("", text.strip(), repaired)
-    meta, transcript = text.split(ASR_TEXT, 1)
+        return output("", 0)
+    meta = text[: text.index(ASR_TEXT)]
+    body = text.index(ASR_TEXT) + len(ASR_TEXT)
     if "language none" in meta.lower():
-        return ParsedOutput("", transcript.strip(), repaired)
+        return output("", body)
     language = ""
     for line in meta.splitlines():
         line = line.strip()
@@ -603,7 +768,7 @@ def parse_model_output(raw: str | None, forced_language: str | None = None) -> P
             if value:
                 language = value[:1].upper() + value[1:].lower()
             break
-    return ParsedOutput(language, transcript.strip(), repaired)
+    return output(language, body)
 
 
 def parse_asr_output(raw: str | None, forced_language: str | None = None) -> tuple[str, str]:
@@ -755,6 +920,48 @@ def split_words(
         dictionary = Path(korean_dictionary) if korean_dictionary is not None else default_korean_dictionary()
         return _split_korean(text, dictionary)
     return _split_space_delimited(text)
+
+
+def locate_words(words: Sequence[str], text: str) -> list[tuple[int, int]] | None:
+    """Where each word's characters are in ``text`` (matched in order): ``[(first, last + 1)]``, or None.
+
+    The aligner's words (``split_words``) hold exactly the letters, digits and apostrophes of the text, in order,
+    so matching each character at its next occurrence finds them; a text they did not come from fails to match.
+    """
+    spans = []
+    position = 0
+    for word in words:
+        first = -1
+        for char in word:
+            position = text.find(char, position)
+            if position < 0:
+                return None
+            if first < 0:
+                first = position
+            position += 1
+        if first < 0:
+            return None
+        spans.append((first, position))
+    return spans
+
+
+def word_pieces(words: Sequence[str], text: str) -> list[tuple[int, int]] | None:
+    """``text`` cut into one piece per word, ``[(start, end)]``, or None when the words are not in it.
+
+    A piece runs from the first whitespace after the previous word (the start of its own word when nothing but
+    punctuation lies between, as in Chinese) to the same point after it: a word takes the space before it and
+    the punctuation after it. The first piece starts at 0 and the last ends at ``len(text)``, so the pieces
+    concatenate back to ``text``.
+    """
+    spans = locate_words(words, text)
+    if spans is None:
+        return None
+    cuts = [0]
+    for (_, previous_end), (start, _) in itertools.pairwise(spans):
+        space = next((i for i in range(previous_end, start) if text[i].isspace()), None)
+        cuts.append(space if space is not None else start)
+    cuts.append(len(text))
+    return list(itertools.pairwise(cuts))
 
 
 def build_aligner_text(words: Sequence[str]) -> str:

@@ -112,3 +112,100 @@ def test_manifest_job_resumes_and_reports_failures_last(tmp_path):
     assert listed[1]["avg_logprob"] == pytest.approx(by_id["fox"]["avg_logprob"], abs=1e-5)
     assert [r["id"] for r in listed] == [str(audio_dir / "hi.wav"), str(audio_dir / "fox.flac")]
     assert "warning:" in files.stderr  # truncated items are warned about
+
+
+FILTER_SENTENCES = ["Hi.", "Good morning to you.", "The cat sat on the mat.", "Seven green apples.",
+                    "Please call me back tomorrow.", "Where is the station?"]  # fmt: skip
+
+
+def test_manifest_filters_send_items_that_fail_them_to_the_rejected_file(tmp_path):
+    """Thresholds chosen from the items' measured values split a manifest: the items below the log-probability
+    minimum or above the compression-ratio maximum go to the rejected file with their reasons and values, the
+    others to the output, each item to exactly one of them; a rerun skips both."""
+    checkpoint = cached_small_checkpoint()
+    cache = tmp_path / "jax-cache"
+    lines = []
+    for k, sentence in enumerate(FILTER_SENTENCES):
+        soundfile.write(tmp_path / f"clip{k}.wav", speech.synth(sentence, speed=150 + 10 * k), 16000)
+        lines.append(json.dumps({"id": f"item-{k}", "path": f"clip{k}.wav"}))
+    manifest = tmp_path / "job.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    common = ["--model", checkpoint, "--batch-size", "4", "--max-new-tokens", "6", "--no-progress"]
+
+    # The values each item measures, from a run without filters (the same plan, so the same numbers).
+    measured_path = tmp_path / "measured.jsonl"
+    measured = run_cli(
+        ["transcribe", "--manifest", str(manifest), *common, "--output", str(measured_path)], cache
+    )
+    assert measured.returncode == 0, measured.stderr
+    values = {r["id"]: r for r in read_jsonl(measured_path)}
+    assert sorted(values) == [f"item-{k}" for k in range(len(FILTER_SENTENCES))]
+    logprobs = sorted(r["avg_logprob"] for r in values.values())
+    ratios = sorted(r["compression_ratio"] for r in values.values())
+    distinct = sorted(set(ratios))
+    assert len(set(logprobs)) == len(logprobs) and len(distinct) >= 2
+    min_logprob = (logprobs[1] + logprobs[2]) / 2  # the two lowest fail it
+    max_ratio = (distinct[-1] + distinct[-2]) / 2  # the highest (and those equal to it) fail it
+    low = {i for i, r in values.items() if r["avg_logprob"] < min_logprob}
+    high = {i for i, r in values.items() if r["compression_ratio"] > max_ratio}
+    assert len(low) == 2 and len(high) == ratios.count(distinct[-1]) >= 1
+    assert 0 < len(low | high) < len(values)  # some items go each way
+
+    output = tmp_path / "kept.jsonl"
+    args = ["transcribe", "--manifest", str(manifest), *common, "--output", str(output),
+            "--min-avg-logprob", repr(min_logprob), "--max-compression-ratio", repr(max_ratio)]  # fmt: skip
+    filtered = run_cli(args, cache)
+    assert filtered.returncode == 0, filtered.stderr
+    rejected_path = tmp_path / "kept.rejected.jsonl"  # the default: beside the output
+    kept, rejected = read_jsonl(output), read_jsonl(rejected_path)
+    assert f"{len(low | high)} item(s) failed the filters and went to {rejected_path}" in filtered.stderr
+    # Every item in exactly one of the two files.
+    assert len(kept) + len(rejected) == len(FILTER_SENTENCES)
+    assert sorted([r["id"] for r in kept] + [r["id"] for r in rejected]) == sorted(values)
+    assert {r["id"] for r in rejected} == low | high and len(rejected) == len(low | high)
+    for record in kept:
+        assert record == values[record["id"]]
+    for record in rejected:
+        reasons = record.pop("rejected")
+        assert record == values[record["id"]]
+        expected = []
+        if record["id"] in low:
+            expected.append(
+                {"filter": "min_avg_logprob", "threshold": min_logprob, "value": record["avg_logprob"]}
+            )
+        if record["id"] in high:
+            expected.append(
+                {
+                    "filter": "max_compression_ratio",
+                    "threshold": max_ratio,
+                    "value": record["compression_ratio"],
+                }
+            )
+        assert reasons == expected
+
+    # A rerun finds every item done, in one file or the other, and writes nothing.
+    again = run_cli(args, cache)
+    assert again.returncode == 0 and f"skipping {len(FILTER_SENTENCES)} item(s)" in again.stderr
+    assert read_jsonl(output) == kept and len(read_jsonl(rejected_path)) == len(rejected)
+
+
+def test_bad_filter_values_are_refused_before_anything_runs(tmp_path):
+    manifest = tmp_path / "job.txt"
+    manifest.write_text("a.wav\n")
+    base = ["transcribe", "--manifest", str(manifest), "--model", str(tmp_path)]
+    cases = {
+        "0.5": ("--min-avg-logprob", "--min-avg-logprob must be a finite log-probability ≤ 0, got 0.5"),
+        "nan": ("--min-avg-logprob", "--min-avg-logprob must be a finite log-probability ≤ 0, got nan"),
+        "0": ("--max-compression-ratio", "--max-compression-ratio must be a finite number > 0, got 0.0"),
+        "inf": ("--max-compression-ratio", "--max-compression-ratio must be a finite number > 0, got inf"),
+        "high": ("--max-compression-ratio", "argument --max-compression-ratio: invalid float value: 'high'"),
+    }
+    for value, (option, message) in cases.items():
+        result = run_cli([*base, option, value])
+        assert result.returncode == 2 and message in result.stderr, (value, result.stderr)
+    files = run_cli(["transcribe", "a.wav", "--min-avg-logprob", "-1", "--model", str(tmp_path)])
+    assert files.returncode == 2 and "filter a manifest job" in files.stderr
+    lonely = run_cli([*base, "--rejected", str(tmp_path / "r.jsonl")])
+    assert lonely.returncode == 2 and "--rejected needs a filter" in lonely.stderr
+    same = run_cli([*base, "--min-avg-logprob", "-1", "--output", "x.jsonl", "--rejected", "x.jsonl"])
+    assert same.returncode == 2 and "another file than the output" in same.stderr

@@ -143,6 +143,11 @@ def test_concurrent_websocket_streams_equal_each_stream_alone(server, reference,
             (u.chunk_index, u.language, u.text, fixed_text(u.prefix, truth.force_language)) for u in expected
         ]
         assert all(m["latency"] > 0 for m in partials)
+        # The scores of the tokens behind each text (the engine's batched programs round otherwise: 1e-4).
+        assert [m["avg_logprob"] for m in partials] == pytest.approx(
+            [u.avg_logprob for u in expected], abs=1e-4
+        )
+        assert final["avg_logprob"] == pytest.approx(truth.avg_logprob, abs=1e-4)
         assert "words" not in final  # no aligner loaded
     assert results[0][0][-1]["text"] != results[1][0][-1]["text"]
     assert results[1][0][-1]["language"] == "English"
@@ -256,8 +261,11 @@ def test_stop_with_no_audio_gives_the_empty_stream_result(server, reference) -> 
     )
     truth = alone(reference, [])
     assert code == 1000
-    assert messages == [{"type": "final", "language": truth.language, "text": truth.text}]
-    assert truth.text == ""
+    # No tokens behind an empty result: no avg_logprob measured.
+    assert messages == [
+        {"type": "final", "language": truth.language, "text": truth.text, "avg_logprob": None}
+    ]
+    assert truth.text == "" and truth.avg_logprob is None
 
 
 def test_a_connection_that_sends_no_start_message_is_closed_1008_after_the_start_timeout(server) -> None:
@@ -300,9 +308,13 @@ def test_aligners_words_in_the_live_final_result_and_in_verbose_json(checkpoint,
     assert verbose.status_code == 200, verbose.text
     body = verbose.json()
     assert body["text"] == transcribed.text and transcribed.time_stamps.error is None
-    assert body["words"] == [
-        {"word": w.text, "start": w.start_time, "end": w.end_time} for w in transcribed.time_stamps.items
+    items = transcribed.time_stamps.items
+    assert [(w["word"], w["start"], w["end"]) for w in body["words"]] == [
+        (w.text, w.start_time, w.end_time) for w in items
     ]
+    # Each word's confidence: that of transcribe's words (the server's decode rounds its sums otherwise: 1e-5).
+    assert [w["confidence"] for w in body["words"]] == pytest.approx([w.confidence for w in items], abs=1e-5)
+    assert all(w.confidence is not None for w in items)
     assert len(body["words"]) > 0 and body["words"][-1]["end"] > 0
     truth = alone(reference, [pcm])
     expected = Qwen3ForcedAligner.from_pretrained(aligner_dir).align(

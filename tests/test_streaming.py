@@ -309,7 +309,14 @@ def test_finish_can_align_the_final_text_to_the_stream(checkpoint, clips, tmp_pa
         (clips["medium"], SR), state.text, state.language or None
     )[0]
     assert state.time_stamps.error is None and len(state.time_stamps.items) > 0
-    assert state.time_stamps.items == expected.items
+    items = state.time_stamps.items
+    assert [(w.text, w.start_time, w.end_time) for w in items] == [
+        (w.text, w.start_time, w.end_time) for w in expected.items
+    ]
+    # Each word carries its confidence from the tokens behind the final text.
+    final = state.updates[-1].segment
+    assert [w.confidence for w in items] == [w.confidence for w in final.words]
+    assert all(w.confidence is not None for w in items)
     with pytest.raises(ValueError, match="forced_aligner"):
         Qwen3ASRModel.from_pretrained(checkpoint).finish_streaming_transcribe(state, return_time_stamps=True)
 
@@ -341,6 +348,10 @@ def test_cli_streams_a_file_and_stdin_pcm(ours, checkpoint, clips, tmp_path):
         (u.chunk_index, u.text, u.final) for u in state.updates
     ]
     assert all(e["stream"] == str(path) and e["latency"] > 0 for e in events)
+    assert [e["token_ids"] for e in events] == [list(u.token_ids) for u in state.updates]
+    assert [e["avg_logprob"] for e in events] == pytest.approx(
+        [u.avg_logprob for u in state.updates], abs=1e-5
+    )
 
     text = subprocess.run([*base, "-"], input=pcm.tobytes(), capture_output=True, check=True).stdout.decode()
     state = ours.init_streaming_state()

@@ -40,6 +40,7 @@ from qasr_jax.serve.live import add_live_route
 from qasr_jax.serve.memory import heap_stats
 from qasr_jax.serve.scheduler import Job, QueueFullError, Scheduler, ShuttingDownError
 from qasr_jax.stream_engine import StreamingEngine
+from qasr_jax.transcript import with_word_confidences
 
 RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
 ALLOWED_FIELDS = {"file", "model", "language", "prompt", "response_format", "temperature", "stream",
@@ -458,7 +459,10 @@ def create_app(
                                 "duration": round(job.duration, 3), "text": text, "segments": _segments(job),
                                 "usage": _usage(job)}  # fmt: skip
         if words_wanted:
-            body["words"] = [{"word": w.text, "start": w.start_time, "end": w.end_time} for w in words or []]
+            body["words"] = [
+                {"word": w.text, "start": w.start_time, "end": w.end_time, "confidence": w.confidence}
+                for w in words or []
+            ]
         return JSONResponse(body)
 
     def _align_stream(samples: Any, text: str, language: str) -> list[dict[str, Any]]:
@@ -468,13 +472,14 @@ def create_app(
         return [{"word": w.text, "start": w.start_time, "end": w.end_time} for w in result.items]
 
     def _align(job: Job) -> Any:
+        """The job's words on its time line, each with its confidence from the chunk it came from."""
         with aligner_lock:
             [result] = model.forced_aligner.align_transcripts(
                 [[c.piece for c in job.chunks]],
                 [[c.text for c in job.chunks]],
                 [[c.language for c in job.chunks]],
             )
-        return result
+        return with_word_confidences(result, [c.segment for c in job.chunks if c.segment is not None])
 
     def live_language(value: str | None) -> str | None:
         try:

@@ -9,9 +9,11 @@ The protocol (one stream per connection):
 3. then ``{"type": "stop"}``.
 
 The server answers with ``{"type": "partial", "chunk", "audio_seconds", "language", "text", "fixed_text",
-"latency"}`` after each chunk's update (``fixed_text``: the part no later update rewrites; ``latency``: seconds
-from the chunk's last sample to the result) and, after stop, ``{"type": "final", "language", "text"}`` with
-``"words": [{"word", "start", "end"}]`` when a forced aligner is loaded; then it closes the connection (1000).
+"avg_logprob", "latency"}`` after each chunk's update (``fixed_text``: the part no later update rewrites;
+``avg_logprob``: the mean log-probability of the tokens behind the text, ``StreamUpdate.segment``; ``latency``:
+seconds from the chunk's last sample to the result) and, after stop, ``{"type": "final", "language", "text",
+"avg_logprob"}`` with ``"words": [{"word", "start", "end"}]`` when a forced aligner is loaded; then it closes the
+connection (1000).
 A bad message gets ``{"type": "error", "message"}`` naming the problem and a close: 1003 for data it cannot take
 (not JSON, a binary first frame, a bad field, a text message other than stop, samples that are not audio), 1008
 for what policy refuses (API key, too many streams, a stream too long, no start message within the start
@@ -271,11 +273,13 @@ class LiveSession:
                 await self.websocket.send_json({
                     "type": "partial", "chunk": update.chunk_index, "audio_seconds": round(update.audio_seconds, 3),
                     "language": update.language, "text": update.text,
-                    "fixed_text": fixed_text(update.prefix, force), "latency": round(item.latency, 4),
+                    "fixed_text": fixed_text(update.prefix, force), "avg_logprob": update.avg_logprob,
+                    "latency": round(item.latency, 4),
                 })  # fmt: skip
             if item.ended:
                 state = self.stream.state
-                final: dict[str, Any] = {"type": "final", "language": state.language, "text": state.text}
+                final: dict[str, Any] = {"type": "final", "language": state.language, "text": state.text,
+                                         "avg_logprob": state.avg_logprob}  # fmt: skip
                 if self.align is not None:
                     final["words"] = await asyncio.to_thread(
                         self.align, state.audio_accum, state.text, state.language
