@@ -30,16 +30,24 @@ class FinishReason(str, enum.Enum):
     STOP: the model emitted an end token. LENGTH: the token budget ran out first (the text may be cut short;
     ``truncated``). REPETITION: the output ran into a repetition that the repair (``text.repair_repetitions``,
     the official post-processing) cut back, whether decoding then hit the budget or not. ERROR: the item failed.
+    NO_SPEECH: the voice-activity detector (``qasr_jax.vad``, opt-in) found no speech, so nothing was decoded.
     """
 
+    NO_SPEECH = "no_speech"
     STOP = "stop"
     LENGTH = "length"
     REPETITION = "repetition"
     ERROR = "error"
 
 
-# An item reports the most telling reason among its chunks.
-_SEVERITY = (FinishReason.STOP, FinishReason.LENGTH, FinishReason.REPETITION, FinishReason.ERROR)
+# An item reports the most telling reason among its chunks (no_speech only when every chunk has no speech).
+_SEVERITY = (
+    FinishReason.NO_SPEECH,
+    FinishReason.STOP,
+    FinishReason.LENGTH,
+    FinishReason.REPETITION,
+    FinishReason.ERROR,
+)
 
 
 def compression_ratio(text: str) -> float:
@@ -59,7 +67,8 @@ def mean_logprob(logprobs: Sequence[float]) -> float | None:
 class Segment:
     """One decoded chunk: start/end in seconds on the item's time line, language, text, the generated ids with
     their log-probabilities (natural log), why decoding ended, and whether it ended on an end token (``stopped``;
-    a chunk whose repetition was cut may have stopped or not)."""
+    a chunk whose repetition was cut may have stopped or not). ``no_speech``: the voice-activity detector's
+    estimate, the fraction of the chunk's 32 ms windows it scored as non-speech; None when it did not run."""
 
     start: float
     end: float
@@ -69,6 +78,7 @@ class Segment:
     logprobs: tuple[float, ...]
     finish_reason: FinishReason
     stopped: bool
+    no_speech: float | None = None
 
     @property
     def avg_logprob(self) -> float | None:
@@ -84,8 +94,8 @@ class Segment:
         return not self.stopped
 
     def to_dict(self) -> dict[str, Any]:
-        """The segment as JSON-ready values (finish_reason as its name)."""
-        return {
+        """The segment as JSON-ready values (finish_reason as its name; no_speech only when measured)."""
+        values = {
             "start": round(self.start, 3),
             "end": round(self.end, 3),
             "language": self.language,
@@ -96,6 +106,9 @@ class Segment:
             "compression_ratio": self.compression_ratio,
             "finish_reason": self.finish_reason.value,
         }
+        if self.no_speech is not None:
+            values["no_speech"] = self.no_speech
+        return values
 
 
 def decode_segment(
@@ -103,9 +116,10 @@ def decode_segment(
     generation: Generation,
     piece: audio_io.AudioPiece,
     forced_language: str | None,
+    no_speech: float | None = None,
 ) -> Segment:
     """The ``Segment`` of one chunk's generation: its ids decoded and parsed (``text.parse_model_output``),
-    placed on the item's time line by ``piece``."""
+    placed on the item's time line by ``piece``, with the detector's ``no_speech`` estimate when it ran."""
     raw = tokenizer.decode(generation.token_ids, skip_special_tokens=True)
     parsed = text_io.parse_model_output(raw, forced_language)
     if parsed.repaired:
@@ -121,12 +135,29 @@ def decode_segment(
         logprobs=tuple(float(p) for p in generation.logprobs),
         finish_reason=reason,
         stopped=generation.stopped,
+        no_speech=no_speech,
+    )
+
+
+def no_speech_segment(piece: audio_io.AudioPiece, no_speech: float) -> Segment:
+    """The ``Segment`` of a chunk the voice-activity detector found no speech in: not decoded, so no language,
+    text or tokens."""
+    return Segment(
+        start=piece.start / piece.sample_rate,
+        end=(piece.start + piece.num_samples) / piece.sample_rate,
+        language="",
+        text="",
+        token_ids=(),
+        logprobs=(),
+        finish_reason=FinishReason.NO_SPEECH,
+        stopped=True,
+        no_speech=no_speech,
     )
 
 
 def item_finish_reason(segments: Iterable[Segment], failed: bool = False) -> FinishReason:
     """An item's reason: ERROR when it failed, else the most telling of its segments' (REPETITION over LENGTH
-    over STOP)."""
+    over STOP over NO_SPEECH)."""
     if failed:
         return FinishReason.ERROR
     return max((s.finish_reason for s in segments), key=_SEVERITY.index, default=FinishReason.STOP)
@@ -139,4 +170,5 @@ __all__ = [
     "decode_segment",
     "item_finish_reason",
     "mean_logprob",
+    "no_speech_segment",
 ]
