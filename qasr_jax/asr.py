@@ -22,6 +22,7 @@ the base model, ``adapter=None``) are decoded together in the same batches.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import math
@@ -237,6 +238,7 @@ class Qwen3ASRModel:
             vad if isinstance(vad, SpeechDetector) else SpeechDetector() if vad else None
         )
         self._call_detector: SpeechDetector | None = None  # made for calls that ask for one
+        self._planning_threads: concurrent.futures.ThreadPoolExecutor | None = None
         self.generator = Generator(
             config, params, dtype=dtype, attention_impl=attention_impl, max_batch=max_batch,
             options=decode_options, mesh=mesh, sharding_rules=sharding_rules,
@@ -473,12 +475,20 @@ class Qwen3ASRModel:
         items = [_Item(language=lang, context=ctx or "", adapter=slot)
                  for lang, ctx, slot in zip(forced, contexts, adapter_slots)]  # fmt: skip
         detector = self._detector(vad)
-        chunks: list[_Chunk] = []
-        for index, (source, item) in enumerate(zip(sources, items)):
+
+        def prepare(index: int) -> _Item:
+            item = items[index]
             try:
-                item.chunks = self._prepare_chunks(index, source, item, max_seconds, detector)
+                item.chunks = self._prepare_chunks(index, sources[index], item, max_seconds, detector)
             except QasrError as error:  # a bad input is that input's result; anything else is a bug
                 item.error = error
+            return item
+
+        # The detector scores 32 ms windows one after another on the CPU: items are planned on as many threads
+        # as there are cores (ONNX Runtime runs without the GIL), so it keeps up with an accelerator.
+        prepared = map(prepare, range(n)) if detector is None else self._planner().map(prepare, range(n))
+        chunks: list[_Chunk] = []
+        for index, item in enumerate(prepared):
             decoded = [c for c in item.chunks if c.request is not None]
             item.pending = len(decoded)
             chunks.extend(decoded)
@@ -501,6 +511,15 @@ class Qwen3ASRModel:
             if return_time_stamps:
                 self._align(items, [i for i in completed if items[i].error is None], results)
             yield from sorted(results.items())
+
+    def _planner(self) -> concurrent.futures.ThreadPoolExecutor:
+        """The threads that plan items with the detector (made on first use, kept: each keeps its detector
+        state)."""
+        if self._planning_threads is None:
+            self._planning_threads = concurrent.futures.ThreadPoolExecutor(
+                min(8, os.cpu_count() or 1), thread_name_prefix="qasr-vad"
+            )
+        return self._planning_threads
 
     def _detector(self, vad: bool | None) -> SpeechDetector | None:
         """The detector a call uses: the model's (vad None), none (False), or the model's or a default one."""
