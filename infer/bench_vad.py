@@ -9,10 +9,10 @@ WER of a manifest that is half silence.
 2. **Half-silence manifest.** ``--manifest-seconds`` of audio in files of about 20 s, half of it silence:
    sentences of the demo grammar (``train.synth``) spoken by espeak-ng (trimmed to their voiced samples), 2–4 to
    an utterance with 0.2–0.5 s pauses, 2.2–3 s of silence around and between utterances, and whole files of
-   silence making up the rest. Transcribed as a ``--manifest`` job does it
-   (``batch_jobs.run_batches``), once without and once with the detector, each with a fresh model object and no
-   persistent compilation cache: wall time, compile time, the detector's own time, the decoded chunks and the
-   WER on the speech (the normalisation and edit distance of ``qasr_jax.train.evaluate``), each timing with
+   silence making up the rest. Transcribed as a ``--manifest`` job does it (``batch_jobs.run_batches``), once
+   without and once with the detector, each with a fresh model object and no persistent compilation cache: wall
+   time, compile time, the detector's own time (summed over the threads that plan items), the decoded chunks and
+   the WER on the speech (the normalisation and edit distance of ``qasr_jax.train.evaluate``), each timing with
    ``os.getloadavg()`` taken when it ended (a shared machine's load says how much of it the run had).
 
 The model defaults to the small random-weight test checkpoint (built once under ``--work-dir``): it writes words
@@ -223,7 +223,7 @@ def print_manifest(runs: list[dict[str, Any]]) -> None:
     print(f"\nhalf-silence manifest: {first['files']} files, {first['audio_seconds']:.0f} s of audio, "
           f"{first['reference_words']} reference words")  # fmt: skip
     print(
-        "| detector | wall (s) | compile (s) | wall − compile (s) | detector (s) | decoded chunks | WER | load 1/5/15 |"
+        "| detector | wall (s) | compile (s) | wall − compile (s) | detector, thread time (s) | decoded chunks | WER | load 1/5/15 |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---|")
     for r in runs:

@@ -65,10 +65,11 @@ def mean_logprob(logprobs: Sequence[float]) -> float | None:
 
 @dataclasses.dataclass(frozen=True)
 class Segment:
-    """One decoded chunk: start/end in seconds on the item's time line, language, text, the generated ids with
+    """One chunk: start/end in seconds on the item's time line, language, text, the generated ids with
     their log-probabilities (natural log), why decoding ended, and whether it ended on an end token (``stopped``;
     a chunk whose repetition was cut may have stopped or not). ``no_speech``: the voice-activity detector's
-    estimate, the fraction of the chunk's 32 ms windows it scored as non-speech; None when it did not run."""
+    estimate, the fraction of the chunk's 32 ms windows it scored as non-speech; None when it did not run (a
+    chunk it found no speech in is not decoded: ``no_speech_segment``)."""
 
     start: float
     end: float
