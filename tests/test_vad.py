@@ -71,9 +71,9 @@ def count_generated_rows(model: Qwen3ASRModel) -> list[int]:
     rows = [0]
     original = model.generator.generate
 
-    def generate(requests, options=None):
+    def generate(requests, *args, **kwargs):
         rows[0] += len(requests)
-        return original(requests, options)
+        return original(requests, *args, **kwargs)
 
     model.generator.generate = generate
     return rows
