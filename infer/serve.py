@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-chunk-seconds", type=float, default=30.0, metavar="S",
                         help="long audio is split into chunks of at most S seconds, as transcribe splits it "
                              "(default %(default)s; sizes the decode cache)")  # fmt: skip
+    parser.add_argument("--vad", action="store_true",
+                        help="run the voice-activity detector (the [vad] extra) on uploads: spans without speech "
+                             "are not decoded, and verbose_json segments carry no_speech_prob")  # fmt: skip
     parser.add_argument("--repetition-penalty", type=float, default=1.0, metavar="P",
                         help="> 1 discourages repeating generated tokens (default %(default)s: off)")  # fmt: skip
     parser.add_argument("--no-repeat-ngram-size", type=int, default=0, metavar="N",
@@ -104,7 +107,7 @@ def warm_up(scheduler: object, seconds: float = 1.0, timeout: float = 600.0) -> 
         done = threading.Event()
         job = Job((rng.standard_normal(int(seconds * 16000)) * 0.01).astype(np.float32),
                   on_done=lambda _, done=done: done.set(), adapter=adapter)  # fmt: skip
-        scheduler.prepare(job)
+        scheduler.prepare(job, vad=False)  # its noise must reach the decoder to compile the programs
         scheduler.submit(job)
         if not done.wait(timeout) or job.error is not None:
             raise RuntimeError(f"warm-up failed: {job.error or 'timed out'}")
@@ -182,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         model_dir, forced_aligner=aligner_dir, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
         max_chunk_seconds=args.max_chunk_seconds, repetition_penalty=args.repetition_penalty,
         no_repeat_ngram_size=args.no_repeat_ngram_size, mesh=args.mesh, compilation_cache=cache,
-        weights_cache=args.weights_cache,
+        weights_cache=args.weights_cache, vad=args.vad,
     )  # fmt: skip
     from qasr_jax.errors import AdapterError
 

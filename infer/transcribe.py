@@ -90,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="params and compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")  # fmt: skip
     parser.add_argument("--max-chunk-seconds", type=float, default=1200.0, metavar="S",
                         help="long audio is split into chunks of at most S seconds (default %(default)s)")  # fmt: skip
+    parser.add_argument("--vad", action="store_true",
+                        help="run the voice-activity detector (the [vad] extra): long audio is cut in non-speech, "
+                             "spans without speech are not decoded (no speech at all: finish_reason no_speech), "
+                             "and segments carry a no_speech estimate")  # fmt: skip
     parser.add_argument("--repetition-penalty", type=float, default=1.0, metavar="P",
                         help="> 1 discourages repeating generated tokens (default %(default)s: off)")  # fmt: skip
     parser.add_argument("--no-repeat-ngram-size", type=int, default=0, metavar="N",
@@ -292,8 +296,9 @@ def load_model(args: argparse.Namespace, mesh: Any = None) -> Any:
             compilation_cache=args.compilation_cache,
             weights_cache=args.weights_cache,
             mesh=mesh,
+            vad=args.vad,
         )
-    except (QasrError, OSError, ValueError) as error:
+    except (QasrError, OSError, ValueError, ImportError) as error:
         print(f"error: cannot load the model: {error}", file=sys.stderr)
         return None
 

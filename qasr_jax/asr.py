@@ -4,7 +4,9 @@
 forced language that broadcast or come per item, and returns one ``ASRTranscription`` per input, in order:
 
 1. load every input (a bad one becomes that item's ``error``; the rest go on);
-2. split long audio with the official rule (≤ ``max_chunk_seconds``, 180 s when timestamps are asked for);
+2. split long audio with the official rule (≤ ``max_chunk_seconds``, 180 s when timestamps are asked for), or
+   with the voice-activity detector when asked (``vad``; ``qasr_jax.vad``): chunks cut in non-speech, and the
+   spans without speech not decoded at all;
 3. build each chunk's prompt, give it a token budget (``max_new_tokens``, or one that grows with its duration);
 4. run all chunks of all items through ``qasr_jax.generate`` in batches of similar length;
 5. decode, parse ``language X<asr_text>text`` with the official repair into one ``Segment`` per chunk (its
@@ -20,6 +22,7 @@ the base model, ``adapter=None``) are decoded together in the same batches.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import math
@@ -29,6 +32,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 
 from qasr_jax import adapters as lora
@@ -48,8 +52,10 @@ from qasr_jax.transcript import (
     decode_segment,
     item_finish_reason,
     mean_logprob,
+    no_speech_segment,
     with_word_confidences,
 )
+from qasr_jax.vad import PlannedPiece, SpeechDetector, join_texts
 
 MAX_ASR_CHUNK_SECONDS = 1200.0
 MAX_ALIGN_CHUNK_SECONDS = 180.0
@@ -73,10 +79,13 @@ class ASRTranscription:
     time_stamps: the forced aligner's result (its items shifted to the item's time line), when asked for.
     truncated: some chunk used its whole token budget without an end token; the text may be cut short.
     error: why the item failed (a ``QasrError`` naming the input; "" text and language then), or None.
-    segments: one ``Segment`` per decoded chunk, in order: its time span, text, generated token ids with their
-        log-probabilities, ``avg_logprob``, ``compression_ratio`` and ``finish_reason``.
+    segments: one ``Segment`` per chunk, in order: its time span, text, generated token ids with their
+        log-probabilities, ``avg_logprob``, ``compression_ratio`` and ``finish_reason``; with the voice-activity
+        detector, also its ``no_speech`` estimate, and the spans without speech are chunks of their own that
+        were not decoded (``finish_reason`` no_speech).
 
-    Per item: ``finish_reason`` (error, else the most telling of the chunks': repetition, length, stop),
+    Per item: ``finish_reason`` (error, else the most telling of the chunks': repetition, length, stop, and
+    no_speech when the detector found speech in none),
     ``avg_logprob`` (over every generated token of every chunk; None when there are none), ``compression_ratio``
     (of ``text``), ``token_ids`` and ``token_logprobs`` (the chunks' in order), and ``words``: the text as words,
     each with its ``confidence`` (the mean probability of the tokens it spans; ``qasr_jax.transcript.Word``),
@@ -174,12 +183,14 @@ def _broadcast(values: Any, n: int, name: str) -> list[Any]:
 
 @dataclasses.dataclass
 class _Chunk:
-    """One piece of one input item, and where its result goes."""
+    """One piece of one input item, and where its result goes (a chunk without speech has no request: its
+    segment is made when it is planned)."""
 
     item: int
     piece: audio_io.AudioPiece
-    request: GenerationRequest
+    request: GenerationRequest | None
     segment: Segment | None = None
+    no_speech: float | None = None
 
 
 @dataclasses.dataclass
@@ -211,6 +222,7 @@ class Qwen3ASRModel:
         decode_options: DecodeOptions | None = None,
         mesh: Mesh | None = None,
         sharding_rules: sharding.Rules = sharding.DEFAULT_RULES,
+        vad: bool | SpeechDetector = False,
     ) -> None:
         if config.is_aligner:
             raise ValueError("this checkpoint is a forced aligner, not an ASR model")
@@ -230,6 +242,12 @@ class Qwen3ASRModel:
         self.max_audio_seconds = max_audio_seconds
         max_batch = self.max_inference_batch_size if self.max_inference_batch_size > 0 else 1 << 30
         self._streamer: StreamingTranscriber | None = None
+        # The voice-activity detector every call uses (None: the official split, every chunk decoded).
+        self.speech_detector: SpeechDetector | None = (
+            vad if isinstance(vad, SpeechDetector) else SpeechDetector() if vad else None
+        )
+        self._call_detector: SpeechDetector | None = None  # made for calls that ask for one
+        self._planning_threads: concurrent.futures.ThreadPoolExecutor | None = None
         self.generator = Generator(
             config, params, dtype=dtype, attention_impl=attention_impl, max_batch=max_batch,
             options=decode_options, mesh=mesh, sharding_rules=sharding_rules,
@@ -281,6 +299,7 @@ class Qwen3ASRModel:
         compilation_cache: str | os.PathLike | bool | None = None,
         weights_cache: str | os.PathLike | bool | None = None,
         adapters: dict[str, str | os.PathLike] | None = None,
+        vad: bool | SpeechDetector = False,
     ) -> Qwen3ASRModel:
         """Load a checkpoint dir (released, "-hf" or Orbax layout) with its tokenizer and generation config.
 
@@ -305,6 +324,10 @@ class Qwen3ASRModel:
             ``QASR_WEIGHTS_CACHE`` environment variable or ``~/.cache/qasr-jax/weights``; a directory; False: off.
             A safetensors checkpoint is converted to the param layout once per machine; later loads map it.
           adapters: ``{name: PEFT LoRA adapter dir}`` to load (``load_adapter``), picked per item by name.
+          vad: True (or a ``qasr_jax.vad.SpeechDetector`` with its own options) runs the voice-activity
+            detector on every item: long audio is cut in non-speech, spans without speech are not decoded, and
+            segments carry a ``no_speech`` estimate. Needs the ``[vad]`` extra. Off by default (the official
+            split; results as the official pipeline's).
         """
         compile_cache.enable(compilation_cache)
         path = os.fspath(pretrained_model_name_or_path)
@@ -337,6 +360,7 @@ class Qwen3ASRModel:
             decode_options=options,
             mesh=mesh,
             sharding_rules=rules,
+            vad=vad,
         )
         for name, adapter_dir in (adapters or {}).items():
             model.load_adapter(name, adapter_dir)
@@ -411,17 +435,21 @@ class Qwen3ASRModel:
         language: str | list[str | None] | None = None,
         return_time_stamps: bool = False,
         adapter: str | list[str | None] | None = None,
+        vad: bool | None = None,
     ) -> list[ASRTranscription]:
         """Transcribe one audio or a list; one ``ASRTranscription`` per input, in order.
 
         ``adapter``: the name of a loaded adapter for all items or per item (None: the base model).
+        ``vad``: run the voice-activity detector for this call (True) or not (False); None (default): as the
+        model was made (``from_pretrained(..., vad=...)``). With it, an item with no speech is not decoded and
+        returns "" text and language with ``finish_reason`` no_speech.
 
         Raises ValueError for arguments that do not fit (mismatched list lengths, an unsupported language,
         timestamps without a forced aligner, an adapter that is not loaded); problems with one input
         (unreadable, empty) are reported in that item's ``error`` instead.
         """
         results: dict[int, ASRTranscription] = dict(
-            self.iter_transcribe(audio, context, language, return_time_stamps, adapter)
+            self.iter_transcribe(audio, context, language, return_time_stamps, adapter, vad)
         )
         return [results[i] for i in range(len(results))]
 
@@ -432,6 +460,7 @@ class Qwen3ASRModel:
         language: str | list[str | None] | None = None,
         return_time_stamps: bool = False,
         adapter: str | list[str | None] | None = None,
+        vad: bool | None = None,
     ) -> Iterator[tuple[int, ASRTranscription]]:
         """Like ``transcribe``, but yields ``(input index, result)`` as each item completes."""
         if return_time_stamps and self.forced_aligner is None:
@@ -455,15 +484,25 @@ class Qwen3ASRModel:
         adapter_slots = [self.adapter_slot(a) for a in ([None] * n if adapter is None else _broadcast(adapter, n, "adapter"))]
         items = [_Item(language=lang, context=ctx or "", adapter=slot)
                  for lang, ctx, slot in zip(forced, contexts, adapter_slots)]  # fmt: skip
-        chunks: list[_Chunk] = []
-        for index, (source, item) in enumerate(zip(sources, items)):
+        detector = self._detector(vad)
+
+        def prepare(index: int) -> _Item:
+            item = items[index]
             try:
-                item.chunks = self._prepare_chunks(index, source, item, max_seconds)
+                item.chunks = self._prepare_chunks(index, sources[index], item, max_seconds, detector)
             except QasrError as error:  # a bad input is that input's result; anything else is a bug
                 item.error = error
-            item.pending = len(item.chunks)
-            chunks.extend(item.chunks)
-            if item.error is not None:
+            return item
+
+        # The detector scores 32 ms windows one after another on the CPU: items are planned on as many threads
+        # as there are cores (ONNX Runtime runs without the GIL), so it keeps up with an accelerator.
+        prepared = map(prepare, range(n)) if detector is None else self._planner().map(prepare, range(n))
+        chunks: list[_Chunk] = []
+        for index, item in enumerate(prepared):
+            decoded = [c for c in item.chunks if c.request is not None]
+            item.pending = len(decoded)
+            chunks.extend(decoded)
+            if item.error is not None or item.pending == 0:  # failed, or no speech to decode
                 yield index, self._merge(item)
 
         # Similar lengths share a batch (less padding, fewer distinct shapes); longest first, so a batch that
@@ -483,7 +522,49 @@ class Qwen3ASRModel:
                 self._align(items, [i for i in completed if items[i].error is None], results)
             yield from sorted(results.items())
 
-    def _prepare_chunks(self, index: int, source: Any, item: _Item, max_seconds: float) -> list[_Chunk]:
+    def _planner(self) -> concurrent.futures.ThreadPoolExecutor:
+        """The threads that plan items with the detector (made on first use, kept: each keeps its detector
+        state)."""
+        if self._planning_threads is None:
+            self._planning_threads = concurrent.futures.ThreadPoolExecutor(
+                min(8, os.cpu_count() or 1), thread_name_prefix="qasr-vad"
+            )
+        return self._planning_threads
+
+    def _detector(self, vad: bool | None) -> SpeechDetector | None:
+        """The detector a call uses: the model's (vad None), none (False), or the model's or a default one."""
+        if vad is None or (vad and self.speech_detector is not None):
+            return self.speech_detector
+        if not vad:
+            return None
+        if self._call_detector is None:
+            self._call_detector = SpeechDetector()
+        return self._call_detector
+
+    def plan_chunks(
+        self, samples: np.ndarray, max_seconds: float, detector: SpeechDetector | None
+    ) -> list[PlannedPiece]:
+        """An item's chunks in order: the official split (every piece decoded), or with ``detector`` the pieces
+        of ``qasr_jax.vad.plan_pieces`` (speech cut in non-speech; non-speech pieces are not decoded)."""
+        if detector is None:
+            return [PlannedPiece(piece) for piece in audio_io.split_audio(samples, max_seconds)]
+        return detector.plan(samples, max_seconds)
+
+    def chunk_request(
+        self, piece: audio_io.AudioPiece, context: str, language: str | None, adapter: int = 0
+    ) -> GenerationRequest:
+        """A chunk's prompt (audio slots for its frames, the context, a forced language), token budget and
+        adapter slot."""
+        frames = audio_io.num_frames(len(piece.samples))
+        prompt = text_io.build_prompt_ids(
+            self.tokenizer, self.config.audio.output_length(frames), context, language
+        )
+        budget = self.max_new_tokens or default_token_budget(len(piece.samples) / audio_io.SAMPLE_RATE)
+        return GenerationRequest(piece.samples, prompt, budget, adapter)
+
+    def _prepare_chunks(
+        self, index: int, source: Any, item: _Item, max_seconds: float, detector: SpeechDetector | None
+    ) -> list[_Chunk]:
         samples = audio_io.load_audio(
             source, name=_source_name(index, source), max_seconds=self.max_audio_seconds
         )
@@ -493,13 +574,13 @@ class Qwen3ASRModel:
                 f"({audio_io.HOP_LENGTH} samples at 16 kHz)"
             )
         chunks = []
-        for piece in audio_io.split_audio(samples, max_seconds):
-            frames = audio_io.num_frames(len(piece.samples))
-            prompt = text_io.build_prompt_ids(
-                self.tokenizer, self.config.audio.output_length(frames), item.context, item.language
-            )
-            budget = self.max_new_tokens or default_token_budget(len(piece.samples) / audio_io.SAMPLE_RATE)
-            chunks.append(_Chunk(index, piece, GenerationRequest(piece.samples, prompt, budget, item.adapter)))
+        for planned in self.plan_chunks(samples, max_seconds, detector):
+            if not planned.speech:
+                segment = no_speech_segment(planned.piece, planned.no_speech)
+                chunks.append(_Chunk(index, planned.piece, None, segment, planned.no_speech))
+                continue
+            request = self.chunk_request(planned.piece, item.context, item.language, item.adapter)
+            chunks.append(_Chunk(index, planned.piece, request, no_speech=planned.no_speech))
         return chunks
 
     def _run_batch(self, batch: list[_Chunk], items: list[_Item]) -> None:
@@ -508,7 +589,7 @@ class Qwen3ASRModel:
         generations = self.generator.generate([c.request for c in batch], adapters=self._adapter_stack)
         for chunk, generation in zip(batch, generations):
             forced = items[chunk.item].language
-            chunk.segment = decode_segment(self.tokenizer, generation, chunk.piece, forced)
+            chunk.segment = decode_segment(self.tokenizer, generation, chunk.piece, forced, chunk.no_speech)
 
     def _align(self, items: list[_Item], indices: list[int], results: dict[int, ASRTranscription]) -> None:
         """Word timestamps for the completed items ``indices``, aligned together, into their results."""
@@ -529,7 +610,7 @@ class Qwen3ASRModel:
         segments = [c.segment for c in item.chunks]
         return ASRTranscription(
             language=text_io.merge_languages(s.language for s in segments),
-            text="".join(s.text for s in segments),
+            text=join_texts((c.segment.text, c.request is not None) for c in item.chunks),
             truncated=any(s.truncated for s in segments),
             segments=segments,
         )

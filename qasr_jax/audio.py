@@ -363,7 +363,7 @@ def split_audio(
     while total - starts[-1] > target:
         start = starts[-1]
         nominal = start + target
-        cut = _quietest_point(
+        cut = quietest_point(
             samples, max(start, nominal - reach), min(total, nominal + reach), window, nominal
         )
         starts.append(min(max(cut, start + 1), total))
@@ -378,7 +378,7 @@ def split_audio(
     return pieces
 
 
-def _quietest_point(samples: np.ndarray, lo: int, hi: int, window: int, fallback: int) -> int:
+def quietest_point(samples: np.ndarray, lo: int, hi: int, window: int, fallback: int) -> int:
     """Index of the quietest sample inside the quietest ``window``-sample stretch of samples[lo:hi]."""
     if hi - lo <= window:
         return fallback

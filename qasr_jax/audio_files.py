@@ -282,6 +282,7 @@ def _ffmpeg_blocks(container: object, stream: object) -> Iterator[np.ndarray]:
 
     resampler = av.AudioResampler(format="s16")
     scale = np.float32(1.0 / 32768.0)
+    trim = _MatroskaOpusTrim.of(container, stream)
 
     def convert(frames: list) -> Iterator[np.ndarray]:
         for frame in frames:
@@ -290,8 +291,66 @@ def _ffmpeg_blocks(container: object, stream: object) -> Iterator[np.ndarray]:
             yield pcm.reshape(-1, channels).astype(np.float32) * scale
 
     for frame in container.decode(stream):  # type: ignore[attr-defined]
-        yield from convert(resampler.resample(frame))
+        blocks = convert(resampler.resample(frame))
+        if trim is None:
+            yield from blocks
+            continue
+        # A format-only conversion is sample for sample, so the frame's trim applies to what it converts to.
+        front, back = trim.frame_trim(frame)
+        pcm = np.concatenate(list(blocks) or [np.zeros((0, len(frame.layout.channels)), np.float32)])
+        yield pcm[front : pcm.shape[0] - back]
     yield from convert(resampler.resample(None))
+
+
+class _MatroskaOpusTrim:
+    """The start and end trim of an Opus stream in Matroska/WebM, as the official loader's FFmpeg trims it.
+
+    An Opus stream starts with the encoder's pre-skip (48 kHz samples in the codec's OpusHead header) that a
+    decoder drops. Matroska also carries it as the track's CodecDelay. The FFmpeg program on the official
+    loader's path (audioread; FFmpeg 5.1 here) drops the OpusHead pre-skip whatever CodecDelay says; the FFmpeg
+    libraries in the PyAV wheel (8.x) drop CodecDelay when it is set. Both agree on what most muxers write, but
+    FFmpeg 5.1's own Matroska muxer, fed Opus from audio below 48 kHz, writes the pre-skip at the input rate
+    read as 48 kHz (16 kHz input: 104 samples, 2.17 ms, for a pre-skip of 312): the libraries then keep 208
+    samples of encoder delay, 69 at 16 kHz, 4.3 ms late. So the decoder is told to leave trimming to us
+    (``skip_manual``): the stream's start loses the pre-skip, and each frame's end loses the padding its side
+    data names (the last frame's DiscardPadding), as FFmpeg's decoder trims them.
+    """
+
+    def __init__(self, pre_skip: int) -> None:
+        self.pending = pre_skip  # start samples still to drop
+
+    @classmethod
+    def of(cls, container: object, stream: object) -> _MatroskaOpusTrim | None:
+        from av.codec.context import Flags2
+
+        context = stream.codec_context  # type: ignore[attr-defined]
+        extradata = context.extradata or b""
+        if (
+            "matroska" not in container.format.name.split(",")  # type: ignore[attr-defined]
+            or context.name != "opus"
+            or not extradata.startswith(b"OpusHead")
+            or len(extradata) < 12
+        ):
+            return None
+        context.flags2 |= Flags2.skip_manual
+        return cls(int.from_bytes(extradata[10:12], "little"))
+
+    def frame_trim(self, frame: object) -> tuple[int, int]:
+        """(samples to drop at the start, samples to drop at the end) of a decoded frame."""
+        from av.sidedata.sidedata import Type
+
+        samples = frame.samples  # type: ignore[attr-defined]
+        front = min(self.pending, samples)
+        self.pending -= front
+        back = 0
+        for side_data in frame.side_data:  # type: ignore[attr-defined]
+            if side_data.type == Type.SKIP_SAMPLES:
+                # uint32 LE samples to skip at the start (the container's delay, replaced by the pre-skip
+                # above), then uint32 LE samples to discard at the end.
+                back = int.from_bytes(bytes(side_data)[4:8], "little")
+        # FFmpeg ignores an end discard longer than what is left of the frame (FFmpeg's own Opus encoder writes
+        # one), on both paths.
+        return front, back if back <= samples - front else 0
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -42,16 +42,24 @@ class FinishReason(str, enum.Enum):
     STOP: the model emitted an end token. LENGTH: the token budget ran out first (the text may be cut short;
     ``truncated``). REPETITION: the output ran into a repetition that the repair (``text.repair_repetitions``,
     the official post-processing) cut back, whether decoding then hit the budget or not. ERROR: the item failed.
+    NO_SPEECH: the voice-activity detector (``qasr_jax.vad``, opt-in) found no speech, so nothing was decoded.
     """
 
+    NO_SPEECH = "no_speech"
     STOP = "stop"
     LENGTH = "length"
     REPETITION = "repetition"
     ERROR = "error"
 
 
-# An item reports the most telling reason among its chunks.
-_SEVERITY = (FinishReason.STOP, FinishReason.LENGTH, FinishReason.REPETITION, FinishReason.ERROR)
+# An item reports the most telling reason among its chunks (no_speech only when every chunk has no speech).
+_SEVERITY = (
+    FinishReason.NO_SPEECH,
+    FinishReason.STOP,
+    FinishReason.LENGTH,
+    FinishReason.REPETITION,
+    FinishReason.ERROR,
+)
 
 
 def compression_ratio(text: str) -> float:
@@ -107,9 +115,11 @@ def word_confidence(
 
 @dataclasses.dataclass(frozen=True)
 class Segment:
-    """One decoded chunk: start/end in seconds on the item's time line, language, text, the generated ids with
+    """One chunk: start/end in seconds on the item's time line, language, text, the generated ids with
     their log-probabilities (natural log), why decoding ended, and whether it ended on an end token (``stopped``;
-    a chunk whose repetition was cut may have stopped or not).
+    a chunk whose repetition was cut may have stopped or not). ``no_speech``: the voice-activity detector's
+    estimate, the fraction of the chunk's 32 ms windows it scored as non-speech; None when it did not run (a
+    chunk it found no speech in is not decoded: ``no_speech_segment``).
 
     ``token_spans``: per generated id, the characters of ``text`` it produced, ``(start, end)``; empty for ids
     outside the text (the ``language X<asr_text>`` header, the end token, a repetition the repair cut). Empty
@@ -125,6 +135,7 @@ class Segment:
     finish_reason: FinishReason
     stopped: bool
     token_spans: tuple[tuple[int, int], ...] = ()
+    no_speech: float | None = None
 
     @functools.cached_property
     def word_pieces(self) -> tuple[list[str], list[tuple[int, int]]]:
@@ -158,8 +169,8 @@ class Segment:
         return not self.stopped
 
     def to_dict(self) -> dict[str, Any]:
-        """The segment as JSON-ready values (finish_reason as its name)."""
-        return {
+        """The segment as JSON-ready values (finish_reason as its name; no_speech only when measured)."""
+        values = {
             "start": round(self.start, 3),
             "end": round(self.end, 3),
             "language": self.language,
@@ -170,6 +181,9 @@ class Segment:
             "compression_ratio": self.compression_ratio,
             "finish_reason": self.finish_reason.value,
         }
+        if self.no_speech is not None:
+            values["no_speech"] = self.no_speech
+        return values
 
 
 def decode_segment(
@@ -177,13 +191,14 @@ def decode_segment(
     generation: Generation,
     piece: audio_io.AudioPiece,
     forced_language: str | None,
+    no_speech: float | None = None,
 ) -> Segment:
     """The ``Segment`` of one chunk's generation: its ids decoded and parsed (``text.parse_model_output``),
-    placed on the item's time line by ``piece``."""
+    placed on the item's time line by ``piece``, with the detector's ``no_speech`` estimate when it ran."""
     raw, spans = tokenizer.decode_with_spans(generation.token_ids, skip_special_tokens=True)
     return segment_of_output(
         raw, generation.token_ids, generation.logprobs, spans, generation.stopped, forced_language,
-        piece.start / piece.sample_rate, (piece.start + piece.num_samples) / piece.sample_rate,
+        piece.start / piece.sample_rate, (piece.start + piece.num_samples) / piece.sample_rate, no_speech,
     )  # fmt: skip
 
 
@@ -196,6 +211,7 @@ def segment_of_output(
     forced_language: str | None,
     start: float,
     end: float,
+    no_speech: float | None = None,
 ) -> Segment:
     """The ``Segment`` of a raw model output ``raw`` (``language X<asr_text>text``, or the text alone with a
     forced language) made of ``token_ids``, each with its log-probability and the characters of ``raw`` it
@@ -220,6 +236,23 @@ def segment_of_output(
         finish_reason=reason,
         stopped=stopped,
         token_spans=spans if len(spans) == len(token_ids) else (),
+        no_speech=no_speech,
+    )
+
+
+def no_speech_segment(piece: audio_io.AudioPiece, no_speech: float) -> Segment:
+    """The ``Segment`` of a chunk the voice-activity detector found no speech in: not decoded, so no language,
+    text or tokens."""
+    return Segment(
+        start=piece.start / piece.sample_rate,
+        end=(piece.start + piece.num_samples) / piece.sample_rate,
+        language="",
+        text="",
+        token_ids=(),
+        logprobs=(),
+        finish_reason=FinishReason.NO_SPEECH,
+        stopped=True,
+        no_speech=no_speech,
     )
 
 
@@ -244,7 +277,7 @@ def with_word_confidences(alignment: Any, segments: Sequence[Segment]) -> Any:
 
 def item_finish_reason(segments: Iterable[Segment], failed: bool = False) -> FinishReason:
     """An item's reason: ERROR when it failed, else the most telling of its segments' (REPETITION over LENGTH
-    over STOP)."""
+    over STOP over NO_SPEECH)."""
     if failed:
         return FinishReason.ERROR
     return max((s.finish_reason for s in segments), key=_SEVERITY.index, default=FinishReason.STOP)
@@ -258,6 +291,7 @@ __all__ = [
     "decode_segment",
     "item_finish_reason",
     "mean_logprob",
+    "no_speech_segment",
     "segment_of_output",
     "with_word_confidences",
     "word_confidence",

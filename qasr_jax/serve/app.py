@@ -163,7 +163,9 @@ def parse_language(value: str | None) -> str | None:
 
 def _segments(job: Job) -> list[dict[str, Any]]:
     """verbose_json segments, one per chunk: the generated ids, their mean log-probability and the text's
-    compression ratio (``qasr_jax.transcript``). No ``no_speech_prob``: nothing here estimates it."""
+    compression ratio (``qasr_jax.transcript``), and ``no_speech_prob`` only when the server runs the
+    voice-activity detector (``--vad``): the fraction of the chunk's 32 ms windows it scored as non-speech
+    (chunks it found no speech in are not decoded: no tokens, ``finish_reason`` no_speech)."""
     segments = []
     for i, chunk in enumerate(job.chunks):
         start = chunk.piece.start / audio_io.SAMPLE_RATE
@@ -174,6 +176,8 @@ def _segments(job: Job) -> list[dict[str, Any]]:
             entry.update(tokens=list(chunk.segment.token_ids), avg_logprob=chunk.segment.avg_logprob,
                          compression_ratio=chunk.segment.compression_ratio,
                          finish_reason=chunk.segment.finish_reason.value)  # fmt: skip
+            if chunk.segment.no_speech is not None:
+                entry["no_speech_prob"] = chunk.segment.no_speech
         segments.append(entry)
     return segments
 
@@ -361,7 +365,8 @@ def create_app(
             raise ApiError(400, str(error), param="file", code=_code(error)) from None
         job = Job(samples, context=context, language=language, adapter=adapter)
         try:
-            scheduler.prepare(job)
+            # In a thread: the voice-activity detector, when it runs, takes a while for long audio.
+            await asyncio.to_thread(scheduler.prepare, job)
         except (AudioError, PromptError) as error:
             raise ApiError(400, str(error), param="file" if isinstance(error, AudioError) else "prompt",
                            code=_code(error)) from None  # fmt: skip

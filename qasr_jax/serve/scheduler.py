@@ -13,7 +13,9 @@ One thread owns the engine. Its loop:
    idle (``qasr_jax.serve.memory``), so the resident set stays flat under sustained traffic.
 
 A job is one uploaded audio: it is split into chunks as ``Qwen3ASRModel.transcribe`` splits it (same rule, same
-prompts, same token budgets), and its chunks spread over slots. A request's tokens depend only on itself (see
+prompts, same token budgets: ``plan_chunks`` and ``chunk_request``), and its chunks spread over slots. With the
+model's voice-activity detector, chunks without speech are done when planned and never take a slot; a job with
+no speech at all completes at the loop's next turn. A request's tokens depend only on itself (see
 ``qasr_jax.engine``), so the text equals ``transcribe``'s for the same audio and options.
 
 ``submit`` refuses a job with ``QueueFullError`` when ``max_queue`` jobs already wait for slots (back-pressure);
@@ -40,7 +42,8 @@ from qasr_jax.asr import Qwen3ASRModel, default_token_budget
 from qasr_jax.engine import Engine, GenerationRequest, generation_of
 from qasr_jax.errors import EmptyAudioError, PromptError, QasrError
 from qasr_jax.serve.memory import HeapTrimmer
-from qasr_jax.transcript import Segment, decode_segment
+from qasr_jax.transcript import Segment, decode_segment, no_speech_segment
+from qasr_jax.vad import join_texts
 
 
 class QueueFullError(QasrError, RuntimeError):
@@ -54,17 +57,18 @@ class ShuttingDownError(QasrError, RuntimeError):
 @dataclasses.dataclass
 class Chunk:
     """One chunk of a job: its text so far, and once done its ``Segment`` (ids, log-probabilities, finish
-    reason)."""
+    reason; the detector's ``no_speech`` when it ran). A chunk without speech has no request and is done."""
 
     job: Job
     index: int
     piece: audio_io.AudioPiece
-    request: GenerationRequest
+    request: GenerationRequest | None
     language: str = ""
     text: str = ""
     done: bool = False
     truncated: bool = False
     segment: Segment | None = None
+    no_speech: float | None = None
 
 
 class Job:
@@ -105,7 +109,7 @@ class Job:
 
     @property
     def text(self) -> str:
-        return "".join(c.text for c in self.chunks)
+        return join_texts((c.text, c.request is not None) for c in self.chunks)
 
     @property
     def detected_language(self) -> str:
@@ -182,6 +186,7 @@ class Scheduler:
         self._lock = threading.Condition()
         self._waiting: collections.deque[Chunk] = collections.deque()
         self._waiting_jobs: dict[int, Job] = {}
+        self._ready: collections.deque[Job] = collections.deque()  # submitted with nothing to decode
         self._slot_chunk: list[Chunk | None] = [None] * slots
         self._admitting: list[Chunk] = []  # taken from the queue, not yet in a slot
         self.fault_context = fault_context
@@ -195,22 +200,27 @@ class Scheduler:
     def _budget(self, seconds: float) -> int:
         return self.model.max_new_tokens or default_token_budget(seconds)
 
-    def prepare(self, job: Job) -> None:
-        """Split ``job``'s audio and build its chunks' prompts (raises a QasrError for unusable input)."""
+    def prepare(self, job: Job, *, vad: bool = True) -> None:
+        """Split ``job``'s audio and build its chunks' prompts (raises a QasrError for unusable input), with the
+        model's voice-activity detector when it has one and ``vad`` is True (a warm-up passes False: its noise
+        must reach the decoder)."""
         slot = self.model.adapter_slot(job.adapter)
         if audio_io.num_frames(len(job.samples)) == 0:
             raise EmptyAudioError(
                 f"{len(job.samples)} samples is shorter than one feature frame ({audio_io.HOP_LENGTH} samples)"
             )
-        for i, piece in enumerate(audio_io.split_audio(job.samples, self.model.max_chunk_seconds)):
-            frames = audio_io.num_frames(len(piece.samples))
-            ids = text_io.build_prompt_ids(
-                self.tokenizer, self.model.config.audio.output_length(frames), job.context, job.language
-            )
-            if len(ids) > self.max_prompt:
-                raise PromptError(f"the prompt has {len(ids)} tokens; at most {self.max_prompt} fit")
-            budget = self._budget(len(piece.samples) / audio_io.SAMPLE_RATE)
-            job.chunks.append(Chunk(job, i, piece, GenerationRequest(piece.samples, ids, budget, slot)))
+        detector = self.model.speech_detector if vad else None
+        plan = self.model.plan_chunks(job.samples, self.model.max_chunk_seconds, detector)
+        for i, planned in enumerate(plan):
+            if not planned.speech:
+                segment = no_speech_segment(planned.piece, planned.no_speech)
+                job.chunks.append(Chunk(job, i, planned.piece, None, done=True, segment=segment))
+                continue
+            request = self.model.chunk_request(planned.piece, job.context, job.language, slot)
+            tokens = len(request.prompt_ids)
+            if tokens > self.max_prompt:
+                raise PromptError(f"the prompt has {tokens} tokens; at most {self.max_prompt} fit")
+            job.chunks.append(Chunk(job, i, planned.piece, request, no_speech=planned.no_speech))
 
     @property
     def queue_depth(self) -> int:
@@ -229,8 +239,12 @@ class Scheduler:
                 raise QueueFullError(
                     f"{len(self._waiting_jobs)} requests are waiting (the limit); retry later"
                 )
-            self._waiting_jobs[id(job)] = job
-            self._waiting.extend(job.chunks)
+            pending = [c for c in job.chunks if not c.done]
+            if pending:
+                self._waiting_jobs[id(job)] = job
+                self._waiting.extend(pending)
+            else:
+                self._ready.append(job)
             self._lock.notify()
 
     def start(self) -> None:
@@ -254,10 +268,14 @@ class Scheduler:
                 if not self._waiting and self.busy_slots == 0:
                     self.heap.idle()
                 with self._lock:
-                    while not self._waiting and self.busy_slots == 0:
+                    while not self._waiting and not self._ready and self.busy_slots == 0:
                         if self._stopping:
                             return
                         self._lock.wait(0.5)
+                    ready = list(self._ready)
+                    self._ready.clear()
+                for job in ready:
+                    self._finish(job, None)
                 self._admit()
                 if self.busy_slots:
                     self._step()
@@ -341,7 +359,9 @@ class Scheduler:
                 continue
             if not live[slot]:
                 generation = generation_of(tokens, logprobs, counts, stopped, slot)
-                chunk.segment = decode_segment(self.tokenizer, generation, chunk.piece, job.language)
+                chunk.segment = decode_segment(
+                    self.tokenizer, generation, chunk.piece, job.language, chunk.no_speech
+                )
                 chunk.language, chunk.text = chunk.segment.language, chunk.segment.text
                 chunk.truncated = chunk.segment.truncated
                 chunk.done = True
@@ -354,11 +374,12 @@ class Scheduler:
             if all(c.done for c in job.chunks):
                 self._finish(job, None)
             elif job.on_update is not None and not job.cancelled:
-                text = ""
+                parts = []
                 for c in job.chunks:
-                    text += c.text
+                    parts.append((c.text, c.request is not None))
                     if not c.done:
                         break
+                text = join_texts(parts)
                 if text != job.partial_text and not text.endswith("\ufffd"):
                     job.partial_text = text
                     job.on_update(job)
