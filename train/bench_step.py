@@ -92,8 +92,8 @@ def time_steps(name: str, repeats: int) -> float:
     import jax
 
     from qasr_jax import sharding
-    from qasr_jax.train.config import ModelConfig, OptimConfig
     from qasr_jax.train.augment import SpecAugment
+    from qasr_jax.train.config import ModelConfig, OptimConfig
     from qasr_jax.train.losses import Objective
     from qasr_jax.train.step import Trainer
 
