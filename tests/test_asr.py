@@ -60,8 +60,8 @@ def spy_generations(model: Qwen3ASRModel) -> Iterator[dict[tuple[int, ...], list
     captured: dict[tuple[int, ...], list[int]] = {}
     original = model.generator.generate
 
-    def generate(requests, options=None):
-        out = original(requests, options)
+    def generate(requests, options=None, adapters=None):
+        out = original(requests, options, adapters=adapters)
         for request, generation in zip(requests, out):
             captured[tuple(int(i) for i in request.prompt_ids)] = generation.token_ids
         return out
@@ -340,7 +340,7 @@ def test_token_budget_grows_with_duration_and_truncation_is_flagged(job_model, c
     budgets = []
 
     def generate(
-        requests, options=None
+        requests, options=None, adapters=None
     ):  # stands in for the decode: chunk 0 of the long item hits its budget
         budgets.extend(r.max_new_tokens for r in requests)
         return [Generation([15, 16], stopped=r.max_new_tokens != max(budgets)) for r in requests]
