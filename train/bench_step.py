@@ -28,8 +28,7 @@ SIZES: dict[str, dict[str, Any]] = {
     "demo-decoder": {"batch": 16, "seconds": 3.0, "targets": 12, "aligner": False, "freeze": ("encoder",)},
     "demo": {"batch": 16, "seconds": 3.0, "targets": 12, "aligner": False, "ctc": 0.3, "frame": 0.3},
     "demo-voices": {"batch": 16, "seconds": 3.0, "targets": 12, "aligner": False, "ctc": 0.3, "frame": 0.3,
-                    "augment": {"frequency_scale": 0.3, "freq_masks": 2, "freq_width": 12, "time_masks": 2,
-                                "time_width": 20}},
+                    "augment": "demo_asr_voices.toml"},  # the [augment] table of that stage's config
     "demo-aligner": {"batch": 16, "seconds": 3.0, "targets": 16, "aligner": True},
     "asr-0.6b": {"batch": 1, "seconds": 10.0, "targets": 40, "aligner": False},
 }  # fmt: skip
@@ -100,7 +99,14 @@ def time_steps(name: str, repeats: int) -> float:
     size = SIZES[name]
     config = thinker_config(name)
     mesh = sharding.make_mesh("data=1")
-    augment = SpecAugment(**size["augment"]) if "augment" in size else None
+    augment = None
+    if "augment" in size:
+        from pathlib import Path
+
+        import tomllib
+
+        with open(Path(__file__).resolve().parent / "configs" / size["augment"], "rb") as f:
+            augment = SpecAugment(**tomllib.load(f)["augment"])
     objective = Objective(size.get("ce", 1.0), size.get("ctc", 0.0), 0, size.get("frame", 0.0), augment)
     model_cfg = ModelConfig(checkpoint="-", freeze=size.get("freeze", ()))
     trainer = Trainer(config, model_cfg, OptimConfig(), 1000, mesh, objective=objective)
