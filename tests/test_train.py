@@ -38,7 +38,7 @@ def _tiny_model_dir(path, aligner: bool = False) -> str:
 
 
 def _random_params(config, seed: int = 0):
-    from tests.support.train_mesh_check import random_params
+    from tests.support.mesh_fixtures import random_params
 
     return random_params(config, seed)
 

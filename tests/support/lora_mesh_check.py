@@ -27,7 +27,7 @@ import numpy as np
 
 from qasr_jax import adapters, sharding
 from qasr_jax.weights import flatten_params
-from tests.support.train_mesh_check import mesh_test_config, random_params, relative, synthetic_batch
+from tests.support.mesh_fixtures import mesh_test_config, random_params, relative, synthetic_batch
 
 SPEC = adapters.LoraSpec(
     targets=adapters.DECODER_TARGETS + adapters.ENCODER_ATTENTION_TARGETS, rank=4, alpha=8.0, dropout=0.1

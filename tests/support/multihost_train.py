@@ -39,7 +39,7 @@ def flat(tree: Any) -> dict[str, np.ndarray]:
 def trainer_for(mesh: Any) -> tuple[Any, Any, Any]:
     from qasr_jax.train.config import ModelConfig, OptimConfig
     from qasr_jax.train.step import Trainer
-    from tests.support.train_mesh_check import mesh_test_config, random_params, synthetic_batch
+    from tests.support.mesh_fixtures import mesh_test_config, random_params, synthetic_batch
 
     config = mesh_test_config()
     optim = OptimConfig(learning_rate=1e-3, warmup_steps=0, weight_decay=0.1, clip_norm=1.0)
@@ -104,7 +104,7 @@ def run_multi(work_dir: str, port: str, process_id: int) -> dict[str, Any]:
 def run_single(work_dir: str) -> dict[str, Any]:
     from qasr_jax import sharding
     from qasr_jax.train.checkpointing import Checkpoints
-    from tests.support.train_mesh_check import ZERO_GRADIENT_LEAVES, relative
+    from tests.support.mesh_fixtures import ZERO_GRADIENT_LEAVES, relative
 
     trainer, params, batch = trainer_for(sharding.make_mesh("data=1", jax.devices()[:1]))
     before = flat(params)
