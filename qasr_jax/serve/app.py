@@ -470,11 +470,15 @@ def create_app(
             ]
         return JSONResponse(body)
 
-    def _align_stream(samples: Any, text: str, language: str) -> list[dict[str, Any]]:
-        """Words of a live stream's final text on its time line."""
+    def _align_stream(samples: Any, text: str, language: str, segment: Any) -> list[dict[str, Any]]:
+        """Words of a live stream's final text on its time line, each with its confidence from ``segment``."""
         with aligner_lock:
             [result] = model.forced_aligner.align((samples, audio_io.SAMPLE_RATE), text, language or None)
-        return [{"word": w.text, "start": w.start_time, "end": w.end_time} for w in result.items]
+        result = with_word_confidences(result, [segment] if segment is not None else [])
+        return [
+            {"word": w.text, "start": w.start_time, "end": w.end_time, "confidence": w.confidence}
+            for w in result.items
+        ]
 
     def _align(job: Job) -> Any:
         """The job's words on its time line, each with its confidence from the chunk it came from."""

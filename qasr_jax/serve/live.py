@@ -12,8 +12,10 @@ The server answers with ``{"type": "partial", "chunk", "audio_seconds", "languag
 "avg_logprob", "latency"}`` after each chunk's update (``fixed_text``: the part no later update rewrites;
 ``avg_logprob``: the mean log-probability of the tokens behind the text, ``StreamUpdate.segment``; ``latency``:
 seconds from the chunk's last sample to the result) and, after stop, ``{"type": "final", "language", "text",
-"avg_logprob"}`` with ``"words": [{"word", "start", "end"}]`` when a forced aligner is loaded; then it closes the
-connection (1000).
+"avg_logprob", "words"}``, then it closes the connection (1000). ``words``: the final text's words, each with
+its ``confidence`` (the mean probability of the tokens it spans); with a forced aligner loaded they are the
+aligner's words with their ``start`` and ``end`` on the stream's time line, without one the text's own pieces
+(a space before, punctuation after, concatenating back to the text).
 A bad message gets ``{"type": "error", "message"}`` naming the problem and a close: 1003 for data it cannot take
 (not JSON, a binary first frame, a bad field, a text message other than stop, samples that are not audio), 1008
 for what policy refuses (API key, too many streams, a stream too long, no start message within the start
@@ -124,7 +126,7 @@ def add_live_route(
     *,
     key_matches: Callable[[Any], bool],
     parse_language: Callable[[str | None], str | None],
-    align: Callable[[np.ndarray, str, str], list[dict[str, Any]]] | None,
+    align: Callable[[np.ndarray, str, str, Any], list[dict[str, Any]]] | None,
     max_context: int,
     start_timeout: float = START_TIMEOUT,
 ) -> None:
@@ -132,7 +134,8 @@ def add_live_route(
 
     key_matches(connection): whether its Authorization header holds the API key (the HTTP routes' constant-time
     check); parse_language: an ISO code or a name → the language (ValueError naming a bad one);
-    align(samples, text, language): the final result's words (None: no aligner); max_context: the longest
+    align(samples, text, language, segment): the final result's words on its time line with their confidences
+    from ``segment`` (the tokens behind the text; None: no aligner); max_context: the longest
     context in bytes; start_timeout: seconds a connection may take to send its start message.
     """
 
@@ -162,7 +165,7 @@ class LiveSession:
         self,
         websocket: WebSocket,
         streams: StreamingEngine,
-        align: Callable[[np.ndarray, str, str], list[dict[str, Any]]] | None,
+        align: Callable[[np.ndarray, str, str, Any], list[dict[str, Any]]] | None,
     ) -> None:
         self.websocket = websocket
         self.streams = streams
@@ -280,10 +283,14 @@ class LiveSession:
                 state = self.stream.state
                 final: dict[str, Any] = {"type": "final", "language": state.language, "text": state.text,
                                          "avg_logprob": state.avg_logprob}  # fmt: skip
+                segment = state.updates[-1].segment if state.updates else None
                 if self.align is not None:
                     final["words"] = await asyncio.to_thread(
-                        self.align, state.audio_accum, state.text, state.language
+                        self.align, state.audio_accum, state.text, state.language, segment
                     )
+                else:
+                    words = segment.words if segment is not None else []
+                    final["words"] = [{"word": w.text, "confidence": w.confidence} for w in words]
                 await self.websocket.send_json(final)
                 await self._close(1000)
                 return
