@@ -13,6 +13,9 @@ commands:
   align       word timestamps for one recording and its transcript (python -m infer align --help)
   stream      live transcription of files or of PCM on stdin (python -m infer stream --help)
   serve       OpenAI-compatible transcription server (python -m infer serve --help)
+
+--model takes a local checkpoint directory or a Hugging Face Hub model name such as Qwen/Qwen3-ASR-0.6B (fetched
+once into the hub cache; --revision picks a branch, tag or commit; HF_HUB_OFFLINE=1 reads only the cache).
 """
 
 

@@ -1,4 +1,4 @@
-"""``python -m infer align AUDIO TEXT_OR_FILE [--model DIR] --language L``: word timestamps for one recording.
+"""``python -m infer align AUDIO TEXT_OR_FILE [--model DIR|NAME] --language L``: word timestamps for one recording.
 
 Writes JSON (words with start/end seconds), SRT or WebVTT subtitles, or a label track (txt) to stdout or
 ``--output``. The format defaults to the output file's extension, else JSON. Exit status: 0 on success, 1 when
@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from infer.defaults import REVISION_HELP, model_help
 from qasr_jax import formats
 from qasr_jax.errors import QasrError
 
@@ -64,8 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("audio", help="audio file (wav, flac, ogg, mp3, ...)")
     parser.add_argument("text", metavar="TEXT_OR_FILE",
                         help="the transcript, or a UTF-8 text file holding it, or - for stdin")  # fmt: skip
-    parser.add_argument("--model", help="ForcedAligner checkpoint directory (default: the demo aligner under "
-                                         "models/, which knows only synthetic English and German speech)")  # fmt: skip
+    parser.add_argument("--model", metavar="DIR|NAME",
+                        help=f"Qwen3-ForcedAligner checkpoint: {model_help(aligner=True)} (default: the demo "
+                             "aligner under models/, which knows only synthetic English and German speech)")  # fmt: skip
+    parser.add_argument("--revision", metavar="REV", help=REVISION_HELP)
     parser.add_argument("--language", required=True,
                         help="language of the transcript, e.g. English, Chinese, Japanese")  # fmt: skip
     parser.add_argument("--format", choices=formats.FORMATS,
@@ -100,6 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         options = cue_options(args)
     except ValueError as error:
         parser.error(str(error))
+    if args.revision and not args.model:
+        parser.error("--revision needs --model NAME")
     fmt = output_format(args.format, args.output)
     try:
         text = read_text(args.text)
@@ -121,6 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             dtype=args.dtype,
             compilation_cache=args.compilation_cache,
             weights_cache=args.weights_cache,
+            revision=args.revision,
         )
         (result,) = aligner.align(args.audio, text, args.language, strict=True)
     except QasrError as error:

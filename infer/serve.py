@@ -1,6 +1,6 @@
 """python -m infer serve: an OpenAI-compatible transcription server with continuous batching.
 
-    python -m infer serve --model Qwen3-ASR-0.6B --port 8000
+    python -m infer serve --model Qwen/Qwen3-ASR-0.6B --port 8000
     curl -F file=@talk.wav http://127.0.0.1:8000/v1/audio/transcriptions
     python -c "import openai; c = openai.OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='-');
                print(c.audio.transcriptions.create(model='qwen3-asr', file=open('talk.wav', 'rb')).text)"
@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from infer.defaults import model_or_demo
+from infer.defaults import REVISION_HELP, model_help, model_or_demo
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,10 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", metavar="DIR",
-                        help="Qwen3-ASR checkpoint directory (default: the demo model under models/)")  # fmt: skip
-    parser.add_argument("--aligner", "--forced-aligner", dest="aligner", metavar="DIR",
-                        help="Qwen3-ForcedAligner checkpoint: word timestamps in verbose_json, srt/vtt cues")  # fmt: skip
+    parser.add_argument("--model", metavar="DIR|NAME",
+                        help=f"Qwen3-ASR checkpoint: {model_help()} (default: the demo model under models/)")  # fmt: skip
+    parser.add_argument("--revision", metavar="REV", help=REVISION_HELP)
+    parser.add_argument("--aligner", "--forced-aligner", dest="aligner", metavar="DIR|NAME",
+                        help="Qwen3-ForcedAligner checkpoint, for word timestamps in verbose_json and srt/vtt cues: "
+                             f"{model_help(aligner=True)}")  # fmt: skip
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default %(default)s: this machine only)"
     )
@@ -156,6 +158,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if args.revision and not args.model:
+        print("error: --revision needs --model NAME", file=sys.stderr)
+        return 2
     if not args.stream_start_timeout > 0:
         print("error: --stream-start-timeout must be positive", file=sys.stderr)
         return 2
@@ -181,13 +186,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         adapter_dirs[name] = path
     fault_context = os.environ.get("QASR_SERVE_FAULT_CONTEXT") or None
     started = time.monotonic()
-    model = Qwen3ASRModel.from_pretrained(
-        model_dir, forced_aligner=aligner_dir, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
-        max_chunk_seconds=args.max_chunk_seconds, repetition_penalty=args.repetition_penalty,
-        no_repeat_ngram_size=args.no_repeat_ngram_size, mesh=args.mesh, compilation_cache=cache,
-        weights_cache=args.weights_cache, vad=args.vad,
-    )  # fmt: skip
-    from qasr_jax.errors import AdapterError
+    from qasr_jax.errors import AdapterError, QasrError
+
+    try:
+        model = Qwen3ASRModel.from_pretrained(
+            model_dir, forced_aligner=aligner_dir, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
+            max_chunk_seconds=args.max_chunk_seconds, repetition_penalty=args.repetition_penalty,
+            no_repeat_ngram_size=args.no_repeat_ngram_size, mesh=args.mesh, compilation_cache=cache,
+            weights_cache=args.weights_cache, vad=args.vad, revision=args.revision,
+        )  # fmt: skip
+    except (QasrError, OSError, ValueError, ImportError) as error:
+        print(f"error: cannot load the model: {error}", file=sys.stderr)
+        return 1
 
     try:
         for name, path in adapter_dirs.items():

@@ -27,6 +27,8 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from infer.defaults import REVISION_HELP, model_help
+
 SAMPLE_RATE = 16000
 
 
@@ -39,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "files", nargs="+", metavar="FILE", help="audio files, or - for s16le 16 kHz PCM on stdin"
     )
-    parser.add_argument("--model", metavar="DIR", help="checkpoint dir (default: the demo model)")
+    parser.add_argument("--model", metavar="DIR|NAME",
+                        help=f"Qwen3-ASR checkpoint: {model_help()} (default: the demo model)")  # fmt: skip
+    parser.add_argument("--revision", metavar="REV", help=REVISION_HELP)
     parser.add_argument(
         "--chunk-seconds", type=float, default=2.0, metavar="S", help="update period (default 2)"
     )
@@ -153,6 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("stdin (-) can be given once")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         parser.error("--max-new-tokens must be >= 1")
+    if args.revision and not args.model:
+        parser.error("--revision needs --model NAME")
     if args.language:
         from qasr_jax.text import normalize_language
 
@@ -167,7 +173,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         model = Qwen3ASRModel.from_pretrained(
-            model_or_demo(args.model), max_new_tokens=args.max_new_tokens, dtype=args.dtype
+            model_or_demo(args.model),
+            max_new_tokens=args.max_new_tokens,
+            dtype=args.dtype,
+            revision=args.revision,
         )
     except (QasrError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

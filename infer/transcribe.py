@@ -41,6 +41,8 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
+from infer.defaults import REVISION_HELP, model_help
+
 if TYPE_CHECKING:
     from qasr_jax.batch_jobs import Job
 
@@ -61,9 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the FILEs (or stdin) are headerless signed 16-bit little-endian mono PCM at RATE Hz")  # fmt: skip
     parser.add_argument("--max-audio-seconds", type=float, default=None, metavar="S",
                         help="refuse audio longer than S seconds (that item fails; the others go on)")  # fmt: skip
-    parser.add_argument("--model", metavar="DIR",
-                        help="Qwen3-ASR checkpoint directory (default: the demo model under models/, which knows "
-                             "only synthetic English and German speech)")  # fmt: skip
+    parser.add_argument("--model", metavar="DIR|NAME",
+                        help=f"Qwen3-ASR checkpoint: {model_help()} (default: the demo model under models/, which "
+                             "knows only synthetic English and German speech)")  # fmt: skip
+    parser.add_argument("--revision", metavar="REV", help=REVISION_HELP)
     parser.add_argument("--manifest", metavar="LIST",
                         help="file listing the audio, one path or JSON object {\"id\", \"path\", \"context\", "
                              "\"language\"} per line; relative paths are relative to the manifest's folder")  # fmt: skip
@@ -98,9 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="> 1 discourages repeating generated tokens (default %(default)s: off)")  # fmt: skip
     parser.add_argument("--no-repeat-ngram-size", type=int, default=0, metavar="N",
                         help="forbid any N-gram of generated tokens from repeating (default %(default)s: off)")  # fmt: skip
-    parser.add_argument("--forced-aligner", metavar="DIR",
-                        help="Qwen3-ForcedAligner checkpoint directory, for --timestamps (default without "
-                             "--model: the demo aligner under models/)")  # fmt: skip
+    parser.add_argument("--forced-aligner", metavar="DIR|NAME",
+                        help=f"Qwen3-ForcedAligner checkpoint, for --timestamps: {model_help(aligner=True)} "
+                             "(default without --model: the demo aligner under models/)")  # fmt: skip
     parser.add_argument("--timestamps", action="store_true",
                         help="add word timestamps (needs --forced-aligner; json/jsonl output)")  # fmt: skip
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), metavar="N",
@@ -297,6 +300,7 @@ def load_model(args: argparse.Namespace, mesh: Any = None) -> Any:
             weights_cache=args.weights_cache,
             mesh=mesh,
             vad=args.vad,
+            revision=args.revision,
         )
     except (QasrError, OSError, ValueError, ImportError) as error:
         print(f"error: cannot load the model: {error}", file=sys.stderr)
@@ -443,7 +447,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         parser.error("--max-new-tokens must be >= 1")
     if args.timestamps and not args.forced_aligner and args.model:
-        parser.error("--timestamps needs --forced-aligner DIR")
+        parser.error("--timestamps needs --forced-aligner DIR|NAME")
+    if args.revision and not args.model:
+        parser.error("--revision needs --model NAME")
     if args.manifest and args.format not in (None, "jsonl"):
         parser.error("a manifest job writes jsonl")
     if args.workers < 1:

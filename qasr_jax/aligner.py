@@ -32,6 +32,7 @@ from qasr_jax import audio_files, buckets, compile_cache, sharding
 from qasr_jax import text as text_io
 from qasr_jax.config import ThinkerConfig, load_config
 from qasr_jax.errors import AlignmentError, ConfigError, LanguageError, QasrError
+from qasr_jax.hub import resolve_model
 from qasr_jax.model import Qwen3ASR, first_valid, positions_from_mask
 
 # The transcription pipeline aligns transcripts in pieces of at most this many seconds (the official
@@ -238,14 +239,18 @@ class Qwen3ForcedAligner:
         sharding_rules: Any = None,
         compilation_cache: str | os.PathLike | bool | None = None,
         weights_cache: str | os.PathLike | bool | None = None,
+        revision: str | None = None,
     ) -> Qwen3ForcedAligner:
-        """Load a ForcedAligner checkpoint dir (released, "-hf" or Orbax layout) and its tokenizer.
+        """Load a ForcedAligner checkpoint (released, "-hf" or Orbax layout) and its tokenizer.
 
-        ``dtype`` is the params' and computation's dtype (default float32, which reproduces the official fp32
-        results exactly; bfloat16 is faster on accelerators). ``compilation_cache``, ``weights_cache``: as in
+        ``path``: a checkpoint dir, or a Hugging Face Hub model name such as ``Qwen/Qwen3-ForcedAligner-0.6B`` at
+        ``revision`` (default ``main``), as in ``Qwen3ASRModel.from_pretrained``. ``dtype`` is the params' and
+        computation's dtype (default float32, which reproduces the official fp32 results exactly; bfloat16 is
+        faster on accelerators). ``compilation_cache``, ``weights_cache``: as in
         ``Qwen3ASRModel.from_pretrained``.
         """
         compile_cache.enable(compilation_cache)
+        path = resolve_model(path, revision)
         # The config first: refusing a transcription checkpoint should not cost loading its weights.
         if not load_config(path).is_aligner:
             raise ConfigError(

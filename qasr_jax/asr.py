@@ -43,6 +43,7 @@ from qasr_jax.aligner import Qwen3ForcedAligner
 from qasr_jax.config import ThinkerConfig
 from qasr_jax.errors import EmptyAudioError, QasrError
 from qasr_jax.generate import DecodeOptions, GenerationRequest, Generator
+from qasr_jax.hub import resolve_model
 from qasr_jax.streaming import ASRStreamingState, StreamingTranscriber
 from qasr_jax.transcript import (
     FinishReason,
@@ -300,11 +301,16 @@ class Qwen3ASRModel:
         weights_cache: str | os.PathLike | bool | None = None,
         adapters: dict[str, str | os.PathLike] | None = None,
         vad: bool | SpeechDetector = False,
+        revision: str | None = None,
     ) -> Qwen3ASRModel:
-        """Load a checkpoint dir (released, "-hf" or Orbax layout) with its tokenizer and generation config.
+        """Load a checkpoint (released, "-hf" or Orbax layout) with its tokenizer and generation config.
 
         Args:
-          forced_aligner: a ForcedAligner checkpoint dir (or an aligner object with ``align``) for timestamps.
+          pretrained_model_name_or_path: a checkpoint dir, or a Hugging Face Hub model name such as
+            ``Qwen/Qwen3-ASR-0.6B``, fetched into (or, with ``HF_HUB_OFFLINE=1``, only read from) the hub cache;
+            an existing local path always wins (``qasr_jax.hub.resolve_model``).
+          forced_aligner: a ForcedAligner checkpoint dir or Hub model name (or an aligner object with ``align``)
+            for timestamps; its revision, if not ``main``, goes in ``forced_aligner_kwargs={"revision": ...}``.
           max_inference_batch_size: chunks decoded together; -1 for all of a call at once.
           max_new_tokens: a fixed token budget per chunk; None (default) scales it with the chunk's duration
             (``default_token_budget``) so fast speech is not cut off.
@@ -328,9 +334,12 @@ class Qwen3ASRModel:
             detector on every item: long audio is cut in non-speech, spans without speech are not decoded, and
             segments carry a ``no_speech`` estimate. Needs the ``[vad]`` extra. Off by default (the official
             split; results as the official pipeline's).
+          revision: for a Hub model name, the branch, tag or commit to load (default ``main``).
+
+        Raises ``ModelNotFoundError`` for a model that is neither a local path nor a Hub repo that can be had.
         """
         compile_cache.enable(compilation_cache)
-        path = os.fspath(pretrained_model_name_or_path)
+        path = resolve_model(pretrained_model_name_or_path, revision)
         compute_dtype = resolve_dtype(dtype)
         config, params, mesh, rules = sharding.load_placed(
             path, compute_dtype, mesh, sharding_rules, weights_cache

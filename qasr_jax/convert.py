@@ -7,6 +7,7 @@ import os
 import shutil
 
 from qasr_jax.errors import CheckpointError
+from qasr_jax.hub import resolve_model
 from qasr_jax.weights import (
     ORBAX_PARAMS_DIR,
     SIDE_FILES,
@@ -20,10 +21,12 @@ from qasr_jax.weights import (
 CARRIED_FILES = ("config.json", *SIDE_FILES)
 
 
-def convert_checkpoint(src: str, dst: str, dtype: str | None = None) -> None:
-    """Write ``dst`` = Orbax params of ``src`` (optionally cast to ``dtype``) + its side files."""
+def convert_checkpoint(src: str, dst: str, dtype: str | None = None, *, revision: str | None = None) -> None:
+    """Write ``dst`` = Orbax params of ``src`` (optionally cast to ``dtype``) + its side files. ``src``: a
+    checkpoint dir or a Hugging Face Hub model name at ``revision`` (``hub.resolve_model``)."""
     if os.path.exists(dst) and os.listdir(dst):
         raise CheckpointError(f"{dst}: destination exists and is not empty")
+    src = resolve_model(src, revision)
     _, params = load_pretrained(src, dtype=dtype)
     os.makedirs(dst, exist_ok=True)
     for name in CARRIED_FILES:
@@ -48,8 +51,12 @@ class VerifyReport:
         return f"verification FAILED: differing tensors {self.differing}; missing files {self.missing_files}"
 
 
-def verify_conversion(src: str, dst: str, dtype: str | None = None) -> VerifyReport:
-    """Reload both dirs and compare every tensor (exactly, after the same dtype cast)."""
+def verify_conversion(
+    src: str, dst: str, dtype: str | None = None, *, revision: str | None = None
+) -> VerifyReport:
+    """Reload both dirs and compare every tensor (exactly, after the same dtype cast). ``src``: a checkpoint dir
+    or a Hugging Face Hub model name at ``revision``."""
+    src = resolve_model(src, revision)
     _, a = load_pretrained(src, dtype=dtype)
     _, b = load_pretrained(dst)
     missing = [

@@ -15,6 +15,17 @@ class CheckpointError(QasrError, ValueError):
     """Weights that cannot be loaded: missing, unexpected or mis-shaped tensors, unknown layouts."""
 
 
+class ModelNotFoundError(CheckpointError, FileNotFoundError):
+    """A model that is neither a local path nor a Hugging Face Hub repo that can be had: a missing path that is
+    not a repo id, a repo or revision the Hub does not have (or that needs a login), or one missing from the hub
+    cache while offline. ``model`` and ``revision`` are what was asked for."""
+
+    def __init__(self, message: str, model: str = "", revision: str | None = None) -> None:
+        super().__init__(message)
+        self.model = model
+        self.revision = revision
+
+
 class UnsafeCheckpointError(CheckpointError):
     """A pickle-based weight file (.bin/.pt/.pth/.ckpt); only safetensors and Orbax are read."""
 

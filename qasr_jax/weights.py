@@ -2,8 +2,8 @@
 
 - ``abstract_params(config)`` / ``param_logical_axes(config)``: the param tree's shapes and logical axis names,
   from one (cached) ``eval_shape`` of the model's init;
-- ``load_pretrained(path, dtype=None, shardings=None)``: a released, "-hf" or Orbax checkpoint dir, optionally
-  straight into shardings;
+- ``load_pretrained(path, dtype=None, shardings=None)``: a released, "-hf" or Orbax checkpoint dir (or a Hugging
+  Face Hub model name, ``qasr_jax.hub``), optionally straight into shardings;
 - ``save_params`` / ``restore_params``: Orbax;
 - the converted-weights cache: a safetensors checkpoint is converted to the param tree's layout once per machine
   and kept as one raw, page-aligned file per param; later loads map those files (copy-on-write) and the CPU
@@ -48,6 +48,7 @@ from safetensors.numpy import save_file
 from qasr_jax import compile_cache
 from qasr_jax.config import ThinkerConfig, config_to_dict, load_config
 from qasr_jax.errors import CheckpointError, UnsafeCheckpointError
+from qasr_jax.hub import resolve_model
 from qasr_jax.model import Qwen3ASR
 
 # Files beside the weights that the tokenizer and the processors read; a converted or exported checkpoint dir
@@ -491,8 +492,11 @@ def load_pretrained(
     dtype: Any = None,
     shardings: Shardings | None = None,
     weights_cache: str | os.PathLike | bool | None = None,
+    *,
+    revision: str | None = None,
 ) -> tuple[ThinkerConfig, dict]:
-    """Load ``(config, params)`` from a checkpoint dir (released, "-hf" or Orbax layout).
+    """Load ``(config, params)`` from a checkpoint dir (released, "-hf" or Orbax layout) or a Hugging Face Hub
+    model name such as ``Qwen/Qwen3-ASR-0.6B`` at ``revision`` (``hub.resolve_model``: a local path wins).
 
     Params keep the checkpoint's dtype (bf16 stays bf16) unless ``dtype`` is given. ``shardings`` (a tree, or a
     function of the config giving one, e.g. ``sharding.param_shardings``) places every param straight into its
@@ -503,7 +507,7 @@ def load_pretrained(
     the param layout, and later loads map it instead of converting: on the CPU the mapped pages become the
     params as they are, and with ``shardings`` each device reads only its slices of the mapped files.
     """
-    path = os.fspath(path)
+    path = resolve_model(path, revision)
     if os.path.isfile(path) and path.endswith(PICKLE_SUFFIXES):
         raise UnsafeCheckpointError(f"{path}: pickle weight files are not read (they can run arbitrary code)")
     if not os.path.isdir(path):

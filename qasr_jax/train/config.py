@@ -24,7 +24,9 @@ except ModuleNotFoundError:  # Python 3.10
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """What to train. ``checkpoint``: a released-layout (or Orbax) dir with config.json and tokenizer files.
+    """What to train. ``checkpoint``: a released-layout (or Orbax) dir with config.json and tokenizer files, or a
+    Hugging Face Hub model name such as "Qwen/Qwen3-ASR-0.6B" (``qasr_jax.hub``: a local path wins); ``revision``:
+    the Hub branch, tag or commit of such a name ("" = main).
 
     init: "pretrained" loads its weights; "random" initialises from its config.json (``seed``).
     dtype: compute dtype ("float32", "bfloat16"); param_dtype: master weights (keep "float32").
@@ -35,6 +37,7 @@ class ModelConfig:
     """
 
     checkpoint: str = ""
+    revision: str = ""
     init: str = "pretrained"
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -274,7 +277,9 @@ def config_from_dict(raw: Mapping[str, Any], source: str = "config") -> TrainCon
 def _validate(c: TrainConfig, source: str) -> None:
     problems = []
     if not c.model.checkpoint:
-        problems.append("model.checkpoint is required (a dir with config.json and tokenizer files)")
+        problems.append(
+            "model.checkpoint is required (a dir with config.json and tokenizer files, or a Hub model name)"
+        )
     for part in c.model.freeze:
         if part not in ("encoder", "decoder", "decoder_layers"):
             problems.append(f"model.freeze: {part!r} is not 'encoder', 'decoder' or 'decoder_layers'")

@@ -23,6 +23,7 @@ from qasr_jax import adapters as lora
 from qasr_jax import sharding, weights
 from qasr_jax import text as text_io
 from qasr_jax.config import load_config
+from qasr_jax.hub import resolve_model
 from qasr_jax.train import data as data_lib
 from qasr_jax.train.augment import SpecAugment
 from qasr_jax.train.checkpointing import Checkpoints
@@ -43,12 +44,10 @@ class GateFailed(RuntimeError):
 CTC_BLANK_TOKEN = "<tts_pad>"
 
 
-def _load_params(cfg: TrainConfig, trainer: Trainer) -> Any:
+def _load_params(cfg: TrainConfig, checkpoint: str, trainer: Trainer) -> Any:
     if cfg.model.init == "random":
         return trainer.init_random_params(cfg.run.seed)
-    _, params = sharding.load_sharded(
-        cfg.model.checkpoint, trainer.mesh, trainer.rules, dtype=trainer.param_dtype
-    )
+    _, params = sharding.load_sharded(checkpoint, trainer.mesh, trainer.rules, dtype=trainer.param_dtype)
     return params
 
 
@@ -69,13 +68,15 @@ def train(cfg: TrainConfig, callbacks: Sequence[StepCallback] = ()) -> dict[str,
 
     mesh = sharding.make_mesh(cfg.mesh.spec)
     rules = sharding.merge_rules(cfg.mesh.rules)
-    config = load_config(cfg.model.checkpoint)
+    # A Hub model name is fetched into (or read from) the hub cache; the name itself stays the adapter's base.
+    checkpoint = resolve_model(cfg.model.checkpoint, cfg.model.revision or None)
+    config = load_config(checkpoint)
     if (cfg.run.objective == "aligner") != config.is_aligner:
         raise ValueError(
             f"run.objective = {cfg.run.objective!r} does not fit {cfg.model.checkpoint} "
             f"({'an aligner' if config.is_aligner else 'an ASR model'})"
         )
-    tokenizer = text_io.Tokenizer.from_pretrained(cfg.model.checkpoint)
+    tokenizer = text_io.Tokenizer.from_pretrained(checkpoint)
     tokens = data_lib.Tokenization(tokenizer, config, cfg.run.ctc_merges)
     shapes = data_lib.Shapes(config, cfg.data.token_multiple, cfg.data.label_multiple)
     train_report = data_lib.read_manifest(
@@ -126,7 +127,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[StepCallback] = ()) -> dict[str,
     if latest is not None:
         state, data_state, meta = checkpoints.restore(latest, trainer.abstract_state())
         if adapter_spec is not None:  # checkpoints hold the adapters; the frozen base is read again
-            trainer.set_base(_load_params(cfg, trainer))
+            trainer.set_base(_load_params(cfg, checkpoint, trainer))
         batches.set_state(data_state)
         bad_rows = int(meta.get("bad_rows", 0))
         if os.path.exists(stop_marker):
@@ -136,7 +137,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[StepCallback] = ()) -> dict[str,
                 stopped = marker.get("stop_when")
         log.info("resumed from %s at step %d", checkpoints.directory, latest)
     else:
-        state = trainer.init_state(_load_params(cfg, trainer))
+        state = trainer.init_state(_load_params(cfg, checkpoint, trainer))
         metrics_log.write("data", 0, {
             "train_rows": len(train_report.examples), "skipped_rows": len(train_report.skipped),
             **{f"skipped/{k}": v for k, v in train_report.reasons.items()},
@@ -210,13 +211,13 @@ def train(cfg: TrainConfig, callbacks: Sequence[StepCallback] = ()) -> dict[str,
             log.info("exported the adapter to %s", out)
         elif cfg.run.export_dir:
             out = weights.export_pretrained(
-                cfg.run.export_dir, config, state.params, cfg.model.checkpoint, cfg.run.export_dtype
+                cfg.run.export_dir, config, state.params, checkpoint, cfg.run.export_dtype
             )
             log.info("exported the trained model to %s", out)
         if adapter_spec is not None and cfg.adapters.export_merged:
             merged = lora.merge_adapter(trainer.base, state.params, adapter_spec.scale)
             out = weights.export_pretrained(
-                cfg.adapters.export_merged, config, merged, cfg.model.checkpoint, cfg.run.export_dtype
+                cfg.adapters.export_merged, config, merged, checkpoint, cfg.run.export_dtype
             )
             log.info("exported the base with the adapter merged in to %s", out)
     finally:
