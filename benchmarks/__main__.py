@@ -1,4 +1,4 @@
-"""``python -m benchmarks``: the benchmark programs, each with the first line of its description."""
+"""``python -m benchmarks``: the benchmark programs, each with the first paragraph of its description."""
 
 from __future__ import annotations
 
