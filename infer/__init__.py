@@ -1,1 +1,1 @@
-"""Programs over qasr_jax: ``python -m infer transcribe``, ``python -m infer align``, ``python -m infer.bench``."""
+"""The user commands over qasr_jax: ``python -m infer transcribe``, ``align``, ``stream`` and ``serve``."""

@@ -21,7 +21,7 @@ Fed naively that costs O(stream) per update. Here an update recomputes only what
   tail and the text prefix. Greedy decoding then runs in the engine's decode state (``Engine.generate``).
 
 ``incremental=False`` recomputes everything every update (what the official code does): the baseline of
-``infer.bench_stream``, through the same programs.
+``benchmarks.stream``, through the same programs.
 """
 
 from __future__ import annotations

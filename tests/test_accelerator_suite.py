@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from infer import accelerator_suite
+from benchmarks import accelerator_suite
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,7 +20,7 @@ def tiny_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, dict, str]:
     out = tmp_path_factory.mktemp("suite")
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "QASR_COMPILATION_CACHE": "off"}
     done = subprocess.run(
-        [sys.executable, "-m", "infer.accelerator_suite", "--tiny", "--out", str(out)],
+        [sys.executable, "-m", "benchmarks.accelerator_suite", "--tiny", "--out", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]

@@ -10,6 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks.common import clip_window_lengths
+from benchmarks.kernels import WINDOW
+from benchmarks.kernels import main as bench_main
 from qasr_jax.kernels import (
     causal_attention,
     causal_attention_xla,
@@ -22,8 +25,6 @@ from qasr_jax.kernels import (
     windowed_attention_pallas,
     windowed_attention_xla,
 )
-from qasr_jax.kernels.bench import clip_window_lengths
-from qasr_jax.kernels.bench import main as bench_main
 from qasr_jax.kernels.decode_attention import decode_kernel_fits
 from qasr_jax.kernels.windowed_attention import window_block_sizes
 
@@ -422,8 +423,8 @@ def test_kernels_lower_for_tpu_and_gpu(target, export_platform, custom_call, dty
 
 
 def test_bench_lays_30_second_clips_into_ragged_windows_and_prints_a_table(capsys):
-    np.testing.assert_array_equal(clip_window_lengths(2, 30), [104, 104, 104, 78] * 2)
-    np.testing.assert_array_equal(clip_window_lengths(1, 8), [104])
+    np.testing.assert_array_equal(clip_window_lengths(2, 30, WINDOW), [104, 104, 104, 78] * 2)
+    np.testing.assert_array_equal(clip_window_lengths(1, 8, WINDOW), [104])
     bench_main(["--clips", "1", "--repeats", "1", "--seconds", "9"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("device: cpu")

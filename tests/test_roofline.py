@@ -1,10 +1,10 @@
-"""The work counts of ``infer.roofline`` against the model's own parameters and a count by hand."""
+"""The work counts of the roofline model (``benchmarks.common``) against the model's own parameters and a count by hand."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from infer import roofline
+from benchmarks import common
 from qasr_jax.config import config_from_dict
 from qasr_jax.weights import abstract_params, flatten_params
 from tests.support import official
@@ -18,7 +18,7 @@ def test_decoder_matmul_params_are_the_decoder_layers_kernels() -> None:
             for path, leaf in flatten_params(abstract_params(config))
             if path[:2] == ("decoder", "layers") and path[-1] == "kernel"
         )
-        assert roofline.decoder_matmul_params(config) == kernels, name
+        assert common.decoder_matmul_params(config) == kernels, name
 
 
 def test_encoder_gflop_by_hand_at_the_released_config() -> None:
@@ -31,4 +31,4 @@ def test_encoder_gflop_by_hand_at_the_released_config() -> None:
     layers = 18 * 390 * 2 * (4 * 896**2 + 2 * 896 * 3584)
     projections = 390 * 2 * (896**2 + 896 * 1024)
     expected = (30 * per_chunk + layers + projections) / 1e9
-    assert abs(roofline.encoder_gflop(config, 30.0) - expected) < 1e-6
+    assert abs(common.encoder_gflop(config, 30.0) - expected) < 1e-6

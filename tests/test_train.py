@@ -355,7 +355,7 @@ def test_exported_checkpoint_loads_in_official_code_with_same_logits(overfit_run
     worst = float(np.max(np.abs(ours - theirs)))
     print(f"exported model: max |logit difference| {worst:.2e} = {worst / np.std(theirs):.2e} std")
     assert ours.shape == theirs.shape
-    assert worst <= 1e-3 * np.std(theirs)  # the README's fp32 rule
+    assert worst <= 1e-3 * np.std(theirs)  # the fp32 rule of docs/testing.md
     # The trained model says the utterance: its greedy next token after "language English" is <asr_text>.
     assert int(np.argmax(theirs[0, -1])) == tokenizer.asr_text_id
 

@@ -11,7 +11,7 @@ How to choose ``impl``: leave it at ``"auto"`` (Pallas on TPU/GPU, XLA on CPU). 
 out when debugging numerics or on a backend where the kernel does not lower; force ``"pallas"`` on CPU only to
 test a kernel (it runs in the Pallas interpreter, far slower than XLA). Both implementations compute the softmax
 in fp32 and return ``q.dtype``. ``qasr_jax.kernels.backend`` explains the TPU (Mosaic) and GPU (Triton) kernel
-variants; ``python -m qasr_jax.kernels.bench`` times kernel against XLA.
+variants; ``python -m benchmarks.kernels`` times kernel against XLA.
 """
 
 from qasr_jax.kernels.backend import Impl, Target, resolve_impl, resolve_interpret, resolve_target

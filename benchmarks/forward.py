@@ -1,6 +1,6 @@
 """Load, compile and forward time of one thinker forward pass, ours vs the official PyTorch model, same checkpoint.
 
-    python -m infer.bench_forward [--model asr-0.6b] [--seconds 30] [--repeats 3] [--dtype float32]
+    python -m benchmarks.forward [--model asr-0.6b] [--seconds 30] [--repeats 3] [--dtype float32]
 
 Builds (once, cached under --workdir) a random-weight checkpoint at the released config with the official code,
 then times: loading it (ours: safetensors → params; official: ``from_pretrained``), compiling our jitted
@@ -11,57 +11,32 @@ Prints a table with the ratio official/ours. Needs the test extra (torch, transf
 
 from __future__ import annotations
 
-import argparse
 import os
-import statistics
 import sys
-import tempfile
 import time
 
-import numpy as np
-
-
-def _timed(fn, repeats: int) -> tuple[float, object]:
-    times, out = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
-
-
-def _speech(seconds: float) -> np.ndarray:
-    from tests.support.speech import LONG_EN, synth
-
-    clip = synth(LONG_EN)
-    reps = int(np.ceil(seconds * 16000 / len(clip)))
-    return np.tile(clip, reps)[: int(seconds * 16000)]
+from benchmarks import common
+from benchmarks.common import median_seconds
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m infer.bench_forward", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = common.argument_parser("benchmarks.forward", __doc__)
     parser.add_argument("--model", default="asr-0.6b", choices=["asr-0.6b", "asr-1.7b", "aligner-0.6b"])
     parser.add_argument("--seconds", type=float, default=30.0, help="clip length")
     parser.add_argument("--repeats", type=int, default=3, help="forward repeats (median reported)")
-    parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "qasr_bench"))
+    parser.add_argument("--workdir", default=common.WORKDIR)
     parser.add_argument("--skip-official", action="store_true")
     args = parser.parse_args(argv)
 
     import jax
-    import jax.numpy as jnp
 
     from qasr_jax import load_pretrained
     from qasr_jax.audio import features
     from qasr_jax.model import Qwen3ASR
-    from tests.support import official
 
-    ckpt = os.path.join(args.workdir, f"{args.model}-random")
-    if not os.path.exists(os.path.join(ckpt, "config.json")):
-        print(f"building {args.model} checkpoint with random weights in {ckpt} ...", file=sys.stderr)
-        official.build_checkpoint(ckpt, official.real_config(args.model), seed=0)
-
-    wav = _speech(args.seconds)
+    official = common.official
+    ckpt = common.random_checkpoint(args.model, args.workdir)
+    wav = common.speech_clip(args.seconds)
     feats, fmask = features([wav])
     rows = []
 
@@ -77,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     compiled = fwd.lower(params, ids, mask, feats, fmask).compile()
     compile_ours = time.perf_counter() - t0
-    forward_ours, _ = _timed(
+    forward_ours = median_seconds(
         lambda c=compiled, p=params: jax.block_until_ready(c(p, ids, mask, feats, fmask)), args.repeats
     )
     rows.append(("load (s)", load_ours))
@@ -95,10 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         ref["load (s)"] = time.perf_counter() - t0
         ref["compile (s)"] = float("nan")
         feats_list = [(feats[0], int(fmask.sum()))]
-        ref[f"forward {args.seconds:g} s clip (s)"], _ = _timed(
+        ref[f"forward {args.seconds:g} s clip (s)"] = median_seconds(
             lambda: official.official_logits(torch_model, ids, mask, feats_list, windowed=False), args.repeats
         )
-        windowed, _ = _timed(
+        windowed = median_seconds(
             lambda: official.official_logits(torch_model, ids, mask, feats_list, windowed=True), args.repeats
         )
 
@@ -113,7 +88,6 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{'official forward, windows wired in':32s} {'':10s} {windowed:10.2f} {windowed / forward_ours:14.2f}"
         )
-    _ = jnp
     return 0
 
 

@@ -1,6 +1,6 @@
 """The decode step with several LoRA adapters in one batch, against the base model, on the same state.
 
-    python -m infer.bench_adapters [--model DIR] [--size demo|0.6b] [--rank 16] [--slots 8] [--steps 64]
+    python -m benchmarks.adapters [--model DIR] [--size demo|0.6b] [--rank 16] [--slots 8] [--steps 64]
 
 A state of ``--slots`` rows (8) is filled by one prefill of 2-second clips, then ``generate`` runs ``--steps``
 decode steps at a time (no row stops: end tokens are off) in three settings: the base model (no adapters passed),
@@ -15,7 +15,6 @@ The weights are random (``--model``'s config.json, or the demo model's, ``train/
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -24,8 +23,9 @@ import time
 
 import numpy as np
 
-DEMO_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train", "configs",
-                               "demo_asr_init")  # fmt: skip
+from benchmarks import common
+
+DEMO_CONFIG_DIR = os.path.join(common.REPO, "train", "configs", "demo_asr_init")
 RELEASED_06B = {
     "audio_config": {"d_model": 896, "encoder_layers": 18, "encoder_attention_heads": 14, "encoder_ffn_dim": 3584,
                      "output_dim": 1024, "downsample_hidden_size": 480},
@@ -50,8 +50,7 @@ def load_bench_config(model_dir: str | None, size: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m infer.bench_adapters", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = common.argument_parser("benchmarks.adapters", __doc__)
     parser.add_argument("--model", metavar="DIR", help="a checkpoint dir whose config.json sizes the model")
     parser.add_argument("--size", choices=("demo", "0.6b"), default="demo")
     parser.add_argument("--rank", type=int, default=16)
@@ -61,9 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
 
-    import flax
     import jax
-    import jax.numpy as jnp
 
     from qasr_jax import adapters as lora
     from qasr_jax import audio as audio_io
@@ -71,12 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     from qasr_jax.model import Qwen3ASR
 
     config = load_bench_config(args.model, args.size)
-    model = Qwen3ASR(config)
-    frames = config.audio.chunk_frames
-    params = jax.jit(lambda: flax.core.meta.unbox(model.init(
-        jax.random.key(0), jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32),
-        jnp.zeros((1, config.audio.num_mel_bins, frames)), jnp.ones((1, frames), jnp.int32),
-    )["params"]))()  # fmt: skip
+    params = common.random_params(Qwen3ASR(config))
     spec = lora.LoraSpec(targets=lora.DECODER_TARGETS, rank=args.rank, alpha=2.0 * args.rank)
     loaded = []
     for i in range(args.adapters):
@@ -105,7 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     settings = [
         ("base model (no adapters)", [0] * n, False),
         ("adapter program, every row on the base", [0] * n, True),
-        (f"{args.adapters} different adapters over {n} rows", [1 + i % args.adapters for i in range(n)], True),
+        (
+            f"{args.adapters} different adapters over {n} rows",
+            [1 + i % args.adapters for i in range(n)],
+            True,
+        ),
     ]
     print(f"config: text hidden {config.text.hidden_size} × {config.text.num_hidden_layers} layers, "
           f"vocab {config.text.vocab_size}; rank {args.rank}; {n} rows; {args.steps} steps per call; "

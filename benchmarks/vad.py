@@ -1,7 +1,7 @@
 """What the voice-activity detector (``qasr_jax.vad``) changes: words invented over non-speech, and the time and
 WER of a manifest that is half silence.
 
-    python -m infer.bench_vad [--model DIR] [--work-dir DIR] [--seconds 5,30,120] [--manifest-seconds 600]
+    python -m benchmarks.vad [--model DIR] [--work-dir DIR] [--seconds 5,30,120] [--manifest-seconds 600]
 
 1. **Non-speech table.** Silence, white noise, a 440 Hz tone, a chord and a C-major arpeggio (a note every
    250 ms, amplitude-modulated: music-like) of each ``--seconds`` length, transcribed with and without the
@@ -35,17 +35,14 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks import common
+
 KINDS = ("silence", "white noise", "tone 440 Hz", "chord", "arpeggio")
 FILE_SECONDS = 20.0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m infer.bench_vad",
-        description=__doc__.split("\n\n", 1)[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = common.argument_parser("benchmarks.vad", __doc__, epilog=True)
     parser.add_argument("--model", metavar="DIR", help="checkpoint dir (default: the small test checkpoint)")
     parser.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "qasr_bench_vad"),
                         help="where the checkpoint and audio are built and cached (default %(default)s)")  # fmt: skip
@@ -104,7 +101,6 @@ def build_manifest(work_dir: str, total_seconds: float, seed: int) -> tuple[str,
     """The half-silence manifest (built once per arguments) and each file's reference text."""
     import soundfile
 
-    from tests.support.speech import synth
     from train.synth import english_sentence, sentence_text
 
     directory = os.path.join(work_dir, f"half-silence-v3-{total_seconds:g}-{seed}")
@@ -119,7 +115,7 @@ def build_manifest(work_dir: str, total_seconds: float, seed: int) -> tuple[str,
 
     def sentence() -> tuple[np.ndarray, str]:
         text = sentence_text(english_sentence(rng))
-        clip = synth(text, sr=sr)
+        clip = common.speech.synth(text, sr=sr)
         voiced = np.flatnonzero(np.abs(clip) > 1e-3)
         return clip[voiced[0] : voiced[-1] + 1], text
 
@@ -214,10 +210,6 @@ def print_non_speech(rows: list[dict[str, Any]]) -> None:
             )
 
 
-def _load(run: dict[str, Any]) -> str:
-    return "/".join(f"{x:.2f}" for x in run["loadavg"])
-
-
 def print_manifest(runs: list[dict[str, Any]]) -> None:
     first = runs[0]
     print(f"\nhalf-silence manifest: {first['files']} files, {first['audio_seconds']:.0f} s of audio, "
@@ -229,7 +221,7 @@ def print_manifest(runs: list[dict[str, Any]]) -> None:
     for r in runs:
         print(f"| {'on' if r['vad'] else 'off'} | {r['wall_seconds']:.1f} | {r['compile_seconds']:.1f} | "
               f"{r['wall_seconds'] - r['compile_seconds']:.1f} | {r['detector_seconds']:.1f} | "
-              f"{r['decoded_chunks']} | {100 * r['wer']:.1f}% | {_load(r)} |")  # fmt: skip
+              f"{r['decoded_chunks']} | {100 * r['wer']:.1f}% | {common.load_average(r['loadavg'], '/')} |")  # fmt: skip
     if len(runs) == 2:
         off, on = runs
         warm = (off["wall_seconds"] - off["compile_seconds"]) / (on["wall_seconds"] - on["compile_seconds"])
@@ -240,9 +232,7 @@ def print_manifest(runs: list[dict[str, Any]]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.makedirs(args.work_dir, exist_ok=True)
-    from infer.bench_manifest import small_checkpoint
-
-    checkpoint = args.model or small_checkpoint(args.work_dir)
+    checkpoint = args.model or common.small_checkpoint(args.work_dir)
     print(f"model {checkpoint}; {os.cpu_count()} CPUs; load before: {os.getloadavg()}", file=sys.stderr)
     out: dict[str, Any] = {"model": checkpoint, "non_speech": non_speech_table(checkpoint, args)}
     print(f"model: {checkpoint}; non-speech table: {args.max_new_tokens} new tokens per chunk")

@@ -1,7 +1,7 @@
 """Transcription speed, ours vs the official ``qwen_asr`` (transformers backend), same checkpoint and audio, one run.
 
-    python -m infer.bench [--clip-seconds 10] [--batch-sizes 1,2] [--new-tokens 16] [--aligner]
-    python -m infer.bench --clip-seconds 30 --batch-sizes 1,8 --new-tokens 96 --encoder-batch 8   # the full size
+    python -m benchmarks.transcribe [--clip-seconds 10] [--batch-sizes 1,2] [--new-tokens 16] [--aligner]
+    python -m benchmarks.transcribe --clip-seconds 30 --batch-sizes 1,8 --new-tokens 96 --encoder-batch 8   # the full size
 
 Builds (once, cached under --workdir) a random-weight checkpoint at the released Qwen3-ASR-0.6B config with the
 official code, then runs each side in its own subprocess (so peak memory is each side's own), one after the
@@ -19,42 +19,26 @@ other, on the same clip of speech:
 
 Timings are the median of --repeats runs; our compile time is measured on its own (programs are compiled ahead of
 time, then run) and left out of the run times. The official model runs as shipped: on the CPU its encoder attends across the whole clip rather than within 8 s windows.
-``--aligner`` also runs the forced-aligner section (``infer.bench_aligner``). Needs the test extra (torch,
+``--aligner`` also runs the forced-aligner benchmark (``benchmarks.aligner``) afterwards. Needs the test extra (torch,
 transformers, qwen-asr) for the official side and the checkpoint build.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 
-SAMPLE_RATE = 16000
-EOS_TOKEN_IDS = (151645, 151643)
+from benchmarks import common
+from benchmarks.common import EOS_TOKEN_IDS, SAMPLE_RATE, median_seconds
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m infer.bench",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--model", default="asr-0.6b", choices=("asr-0.6b", "asr-1.7b"),
-                        help="released config to build with random weights (default %(default)s)")  # fmt: skip
-    parser.add_argument("--checkpoint", metavar="DIR",
-                        help="use this checkpoint dir instead of building one under --workdir")  # fmt: skip
-    parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "qasr_bench"),
-                        help="where built checkpoints are cached (default %(default)s)")  # fmt: skip
+    parser = common.argument_parser("benchmarks.transcribe", __doc__)
+    common.add_checkpoint_arguments(parser)
     parser.add_argument(
         "--clip-seconds", type=float, default=10.0, help="length of each clip (default %(default)s)"
     )
@@ -81,34 +65,6 @@ def batch_sizes(args: argparse.Namespace) -> list[int]:
     if not sizes or min(sizes) < 1:
         raise SystemExit("--batch-sizes needs positive integers")
     return sizes
-
-
-def speech_clip(seconds: float) -> np.ndarray:
-    """``seconds`` of English speech (espeak-ng, repeated), or seeded noise where espeak-ng is missing."""
-    from tests.support import speech
-
-    if speech.have_espeak():
-        clip = speech.synth(speech.LONG_EN)
-    else:
-        clip = (0.1 * np.random.default_rng(0).standard_normal(20 * SAMPLE_RATE)).astype(np.float32)
-    repeats = int(np.ceil(seconds * SAMPLE_RATE / len(clip)))
-    return np.tile(clip, repeats)[: int(seconds * SAMPLE_RATE)]
-
-
-def timed(fn: Callable[[], Any], repeats: int, setup_seconds: Callable[[], float] = lambda: 0.0) -> float:
-    """Median seconds of ``repeats`` calls of ``fn``, each less the growth of ``setup_seconds()`` during it
-    (our compile time: a call that compiles is timed as if the program had been there)."""
-    times = []
-    for _ in range(repeats):
-        setup = setup_seconds()
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started - (setup_seconds() - setup))
-    return statistics.median(times)
-
-
-def peak_memory_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 def run_ours(args: argparse.Namespace, checkpoint: str, clip: np.ndarray) -> dict[str, float]:
@@ -144,7 +100,7 @@ def run_ours(args: argparse.Namespace, checkpoint: str, clip: np.ndarray) -> dic
     started = time.perf_counter()
     encoder = jax.jit(encode).lower(params, waveforms, lengths).compile()
     out["encoder_compile_s"] = time.perf_counter() - started
-    seconds = timed(lambda: jax.block_until_ready(encoder(params, waveforms, lengths)), args.repeats)
+    seconds = median_seconds(lambda: jax.block_until_ready(encoder(params, waveforms, lengths)), args.repeats)
     out["encoder_audio_s_per_s"] = n * len(clip) / SAMPLE_RATE / seconds
 
     suppress_eos = dataclasses.replace(loaded.generator.options, suppress_token_ids=EOS_TOKEN_IDS)
@@ -159,7 +115,7 @@ def run_ours(args: argparse.Namespace, checkpoint: str, clip: np.ndarray) -> dic
         audio = [(clip, SAMPLE_RATE)] * batch
         for tokens, key in ((args.new_tokens, f"e2e_b{batch}_s"), (1, f"prefill_b{batch}_s")):
             asr = engine(batch, tokens)
-            out[key] = timed(
+            out[key] = median_seconds(
                 lambda asr=asr, audio=audio: asr.transcribe(audio), args.repeats,
                 lambda asr=asr: asr.generator.compile_seconds,
             )  # fmt: skip
@@ -171,22 +127,24 @@ def run_ours(args: argparse.Namespace, checkpoint: str, clip: np.ndarray) -> dic
                 1000 * (out[f"e2e_b{batch}_s"] - out[f"prefill_b{batch}_s"]) / steps
             )
     asr = engine(1, 1)
-    out["ttft_s"] = timed(lambda: asr.transcribe((clip, SAMPLE_RATE)), args.repeats,
-                          lambda: asr.generator.compile_seconds)  # fmt: skip
+    out["ttft_s"] = median_seconds(lambda: asr.transcribe((clip, SAMPLE_RATE)), args.repeats,
+                                   lambda: asr.generator.compile_seconds)  # fmt: skip
     out["compile_s"] = compile_s + asr.generator.compile_seconds
-    out["peak_memory_gb"] = peak_memory_gb()
+    out["peak_memory_gb"] = common.peak_rss_gb()
     if args.dtype == "float32":
-        from infer import roofline
-
-        ceilings = roofline.measure_ceilings()
-        prompt = roofline.prompt_tokens(checkpoint, config, args.clip_seconds)
+        ceilings = common.measure_ceilings()
+        prompt = common.prompt_tokens(checkpoint, config, args.clip_seconds)
         out["gemm_gflops"], out["stream_gbps"] = ceilings.gemm_gflops, ceilings.stream_gbps
-        out["encoder_gflop_per_clip"] = roofline.encoder_gflop(config, args.clip_seconds)
-        out["encoder_gflops"] = out["encoder_gflop_per_clip"] * out["encoder_audio_s_per_s"] / args.clip_seconds
+        out["encoder_gflop_per_clip"] = common.encoder_gflop(config, args.clip_seconds)
+        out["encoder_gflops"] = (
+            out["encoder_gflop_per_clip"] * out["encoder_audio_s_per_s"] / args.clip_seconds
+        )
         for batch in batch_sizes(args):
-            out["roofline"] = roofline.report(config, args.clip_seconds, prompt, batch, args.new_tokens, ceilings)
-            work = roofline.work(config, args.clip_seconds, prompt, batch, args.new_tokens)
-            floor = roofline.floor_seconds(work, ceilings, batch, args.new_tokens)
+            out["roofline"] = common.roofline_report(
+                config, args.clip_seconds, prompt, batch, args.new_tokens, ceilings
+            )
+            work = common.work(config, args.clip_seconds, prompt, batch, args.new_tokens)
+            floor = common.floor_seconds(work, ceilings, batch, args.new_tokens)
             out[f"floor_e2e_b{batch}_s"] = floor["total_s"]
     return out
 
@@ -214,43 +172,18 @@ def run_official(args: argparse.Namespace, checkpoint: str, clip: np.ndarray) ->
                 inputs["input_features"].to(thinker.dtype), feature_attention_mask=inputs["attention_mask"]
             )
 
-    out["encoder_audio_s_per_s"] = n * len(clip) / SAMPLE_RATE / timed(encode, args.repeats)
+    out["encoder_audio_s_per_s"] = n * len(clip) / SAMPLE_RATE / median_seconds(encode, args.repeats)
 
     generate = asr.model.generate
     asr.model.generate = lambda **inputs: generate(**inputs, suppress_tokens=list(EOS_TOKEN_IDS))
     for batch in batch_sizes(args):
         asr.max_inference_batch_size, asr.max_new_tokens = batch, args.new_tokens
         audio = [(clip, SAMPLE_RATE)] * batch
-        out[f"e2e_b{batch}_s"] = timed(lambda audio=audio: asr.transcribe(audio), args.repeats)
+        out[f"e2e_b{batch}_s"] = median_seconds(lambda audio=audio: asr.transcribe(audio), args.repeats)
     asr.max_inference_batch_size, asr.max_new_tokens = 1, 1
-    out["ttft_s"] = timed(lambda: asr.transcribe((clip, SAMPLE_RATE)), args.repeats)
-    out["peak_memory_gb"] = peak_memory_gb()
+    out["ttft_s"] = median_seconds(lambda: asr.transcribe((clip, SAMPLE_RATE)), args.repeats)
+    out["peak_memory_gb"] = common.peak_rss_gb()
     return out
-
-
-def checkpoint_dir(args: argparse.Namespace) -> str:
-    if args.checkpoint:
-        return args.checkpoint
-    path = os.path.join(args.workdir, f"{args.model}-random")
-    if not os.path.exists(os.path.join(path, "config.json")):
-        from tests.support import official
-
-        print(f"building {args.model} with random weights in {path} ...", file=sys.stderr, flush=True)
-        official.build_checkpoint(path, official.real_config(args.model), seed=0)
-    return path
-
-
-def run_worker(side: str, argv: list[str]) -> dict[str, float]:
-    """One side in a fresh process; its measurements."""
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
-        result = handle.name
-    try:
-        command = [sys.executable, "-m", "infer.bench", *argv, "--worker", side, "--result", result]
-        subprocess.run(command, check=True)
-        with open(result, encoding="utf-8") as f:
-            return json.load(f)
-    finally:
-        os.unlink(result)
 
 
 def tokens_per_second(measured: dict[str, float], key: str, tokens: int) -> float | None:
@@ -292,30 +225,33 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.worker:
-        clip = speech_clip(args.clip_seconds)
+        clip = common.speech_clip(args.clip_seconds)
         runner = run_ours if args.worker == "ours" else run_official
-        with open(args.result, "w", encoding="utf-8") as f:
-            json.dump(runner(args, args.checkpoint, clip), f)
+        common.write_result(args.result, runner(args, args.checkpoint, clip))
         return 0
 
     import jax
 
-    checkpoint = checkpoint_dir(args)
+    checkpoint = common.checkpoint_dir(args)
     forwarded = [a for a in argv if a != "--aligner"]
     if not args.checkpoint:
         forwarded += ["--checkpoint", checkpoint]
     print(f"{args.model} (random weights), {args.dtype}, {jax.devices()[0].device_kind} "
           f"({os.cpu_count()} CPUs), {args.clip_seconds:g} s clips", file=sys.stderr, flush=True)  # fmt: skip
     load_start = os.getloadavg()[0]
-    ours = run_worker("ours", forwarded)
+    ours = common.run_worker("benchmarks.transcribe", *forwarded, "--worker", "ours")
     load_between = os.getloadavg()[0]
-    theirs = {} if args.skip_official else run_worker("official", forwarded)
+    theirs = {}
+    if not args.skip_official:
+        theirs = common.run_worker("benchmarks.transcribe", *forwarded, "--worker", "official")
     print(f"\n{args.model}, random weights, {args.dtype}, {args.clip_seconds:g} s clips, "
           f"{args.new_tokens} new tokens (end tokens suppressed), {jax.devices()[0].device_kind}\n")  # fmt: skip
     print(table(args, ours, theirs))
     if "roofline" in ours:
-        print(f"\nencoder: {ours['encoder_gflops']:.0f} GFLOP/s ({ours['encoder_gflop_per_clip']:.0f} GFLOP per clip)")
-        print(f"this machine's floor (infer.roofline), largest batch:\n{ours['roofline']}")
+        print(
+            f"\nencoder: {ours['encoder_gflops']:.0f} GFLOP/s ({ours['encoder_gflop_per_clip']:.0f} GFLOP per clip)"
+        )
+        print(f"this machine's floor (benchmarks.roofline), largest batch:\n{ours['roofline']}")
         for batch in batch_sizes(args):
             floor, key = ours.get(f"floor_e2e_b{batch}_s"), f"e2e_b{batch}_s"
             if floor and key in theirs:
@@ -325,14 +261,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{os.getloadavg()[0]:.2f} at the end")  # fmt: skip
 
     if args.aligner:
-        try:
-            from infer import bench_aligner
-        except ImportError:
-            print("\n(aligner benchmark: infer.bench_aligner is not available)", file=sys.stderr)
-        else:
-            print()
-            shared = ("clip_seconds", "batch_sizes", "repeats", "dtype", "workdir", "skip_official")
-            bench_aligner.run(argparse.Namespace(**{name: getattr(args, name) for name in shared}))
+        print(flush=True)
+        shared = ["--clip-seconds", str(args.clip_seconds), "--batch-sizes", args.batch_sizes,
+                  "--repeats", str(args.repeats), "--dtype", args.dtype, "--workdir", args.workdir]  # fmt: skip
+        common.run_module("benchmarks.aligner", *shared, *(["--skip-official"] if args.skip_official else []))
     return 0
 
 

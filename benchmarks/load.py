@@ -1,6 +1,6 @@
 """Load time and load memory, ours vs the official ``from_pretrained``, on released-layout checkpoints, one run.
 
-    python -m infer.bench_load [--models asr-0.6b,asr-1.7b] [--dtype bfloat16] [--shards 1,3]
+    python -m benchmarks.load [--models asr-0.6b,asr-1.7b] [--dtype bfloat16] [--shards 1,3]
 
 Builds (once, cached under --workdir) a random-weight checkpoint per model at its released config with the
 official code, stored in ``--dtype`` (the released checkpoints are bf16) and split into the given number of
@@ -23,23 +23,15 @@ checkpoint's files are read once, so every side finds them in the page cache.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
 
+from benchmarks import common
+
 SIDES = ("official", "ours-converting", "ours-first", "ours-cached")
-
-
-def rss_kib(field: str) -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def reset_peak() -> None:
@@ -50,24 +42,17 @@ def reset_peak() -> None:
 
 def checkpoint(workdir: str, model: str, dtype: str, shards: int) -> tuple[str, int, int]:
     """The checkpoint dir (built once), the bytes of its parameters and its number of safetensors files."""
-    from tests.support import official
-
     path = os.path.join(workdir, f"{model}-random-{dtype}-{shards}shards")
-    config = official.real_config(model)
-    if not os.path.exists(os.path.join(path, "config.json")):
-        print(f"building {model} ({dtype}, {shards} shards) with random weights in {path} ...",
-              file=sys.stderr, flush=True)  # fmt: skip
-        limit = None
-        if shards > 1:
-            from qasr_jax.config import config_from_dict
-
-            parsed = config_from_dict(config)
-            itemsize = 2 if dtype == "bfloat16" else 4
-            head = parsed.text.vocab_size * parsed.text.hidden_size * itemsize  # the largest tensor
-            stored = _count(parsed) * itemsize + head
-            # Shards hold whole tensors: each but the last is filled to more than stored / shards.
-            limit = math.ceil(stored / shards) + head
-        official.build_checkpoint(path, config, seed=0, dtype=dtype, max_shard_bytes=limit)
+    limit = None
+    if shards > 1:
+        parsed = common.thinker_config(model)
+        itemsize = 2 if dtype == "bfloat16" else 4
+        head = parsed.text.vocab_size * parsed.text.hidden_size * itemsize  # the largest tensor
+        stored = _count(parsed) * itemsize + head
+        # Shards hold whole tensors: each but the last is filled to more than stored / shards.
+        limit = math.ceil(stored / shards) + head
+    common.build_once(path, common.official_config(model), f"{model} ({dtype}, {shards} shards)", dtype=dtype,
+                      max_shard_bytes=limit)  # fmt: skip
     files = [f for f in os.listdir(path) if f.endswith(".safetensors")]
     return path, param_bytes(path, dtype), len(files)
 
@@ -117,29 +102,33 @@ def worker(side: str, path: str, dtype: str, cache: str) -> dict:
             jax.block_until_ready(model.generator.params)
             return model
 
-    before = rss_kib("VmRSS")
+    before = common.proc_status_kib("VmRSS")
     reset_peak()
     started = time.perf_counter()
     model = load()
     seconds = time.perf_counter() - started
-    peak = rss_kib("VmHWM")
+    peak = common.proc_status_kib("VmHWM")
     del model
-    return {"load_s": seconds, "peak_rss_increase_gib": (peak - before) / 2**20, "rss_before_gib": before / 2**20}
+    return {
+        "load_s": seconds,
+        "peak_rss_increase_gib": (peak - before) / 2**20,
+        "rss_before_gib": before / 2**20,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m infer.bench_load", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = common.argument_parser("benchmarks.load", __doc__)
     parser.add_argument("--models", default="asr-0.6b,asr-1.7b")
     parser.add_argument("--shards", default="1,3", help="shards per model, in the order of --models")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
-    parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "qasr_bench"))
+    parser.add_argument("--workdir", default=common.WORKDIR)
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
     parser.add_argument("--cache", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.worker, args.path, args.dtype, args.cache)))
+        common.write_result(args.result, worker(args.worker, args.path, args.dtype, args.cache))
         return 0
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -153,17 +142,17 @@ def main(argv: list[str] | None = None) -> int:
             for side in SIDES:
                 _read_through(path)
                 load_before = os.getloadavg()[0]
-                out = subprocess.run(
-                    [sys.executable, "-m", "infer.bench_load", "--worker", side, "--path", path,
-                     "--dtype", args.dtype, "--cache", cache],
-                    check=True, capture_output=True, text=True,
-                )  # fmt: skip
-                result = json.loads(out.stdout.strip().splitlines()[-1])
+                result = common.run_worker("benchmarks.load", "--worker", side, "--path", path,
+                                           "--dtype", args.dtype, "--cache", cache)  # fmt: skip
                 rows.append((model, count, param_bytes, side, result, load_before))
                 print(f"{model} {side}: {result['load_s']:.2f} s (load average {load_before:.2f})",
                       file=sys.stderr, flush=True)  # fmt: skip
-    print(f"\nload of released-layout checkpoints with random weights, {args.dtype} kept, files in the page cache\n")
-    print("| model | shards | params (GiB) | side | load (s) | peak RSS increase (GiB) | ÷ params | load avg |")
+    print(
+        f"\nload of released-layout checkpoints with random weights, {args.dtype} kept, files in the page cache\n"
+    )
+    print(
+        "| model | shards | params (GiB) | side | load (s) | peak RSS increase (GiB) | ÷ params | load avg |"
+    )
     print("|---|---:|---:|---|---:|---:|---:|---:|")
     for model, count, param_bytes, side, result, load_avg in rows:
         gib = param_bytes / 2**30

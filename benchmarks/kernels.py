@@ -1,7 +1,7 @@
 """Time the windowed-attention kernel against its XLA reference on batches of 30 s clips.
 
-    python -m qasr_jax.kernels.bench                      # sizes for the platform JAX runs on
-    python -m qasr_jax.kernels.bench --clips 1 8 64 --dtype bfloat16 --backward
+    python -m benchmarks.kernels                      # sizes for the platform JAX runs on
+    python -m benchmarks.kernels --clips 1 8 64 --dtype bfloat16 --backward
 
 Shapes are the encoder's at the released 0.6B config: 14 heads × 64 head_dim, 104-token windows, 13 tokens per
 second of audio, so a 30 s clip is 390 tokens in 4 windows (the last holding 78). On TPU/GPU the defaults are
@@ -11,52 +11,26 @@ Pallas interpreter, so CPU numbers only show that the program works, not how fas
 
 from __future__ import annotations
 
-import argparse
 import functools
-import statistics
-import time
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from benchmarks import common
+from benchmarks.common import clip_window_lengths, jax_median_ms
 from qasr_jax.kernels.backend import platform
 from qasr_jax.kernels.windowed_attention import windowed_attention_pallas, windowed_attention_xla
 
-TOKENS_PER_SECOND = 13  # one 100-frame mel chunk (1 s) becomes 13 encoder tokens
 WINDOW = 104  # tokens per attention window at the released config (8 s)
 HEADS = 14
 HEAD_DIM = 64
-
-
-def clip_window_lengths(num_clips: int, clip_seconds: int, window: int = WINDOW) -> np.ndarray:
-    """Valid tokens of every window when ``num_clips`` clips of ``clip_seconds`` are laid into windows.
-
-    Returns int32 ``[num_windows]``: each clip fills whole windows and leaves a ragged last one.
-    """
-    tokens = clip_seconds * TOKENS_PER_SECOND
-    full, rest = divmod(tokens, window)
-    per_clip = [window] * full + ([rest] if rest else [])
-    return np.asarray(per_clip * num_clips, np.int32)
-
-
-def time_call(function: Callable[[], jax.Array], repeats: int) -> float:
-    """Median wall time of ``function`` in milliseconds, after one untimed call that compiles it."""
-    jax.block_until_ready(function())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(function())
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def benchmark_windowed_attention(
     num_clips: int, clip_seconds: int, dtype: jnp.dtype, impl: str, backward: bool, repeats: int
 ) -> dict[str, float]:
     """Forward (and optionally forward+backward) time of one implementation on one batch of clips."""
-    lengths = jnp.asarray(clip_window_lengths(num_clips, clip_seconds))
+    lengths = jnp.asarray(clip_window_lengths(num_clips, clip_seconds, WINDOW))
     shape = (lengths.shape[0], WINDOW, HEADS, HEAD_DIM)
     keys = jax.random.split(jax.random.key(0), 3)
     q, k, v = (jax.random.normal(key, shape, jnp.float32).astype(dtype) for key in keys)
@@ -66,20 +40,20 @@ def benchmark_windowed_attention(
         attention = functools.partial(windowed_attention_pallas, interpret=platform() == "cpu")
 
     forward = jax.jit(attention)
-    result = {"forward_ms": time_call(lambda: forward(q, k, v, lengths), repeats)}
+    result = {"forward_ms": jax_median_ms(lambda: forward(q, k, v, lengths), repeats)}
     if backward:
 
         def loss(q, k, v):
             return jnp.sum(attention(q, k, v, lengths).astype(jnp.float32))
 
         forward_backward = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
-        result["forward_backward_ms"] = time_call(lambda: forward_backward(q, k, v), repeats)
+        result["forward_backward_ms"] = jax_median_ms(lambda: forward_backward(q, k, v), repeats)
     return result
 
 
 def main(argv: list[str] | None = None) -> None:
     on_cpu = platform() == "cpu"
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.argument_parser("benchmarks.kernels", __doc__)
     parser.add_argument("--clips", type=int, nargs="+", default=[1, 2] if on_cpu else [1, 8, 32, 128])
     parser.add_argument("--seconds", type=int, default=30, help="length of every clip")
     parser.add_argument(
@@ -101,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         header += f" {'fwd+bwd ms':>11} {'audio s/s':>12}"
     print(header)
     for num_clips in args.clips:
-        num_windows = len(clip_window_lengths(num_clips, args.seconds))
+        num_windows = len(clip_window_lengths(num_clips, args.seconds, WINDOW))
         audio_seconds = num_clips * args.seconds
         for impl in args.impls:
             timing = benchmark_windowed_attention(

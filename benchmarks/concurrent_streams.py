@@ -1,7 +1,7 @@
 """How many live streams this machine keeps real-time: ``StreamingEngine`` steps over N concurrent streams.
 
-    python -m infer.concurrent_streams --model small --streams 1,2,4,8          # a quick look
-    python -m infer.concurrent_streams --streams 1,2,4,8                        # ASR-0.6B config, random weights
+    python -m benchmarks.concurrent_streams --model small --streams 1,2,4,8          # a quick look
+    python -m benchmarks.concurrent_streams --streams 1,2,4,8                        # ASR-0.6B config, random weights
 
 For each N, N streams (the same speech from different offsets) are each brought to ``--stream-seconds`` minus
 ``--updates`` chunks in one update (``warm_start``), then every stream gets its next chunk at once and each step
@@ -20,40 +20,24 @@ update a prefix, which isolates the audio part). The load average (1/5/15 min) i
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 
 import numpy as np
 
-from infer.bench_stream import add_checkpoint_arguments, checkpoint_dir, speech
-
-SAMPLE_RATE = 16000
+from benchmarks import common
+from benchmarks.common import SAMPLE_RATE, load_average
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m infer.concurrent_streams",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_checkpoint_arguments(parser)
+    parser = common.argument_parser("benchmarks.concurrent_streams", __doc__)
+    common.add_streaming_arguments(parser)
     parser.add_argument("--streams", default="1,2,4,8", help="concurrent stream counts (default %(default)s)")
     parser.add_argument("--stream-seconds", type=float, default=24.0,
                         help="stream length at the timed updates (default %(default)s)")  # fmt: skip
-    parser.add_argument(
-        "--chunk-seconds", type=float, default=2.0, help="update period (default %(default)s)"
-    )
     parser.add_argument("--updates", type=int, default=4, help="timed steps per stream count (mean)")
-    parser.add_argument("--max-new-tokens", type=int, default=16, help="token budget per update")
-    parser.add_argument("--empty-prefix", action="store_true", help="no text prefix in any update")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     return parser
-
-
-def load() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     from qasr_jax.asr import Qwen3ASRModel
     from qasr_jax.stream_engine import StreamingEngine
 
-    path = checkpoint_dir(args)
+    path = common.checkpoint_dir(args)
     asr = Qwen3ASRModel.from_pretrained(path, max_new_tokens=args.max_new_tokens, dtype=args.dtype)
     transcriber = asr.streamer
     programs = transcriber.engine.programs
@@ -75,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     unfixed = {"unfixed_chunk_num": 1 << 30} if args.empty_prefix else {}
     if warm < chunk:
         raise SystemExit("--stream-seconds must leave at least one chunk before the timed updates")
-    speech_all = speech(args.stream_seconds + 3.0 * max(counts))
+    speech_all = common.speech_clip(args.stream_seconds + 3.0 * max(counts))
 
     def audio(i: int) -> np.ndarray:
         return speech_all[3 * i * SAMPLE_RATE :][:total]  # stream i starts 3 s further into the speech
@@ -96,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     prefix = "no text prefix" if args.empty_prefix else "official prefix rule"
     print(f"# {path}; chunk {args.chunk_seconds:g} s; streams at {args.stream_seconds:g} s; budget "
-          f"{args.max_new_tokens} tokens; {prefix}; {args.dtype}; load average before: {load()}", flush=True)  # fmt: skip
+          f"{args.max_new_tokens} tokens; {prefix}; {args.dtype}; load average before: {load_average()}", flush=True)  # fmt: skip
     header = ("streams", "step s", "per stream s", "real-time", "one at a time s", "batched speed-up",
               "prefilled/update", "enc chunks/update")  # fmt: skip
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header), flush=True)
@@ -123,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         for stream in streams:
             engine.close(stream)
     print(f"# one update alone: {alone:.3f} s; concurrent real-time streams ({args.chunk_seconds:g}-s chunks, of "
-          f"those tried): {sustained}; load average after: {load()}")  # fmt: skip
+          f"those tried): {sustained}; load average after: {load_average()}")  # fmt: skip
     return 0
 
 

@@ -1,6 +1,6 @@
 """Audio decoding throughput and memory, ours vs the official loader, in the same run.
 
-    python -m infer.bench_decode [--minutes 10] [--long-hours 2] [--formats wav,flac,mp3,m4a,opus]
+    python -m benchmarks.decode [--minutes 10] [--long-hours 2] [--formats wav,flac,mp3,m4a,opus]
 
 For each format a ``--minutes`` long file (44.1 kHz stereo for wav/flac/mp3/m4a, 48 kHz for opus) of espeak-ng
 speech is written, then loaded to 16 kHz mono by ``qasr_jax.audio.load_audio`` and by the official
@@ -11,14 +11,13 @@ MP3 is loaded in a fresh process and its peak resident memory is printed beside 
 
 from __future__ import annotations
 
-import argparse
 import os
-import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
+
+from benchmarks import common
 
 FORMATS = {
     "wav": ("wav", None, 44100),
@@ -31,15 +30,8 @@ FORMATS = {
 
 def speech(seconds: float, rate: int) -> np.ndarray:
     """[time, 2] float32: espeak-ng sentences repeated to ``seconds``, the second channel a quieter copy."""
-    import soundfile as sf
-    import soxr
-
-    from tests.support.speech import LONG_EN, synth_wav
-
-    voice, native = sf.read(synth_wav(LONG_EN), dtype="float32")
-    voice = soxr.resample(voice, native, rate).astype(np.float32)
-    reps = int(np.ceil(seconds * rate / len(voice)))
-    mono = np.tile(voice, reps)[: int(seconds * rate)]
+    speech = common.speech
+    mono = common.tiled(speech.synth(speech.LONG_EN, sr=rate), int(seconds * rate))
     return np.stack([mono, 0.5 * mono], axis=1)
 
 
@@ -50,42 +42,21 @@ def write(path: str, fmt: str, samples: np.ndarray, rate: int) -> str:
 
         sf.write(path, samples, rate, subtype="PCM_16")
         return path
-    from tests.support.media import encode
-
-    return encode(path, samples, rate, container, codec)
-
-
-def timed(fn, repeats: int = 2) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
+    return common.media.encode(path, samples, rate, container, codec)
 
 
 def peak_memory_child(path: str) -> None:
     """Run in a fresh process: load ``path`` and print peak RSS (MB) and the result's size (MB)."""
     from qasr_jax import audio
 
-    before = _status_mb("VmRSS")
+    before = common.proc_status_kib("VmRSS") / 1024
     samples = audio.load_audio(path)
-    peak = _status_mb("VmHWM")  # this process's own peak (ru_maxrss would carry the parent's over exec)
+    peak = common.proc_status_kib("VmHWM") / 1024  # this process's own peak
     print(f"{before:.0f} {peak:.0f} {samples.nbytes / 2**20:.0f} {len(samples) / 16000:.0f}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = common.argument_parser("benchmarks.decode", __doc__)
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--long-hours", type=float, default=2.0, help="0 skips the memory measurement")
     parser.add_argument("--formats", default=",".join(FORMATS))
@@ -112,8 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         for fmt in [f for f in args.formats.split(",") if f]:
             rate = FORMATS[fmt][2]
             path = write(os.path.join(directory, f"speech.{fmt}"), fmt, speech(seconds, rate), rate)
-            ours = timed(lambda p=path: audio.load_audio(p))
-            theirs = timed(lambda p=path: official.normalize_audio_input(p)) if official else float("nan")
+            ours = common.best_seconds(lambda p=path: audio.load_audio(p), 2)
+            theirs = float("nan")
+            if official:
+                theirs = common.best_seconds(lambda p=path: official.normalize_audio_input(p), 2)
             print(
                 f"{fmt:8s} {seconds / ours:15.0f} {seconds / theirs:19.0f}   (load {os.getloadavg()[0]:.2f})"
             )
@@ -121,16 +94,13 @@ def main(argv: list[str] | None = None) -> int:
             long_seconds = args.long_hours * 3600
             long_path = os.path.join(directory, "long.mp3")
             block = speech(600.0, 44100)
-            from tests.support.media import encode
-
-            tiled = np.tile(block, (int(np.ceil(long_seconds / 600.0)), 1))[: int(long_seconds * 44100)]
-            encode(long_path, tiled, 44100, "mp3", "mp3", bit_rate=128000)
+            tiled = common.tiled(block, int(long_seconds * 44100))
+            common.media.encode(long_path, tiled, 44100, "mp3", "mp3", bit_rate=128000)
             del tiled
             size = os.path.getsize(long_path) / 2**20
-            out = subprocess.run(
-                [sys.executable, "-m", "infer.bench_decode", "--peak-memory-child", long_path],
-                check=True, capture_output=True, text=True,
-            ).stdout.split()  # fmt: skip
+            out = common.run_module(
+                "benchmarks.decode", "--peak-memory-child", long_path, capture=True
+            ).split()
             before, peak, result, decoded = (float(v) for v in out)
             stereo = long_seconds * 44100 * 2 * 4 / 2**20
             print(

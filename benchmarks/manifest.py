@@ -1,6 +1,6 @@
 """Dataset-scale throughput of ``--manifest`` jobs: the planned pipeline vs the previous path, one program.
 
-    python -m infer.bench_manifest [--work-dir DIR] [--files 500] [--batch-size 4] [--max-new-tokens 8]
+    python -m benchmarks.manifest [--work-dir DIR] [--files 500] [--batch-size 4] [--max-new-tokens 8]
 
 Builds once under ``--work-dir`` (cached for later runs): a small random checkpoint whose weights matter
 (``tests/support/official.py``) and a manifest of ``--files`` recordings of mixed durations, 1 s to 10 min
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
 import sys
@@ -34,6 +33,8 @@ import time
 from typing import Any
 
 import numpy as np
+
+from benchmarks import common
 
 SENTENCES = (
     "The quick brown fox jumps over the lazy dog near the quiet river bank today.",
@@ -54,12 +55,7 @@ FORMATS = ((0.4, 16000, "wav"), (0.3, 22050, "wav"), (0.2, 44100, "flac"), (0.1,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m infer.bench_manifest",
-        description=__doc__.split("\n\n", 1)[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = common.argument_parser("benchmarks.manifest", __doc__, epilog=True)
     parser.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "qasr_bench_manifest"),
                         help="where the checkpoint and audio are built and cached (default %(default)s)")  # fmt: skip
     parser.add_argument(
@@ -82,20 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
 # Inputs
 
 
-def small_checkpoint(work_dir: str) -> str:
-    """The small test checkpoint (weights scaled so every part matters), built once under ``work_dir``."""
-    from tests.support import official
-
-    config = official.small_asr_config()
-    digest = hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
-    path = os.path.join(work_dir, f"checkpoint-{digest}")
-    if not os.path.exists(os.path.join(path, "config.json")):
-        staging = tempfile.mkdtemp(dir=work_dir)
-        official.build_checkpoint(staging, config, seed=0)
-        os.replace(staging, path)
-    return path
-
-
 def draw(rng: np.random.Generator, table: tuple[tuple[Any, ...], ...]) -> tuple[Any, ...]:
     shares = np.array([row[0] for row in table])
     return table[int(rng.choice(len(table), p=shares / shares.sum()))][1:]
@@ -106,8 +88,7 @@ def build_manifest(work_dir: str, files: int, seed: int) -> str:
     import soundfile
     import soxr
 
-    from tests.support import speech
-
+    speech = common.speech
     audio_dir = os.path.join(work_dir, f"audio-{seed}")
     manifest = os.path.join(work_dir, f"manifest-{files}-{seed}.jsonl")
     if os.path.exists(manifest):
@@ -236,7 +217,7 @@ def run_path(name: str, args: argparse.Namespace, checkpoint: str, manifest: str
 
 def table(runs: list[dict[str, Any]]) -> str:
     def load(run: dict[str, Any]) -> str:
-        return "/".join(f"{x:.2f}" for x in run["loadavg"])
+        return common.load_average(run["loadavg"], "/")
 
     rows = [
         ("audio (s)", lambda r: f"{r['audio_seconds']:.0f}"),
@@ -267,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.work_dir, exist_ok=True)
     print(f"load before building: {os.getloadavg()}", file=sys.stderr)
     started = time.perf_counter()
-    checkpoint = args.checkpoint or small_checkpoint(args.work_dir)
+    checkpoint = args.checkpoint or common.small_checkpoint(args.work_dir)
     manifest = build_manifest(args.work_dir, args.files, args.seed)
     print(f"inputs ready in {time.perf_counter() - started:.0f} s: {manifest}", file=sys.stderr)
     names = [args.only] if args.only else ["planned", "previous"]

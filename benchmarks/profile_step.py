@@ -1,36 +1,22 @@
 """Where a decode step's time goes: the whole step, the decoder layers alone, the head alone, and the step over a
 short and a long cache, at each batch size; with the bytes each part must read and the bandwidth that implies.
 
-    python -m infer.profile_step [--checkpoint DIR] [--batch-sizes 1,8] [--cache-lens 128,512] [--repeats 20]
+    python -m benchmarks.profile_step [--checkpoint DIR] [--batch-sizes 1,8] [--cache-lens 128,512] [--repeats 20]
 
-Without ``--checkpoint`` it uses (or builds) the random-weight ASR-0.6B checkpoint of ``infer.bench``. Each
+Without ``--checkpoint`` it uses (or builds) the random-weight ASR-0.6B checkpoint of ``benchmarks.transcribe``. Each
 program is compiled first and timed as the median of ``--repeats`` runs, the caches donated as in the engine.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import statistics
-import time
 
-
-def median_ms(fn, repeats: int) -> float:
-    import jax
-
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+from benchmarks import common
+from benchmarks.common import jax_median_ms
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = common.argument_parser("benchmarks.profile_step", __doc__)
     parser.add_argument("--checkpoint", metavar="DIR")
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--cache-lens", default="128,512")
@@ -40,13 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     import jax
     import jax.numpy as jnp
 
-    from infer.bench import build_parser, checkpoint_dir
     from qasr_jax.model import Qwen3ASR
     from qasr_jax.model.decoder import Decoder, decode_step_unrolled, init_cache
     from qasr_jax.model.thinker import decode_layer_params, decode_step
     from qasr_jax.weights import load_pretrained
 
-    path = args.checkpoint or checkpoint_dir(build_parser().parse_args([]))
+    path = args.checkpoint or common.random_checkpoint("asr-0.6b")
     config, params = load_pretrained(path, jnp.float32)
     model = Qwen3ASR(config)
     layers = decode_layer_params(model, params)
@@ -92,9 +77,9 @@ def main(argv: list[str] | None = None) -> int:
             return hidden
 
         return (
-            median_ms(run_step, args.repeats),
-            median_ms(run_layers, args.repeats),
-            median_ms(lambda: head(params, x), args.repeats),
+            jax_median_ms(run_step, args.repeats),
+            jax_median_ms(run_layers, args.repeats),
+            jax_median_ms(lambda: head(params, x), args.repeats),
         )
 
     print(

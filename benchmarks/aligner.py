@@ -1,6 +1,6 @@
 """Forced-alignment throughput, ours vs the official PyTorch aligner, on the same random-weight checkpoint.
 
-    python -m infer.bench_aligner [--aligner aligner-0.6b] [--clip-seconds 30] [--batch-sizes 1,8] [--repeats 1]
+    python -m benchmarks.aligner [--aligner aligner-0.6b] [--clip-seconds 30] [--batch-sizes 1,8] [--repeats 1]
 
 Builds (once, cached under --workdir) a checkpoint at the released ForcedAligner-0.6B config with random weights
 using the official code, then aligns batches of 30 s speech clips (espeak-ng speech tiled to length, with the
@@ -17,12 +17,13 @@ import contextlib
 import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+
+from benchmarks import common
 
 MODELS = ("aligner-0.6b", "small")
 
@@ -41,8 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", choices=("float32", "bfloat16"), default="float32", help="our compute dtype"
     )
-    parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "qasr_bench"),
-                        help="where the random-weight checkpoint is cached")  # fmt: skip
+    parser.add_argument(
+        "--workdir", default=common.WORKDIR, help="where the random-weight checkpoint is cached"
+    )
     parser.add_argument("--skip-official", action="store_true", help="time only ours")
     parser.add_argument("--official-windows", action="store_true",
                         help="run the official encoder with its attention windows wired in (it ignores them on CPU)")  # fmt: skip
@@ -59,30 +61,6 @@ def _seconds(call: Callable[..., Any], *args: Any) -> tuple[float, float]:
     wall, cpu = time.perf_counter(), time.process_time()
     call(*args)
     return time.perf_counter() - wall, time.process_time() - cpu
-
-
-def speech_clip(seconds: float) -> tuple[np.ndarray, str]:
-    """``seconds`` of espeak-ng English speech (a paragraph repeated) and the words it speaks (16 kHz float32)."""
-    from tests.support.speech import LONG_EN, synth
-
-    clip = synth(LONG_EN)
-    repeats = int(np.ceil(seconds * 16000 / len(clip)))
-    samples = np.tile(clip, repeats)[: int(seconds * 16000)]
-    words = LONG_EN.split() * repeats
-    spoken = max(1, round(len(words) * len(samples) / (len(clip) * repeats)))
-    return samples, " ".join(words[:spoken])
-
-
-def checkpoint_dir(model: str, workdir: str) -> str:
-    """The random-weight checkpoint for ``model``, built with the official code on first use."""
-    from tests.support import official
-
-    path = os.path.join(workdir, f"{model}-random")
-    if not os.path.exists(os.path.join(path, "config.json")):
-        print(f"building the {model} checkpoint with random weights in {path} ...", file=sys.stderr)
-        config = official.real_config(model) if model != "small" else official.small_aligner_config()
-        official.build_checkpoint(path, config, seed=0)
-    return path
 
 
 def _load_ours(path: str, dtype: str, max_batch_size: int) -> Callable[[list, list], Any]:
@@ -102,8 +80,7 @@ def _load_official(path: str, windows: bool) -> Callable[[list, list], Any]:
     import torch
     from qwen_asr.inference.qwen3_forced_aligner import Qwen3ForcedAligner as OfficialAligner
 
-    from tests.support import official
-
+    official = common.official
     torch.set_num_threads(os.cpu_count() or 1)
     aligner = OfficialAligner.from_pretrained(path, dtype=torch.float32)
 
@@ -127,8 +104,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     import jax
 
-    path = checkpoint_dir(options["aligner"], options["workdir"])
-    samples, text = speech_clip(clip_seconds)
+    model = "small-aligner" if options["aligner"] == "small" else options["aligner"]
+    path = common.random_checkpoint(model, options["workdir"])
+    samples, text = common.speech_and_text(clip_seconds)
     # Each clip starts at a different point of the speech so that no two rows are the same.
     clips = [(np.roll(samples, 16000 * k), 16000) for k in range(sizes[-1])]
     batches = {size: (clips[:size], [text] * size) for size in sizes}
@@ -181,8 +159,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m infer.bench_aligner", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = common.argument_parser("benchmarks.aligner", __doc__)
     add_arguments(parser)
     run(parser.parse_args(argv))
     return 0

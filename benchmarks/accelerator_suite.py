@@ -1,7 +1,7 @@
 """One short run that measures what only an accelerator can: kernels compiled and timed, throughput, memory.
 
-    python -m infer.accelerator_suite --out DIR            # one GPU or TPU host, at most 8 minutes
-    python -m infer.accelerator_suite --out DIR --tiny     # the same sections on the CPU, tiny sizes
+    python -m benchmarks.accelerator_suite --out DIR            # one GPU or TPU host, at most 8 minutes
+    python -m benchmarks.accelerator_suite --out DIR --tiny     # the same sections on the CPU, tiny sizes
 
 Writes ``DIR/report.json`` and ``DIR/report.md`` and prints the hardware it saw. Sections (each runs even when an
 earlier one failed, a failure recorded with its traceback; none starts after ``--budget-s``, 7.5 minutes):
@@ -28,15 +28,12 @@ nor a checkpoint; speech comes from espeak-ng where it is installed, else seeded
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import functools
 import json
 import os
 import platform as host_platform
-import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -48,8 +45,16 @@ from typing import Any
 
 import numpy as np
 
-SAMPLE_RATE = 16000
-EOS_TOKEN_IDS = (151645, 151643)
+from benchmarks import common
+from benchmarks.common import (
+    EOS_TOKEN_IDS,
+    SAMPLE_RATE,
+    median_seconds,
+    peak_rss_gb,
+    random_params,
+    speech_clip,
+)
+
 PAPER_ASR_AUDIO_S_PER_S = 2000.0  # Qwen3-ASR-0.6B on vLLM at concurrency 128 (RTF 0.064)
 PAPER_ALIGNER_AUDIO_S_PER_S = 1000.0  # Qwen3-ForcedAligner-0.6B
 # In the order they run: the compile-heaviest (three decode-state shapes) last, so a run that meets its time
@@ -61,7 +66,7 @@ SECTIONS = ("kernel_tests", "kernel_timing", "encoder", "end_to_end", "aligner",
 class Sizes:
     """What the suite runs at: the full accelerator sizes, or tiny ones for the CPU."""
 
-    asr_model: str  # a released config ("asr-0.6b") or a tiny test one ("small-asr"); see model_config
+    asr_model: str  # a released config ("asr-0.6b") or a tiny test one ("small-asr"): common.official_config
     aligner_model: str  # "aligner-0.6b" or "small-aligner"
     kernel_models: tuple[str, ...]  # released configs whose head shapes the kernels are timed at
     kernel_clips: int  # clips laid into encoder windows
@@ -99,45 +104,16 @@ TINY = Sizes(
 # Shared pieces
 
 
-def model_config(name: str) -> Any:
-    """The ThinkerConfig of a released config (``"asr-0.6b"``, ``"aligner-0.6b"``, ...) or a tiny test one."""
-    from qasr_jax.config import config_from_dict
-    from tests.support import official
-
-    if name == "small-asr":
-        return config_from_dict(official.small_asr_config())
-    if name == "small-aligner":
-        return config_from_dict(official.small_aligner_config())
-    return config_from_dict(official.real_config(name))
-
-
 @functools.lru_cache(maxsize=2)
 def bf16_params(name: str, seed: int = 0) -> Any:
-    """Random bf16 params of the model ``name`` (see ``model_config``), made once per run and shared by the
-    sections (speed does not depend on the values)."""
+    """Random bf16 params of the model ``name`` (see ``common.official_config``), made once per run and shared by
+    the sections (speed does not depend on the values)."""
     import jax.numpy as jnp
 
     from qasr_jax.model import Qwen3ASR
 
-    return random_params(Qwen3ASR(model_config(name), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16), seed)
-
-
-def random_params(model: Any, seed: int = 0) -> Any:
-    """Params of ``model`` (a ``Qwen3ASR``) from its own initialisers, in its param dtype, made on the device."""
-    import flax
-    import jax
-    import jax.numpy as jnp
-
-    cfg = model.config
-
-    def init() -> Any:
-        ids = jnp.zeros((1, 4), jnp.int32)
-        feats = jnp.zeros((1, cfg.audio.num_mel_bins, cfg.audio.chunk_frames), jnp.float32)
-        fmask = jnp.ones((1, cfg.audio.chunk_frames), jnp.int32)
-        variables = model.init(jax.random.key(seed, impl="rbg"), ids, jnp.ones_like(ids), feats, fmask)
-        return flax.core.meta.unbox(variables["params"])
-
-    return jax.block_until_ready(jax.jit(init)())
+    model = Qwen3ASR(common.thinker_config(name), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    return random_params(model, seed)
 
 
 # The chat-template prompt around the audio, as Qwen2 BPE ids: <|im_start|>system\n<|im_end|>\n<|im_start|>user\n
@@ -155,18 +131,9 @@ def prompt_ids(config: Any, samples: int) -> list[int]:
     return [*_PROMPT_HEAD, *([config.audio_token_id] * audio_tokens), *_PROMPT_TAIL]
 
 
-def speech(seconds: float) -> np.ndarray:
-    """``seconds`` of speech at 16 kHz (espeak-ng where installed, else seeded noise)."""
-    from infer.bench import speech_clip
-
-    return speech_clip(seconds)
-
-
 def aligner_words(seconds: float) -> str:
     """About 2.5 words a second of English text."""
-    from tests.support.speech import LONG_EN
-
-    words = LONG_EN.split()
+    words = common.speech.LONG_EN.split()
     count = max(1, round(2.5 * seconds))
     return " ".join((words * (count // len(words) + 1))[:count])
 
@@ -178,20 +145,6 @@ def peak_device_gb() -> float | None:
     stats = jax.devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
     return None if peak is None else peak / 2**30
-
-
-def host_peak_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
-
-
-def median_seconds(call: Callable[[], Any], repeats: int) -> float:
-    """Median wall time of ``repeats`` calls of ``call`` (which blocks until its results are ready)."""
-    times = []
-    for _ in range(max(1, repeats)):
-        started = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def compiled(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
@@ -242,9 +195,8 @@ def kernel_tests(sizes: Sizes, out_dir: str) -> dict[str, Any]:
     if sizes.kernel_test_filter:
         command += ["-k", sizes.kernel_test_filter]
     env = {**os.environ, "JAX_DEFAULT_MATMUL_PRECISION": "highest"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     started = time.perf_counter()
-    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True,
+    done = subprocess.run(command, cwd=common.REPO, env=env, capture_output=True, text=True,
                           timeout=sizes.kernel_test_timeout_s)  # fmt: skip
     seconds = time.perf_counter() - started
     with open(os.path.join(out_dir, "kernel_tests.log"), "w", encoding="utf-8") as log:
@@ -284,7 +236,6 @@ def kernel_timing(sizes: Sizes) -> dict[str, Any]:
         windowed_attention_pallas,
         windowed_attention_xla,
     )
-    from qasr_jax.kernels.bench import clip_window_lengths, time_call
     from qasr_jax.model.decoder import layer_cache_shape
 
     interpret, target = resolve_interpret(None), resolve_target(None)
@@ -293,14 +244,14 @@ def kernel_timing(sizes: Sizes) -> dict[str, Any]:
     dtype = jnp.bfloat16
 
     def milliseconds(fn: Callable[..., Any], *args: Any) -> float:
-        return time_call(functools.partial(jax.jit(fn), *args), sizes.kernel_repeats)
+        return common.jax_median_ms(functools.partial(jax.jit(fn), *args), sizes.kernel_repeats)
 
     windowed, decode, seen = [], [], set()
     for name in sizes.kernel_models:
-        config = model_config(name)
+        config = common.thinker_config(name)
         audio_cfg, text_cfg = config.audio, config.text
         window = audio_cfg.window_chunks * audio_cfg.tokens_per_chunk
-        lengths = jnp.asarray(clip_window_lengths(sizes.kernel_clips, int(sizes.clip_seconds), window))
+        lengths = jnp.asarray(common.clip_window_lengths(sizes.kernel_clips, int(sizes.clip_seconds), window))
         shape = (lengths.shape[0], window, audio_cfg.encoder_attention_heads, audio_cfg.head_dim)
         q, k, v = (jax.random.normal(key, shape, jnp.float32).astype(dtype)
                    for key in jax.random.split(jax.random.key(0), 3))  # fmt: skip
@@ -348,10 +299,10 @@ def encoder(sizes: Sizes) -> dict[str, Any]:
     from qasr_jax import audio
     from qasr_jax.model import Qwen3ASR
 
-    config = model_config(sizes.asr_model)
+    config = common.thinker_config(sizes.asr_model)
     model = Qwen3ASR(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     params = bf16_params(sizes.asr_model)
-    clip = speech(sizes.clip_seconds)
+    clip = speech_clip(sizes.clip_seconds)
     window = config.audio.window_frames
     frames = -(-audio.num_frames(len(clip)) // window) * window  # whole windows, as the engine pads
 
@@ -380,7 +331,7 @@ def decode(sizes: Sizes) -> dict[str, Any]:
 
     from qasr_jax.engine import DecodeOptions, Engine
 
-    config = model_config(sizes.asr_model)
+    config = common.thinker_config(sizes.asr_model)
     engine = Engine(config, dtype=jnp.bfloat16, options=DecodeOptions(suppress_token_ids=EOS_TOKEN_IDS))
     params = bf16_params(sizes.asr_model)
     rows = []
@@ -422,11 +373,11 @@ def end_to_end(sizes: Sizes) -> dict[str, Any]:
     from qasr_jax.engine import DecodeOptions, GenerationRequest
     from qasr_jax.generate import Generator
 
-    config = model_config(sizes.asr_model)
+    config = common.thinker_config(sizes.asr_model)
     params = bf16_params(sizes.asr_model)
     generator = Generator(config, params, dtype=jnp.bfloat16, max_batch=sizes.e2e_batch,
                           options=DecodeOptions(suppress_token_ids=EOS_TOKEN_IDS))  # fmt: skip
-    clip = speech(sizes.clip_seconds)
+    clip = speech_clip(sizes.clip_seconds)
     # Each row its own audio (shifted speech), so no two rows are the same.
     requests = [
         GenerationRequest(np.roll(clip, 1600 * i), prompt_ids(config, len(clip)), sizes.e2e_tokens)
@@ -452,17 +403,16 @@ def aligner(sizes: Sizes) -> dict[str, Any]:
 
     from qasr_jax import text as text_io
     from qasr_jax.aligner import Qwen3ForcedAligner
-    from tests.support import vocab
 
-    config = model_config(sizes.aligner_model)
+    config = common.thinker_config(sizes.aligner_model)
     params = bf16_params(sizes.aligner_model)
     with tempfile.TemporaryDirectory() as directory:
-        vocab.write_tokenizer_files(directory)
+        common.vocab.write_tokenizer_files(directory)
         tokenizer = text_io.Tokenizer.from_pretrained(directory, follow_official_loader=False)
     n = sizes.aligner_batch
     model = Qwen3ForcedAligner(config, params, tokenizer, dtype=jnp.bfloat16, max_batch_size=n,
                                max_batch_tokens=n * 4096)  # fmt: skip
-    clip = speech(sizes.clip_seconds)
+    clip = speech_clip(sizes.clip_seconds)
     audios = [(np.roll(clip, 1600 * i), SAMPLE_RATE) for i in range(n)]
     texts = [aligner_words(sizes.clip_seconds)] * n
     started = time.perf_counter()
@@ -497,7 +447,7 @@ def _section(report: dict[str, Any], name: str) -> Iterator[dict[str, Any]]:
         entry["traceback"] = traceback.format_exc()
     entry["wall_s"] = time.perf_counter() - started
     entry["peak_device_gb"] = peak_device_gb()
-    entry["peak_host_gb"] = host_peak_gb()
+    entry["peak_host_gb"] = peak_rss_gb()
     print(f"[{name}] {entry['status']} in {entry['wall_s']:.1f} s" + (f": {entry['error']}" if "error" in entry
           else ""), flush=True)  # fmt: skip
 
@@ -540,7 +490,7 @@ def run_suite(
     for name in sections:
         if time.perf_counter() - started > budget_s:
             report["sections"][name] = {"status": "skipped", "error": f"the {budget_s:.0f} s budget was spent",
-                                        "wall_s": 0.0, "peak_device_gb": None, "peak_host_gb": host_peak_gb()}  # fmt: skip
+                                        "wall_s": 0.0, "peak_device_gb": None, "peak_host_gb": peak_rss_gb()}  # fmt: skip
             continue
         with _section(report, name) as entry:
             entry["result"] = runners[name]()
@@ -655,8 +605,7 @@ _RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m infer.accelerator_suite", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = common.argument_parser("benchmarks.accelerator_suite", __doc__)
     parser.add_argument("--out", required=True, metavar="DIR", help="where report.json and report.md go")
     parser.add_argument("--tiny", action="store_true", help="tiny configs and sizes (CPU, CI)")
     parser.add_argument("--sections", default=",".join(SECTIONS),

@@ -1,6 +1,6 @@
 """Time one training step (forward, backward, AdamW update) of the demo models and of the released sizes.
 
-    python -m train.bench_step [--models demo-ctc,demo-decoder,demo,demo-voices,demo-aligner,asr-0.6b] [--repeats 5]
+    python -m benchmarks.train_step [--models demo-ctc,demo-decoder,demo,demo-voices,demo-aligner,asr-0.6b] [--repeats 5]
 
 Each model gets a synthetic batch of the shape and the objective of its training stage (``demo-ctc``: stage A,
 batch 16 × 2 s, CTC and frame targets, the decoder skipped; ``demo-decoder``: stage B, batch 16 × 3 s, CE with
@@ -12,15 +12,14 @@ step's cost does not depend on either. Prints one table with the load average be
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
-import tempfile
 import time
 from typing import Any
 
 import numpy as np
+
+from benchmarks import common
 
 SIZES: dict[str, dict[str, Any]] = {
     "demo-ctc": {"batch": 16, "seconds": 2.0, "targets": 10, "aligner": False, "ce": 0.0, "ctc": 1.0,
@@ -35,17 +34,11 @@ SIZES: dict[str, dict[str, Any]] = {
 
 
 def thinker_config(name: str) -> Any:
-    from qasr_jax.config import load_config
     from train import demo_init
 
     if name.startswith("demo"):
         return demo_init.aligner_config() if SIZES[name]["aligner"] else demo_init.asr_config()
-    from tests.support import official
-
-    with tempfile.TemporaryDirectory() as tmp:
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(official.real_config(name), f)
-        return load_config(tmp)
+    return common.thinker_config(name)
 
 
 def synthetic_batch(config: Any, batch: int, seconds: float, targets: int, seed: int = 0) -> Any:
@@ -101,11 +94,9 @@ def time_steps(name: str, repeats: int) -> float:
     mesh = sharding.make_mesh("data=1")
     augment = None
     if "augment" in size:
-        from pathlib import Path
-
         import tomllib
 
-        with open(Path(__file__).resolve().parent / "configs" / size["augment"], "rb") as f:
+        with open(os.path.join(common.REPO, "train", "configs", size["augment"]), "rb") as f:
             augment = SpecAugment(**tomllib.load(f)["augment"])
     objective = Objective(size.get("ce", 1.0), size.get("ctc", 0.0), 0, size.get("frame", 0.0), augment)
     model_cfg = ModelConfig(checkpoint="-", freeze=size.get("freeze", ()))
@@ -124,8 +115,7 @@ def time_steps(name: str, repeats: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.bench_step", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = common.argument_parser("benchmarks.train_step", __doc__)
     parser.add_argument("--models", default="demo-ctc,demo-decoder,demo,demo-voices,demo-aligner,asr-0.6b")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)

@@ -1,6 +1,6 @@
 """bf16 fidelity: ours and the official model, each in bf16 and fp32, on the same checkpoint and speech.
 
-    python -m infer.bench_bf16 [--model asr-0.6b] [--clips 8] [--steps 64] [--workdir /tmp/qasr_bench]
+    python -m benchmarks.bf16 [--model asr-0.6b] [--clips 8] [--steps 64] [--workdir /tmp/qasr_bench]
 
 Builds (once, cached under --workdir) a random-weight checkpoint at the released config with the official code,
 its weights scaled so that every part of the model matters (tests/support/official.py), and synthesises
@@ -28,7 +28,6 @@ import argparse
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,8 +36,9 @@ from typing import Any
 
 import numpy as np
 
-SAMPLE_RATE = 16000
-EOS_TOKEN_IDS = (151645, 151643)
+from benchmarks import common
+from benchmarks.common import EOS_TOKEN_IDS, SAMPLE_RATE
+
 DTYPES = ("float32", "bfloat16")
 
 # (text, espeak-ng voice): about 0.7, 5, 19, 3, 4, 6, 9 and 12 s; clips over 8 s span several encoder windows.
@@ -155,8 +155,8 @@ def make_inputs(checkpoint: str, utterances: Sequence[tuple[str, str]]) -> Input
     """Speech, the official processor's features and the chat-template prompt of every utterance."""
     from qasr_jax import text as text_io
     from qasr_jax.config import load_config
-    from tests.support import official, speech
 
+    official, speech = common.official, common.speech
     config = load_config(checkpoint)
     tokenizer = text_io.Tokenizer.from_pretrained(checkpoint)
     waves = [speech.synth(sentence, voice=voice) for sentence, voice in utterances]
@@ -177,8 +177,7 @@ def run_official(
     import torch
     from qwen_asr.core.transformers_backend import Qwen3ASRForConditionalGeneration
 
-    from tests.support import official
-
+    official = common.official
     torch.set_num_threads(os.cpu_count() or 1)
     torch_dtype = getattr(torch, dtype)
     model = Qwen3ASRForConditionalGeneration.from_pretrained(checkpoint, dtype=torch_dtype).eval()
@@ -307,23 +306,9 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def checkpoint_dir(model: str, workdir: str) -> str:
-    path = os.path.join(workdir, f"{model}-random")
-    if not os.path.exists(os.path.join(path, "config.json")):
-        from tests.support import official
-
-        print(f"building {model} with random weights in {path} ...", file=sys.stderr, flush=True)
-        official.build_checkpoint(path, official.real_config(model), seed=0)
-    return path
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m infer.bench_bf16", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--model", default="asr-0.6b", choices=("asr-0.6b", "asr-1.7b"))
-    parser.add_argument("--checkpoint", metavar="DIR", help="use this checkpoint dir instead of building one")
-    parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "qasr_bench"),
-                        help="where built checkpoints are cached (default %(default)s)")  # fmt: skip
+    parser = common.argument_parser("benchmarks.bf16", __doc__)
+    common.add_checkpoint_arguments(parser)
     parser.add_argument("--clips", type=int, default=len(UTTERANCES), help="clips (at most %(default)s)")
     parser.add_argument("--steps", type=int, default=64, help="greedy steps per clip (default %(default)s)")
     parser.add_argument("--out", metavar="DIR", help="keep tokens, logits and the report here")
@@ -334,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         worker(args.worker, args.checkpoint, args.inputs, args.steps, args.out)
         return 0
 
-    checkpoint = args.checkpoint or checkpoint_dir(args.model, args.workdir)
+    checkpoint = common.checkpoint_dir(args)
     out_dir = args.out or tempfile.mkdtemp(prefix="qasr_bf16_")
     os.makedirs(out_dir, exist_ok=True)
     inputs_path = os.path.join(out_dir, "inputs.npz")
@@ -343,8 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     seconds = [len(w) / SAMPLE_RATE for w in inputs.waves]
     loads = [os.getloadavg()]
     for side in ("official", "ours"):  # official first: its fp32 tokens are the shared sequence
-        subprocess.run([sys.executable, "-m", "infer.bench_bf16", "--worker", side, "--checkpoint", checkpoint,
-                        "--inputs", inputs_path, "--steps", str(args.steps), "--out", out_dir], check=True)  # fmt: skip
+        common.run_module("benchmarks.bf16", "--worker", side, "--checkpoint", checkpoint, "--inputs", inputs_path,
+                          "--steps", str(args.steps), "--out", out_dir)  # fmt: skip
         loads.append(os.getloadavg())
     rows = measure(out_dir)
     report = (

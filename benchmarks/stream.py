@@ -1,8 +1,8 @@
 """Per-update cost of streaming transcription: incremental vs re-feeding everything (the official algorithm).
 
-    python -m infer.bench_stream --model small --stream-seconds 10,20                 # a quick look
-    python -m infer.bench_stream --stream-seconds 10,60,300                           # the full size (0.6B)
-    python -m infer.bench_stream --stream-seconds 10,60,300 --empty-prefix            # the audio part alone
+    python -m benchmarks.stream --model small --stream-seconds 10,20                 # a quick look
+    python -m benchmarks.stream --stream-seconds 10,60,300                           # the full size (0.6B)
+    python -m benchmarks.stream --stream-seconds 10,60,300 --empty-prefix            # the audio part alone
 
 For each stream length L and each mode, a stream is brought to L − chunk seconds (one update over that audio,
 which fills the mode's caches and gives the model a text to continue), then ``--updates`` chunk updates are timed
@@ -25,63 +25,23 @@ figures mean little on a busy machine.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
-import tempfile
 
 import numpy as np
 
-SAMPLE_RATE = 16000
-
-
-def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--model`` (a config built with random weights), ``--checkpoint DIR`` and ``--workdir`` (see
-    ``checkpoint_dir``)."""
-    parser.add_argument("--model", default="asr-0.6b", choices=("asr-0.6b", "asr-1.7b", "small"),
-                        help="config to build with random weights (default %(default)s)")  # fmt: skip
-    parser.add_argument("--checkpoint", metavar="DIR", help="use this checkpoint dir instead")
-    parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "qasr_bench"),
-                        help="where built checkpoints are cached (default %(default)s)")  # fmt: skip
+from benchmarks import common
+from benchmarks.common import SAMPLE_RATE
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m infer.bench_stream",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_checkpoint_arguments(parser)
+    parser = common.argument_parser("benchmarks.stream", __doc__)
+    common.add_streaming_arguments(parser)
     parser.add_argument("--stream-seconds", default="10,60,300",
                         help="comma-separated stream lengths (default %(default)s)")  # fmt: skip
-    parser.add_argument(
-        "--chunk-seconds", type=float, default=2.0, help="update period (default %(default)s)"
-    )
     parser.add_argument("--updates", type=int, default=2, help="timed updates per length and mode (median)")
-    parser.add_argument("--max-new-tokens", type=int, default=16, help="token budget per update")
     parser.add_argument("--modes", default="incremental,refeed", help="modes to run (default %(default)s)")
-    parser.add_argument("--empty-prefix", action="store_true", help="no text prefix in any update")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     return parser
-
-
-def checkpoint_dir(args: argparse.Namespace) -> str:
-    if args.checkpoint:
-        return args.checkpoint
-    path = os.path.join(args.workdir, f"{args.model}-random")
-    if not os.path.exists(os.path.join(path, "config.json")):
-        from tests.support import official
-
-        config = official.small_asr_config() if args.model == "small" else official.real_config(args.model)
-        print(f"building {args.model} with random weights in {path} ...", file=sys.stderr, flush=True)
-        official.build_checkpoint(path, config, seed=0)
-    return path
-
-
-def speech(seconds: float) -> np.ndarray:
-    from infer.bench import speech_clip
-
-    return speech_clip(seconds)
 
 
 def measure(transcriber, samples: np.ndarray, args: argparse.Namespace) -> list:
@@ -116,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     from qasr_jax.asr import Qwen3ASRModel
     from qasr_jax.streaming import StreamingTranscriber
 
-    path = checkpoint_dir(args)
+    path = common.checkpoint_dir(args)
     asr = Qwen3ASRModel.from_pretrained(path, max_new_tokens=args.max_new_tokens, dtype=args.dtype)
     transcribers = {
         mode: StreamingTranscriber(
@@ -131,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"# {path}; chunk {args.chunk_seconds:g} s; budget {args.max_new_tokens} tokens; "
           f"{'no text prefix' if args.empty_prefix else 'official prefix rule'}; load average before: "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)  # fmt: skip
+          f"{common.load_average()}", flush=True)  # fmt: skip
     header = (
         "stream s",
         "mode",
@@ -146,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header), flush=True)
     for length in lengths:
-        samples = speech(length)
+        samples = common.speech_clip(length)
         walls = {}
         for mode in modes:
             stats = measure(transcribers[mode], samples, args)
@@ -160,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                    f"{walls[mode]:.3f}", speedup)  # fmt: skip
             rows.append(row)
             print("| " + " | ".join(row) + " |", flush=True)
-    print(f"# load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"# load average after: {common.load_average()}")
     return 0
 
 
