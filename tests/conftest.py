@@ -28,6 +28,14 @@ def pytest_configure(config) -> None:
         os.environ["QASR_COMPILATION_CACHE"] = config.qasr_compilation_cache
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """The modules that hold a test marked ``slow`` run first, each module's tests still together (their module
+    fixtures are built once): with ``-n`` the workers then end together, instead of one running a long test that
+    happened to be collected last while the other waits."""
+    slow = {item.path for item in items if item.get_closest_marker("slow") is not None}
+    items.sort(key=lambda item: item.path not in slow)
+
+
 def pytest_unconfigure(config) -> None:
     path = getattr(config, "qasr_compilation_cache", None)
     if path is not None:

@@ -59,6 +59,7 @@ def _elements(path: Path) -> int:
     return sum(math.prod(t.shape) for t in load_file(str(path)).values())
 
 
+@pytest.mark.slow
 def test_adapt_demo_table_counts_what_the_runs_trained(smoke_run: tuple[Path, dict]) -> None:
     out, report = smoke_run
     entries = {e["key"]: e for e in report["entries"]}

@@ -47,6 +47,7 @@ def _config(tmp_path, name: str, model_dir: str, manifest: str):
     return load_train_config(tmp_path / f"{name}.toml")
 
 
+@pytest.mark.slow
 def test_lora_run_trains_adapters_only_resumes_exactly_and_exports_peft_files(tmp_path):
     model_dir = tf.write_model_dir(tmp_path / "model", tf.tiny_config_dict())
     manifest = tf.write_manifest(tmp_path / "train.jsonl", tf.speech_rows())

@@ -192,6 +192,7 @@ def test_synth_continuous_sentences_are_spoken_in_one_go(tmp_path: Path) -> None
     assert rate == synth.SAMPLE_RATE and np.abs(audio).max() > 0.1
 
 
+@pytest.mark.slow
 def test_recipe_smoke_run_goes_through_every_stage(tmp_path: Path) -> None:
     from train import demo_recipe
 

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile
 
 from tests.support import speech
@@ -136,6 +137,7 @@ def on_processes(command: list[str], port: int) -> list[list[str]]:
             for i in range(2)]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_manifest_split_over_two_processes_equals_one_process_and_resumes_after_kills_with_any_count(
     tmp_path,
 ):

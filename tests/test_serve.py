@@ -67,6 +67,7 @@ def post(server, files=None, data=None, headers=None, **kwargs) -> httpx.Respons
                       headers=auth() if headers is None else headers, timeout=TIMEOUT, **kwargs)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_concurrent_openai_clients_get_the_text_of_transcribe(server, client, reference) -> None:
     # Mixed durations, long ones split into several chunks, all in flight at once.
     durations = [1.0, 3.5, 7.0, 12.0, 25.0, 41.0, 60.0, 2.0, 9.0, 18.0, 33.0, 5.0]
@@ -350,6 +351,7 @@ def _connection_refused_within(port: int, timeout: float) -> bool:
 FAULT = "fail-the-engine-here"
 
 
+@pytest.mark.slow
 def test_a_failed_engine_answers_500_to_the_requests_it_held_1011_to_streams_and_503_afterwards(
     checkpoint,
 ) -> None:

@@ -291,6 +291,7 @@ def test_a_connection_that_sends_no_start_message_is_closed_1008_after_the_start
     assert waited >= START_TIMEOUT - 0.5  # the server waited out the timeout (its clock started at accept)
 
 
+@pytest.mark.slow
 def test_aligners_words_in_the_live_final_result_and_in_verbose_json(checkpoint, reference, clips,
                                                                       tmp_path_factory) -> None:  # fmt: skip
     from qasr_jax.aligner import Qwen3ForcedAligner

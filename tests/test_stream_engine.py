@@ -70,6 +70,7 @@ def updates_of(state) -> list[tuple]:
     return [(u.chunk_index, u.language, u.text, u.prefix, u.final) for u in state.updates]
 
 
+@pytest.mark.slow
 def test_concurrent_streams_equal_each_stream_alone(transcriber, clips):
     # name: (audio, piece sizes in s, the round it joins, open() arguments)
     plan = {

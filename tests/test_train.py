@@ -659,6 +659,7 @@ def test_conditions_parse_and_name_their_errors():
         parse_condition("wer <= 0.2", gate=True)
 
 
+@pytest.mark.slow
 def test_stop_when_ends_the_run_and_a_rerun_exports_without_training_on(tmp_path):
     """A met ``run.stop_when`` ends the run at that evaluation (checkpoint, export); rerunning the command finds
     the marker and exports the same step. A failed gate raises GateFailed naming the gate and the value."""
