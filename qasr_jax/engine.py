@@ -466,12 +466,15 @@ class Engine:
             prompt_len=buckets.PROMPT_LADDER.size(max(len(r.prompt_ids) for r in requests)),
         )
 
-    def _compile(
+    def compile_program(
         self, key: Any, fn: Any, *args: Any, donate: tuple[int, ...] = (), state_out: bool = False
     ) -> Any:
-        """The program of ``fn`` for abstract ``args``, compiled on first use. On a mesh, a state (in and out)
-        is split over the batch axes by its slots, and other results are replicated (every process reads them).
-        Params of another structure or shape (an adapter merged in) get a program of their own."""
+        """The program of ``fn`` for abstract ``args`` (with their shardings on a mesh: ``abstract``,
+        ``sharding.abstract_arrays``, ``sharding.batch_struct``), compiled on first use; every program of the
+        engine and of the streaming drivers is built here. On a mesh, a state (``state_out``: every result, a
+        decode state or caches) is split over the batch axes by its rows, and other results are replicated (every
+        process reads them). Params of another structure or shape (an adapter merged in) get a program of their
+        own."""
         leaves, structure = jax.tree_util.tree_flatten(args[0])
         key = (key, structure, tuple((leaf.shape, str(leaf.dtype)) for leaf in leaves))
 
@@ -495,8 +498,9 @@ class Engine:
 
         return jax.tree_util.tree_map(place, abstract_state)
 
-    def _abstract(self, tree: Any, is_state: bool = False) -> Any:
-        """ShapeDtypeStructs of ``tree`` (with the state's shardings on a mesh)."""
+    def abstract(self, tree: Any, is_state: bool = False) -> Any:
+        """ShapeDtypeStructs of ``tree``; on a mesh with the state's shardings (``is_state``: split by rows as
+        ``compile_program`` places a state) or replicated."""
         abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
         if self.mesh is None:
             return abstract
@@ -510,6 +514,13 @@ class Engine:
             lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), abstract, shardings
         )
 
+    def place_state(self, tree: Any) -> Any:
+        """Device arrays of ``tree`` (caches made outside a program) placed as a state is: split by rows on a
+        mesh, on the default device otherwise."""
+        if self.mesh is None:
+            return tree
+        return jax.device_put(tree, self._state_shardings(tree))
+
     # -- the four verbs --
 
     def init_state(self, slots: int, cache_len: int, max_new_tokens: int, start: int = 0) -> DecodeState:
@@ -518,7 +529,7 @@ class Engine:
         be inserted)."""
         shape = StateShape(max(slots, min_slots()), cache_len, max_new_tokens)
         fn = functools.partial(init_state_program, self.config, self.dtype, self.options, shape)
-        program = self._compile(
+        program = self.compile_program(
             ("init", shape, self.options), fn, jax.ShapeDtypeStruct((), jnp.int32), state_out=True
         )
         return program(jnp.int32(start))
@@ -543,7 +554,7 @@ class Engine:
         int_vec = sharding.batch_struct((shape.rows,), jnp.int32, mesh, rules)
         prompt = sharding.batch_struct((shape.rows, shape.prompt_len), jnp.int32, mesh, rules)
         waves = sharding.batch_struct((shape.rows, shape.samples), jnp.float32, mesh, rules)
-        program = self._compile(
+        program = self.compile_program(
             ("prefill", shape, self.options), fn, sharding.abstract_arrays(params), waves, int_vec, prompt, prompt,
             int_vec,
         )  # fmt: skip
@@ -565,7 +576,7 @@ class Engine:
         int_vec = sharding.batch_struct((shape.rows,), jnp.int32, mesh, rules)
         prompt = sharding.batch_struct((shape.rows, shape.prompt_len), jnp.int32, mesh, rules)
         waves = sharding.batch_struct((shape.rows, shape.samples), jnp.float32, mesh, rules)
-        program = self._compile(
+        program = self.compile_program(
             ("prefill", shape, self.options, adapters.signature), fn, sharding.abstract_arrays(params), waves,
             int_vec, prompt, prompt, int_vec, int_vec, sharding.abstract_arrays(adapters.weights),
         )  # fmt: skip
@@ -587,8 +598,8 @@ class Engine:
         key = ("insert", state.shape, rows, prefilled.caches["k"].shape[1 + CACHE_SEQ_AXIS], self.options,
                prefilled.adapters is not None)  # fmt: skip
         prefilled = prefilled.replace(count=0)  # the count is host bookkeeping, not part of the program
-        program = self._compile(
-            key, fn, self._abstract(state, True), self._abstract(prefilled), jax.ShapeDtypeStruct((rows,), jnp.int32),
+        program = self.compile_program(
+            key, fn, self.abstract(state, True), self.abstract(prefilled), jax.ShapeDtypeStruct((rows,), jnp.int32),
             donate=(0,), state_out=True,
         )  # fmt: skip
         return program(state, prefilled, jnp.asarray(targets))
@@ -602,16 +613,16 @@ class Engine:
         extra, key = (), ("generate", state.shape, self.options)
         if adapters is not None:
             extra, key = (adapters.weights,), (*key, adapters.signature)
-        program = self._compile(
-            key, fn, sharding.abstract_arrays(params), self._abstract(state, True),
+        program = self.compile_program(
+            key, fn, sharding.abstract_arrays(params), self.abstract(state, True),
             jax.ShapeDtypeStruct((), jnp.int32), *map(sharding.abstract_arrays, extra), donate=(1,), state_out=True,
         )  # fmt: skip
         return program(params, state, jnp.int32(steps), *extra)
 
     def compact(self, state: DecodeState, shift: int) -> DecodeState:
         """Move every slot's range ``shift`` cache slots to the left (``state`` is donated)."""
-        program = self._compile(
-            ("compact", state.shape), compact_program, self._abstract(state, True),
+        program = self.compile_program(
+            ("compact", state.shape), compact_program, self.abstract(state, True),
             jax.ShapeDtypeStruct((), jnp.int32), donate=(0,), state_out=True,
         )  # fmt: skip
         return program(state, jnp.int32(shift))

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qasr_jax import buckets
+from qasr_jax import buckets, sharding
 from qasr_jax.engine import (
     DecodeOptions,
     DecodeState,
@@ -420,7 +420,9 @@ class StreamingEngine:
         stacked = self._stack_program(n, rows, cache_len)(caches)
         del caches
         extend = self._extend_program(rows, slots, cache_len, run_len, audio_len, max_new)
-        state = extend(transcriber.params, stacked, keeps, offsets, ids, lengths, audio, budgets)
+        placed = sharding.place_batch([keeps, offsets, ids, lengths, audio, budgets], self.engine.mesh,
+                                      self.engine.sharding_rules)  # fmt: skip
+        state = extend(transcriber.params, stacked, *placed)
         state = self.engine.generate(transcriber.params, state, int(budgets[:n].max()))
         generations = self.engine.collect(state, range(n))
         split = self._split_program(n, slots, cache_len)(state.caches)
@@ -435,38 +437,33 @@ class StreamingEngine:
     def _stack_program(self, n: int, rows: int, cache_len: int) -> Any:
         layers = self.config.text.num_hidden_layers
         one = self._layer_struct(1, cache_len)
-        args = [[{"k": one, "v": one} for _ in range(layers)] for _ in range(n)]
+        args = self.engine.abstract([[{"k": one, "v": one} for _ in range(layers)] for _ in range(n)], True)
         fn = functools.partial(stack_rows, rows)
-        return self.engine.programs.get(
-            ("streams-stack", n, rows, cache_len), lambda: jax.jit(fn).lower(args).compile()
-        )
+        return self.engine.compile_program(("streams-stack", n, rows, cache_len), fn, args, state_out=True)
 
     def _split_program(self, n: int, slots: int, cache_len: int) -> Any:
         layer = self._layer_struct(slots, cache_len)
-        args = [{"k": layer, "v": layer} for _ in range(self.config.text.num_hidden_layers)]
-        fn = functools.partial(split_rows, n)
-        return self.engine.programs.get(
-            ("streams-split", n, slots, cache_len), lambda: jax.jit(fn).lower(args).compile()
+        args = self.engine.abstract(
+            [{"k": layer, "v": layer} for _ in range(self.config.text.num_hidden_layers)], True
         )
+        fn = functools.partial(split_rows, n)
+        return self.engine.compile_program(("streams-split", n, slots, cache_len), fn, args, state_out=True)
 
     def _extend_program(
         self, rows: int, slots: int, cache_len: int, run_len: int, audio_len: int, max_new: int
     ) -> Any:
         key = ("streams-extend", rows, slots, cache_len, run_len, audio_len, max_new, self.options)
         fn = functools.partial(extend_rows_program, self.engine.model, self.options, max_new, slots)
+        mesh, rules = self.engine.mesh, self.engine.sharding_rules
         layer = self._layer_struct(rows, cache_len)
-        vector = jax.ShapeDtypeStruct((rows,), jnp.int32)
-        args = (
-            jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.transcriber.params),
-            [{"k": layer, "v": layer} for _ in range(self.config.text.num_hidden_layers)],
-            vector,
-            vector,
-            jax.ShapeDtypeStruct((rows, run_len), jnp.int32),
-            vector,
-            jax.ShapeDtypeStruct((rows, audio_len, self.config.text.hidden_size), jnp.float32),
-            vector,
-        )
-        return self.engine.programs.get(key, lambda: jax.jit(fn, donate_argnums=(1,)).lower(*args).compile())
+        vector = sharding.batch_struct((rows,), jnp.int32, mesh, rules)
+        return self.engine.compile_program(
+            key, fn, sharding.abstract_arrays(self.transcriber.params),
+            self.engine.abstract([{"k": layer, "v": layer} for _ in range(self.config.text.num_hidden_layers)], True),
+            vector, vector, sharding.batch_struct((rows, run_len), jnp.int32, mesh, rules), vector,
+            sharding.batch_struct((rows, audio_len, self.config.text.hidden_size), jnp.float32, mesh, rules), vector,
+            donate=(1,), state_out=True,
+        )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qasr_jax import audio as audio_io
-from qasr_jax import buckets
+from qasr_jax import buckets, sharding
 from qasr_jax import text as text_io
 from qasr_jax.config import ThinkerConfig
 from qasr_jax.engine import DecodeOptions, DecodeState, Engine, Generation, is_eos, next_token, token_logprob
@@ -515,7 +515,8 @@ class StreamingTranscriber:
             piece = p.features[:, w * wf : (w + 1) * wf]
             batch[i, :, : piece.shape[1]] = piece
             lengths[i], clip[i] = piece.shape[1], p.frames
-        embeds = np.asarray(self._encode_program(rows)(self.params, batch, lengths, clip))
+        placed = self._place([batch, lengths, clip])
+        embeds = np.asarray(self._encode_program(rows)(self.params, *placed))
         for i, (p, w) in enumerate(rows_of):
             cache = p.state.cache
             piece = p.features[:, w * wf : (w + 1) * wf].copy()
@@ -606,15 +607,17 @@ class StreamingTranscriber:
             )
             return embeds
 
-        args = (
-            _abstract(self.params),
-            jax.ShapeDtypeStruct((rows, n_mels, wf), jnp.float32),
-            jax.ShapeDtypeStruct((rows,), jnp.int32),
-            jax.ShapeDtypeStruct((rows,), jnp.int32),
-        )
-        return self.engine.programs.get(
-            ("stream-encode", rows), lambda: jax.jit(encode).lower(*args).compile()
-        )
+        mesh, rules = self.engine.mesh, self.engine.sharding_rules
+        return self.engine.compile_program(
+            ("stream-encode", rows), encode, sharding.abstract_arrays(self.params),
+            sharding.batch_struct((rows, n_mels, wf), jnp.float32, mesh, rules),
+            sharding.batch_struct((rows,), jnp.int32, mesh, rules),
+            sharding.batch_struct((rows,), jnp.int32, mesh, rules),
+        )  # fmt: skip
+
+    def _place(self, arrays: list[np.ndarray]) -> list[jax.Array]:
+        """Host ``[rows, ...]`` inputs of a program, split over the mesh's batch axes as its abstract inputs are."""
+        return sharding.place_batch(arrays, self.engine.mesh, self.engine.sharding_rules)
 
     def _audio_embeds(self, cache: StreamCache, first: int, total: int) -> np.ndarray:
         """Audio embeddings ``[total − first, hidden]`` of tokens ``first..total`` of the stream."""
@@ -647,6 +650,7 @@ class StreamingTranscriber:
         embeds = np.zeros((1, audio_len, self.config.text.hidden_size), np.float32)
         embeds[0, : len(audio)] = audio
         program = self._extend_program(cache_len, run_len, audio_len, max_new)
+        ids, embeds = self._place([ids, embeds])
         state = program(
             self.params, cache.kv, np.int32(keep), ids, np.int32(len(run)), embeds, np.int32(budget)
         )
@@ -664,30 +668,28 @@ class StreamingTranscriber:
         shape = layer_cache_shape(cfg, 1, cache_len)
         fresh = [{"k": jnp.zeros(shape, self.engine.dtype), "v": jnp.zeros(shape, self.engine.dtype)}
                  for _ in range(cfg.num_hidden_layers)]  # fmt: skip
-        if kv is None:
-            return fresh
-        return [
-            {name: jax.lax.dynamic_update_slice(fresh[i][name], layer[name], (0,) * layer[name].ndim)
-             for name in ("k", "v")}
-            for i, layer in enumerate(kv)
-        ]  # fmt: skip
+        if kv is not None:
+            fresh = [
+                {name: jax.lax.dynamic_update_slice(fresh[i][name], layer[name], (0,) * layer[name].ndim)
+                 for name in ("k", "v")}
+                for i, layer in enumerate(kv)
+            ]  # fmt: skip
+        return self.engine.place_state(fresh)
 
     def _extend_program(self, cache_len: int, run_len: int, audio_len: int, max_new: int) -> Any:
         key = ("stream-extend", cache_len, run_len, audio_len, max_new, self.options)
         fn = functools.partial(extend_program, self.model, self.options, max_new)
         cfg = self.config.text
+        mesh, rules = self.engine.mesh, self.engine.sharding_rules
         layer = jax.ShapeDtypeStruct(layer_cache_shape(cfg, 1, cache_len), self.engine.dtype)
         scalar = jax.ShapeDtypeStruct((), jnp.int32)
-        args = (
-            _abstract(self.params),
-            [{"k": layer, "v": layer} for _ in range(cfg.num_hidden_layers)],
-            scalar,
-            jax.ShapeDtypeStruct((1, run_len), jnp.int32),
-            scalar,
-            jax.ShapeDtypeStruct((1, audio_len, cfg.hidden_size), jnp.float32),
-            scalar,
-        )
-        return self.engine.programs.get(key, lambda: jax.jit(fn, donate_argnums=(1,)).lower(*args).compile())
+        return self.engine.compile_program(
+            key, fn, sharding.abstract_arrays(self.params),
+            self.engine.abstract([{"k": layer, "v": layer} for _ in range(cfg.num_hidden_layers)], True),
+            scalar, sharding.batch_struct((1, run_len), jnp.int32, mesh, rules), scalar,
+            sharding.batch_struct((1, audio_len, cfg.hidden_size), jnp.float32, mesh, rules), scalar,
+            donate=(1,), state_out=True,
+        )  # fmt: skip
 
 
 def window_unchanged(cached: np.ndarray, fresh: np.ndarray) -> bool:
@@ -738,10 +740,6 @@ def extend_program(
         stopped=ended,
         seen=seen,
     )
-
-
-def _abstract(tree: Any) -> Any:
-    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
 
 
 __all__ = [

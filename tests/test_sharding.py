@@ -123,6 +123,19 @@ def test_transcription_api_on_a_mesh_matches_single_device(tmp_path):
         assert r["equal"], (spec, result)
 
 
+def test_streams_on_a_mesh_match_single_device(tmp_path):
+    """A model loaded with ``mesh=`` streams: a lone stream and three streams batched by ``StreamingEngine``
+    give every update of the single-device model (text, prefix, tokens; log-probabilities to 1e-4)."""
+    result = run_mesh_check("stream", str(tmp_path), ("data=2,fsdp=2,tensor=2",))
+    assert result["devices"] == 8
+    reference = result["reference"]
+    assert len(reference["lone"]) >= 3 and all(len(u) >= 2 for u in reference["many"])
+    assert any(u[2] for u in reference["lone"])  # something was generated to compare
+    for spec, r in result["meshes"].items():
+        assert r["lone_equal"] and all(r["many_equal"]), (spec, r)
+        assert r["cache_devices"] == 8  # the streams' caches live on the mesh
+
+
 def test_batch_placement_helpers_work_with_and_without_a_mesh():
     import numpy as np
 

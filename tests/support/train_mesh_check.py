@@ -1,6 +1,6 @@
 """Runs in a subprocess with 8 simulated CPU devices: sharded results next to single-device ones.
 
-    python -m tests.support.train_mesh_check train|infer WORK_DIR MESH_SPEC [MESH_SPEC ...]
+    python -m tests.support.train_mesh_check train|infer|api|stream WORK_DIR MESH_SPEC [MESH_SPEC ...]
 
 ``train``: one optimizer step of the tiny model on a fixed batch, on one device and on each mesh (the last mesh
 with gradient accumulation over 2 micro-batches). ``infer``: logits of
@@ -170,9 +170,63 @@ def run_api(work_dir: str, specs: list[str]) -> dict[str, Any]:
     return out
 
 
+def run_stream(work_dir: str, specs: list[str]) -> dict[str, Any]:
+    """Live streams on a model loaded with ``mesh=``: one stream through the streaming API, and three streams
+    updated together by a ``StreamingEngine``, against the single-device model."""
+    from qasr_jax.asr import Qwen3ASRModel
+    from qasr_jax.stream_engine import StreamingEngine
+    from qasr_jax.weights import export_pretrained
+    from tests.support.speech import LONG_EN, MEDIUM_EN, SHORT_EN, synth
+    from tests.support.train_fixtures import DEMO_ASR_DIR
+
+    config = mesh_test_config()
+    released = export_pretrained(os.path.join(work_dir, "released"), config, random_params(config, seed=2),
+                                 DEMO_ASR_DIR, dtype="float32")  # fmt: skip
+    clips = [synth(MEDIUM_EN), synth(SHORT_EN), synth(LONG_EN)[: 9 * 16000]]
+    piece = int(0.7 * 16000)
+
+    def updates(state: Any) -> list[Any]:
+        return [[u.chunk_index, u.language, u.text, u.prefix, list(u.token_ids), list(u.logprobs)]
+                for u in state.updates]  # fmt: skip
+
+    def run(mesh: Any) -> dict[str, Any]:
+        model = Qwen3ASRModel.from_pretrained(released, mesh=mesh, max_new_tokens=8, eos_token_ids=())
+        state = model.init_streaming_state(chunk_size_sec=1.0)
+        for start in range(0, len(clips[0]), piece):
+            model.streaming_transcribe(clips[0][start : start + piece], state)
+        model.finish_streaming_transcribe(state)
+        engine = StreamingEngine(model.streamer, max_batch=4)
+        streams = [engine.open(chunk_size_sec=1.0) for _ in clips]
+        for stream, clip in zip(streams, clips):
+            engine.feed(stream, clip)
+            engine.finish(stream)
+        engine.run_until_idle()
+        assert all(stream.error is None for stream in streams), [stream.error for stream in streams]
+        cache = streams[-1].state.cache.kv[0]["k"] if streams[-1].state.cache.kv else None
+        return {"lone": updates(state), "many": [updates(stream.state) for stream in streams],
+                "cache_devices": len(cache.sharding.device_set) if cache is not None else 0}  # fmt: skip
+
+    reference = run(None)
+    out: dict[str, Any] = {"reference": reference, "meshes": {}}
+    for spec in specs:
+        got = run(spec)
+
+        def same(a: list, b: list) -> bool:  # equal but the log-probabilities, those to 1e-4
+            return len(a) == len(b) and all(
+                x[:5] == y[:5] and np.allclose(x[5], y[5], atol=1e-4) for x, y in zip(a, b)
+            )
+
+        out["meshes"][spec] = {
+            "lone_equal": same(got["lone"], reference["lone"]),
+            "many_equal": [same(g, r) for g, r in zip(got["many"], reference["many"])],
+            "cache_devices": got["cache_devices"],
+        }
+    return out
+
+
 def main() -> None:
     mode, work_dir, *specs = sys.argv[1:]
-    runners = {"train": run_train, "infer": run_infer, "api": run_api}
+    runners = {"train": run_train, "infer": run_infer, "api": run_api, "stream": run_stream}
     out = runners[mode](work_dir, specs)
     out["devices"] = jax.device_count()
     print(json.dumps(out))
