@@ -129,7 +129,7 @@ def test_streams_on_a_mesh_match_single_device(tmp_path):
     result = run_mesh_check("stream", str(tmp_path), ("data=2,fsdp=2,tensor=2",))
     assert result["devices"] == 8
     reference = result["reference"]
-    assert len(reference["lone"]) >= 3 and all(len(u) >= 2 for u in reference["many"])
+    assert len(reference["lone"]) >= 3 and all(reference["many"]) and sum(map(len, reference["many"])) >= 8
     assert any(u[2] for u in reference["lone"])  # something was generated to compare
     for spec, r in result["meshes"].items():
         assert r["lone_equal"] and all(r["many_equal"]), (spec, r)
