@@ -126,7 +126,8 @@ class Recipe:
         out = self.runs / name
         overrides = [f'run.output_dir="{out}"', f'run.export_dir="{out / "export"}"']
         if self.smoke:
-            overrides += ["run.steps=2", "run.eval_every=2", "run.save_every=2", "data.eval_batch_size=4"]
+            # One evaluation batch (the smoke's 16 validation utterances): each evaluation program compiles once.
+            overrides += ["run.steps=2", "run.eval_every=2", "run.save_every=2", "data.eval_batch_size=16"]
         return overrides
 
     # -- stages --
