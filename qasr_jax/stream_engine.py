@@ -53,10 +53,10 @@ from qasr_jax.engine import (
     token_logprob,
 )
 from qasr_jax.errors import AudioTooLongError, QasrError
+from qasr_jax.memory import HeapTrimmer
 from qasr_jax.model import Qwen3ASR, decode_layer_params, extend_cache
 from qasr_jax.model.attention import KVCache
 from qasr_jax.model.decoder import CACHE_SEQ_AXIS, cache_length, layer_cache_shape
-from qasr_jax.serve.memory import HeapTrimmer
 from qasr_jax.streaming import (
     MIN_CACHE_LEN,
     SAMPLE_RATE,
@@ -138,7 +138,7 @@ class StreamingEngine:
     max_streams: streams open at once (``open`` raises ``TooManyStreamsError`` beyond); max_batch: stream updates
     per step (the rest wait for the next); max_stream_seconds: the longest stream (``feed`` raises
     ``AudioTooLongError`` past it; None: no limit); trim_every: steps of the thread between returns of freed heap
-    pages to the system, also done whenever it goes idle (0: never; ``qasr_jax.serve.memory``); fault_context: a
+    pages to the system, also done whenever it goes idle (0: never; ``qasr_jax.memory``); fault_context: a
     stream whose context is exactly this string makes its step raise as an internal error would (a bug, out of
     memory), so that a server's handling of a failed engine can be exercised; None (the default): never.
     """

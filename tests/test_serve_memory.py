@@ -1,4 +1,4 @@
-"""The server's return of freed heap memory to the system (``qasr_jax.serve.memory``)."""
+"""The server's return of freed heap memory to the system (``qasr_jax.memory``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from qasr_jax.serve.memory import HeapTrimmer
+from qasr_jax.memory import HeapTrimmer
 
 # Run in a fresh process, so the heap measured is only this script's: it frees most of ~256 MiB of small blocks
 # spread over 4 threads (4 glibc arenas), keeping every 64th block so no arena can shrink from its top, then
@@ -16,7 +16,7 @@ from qasr_jax.serve.memory import HeapTrimmer
 # before the churn and before the release.
 SCRIPT = r"""
 import ctypes, json, threading
-from qasr_jax.serve.memory import heap_stats, release_free_heap
+from qasr_jax.memory import heap_stats, release_free_heap
 
 libc = ctypes.CDLL(ctypes.util.find_library("c"))
 libc.malloc.restype = ctypes.c_void_p

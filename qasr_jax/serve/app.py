@@ -36,8 +36,8 @@ from qasr_jax import text as text_io
 from qasr_jax.asr import Qwen3ASRModel
 from qasr_jax.errors import AudioError, LanguageError, PromptError, QasrError
 from qasr_jax.formats import render
+from qasr_jax.memory import heap_stats
 from qasr_jax.serve.live import add_live_route
-from qasr_jax.serve.memory import heap_stats
 from qasr_jax.serve.scheduler import Job, QueueFullError, Scheduler, ShuttingDownError
 from qasr_jax.stream_engine import StreamingEngine
 from qasr_jax.transcript import with_word_confidences

@@ -10,7 +10,7 @@ One thread owns the engine. Its loop:
    same transfer) into a ``Segment``, and complete a job once all its chunks are in;
 4. free the cache before the oldest live sequence when the shared index nears the end (``Engine.reclaim``);
 5. give freed heap pages back to the system after every ``trim_every`` finished jobs and whenever the loop goes
-   idle (``qasr_jax.serve.memory``), so the resident set stays flat under sustained traffic.
+   idle (``qasr_jax.memory``), so the resident set stays flat under sustained traffic.
 
 A job is one uploaded audio: it is split into chunks as ``Qwen3ASRModel.transcribe`` splits it (same rule, same
 prompts, same token budgets: ``plan_chunks`` and ``chunk_request``), and its chunks spread over slots. With the
@@ -41,7 +41,7 @@ from qasr_jax import text as text_io
 from qasr_jax.asr import Qwen3ASRModel, default_token_budget
 from qasr_jax.engine import Engine, GenerationRequest, generation_of
 from qasr_jax.errors import EmptyAudioError, PromptError, QasrError
-from qasr_jax.serve.memory import HeapTrimmer
+from qasr_jax.memory import HeapTrimmer
 from qasr_jax.transcript import Segment, decode_segment, no_speech_segment
 from qasr_jax.vad import join_texts
 
