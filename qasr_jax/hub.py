@@ -20,9 +20,6 @@ import os
 
 from qasr_jax.errors import ModelNotFoundError
 
-# Weight files that are never read (``weights.PICKLE_SUFFIXES``), so never downloaded either.
-_SKIPPED = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl"]
-
 
 def is_repo_id(name: str) -> bool:
     """Whether ``name`` is spelled as a Hub model repo id, ``owner/name`` (as the hub client validates it)."""
@@ -68,6 +65,8 @@ def resolve_model(
         RevisionNotFoundError,
     )
 
+    from qasr_jax.weights import PICKLE_SUFFIXES  # (weights imports this module)
+
     offline = bool(constants.HF_HUB_OFFLINE)
     cache = os.fspath(cache_dir) if cache_dir is not None else constants.HF_HUB_CACHE
     at = f" at revision {revision!r}" if revision else ""
@@ -77,7 +76,11 @@ def resolve_model(
 
     try:
         return snapshot_download(
-            path, revision=revision, cache_dir=cache, local_files_only=offline, ignore_patterns=_SKIPPED
+            path,
+            revision=revision,
+            cache_dir=cache,
+            local_files_only=offline,
+            ignore_patterns=[f"*{suffix}" for suffix in PICKLE_SUFFIXES],  # never read, so never downloaded
         )
     except GatedRepoError as error:
         raise failure(
