@@ -12,7 +12,7 @@ earlier one failed, a failure recorded with its traceback; none starts after ``-
   kernel vs XLA, at the real ASR-0.6B and ASR-1.7B head shapes: 64 clips of 30 s in 8 s windows, and a
   1024-slot cache at batch 1/32/128;
 - ``encoder``: log-mel + encoder audio-seconds per second at batch 64 × 30 s;
-- ``end_to_end``: ``Generator.generate`` of 128 × 30 s clips with exactly 100 new tokens each (end tokens
+- ``end_to_end``: ``Engine.run`` of 128 × 30 s clips with exactly 100 new tokens each (end tokens
   suppressed), audio-seconds per second, beside the paper's vLLM figure (about 2,000 at concurrency 128);
 - ``aligner``: ``Qwen3ForcedAligner.align`` audio-seconds per second at batch 32 × 30 s, beside the paper's
   figure (about 1,000);
@@ -367,26 +367,24 @@ def decode(sizes: Sizes) -> dict[str, Any]:
 
 
 def end_to_end(sizes: Sizes) -> dict[str, Any]:
-    """``Generator.generate`` of a full batch: log-mel, encoder, prefill, exactly ``e2e_tokens`` greedy steps."""
+    """``Engine.run`` of a full batch: log-mel, encoder, prefill, exactly ``e2e_tokens`` greedy steps."""
     import jax.numpy as jnp
 
-    from qasr_jax.engine import DecodeOptions, GenerationRequest
-    from qasr_jax.generate import Generator
+    from qasr_jax.engine import DecodeOptions, DecodeRequest, Engine
 
     config = common.thinker_config(sizes.asr_model)
     params = bf16_params(sizes.asr_model)
-    generator = Generator(config, params, dtype=jnp.bfloat16, max_batch=sizes.e2e_batch,
-                          options=DecodeOptions(suppress_token_ids=EOS_TOKEN_IDS))  # fmt: skip
+    engine = Engine(config, dtype=jnp.bfloat16, options=DecodeOptions(suppress_token_ids=EOS_TOKEN_IDS))
     clip = speech_clip(sizes.clip_seconds)
     # Each row its own audio (shifted speech), so no two rows are the same.
     requests = [
-        GenerationRequest(np.roll(clip, 1600 * i), prompt_ids(config, len(clip)), sizes.e2e_tokens)
+        DecodeRequest(np.roll(clip, 1600 * i), prompt_ids(config, len(clip)), sizes.e2e_tokens)
         for i in range(sizes.e2e_batch)
     ]
-    generator.generate(requests)  # compiles, then runs once
-    compile_s = generator.compile_seconds
+    engine.run(params, requests)  # compiles, then runs once
+    compile_s = engine.programs.seconds
     results: list[Any] = []
-    seconds = median_seconds(lambda: results.append(generator.generate(requests)), sizes.repeats)
+    seconds = median_seconds(lambda: results.append(engine.run(params, requests)), sizes.repeats)
     tokens = sum(len(g.token_ids) for g in results[-1])
     if tokens != sizes.e2e_batch * sizes.e2e_tokens:
         raise RuntimeError(f"expected {sizes.e2e_batch * sizes.e2e_tokens} tokens, got {tokens}")

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from qasr_jax import adapters as lora
     from qasr_jax import audio as audio_io
-    from qasr_jax.engine import DecodeOptions, Engine, GenerationRequest
+    from qasr_jax.engine import DecodeOptions, DecodeRequest, Engine
     from qasr_jax.model import Qwen3ASR
 
     config = load_bench_config(args.model, args.size)
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine(config, attention_impl="xla", options=DecodeOptions(eos_token_ids=()))
 
     def filled_state(slots: list[int], with_stack: bool):
-        requests = [GenerationRequest(wav, prompt, budget, adapter=slot) for slot in slots]
+        requests = [DecodeRequest(wav, prompt, budget, adapter=slot) for slot in slots]
         shape = engine.prefill_shape(requests, len(requests))
         state = engine.init_state(len(slots), shape.prompt_len + budget + 1, budget, start=shape.prompt_len)
         prefilled = engine.prefill(params, requests, shape, stack if with_stack else None)

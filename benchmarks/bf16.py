@@ -216,7 +216,7 @@ def run_ours(
     import jax.numpy as jnp
 
     from qasr_jax import load_pretrained
-    from qasr_jax.engine import DecodeOptions, Engine, GenerationRequest
+    from qasr_jax.engine import DecodeOptions, DecodeRequest, Engine
     from qasr_jax.model import Qwen3ASR
 
     compute = jnp.dtype(dtype)
@@ -225,7 +225,7 @@ def run_ours(
     if generate:
         engine = Engine(config, dtype=compute, attention_impl="xla",
                         options=DecodeOptions(suppress_token_ids=EOS_TOKEN_IDS))  # fmt: skip
-        requests = [GenerationRequest(w, p, steps) for w, p in zip(inputs.waves, inputs.prompts)]
+        requests = [DecodeRequest(w, p, steps) for w, p in zip(inputs.waves, inputs.prompts)]
         tokens = np.stack([np.asarray(g.token_ids[:steps]) for g in engine.run(params, requests)])
 
     logits: list[np.ndarray] = []

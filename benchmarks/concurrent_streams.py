@@ -1,4 +1,4 @@
-"""How many live streams this machine keeps real-time: ``StreamingEngine`` steps over N concurrent streams.
+"""How many live streams this machine keeps real-time: ``StreamScheduler`` steps over N concurrent streams.
 
     python -m benchmarks.concurrent_streams --model small --streams 1,2,4,8          # a quick look
     python -m benchmarks.concurrent_streams --streams 1,2,4,8                        # ASR-0.6B config, random weights
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--streams takes positive counts")
 
     from qasr_jax.asr import Qwen3ASRModel
-    from qasr_jax.stream_engine import StreamingEngine
+    from qasr_jax.serve.streams import StreamScheduler
 
     path = common.checkpoint_dir(args)
     asr = Qwen3ASRModel.from_pretrained(path, max_new_tokens=args.max_new_tokens, dtype=args.dtype)
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header), flush=True)
     sustained = 0
     for n in counts:
-        engine = StreamingEngine(transcriber, max_streams=n, max_batch=n)
+        engine = StreamScheduler(transcriber, max_streams=n, max_batch=n)
         streams = [engine.open(chunk_size_sec=args.chunk_seconds, **unfixed) for _ in range(n)]
         for i, stream in enumerate(streams):
             transcriber.warm_start(stream.state, audio(i)[:warm])

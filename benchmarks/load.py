@@ -99,7 +99,7 @@ def worker(side: str, path: str, dtype: str, cache: str) -> dict:
         def load():
             model = Qwen3ASRModel.from_pretrained(path, dtype=dtype, weights_cache=setting,
                                                   compilation_cache=False)  # fmt: skip
-            jax.block_until_ready(model.generator.params)
+            jax.block_until_ready(model.params)
             return model
 
     before = common.proc_status_kib("VmRSS")

@@ -11,7 +11,7 @@ persistent compilation cache:
 - **planned** (``qasr_jax.batch_jobs``): length-sorted batches over the whole manifest, ``--workers`` threads
   decoding the next batches while the model runs the current one;
 - **previous**: the manifest in groups of max(4 × batch, 64) items in file order, each group decoded in the
-  model's thread and then sorted and batched (``infer.transcribe.transcribe_jobs``, still the FILE mode path).
+  model's thread and then sorted and batched (``file_order_groups``, kept here as the baseline).
 
 Reported per path: padding waste (padded audio-seconds the encoder computed over vs real audio-seconds), the time
 the device waited for the host (wall time outside the model's generate calls), compile time, and throughput in
@@ -30,6 +30,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -137,30 +138,39 @@ class DeviceLog:
     ladder_seconds: float = 0.0  # each row padded only to its own length's bucket: the floor of any batching
 
     def watch(self, model: Any) -> None:
-        """Record every ``model.generator.generate`` call (the call itself runs unchanged)."""
+        """Record every ``model.decode_batch`` call (the call itself runs unchanged)."""
         from qasr_jax import audio
 
-        generator = model.generator
-        generate = generator.generate
+        decode_batch = model.decode_batch
 
-        def timed(requests: Any, options: Any = None) -> Any:
-            shape = generator.shape_for(requests)
+        def timed(requests: Any, options: Any = None, adapters: Any = None) -> Any:
+            engine = model.engine(options)
+            shape = engine.batch_shape(requests, model.max_batch)
             self.real_seconds += sum(len(r.samples) for r in requests) / audio.SAMPLE_RATE
-            self.padded_seconds += shape.batch * shape.frames * audio.HOP_LENGTH / audio.SAMPLE_RATE
+            self.padded_seconds += shape.rows * shape.frames * audio.HOP_LENGTH / audio.SAMPLE_RATE
             hop_seconds = audio.HOP_LENGTH / audio.SAMPLE_RATE
-            self.ladder_seconds += sum(generator.shape_for([r]).frames * hop_seconds for r in requests)
+            self.ladder_seconds += sum(engine.batch_shape([r], 1).frames * hop_seconds for r in requests)
             started = time.perf_counter()
             try:
-                return generate(requests, options)
+                return decode_batch(requests, options, adapters)
             finally:
                 self.seconds += time.perf_counter() - started
                 self.calls += 1
 
-        generator.generate = timed
+        model.decode_batch = timed
+
+
+def file_order_groups(model: Any, jobs: Sequence[Any], batch_size: int) -> Iterator[tuple[Any, Any]]:
+    """The previous path, ``(job, ASRTranscription)`` as each finishes: the jobs in groups of
+    max(4 × batch, 64) in file order, each group's files handed to the model, which decodes and batches them."""
+    group_size = max(4 * batch_size, 64)
+    for start in range(0, len(jobs), group_size):
+        group = list(jobs[start : start + group_size])
+        for index, result in model.iter_transcribe([job.path for job in group]):
+            yield group[index], result
 
 
 def run_path(name: str, args: argparse.Namespace, checkpoint: str, manifest: str) -> dict[str, Any]:
-    from infer import transcribe as cli
     from qasr_jax import batch_jobs
     from qasr_jax.asr import Qwen3ASRModel
 
@@ -179,15 +189,13 @@ def run_path(name: str, args: argparse.Namespace, checkpoint: str, manifest: str
         plan = batch_jobs.plan_batches(seconds, args.batch_size, model.max_chunk_seconds)
         results = batch_jobs.run_batches(model, jobs, plan, workers=args.workers, stats=stats)
     else:
-        options = argparse.Namespace(batch_size=args.batch_size, context="", language=None, timestamps=False,
-                                     raw_pcm=None, stdin_bytes=None)  # fmt: skip
-        results = ((jobs[i], result) for i, result in cli.transcribe_jobs(model, jobs, options))
+        results = file_order_groups(model, jobs, args.batch_size)
     for job, result in results:
         errors += result.error is not None
         texts[job.id] = result.text
     wall = time.perf_counter() - started
     load = os.getloadavg()
-    compile_seconds = model.generator.compile_seconds
+    compile_seconds = model.compile_seconds
     out = {
         "path": name,
         "items": len(texts),

@@ -81,9 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     transcribers = {
         mode: StreamingTranscriber(
             asr.config,
-            asr.generator.params,
+            asr.params,
             asr.tokenizer,
-            asr.generator.engine(),
+            asr.engine(),
             lambda _: args.max_new_tokens,
             incremental=mode == "incremental",
         )

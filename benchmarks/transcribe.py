@@ -80,9 +80,9 @@ def run_ours(args: argparse.Namespace, checkpoint: str, clip: np.ndarray) -> dic
     out: dict[str, float] = {}
     started = time.perf_counter()
     loaded = Qwen3ASRModel.from_pretrained(checkpoint, dtype=args.dtype)
-    jax.block_until_ready(loaded.generator.params)
+    jax.block_until_ready(loaded.params)
     out["load_s"] = time.perf_counter() - started
-    config, params, tokenizer = loaded.config, loaded.generator.params, loaded.tokenizer
+    config, params, tokenizer = loaded.config, loaded.params, loaded.tokenizer
     dtype = jnp.dtype(args.dtype).type
 
     # Encoder: log-mel + encoder over a batch of clips, one compiled program.
@@ -103,7 +103,7 @@ def run_ours(args: argparse.Namespace, checkpoint: str, clip: np.ndarray) -> dic
     seconds = median_seconds(lambda: jax.block_until_ready(encoder(params, waveforms, lengths)), args.repeats)
     out["encoder_audio_s_per_s"] = n * len(clip) / SAMPLE_RATE / seconds
 
-    suppress_eos = dataclasses.replace(loaded.generator.options, suppress_token_ids=EOS_TOKEN_IDS)
+    suppress_eos = dataclasses.replace(loaded.decode_options, suppress_token_ids=EOS_TOKEN_IDS)
 
     def engine(batch: int, new_tokens: int) -> Qwen3ASRModel:
         # The loaded params, shared: a model object per setting, each with its own compiled programs.
@@ -117,9 +117,9 @@ def run_ours(args: argparse.Namespace, checkpoint: str, clip: np.ndarray) -> dic
             asr = engine(batch, tokens)
             out[key] = median_seconds(
                 lambda asr=asr, audio=audio: asr.transcribe(audio), args.repeats,
-                lambda asr=asr: asr.generator.compile_seconds,
+                lambda asr=asr: asr.compile_seconds,
             )  # fmt: skip
-            compile_s += asr.generator.compile_seconds
+            compile_s += asr.compile_seconds
         if args.new_tokens > 1:
             # The run with one new token is everything but the decode steps: the rest is new_tokens − 1 steps.
             steps = args.new_tokens - 1
@@ -128,8 +128,8 @@ def run_ours(args: argparse.Namespace, checkpoint: str, clip: np.ndarray) -> dic
             )
     asr = engine(1, 1)
     out["ttft_s"] = median_seconds(lambda: asr.transcribe((clip, SAMPLE_RATE)), args.repeats,
-                                   lambda: asr.generator.compile_seconds)  # fmt: skip
-    out["compile_s"] = compile_s + asr.generator.compile_seconds
+                                   lambda: asr.compile_seconds)  # fmt: skip
+    out["compile_s"] = compile_s + asr.compile_seconds
     out["peak_memory_gb"] = common.peak_rss_gb()
     if args.dtype == "float32":
         ceilings = common.measure_ceilings()

@@ -193,7 +193,7 @@ def run_manifest(
         words += len(reference)
     wall = time.perf_counter() - started
     return {"vad": vad, "files": len(jobs), "audio_seconds": sum(seconds), "wall_seconds": wall,
-            "compile_seconds": model.generator.compile_seconds, "detector_seconds": detector_seconds[0],
+            "compile_seconds": model.compile_seconds, "detector_seconds": detector_seconds[0],
             "decoded_chunks": chunks, "wer": errors / max(words, 1), "reference_words": words,
             "loadavg": os.getloadavg()}  # fmt: skip
 

@@ -101,13 +101,13 @@ def warm_up(scheduler: object, seconds: float = 1.0, timeout: float = 600.0) -> 
     """One request through the loop, so the first client does not pay the compilation of the common programs."""
     import threading
 
-    from qasr_jax.serve.scheduler import Job
+    from qasr_jax.serve.scheduler import Upload
 
     rng = np.random.default_rng(0)
     # The base model's programs, and with adapters loaded those that give rows their adapters.
     for adapter in [None, *list(scheduler.model.adapters)[:1]]:
         done = threading.Event()
-        job = Job((rng.standard_normal(int(seconds * 16000)) * 0.01).astype(np.float32),
+        job = Upload((rng.standard_normal(int(seconds * 16000)) * 0.01).astype(np.float32),
                   on_done=lambda _, done=done: done.set(), adapter=adapter)  # fmt: skip
         scheduler.prepare(job, vad=False)  # its noise must reach the decoder to compile the programs
         scheduler.submit(job)
@@ -148,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from qasr_jax.asr import Qwen3ASRModel
     from qasr_jax.serve.scheduler import Scheduler
-    from qasr_jax.stream_engine import StreamingEngine
+    from qasr_jax.serve.streams import StreamScheduler
 
     api_key = args.api_key if args.api_key is not None else os.environ.get("QASR_API_KEY") or None
     cache = False if args.compilation_cache == "off" else args.compilation_cache
@@ -209,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           max_audio_seconds=args.max_audio_seconds, trim_every=args.heap_trim_every,
                           fault_context=fault_context)  # fmt: skip
     scheduler.start()
-    streams = StreamingEngine(model.streamer, max_streams=args.max_streams, max_batch=args.max_batch,
+    streams = StreamScheduler(model.streamer, max_streams=args.max_streams, max_batch=args.max_batch,
                               max_stream_seconds=args.max_stream_seconds or args.max_audio_seconds,
                               trim_every=2 * args.heap_trim_every, fault_context=fault_context)  # fmt: skip
     streams.start()

@@ -1,14 +1,14 @@
 """``python -m infer transcribe``: speech to text for audio files, or for a manifest of them as a resumable job.
 
-Two ways to name the audio:
+Two ways to name the audio, run the same way: the whole list is planned at once (length-sorted batches, lengths
+from the file headers) and threads decode the next batches' audio while the model runs.
 
 - ``FILE ...``: paths, http(s) URLs, or ``-`` for a file's bytes on stdin (``--raw-pcm RATE`` for headerless
   16-bit PCM). The results, in input order, go to stdout or ``--output`` as txt (one line per file), json (a
   list of objects) or jsonl (one object per line).
 - ``--manifest LIST``: one item per line, either a path or a JSON object ``{"id": ..., "path": ...}`` with
-  optional ``"context"``, ``"language"`` and ``"duration"`` (seconds). The whole list is planned at once
-  (length-sorted batches, lengths from the file headers) and threads decode the next batches' audio while the
-  model runs. Results are appended to ``--output`` (default ``LIST.results.jsonl``) as JSONL, each with its
+  optional ``"context"``, ``"language"`` and ``"duration"`` (seconds). Results are appended to ``--output``
+  (default ``LIST.results.jsonl``) as JSONL, each with its
   ``"id"``, in the order they finish; a rerun skips the ids already written there. Failed items are not
   written, so a rerun retries them. With ``--distributed`` (or ``--coordinator``), the same command on every
   host of a multi-host run transcribes that process's share into a part file next to the output, and process 0
@@ -38,13 +38,13 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
 from infer.defaults import REVISION_HELP, model_help
 
 if TYPE_CHECKING:
-    from qasr_jax.batch_jobs import Job
+    from qasr_jax.batch_jobs import AudioReader, Job, PlannedBatch
 
 FORMATS = ("txt", "json", "jsonl")
 
@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="audio files (wav, flac, ogg, mp3, m4a, opus, mp4/mkv/webm video, ...), http(s) URLs, "
                              "or - for audio bytes on stdin")  # fmt: skip
     parser.add_argument("--raw-pcm", type=int, default=None, metavar="RATE",
-                        help="the FILEs (or stdin) are headerless signed 16-bit little-endian mono PCM at RATE Hz")  # fmt: skip
+                        help="the audio (FILEs, stdin or a manifest's files) is headerless signed 16-bit little-endian "
+                             "mono PCM at RATE Hz")  # fmt: skip
     parser.add_argument("--max-audio-seconds", type=float, default=None, metavar="S",
                         help="refuse audio longer than S seconds (that item fails; the others go on)")  # fmt: skip
     parser.add_argument("--model", metavar="DIR|NAME",
@@ -107,11 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timestamps", action="store_true",
                         help="add word timestamps (needs --forced-aligner; json/jsonl output)")  # fmt: skip
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), metavar="N",
-                        help="manifest: threads decoding and resampling the next batches' audio while the model "
-                             "runs (default %(default)s)")  # fmt: skip
+                        help="threads decoding and resampling the next batches' audio while the model runs "
+                             "(default %(default)s)")  # fmt: skip
     parser.add_argument("--max-batch-seconds", type=float, default=None, metavar="S",
-                        help="manifest: at most S padded audio-seconds per batch (fewer rows for long audio, "
-                             "to bound memory; default: --batch-size rows whatever their length)")  # fmt: skip
+                        help="at most S padded audio-seconds per batch (fewer rows for long audio, to bound "
+                             "memory; default: --batch-size rows whatever their length)")  # fmt: skip
     parser.add_argument("--mesh", metavar="SPEC",
                         help="split each batch over this process's devices, e.g. data=4 or data=2,tensor=2 "
                              "(default: one device)")  # fmt: skip
@@ -135,25 +136,6 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: beside the output, .jsonl -> .rejected.jsonl)")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return parser
-
-
-def audio_source(path: str, args: argparse.Namespace) -> Any:
-    """What the model is given for a FILE argument: the path or URL itself, stdin's bytes for ``-``, and with
-    ``--raw-pcm`` the PCM samples with their rate."""
-    if path != "-" and args.raw_pcm is None:
-        return path
-    if path == "-":
-        if args.stdin_bytes is None:
-            args.stdin_bytes = sys.stdin.buffer.read()
-        data = args.stdin_bytes
-    else:
-        with open(path, "rb") as handle:
-            data = handle.read()
-    if args.raw_pcm is None:
-        return data
-    from qasr_jax.audio_files import raw_pcm
-
-    return raw_pcm(data, "<stdin>" if path == "-" else path), args.raw_pcm
 
 
 def result_record(job: Job, result: Any) -> dict[str, Any]:
@@ -181,48 +163,25 @@ def result_record(job: Job, result: Any) -> dict[str, Any]:
     return record
 
 
-def transcribe_jobs(model: Any, jobs: Sequence[Job], args: argparse.Namespace) -> Iterator[tuple[int, Any]]:
-    """(position in ``jobs``, ASRTranscription) as each finishes, in groups that bound how much audio is held
-    at once."""
-    from qasr_jax.asr import ASRTranscription
-    from qasr_jax.errors import AudioDecodeError, QasrError
+def plan_jobs(
+    jobs: Sequence[Job], args: argparse.Namespace, reader: AudioReader
+) -> tuple[list[float | None], list[PlannedBatch]]:
+    """Each job's duration (None when unknown) and the batches the whole list runs in."""
+    from qasr_jax import batch_jobs
+    from qasr_jax.asr import MAX_ALIGN_CHUNK_SECONDS
 
-    group_size = max(4 * args.batch_size, 64)
-    for start in range(0, len(jobs), group_size):
-        group = list(jobs[start : start + group_size])
-        positions, sources = [], []
-        for offset, job in enumerate(group):
-            try:
-                sources.append(audio_source(job.path, args))
-                positions.append(start + offset)
-            except (QasrError, OSError) as error:
-                if not isinstance(error, QasrError):
-                    error = AudioDecodeError(f"{job.path}: cannot read ({error})")
-                yield start + offset, ASRTranscription("", "", error=error)
-        if not sources:
-            continue
-        kept = [jobs[position] for position in positions]
-        stream = model.iter_transcribe(
-            sources,
-            context=[job.context if job.context is not None else args.context for job in kept],
-            language=[job.language if job.language is not None else args.language for job in kept],
-            return_time_stamps=args.timestamps,
-        )
-        for index, result in stream:
-            yield positions[index], result
+    seconds = batch_jobs.job_seconds(jobs, probe=reader.probe_seconds)
+    max_chunk = args.max_chunk_seconds
+    if args.timestamps:  # the aligner's limit, as the model splits for timestamps
+        max_chunk = min(max_chunk, MAX_ALIGN_CHUNK_SECONDS)
+    return seconds, batch_jobs.plan_batches(seconds, args.batch_size, max_chunk, args.max_batch_seconds)
 
 
 class Progress:
     """Files and audio-seconds done, on stderr (a tqdm bar, or nothing)."""
 
-    def __init__(
-        self, jobs: Sequence[Job], enabled: bool, seconds: Sequence[float | None] | None = None
-    ) -> None:
-        """``seconds``: each job's duration when already known (else read from the file headers)."""
-        if enabled and seconds is None:
-            from qasr_jax.batch_jobs import job_seconds
-
-            seconds = job_seconds(jobs)
+    def __init__(self, jobs: Sequence[Job], seconds: Sequence[float | None], enabled: bool) -> None:
+        """``seconds``: each job's duration (None when unknown: it counts as a file, not as audio)."""
         self.seconds = {job.id: s or 0.0 for job, s in zip(jobs, seconds)} if enabled else {}
         self.total_seconds = sum(self.seconds.values())
         self.done_seconds = 0.0
@@ -384,17 +343,12 @@ def run_manifest(args: argparse.Namespace) -> int:
         model = load_model(args, mesh)
         if model is None:
             return 1
-        seconds = batch_jobs.job_seconds(jobs)
-        from qasr_jax.asr import MAX_ALIGN_CHUNK_SECONDS
-
-        max_chunk = args.max_chunk_seconds
-        if args.timestamps:  # the aligner's limit, as the model splits for timestamps
-            max_chunk = min(max_chunk, MAX_ALIGN_CHUNK_SECONDS)
-        plan = batch_jobs.plan_batches(seconds, args.batch_size, max_chunk, args.max_batch_seconds)
+        reader = batch_jobs.AudioReader(args.raw_pcm)  # a manifest names files: "-" is no stdin there
+        seconds, plan = plan_jobs(jobs, args, reader)
         mine = batch_jobs.process_share(plan, index, count)
         positions = [i for batch in mine for i in batch.items]
         progress = Progress(
-            [jobs[i] for i in positions], not args.no_progress, [seconds[i] for i in positions]
+            [jobs[i] for i in positions], [seconds[i] for i in positions], enabled=not args.no_progress
         )
         sink = batch_jobs.ResultsFile(output if count == 1 else batch_jobs.part_path(output, index, count))
         side = None
@@ -404,7 +358,7 @@ def run_manifest(args: argparse.Namespace) -> int:
         try:
             for job, result in batch_jobs.run_batches(
                 model, jobs, mine, context=args.context, language=args.language,
-                return_time_stamps=args.timestamps, workers=args.workers,
+                return_time_stamps=args.timestamps, reader=reader, workers=args.workers,
             ):  # fmt: skip
                 progress.advance(job)
                 if result.error:
@@ -432,6 +386,46 @@ def run_manifest(args: argparse.Namespace) -> int:
     return report(failures, truncated, (rejected, rejected_output))
 
 
+def run_files(args: argparse.Namespace) -> int:
+    """FILE mode: the files as one job, planned and run as a manifest's are; every result, a failed file's
+    with its error, written in the order of the arguments once all are done."""
+    from qasr_jax import batch_jobs
+
+    jobs = [batch_jobs.Job(path, path) for path in args.files]
+    try:
+        mesh = local_mesh(args.mesh)
+    except ValueError as error:
+        print(f"error: --mesh: {error}", file=sys.stderr)
+        return 2
+    model = load_model(args, mesh)
+    if model is None:
+        return 1
+    stdin = sys.stdin.buffer if batch_jobs.STDIN_PATH in args.files else None
+    reader = batch_jobs.AudioReader(args.raw_pcm, stdin=stdin)
+    seconds, plan = plan_jobs(jobs, args, reader)
+    results: list[Any] = [None] * len(jobs)
+    progress = Progress(jobs, seconds, enabled=not args.no_progress)
+    try:
+        for position, result in batch_jobs.run_batches_indexed(
+            model, jobs, plan, context=args.context, language=args.language,
+            return_time_stamps=args.timestamps, reader=reader, workers=args.workers,
+        ):  # fmt: skip
+            progress.advance(jobs[position])
+            results[position] = result
+    finally:
+        progress.close()
+    failures = [(job, f"{type(r.error).__name__}: {r.error}") for job, r in zip(jobs, results) if r.error]
+    truncated = [job for job, r in zip(jobs, results) if r.truncated and not r.error]
+    records = [result_record(job, result) for job, result in zip(jobs, results)]
+    fmt = args.format or "txt"
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as out:
+            write_results(records, fmt, out)
+    else:
+        write_results(records, fmt, sys.stdout)
+    return report(failures, truncated)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -443,7 +437,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--raw-pcm RATE must be a positive sample rate")
     if args.files.count("-") > 1:
         parser.error("stdin (-) can be given once")
-    args.stdin_bytes = None
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         parser.error("--max-new-tokens must be >= 1")
     if args.timestamps and not args.forced_aligner and args.model:
@@ -493,40 +486,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
                 jax.distributed.shutdown()
 
-    from qasr_jax.batch_jobs import Job
-
-    jobs = [Job(path, path) for path in args.files]
-    try:
-        mesh = local_mesh(args.mesh)
-    except ValueError as error:
-        print(f"error: --mesh: {error}", file=sys.stderr)
-        return 2
-    model = load_model(args, mesh)
-    if model is None:
-        return 1
-    failures: list[tuple[Job, str]] = []
-    truncated: list[Job] = []
-    progress = Progress(jobs, enabled=not args.no_progress)
-    records: list[tuple[int, dict[str, Any]]] = []
-    try:
-        for position, result in transcribe_jobs(model, jobs, args):
-            job = jobs[position]
-            progress.advance(job)
-            if result.error:
-                failures.append((job, f"{type(result.error).__name__}: {result.error}"))
-            elif result.truncated:
-                truncated.append(job)
-            records.append((position, result_record(job, result)))
-    finally:
-        progress.close()
-    in_order = [record for _, record in sorted(records, key=lambda pair: pair[0])]
-    fmt = args.format or "txt"
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as out:
-            write_results(in_order, fmt, out)
-    else:
-        write_results(in_order, fmt, sys.stdout)
-    return report(failures, truncated)
+    return run_files(args)
 
 
 if __name__ == "__main__":

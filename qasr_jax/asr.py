@@ -8,7 +8,7 @@ forced language that broadcast or come per item, and returns one ``ASRTranscript
    with the voice-activity detector when asked (``vad``; ``qasr_jax.vad``): chunks cut in non-speech, and the
    spans without speech not decoded at all;
 3. build each chunk's prompt, give it a token budget (``max_new_tokens``, or one that grows with its duration);
-4. run all chunks of all items through ``qasr_jax.generate`` in batches of similar length;
+4. run all chunks of all items through the engine (``Engine.run``) in batches of similar length;
 5. decode, parse ``language X<asr_text>text`` with the official repair into one ``Segment`` per chunk (its
    token ids and their log-probabilities, ``finish_reason``; ``qasr_jax.transcript``), merge each item's chunks;
 6. optionally align the text with a forced aligner and shift its timestamps by each chunk's offset.
@@ -40,9 +40,10 @@ from qasr_jax import audio as audio_io
 from qasr_jax import audio_files, compile_cache, sharding
 from qasr_jax import text as text_io
 from qasr_jax.aligner import Qwen3ForcedAligner
+from qasr_jax.chunks import Chunk, finish, merged_language, merged_text, plan_item
 from qasr_jax.config import ThinkerConfig
+from qasr_jax.engine import BatchShape, DecodeOptions, DecodeRequest, DecodeResult, Engine
 from qasr_jax.errors import EmptyAudioError, QasrError
-from qasr_jax.generate import DecodeOptions, GenerationRequest, Generator
 from qasr_jax.hub import resolve_model
 from qasr_jax.streaming import ASRStreamingState, StreamingTranscriber
 from qasr_jax.transcript import (
@@ -50,13 +51,11 @@ from qasr_jax.transcript import (
     Segment,
     Word,
     compression_ratio,
-    decode_segment,
     item_finish_reason,
     mean_logprob,
-    no_speech_segment,
     with_word_confidences,
 )
-from qasr_jax.vad import PlannedPiece, SpeechDetector, join_texts
+from qasr_jax.vad import PlannedPiece, SpeechDetector
 
 MAX_ASR_CHUNK_SECONDS = 1200.0
 MAX_ALIGN_CHUNK_SECONDS = 180.0
@@ -183,23 +182,11 @@ def _broadcast(values: Any, n: int, name: str) -> list[Any]:
 
 
 @dataclasses.dataclass
-class _Chunk:
-    """One piece of one input item, and where its result goes (a chunk without speech has no request: its
-    segment is made when it is planned)."""
-
-    item: int
-    piece: audio_io.AudioPiece
-    request: GenerationRequest | None
-    segment: Segment | None = None
-    no_speech: float | None = None
-
-
-@dataclasses.dataclass
 class _Item:
     language: str | None  # forced language (canonical) or None
     context: str
     adapter: int = 0  # slot in the model's adapter stack (0: the base model)
-    chunks: list[_Chunk] = dataclasses.field(default_factory=list)
+    chunks: list[Chunk] = dataclasses.field(default_factory=list)
     pending: int = 0
     error: QasrError | None = None
 
@@ -249,10 +236,11 @@ class Qwen3ASRModel:
         )
         self._call_detector: SpeechDetector | None = None  # made for calls that ask for one
         self._planning_threads: concurrent.futures.ThreadPoolExecutor | None = None
-        self.generator = Generator(
-            config, params, dtype=dtype, attention_impl=attention_impl, max_batch=max_batch,
-            options=decode_options, mesh=mesh, sharding_rules=sharding_rules,
-        )  # fmt: skip
+        self.params = params
+        self.max_batch = max_batch  # chunks decoded in one batch
+        self.decode_options = decode_options or DecodeOptions()
+        self.engines: dict[DecodeOptions, Engine] = {}
+        self._engine_args = dict(dtype=dtype, attention_impl=attention_impl, mesh=mesh, sharding_rules=sharding_rules)
         self.adapters: dict[str, lora.Adapter] = {}
         self._adapter_stack: lora.AdapterStack | None = None
         self._adapter_dtype = dtype
@@ -375,10 +363,42 @@ class Qwen3ASRModel:
             model.load_adapter(name, adapter_dir)
         return model
 
+    def engine(self, options: DecodeOptions | None = None) -> Engine:
+        """The engine (and its compiled programs) for ``options`` (default: the model's ``decode_options``)."""
+        options = options or self.decode_options
+        if options not in self.engines:
+            self.engines[options] = Engine(self.config, options=options, **self._engine_args)
+        return self.engines[options]
+
+    def decode_batch(
+        self,
+        requests: Sequence[DecodeRequest],
+        options: DecodeOptions | None = None,
+        adapters: lora.AdapterStack | None = None,
+    ) -> list[DecodeResult]:
+        """One batch of chunks decoded to completion in the bucket of its longest audio, prompt and budget
+        (``Engine.run``); ``adapters``: the stack the requests' adapter slots refer to."""
+        if not requests:
+            return []
+        engine = self.engine(options)
+        if not any(r.adapter for r in requests):
+            adapters = None
+        return engine.run(self.params, requests, engine.batch_shape(requests, self.max_batch), adapters)
+
+    @property
+    def compiled_shapes(self) -> list[BatchShape]:
+        """The batch buckets run so far, each compiled once (per decoding options)."""
+        return [shape for engine in self.engines.values() for shape in engine.batch_shapes]
+
     @property
     def compile_count(self) -> int:
-        """Programs compiled so far by this model object (one per bucket shape)."""
-        return self.generator.compile_count
+        """Batch buckets compiled so far by this model object."""
+        return len(self.compiled_shapes)
+
+    @property
+    def compile_seconds(self) -> float:
+        """Seconds spent compiling this model object's programs."""
+        return sum(engine.programs.seconds for engine in self.engines.values())
 
     def get_supported_languages(self) -> list[str]:
         return list(text_io.SUPPORTED_LANGUAGES)
@@ -391,7 +411,7 @@ class Qwen3ASRModel:
         if self._streamer is None:
             budget = (lambda _: self.max_new_tokens) if self.max_new_tokens else default_token_budget
             self._streamer = StreamingTranscriber(
-                self.config, self.generator.params, self.tokenizer, self.generator.engine(), budget
+                self.config, self.params, self.tokenizer, self.engine(), budget
             )
         return self._streamer
 
@@ -506,7 +526,7 @@ class Qwen3ASRModel:
         # The detector scores 32 ms windows one after another on the CPU: items are planned on as many threads
         # as there are cores (ONNX Runtime runs without the GIL), so it keeps up with an accelerator.
         prepared = map(prepare, range(n)) if detector is None else self._planner().map(prepare, range(n))
-        chunks: list[_Chunk] = []
+        chunks: list[Chunk] = []
         for index, item in enumerate(prepared):
             decoded = [c for c in item.chunks if c.request is not None]
             item.pending = len(decoded)
@@ -517,15 +537,15 @@ class Qwen3ASRModel:
         # Similar lengths share a batch (less padding, fewer distinct shapes); longest first, so a batch that
         # does not fit in memory fails before any work is spent on the others.
         order = sorted(chunks, key=lambda c: -len(c.piece.samples))
-        batch_size = self.generator.max_batch
+        batch_size = self.max_batch
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
             self._run_batch(batch, items)
             completed = []
             for chunk in batch:
-                items[chunk.item].pending -= 1
-                if items[chunk.item].pending == 0:
-                    completed.append(chunk.item)
+                items[chunk.owner].pending -= 1
+                if items[chunk.owner].pending == 0:
+                    completed.append(chunk.owner)
             results = {index: self._merge(items[index]) for index in completed}
             if return_time_stamps:
                 self._align(items, [i for i in completed if items[i].error is None], results)
@@ -561,7 +581,7 @@ class Qwen3ASRModel:
 
     def chunk_request(
         self, piece: audio_io.AudioPiece, context: str, language: str | None, adapter: int = 0
-    ) -> GenerationRequest:
+    ) -> DecodeRequest:
         """A chunk's prompt (audio slots for its frames, the context, a forced language), token budget and
         adapter slot."""
         frames = audio_io.num_frames(len(piece.samples))
@@ -569,11 +589,11 @@ class Qwen3ASRModel:
             self.tokenizer, self.config.audio.output_length(frames), context, language
         )
         budget = self.max_new_tokens or default_token_budget(len(piece.samples) / audio_io.SAMPLE_RATE)
-        return GenerationRequest(piece.samples, prompt, budget, adapter)
+        return DecodeRequest(piece.samples, prompt, budget, adapter)
 
     def _prepare_chunks(
         self, index: int, source: Any, item: _Item, max_seconds: float, detector: SpeechDetector | None
-    ) -> list[_Chunk]:
+    ) -> list[Chunk]:
         samples = audio_io.load_audio(
             source, name=_source_name(index, source), max_seconds=self.max_audio_seconds
         )
@@ -582,23 +602,29 @@ class Qwen3ASRModel:
                 f"{_source_name(index, source)}: {len(samples)} samples is shorter than one feature frame "
                 f"({audio_io.HOP_LENGTH} samples at 16 kHz)"
             )
-        chunks = []
-        for planned in self.plan_chunks(samples, max_seconds, detector):
-            if not planned.speech:
-                segment = no_speech_segment(planned.piece, planned.no_speech)
-                chunks.append(_Chunk(index, planned.piece, None, segment, planned.no_speech))
-                continue
-            request = self.chunk_request(planned.piece, item.context, item.language, item.adapter)
-            chunks.append(_Chunk(index, planned.piece, request, no_speech=planned.no_speech))
-        return chunks
+        return self.item_chunks(index, samples, item.context, item.language, item.adapter, max_seconds, detector)
 
-    def _run_batch(self, batch: list[_Chunk], items: list[_Item]) -> None:
+    def item_chunks(
+        self,
+        owner: Any,
+        samples: np.ndarray,
+        context: str,
+        language: str | None,
+        adapter: int,
+        max_seconds: float,
+        detector: SpeechDetector | None,
+    ) -> list[Chunk]:
+        """An item's chunks (``qasr_jax.chunks``), planned by ``plan_chunks``, each with its ``chunk_request``;
+        ``owner``: what the chunks belong to."""
+        plan = self.plan_chunks(samples, max_seconds, detector)
+        return plan_item(owner, plan, lambda piece: self.chunk_request(piece, context, language, adapter))
+
+    def _run_batch(self, batch: list[Chunk], items: list[_Item]) -> None:
         """Generate, decode and parse a batch. Inputs were validated when their chunks were made, so a failure
         here (out of memory, a bug) is not any one item's: it surfaces as itself."""
-        generations = self.generator.generate([c.request for c in batch], adapters=self._adapter_stack)
-        for chunk, generation in zip(batch, generations):
-            forced = items[chunk.item].language
-            chunk.segment = decode_segment(self.tokenizer, generation, chunk.piece, forced, chunk.no_speech)
+        results = self.decode_batch([c.request for c in batch], adapters=self._adapter_stack)
+        for chunk, result in zip(batch, results):
+            finish(chunk, self.tokenizer, result, items[chunk.owner].language)
 
     def _align(self, items: list[_Item], indices: list[int], results: dict[int, ASRTranscription]) -> None:
         """Word timestamps for the completed items ``indices``, aligned together, into their results."""
@@ -616,12 +642,11 @@ class Qwen3ASRModel:
     def _merge(self, item: _Item) -> ASRTranscription:
         if item.error is not None:
             return ASRTranscription(language="", text="", error=item.error)
-        segments = [c.segment for c in item.chunks]
         return ASRTranscription(
-            language=text_io.merge_languages(s.language for s in segments),
-            text=join_texts((c.segment.text, c.request is not None) for c in item.chunks),
-            truncated=any(s.truncated for s in segments),
-            segments=segments,
+            language=merged_language(item.chunks),
+            text=merged_text(item.chunks),
+            truncated=any(c.truncated for c in item.chunks),
+            segments=[c.segment for c in item.chunks],
         )
 
 

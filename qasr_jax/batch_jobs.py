@@ -1,6 +1,8 @@
 """Dataset-scale transcription jobs: a manifest planned as a whole, audio decoded ahead, work split over processes.
 
-A job is a list of ``Job`` items (``read_manifest``). Running it:
+A job is a list of ``Job`` items: a manifest's (``read_manifest``), or the files named on a command line. An
+``AudioReader`` says how a job's path becomes audio: a file or http(s) URL, ``-`` for the bytes of standard input,
+or headerless 16-bit PCM at a given rate. Running a job:
 
 1. **Plan globally** (``plan_batches``): every item's duration comes from its file header (``probe_seconds``, no
    decoding) or from the manifest's ``"duration"``; items are sorted by length over the whole manifest and cut
@@ -34,17 +36,21 @@ import glob
 import json
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
 from qasr_jax import audio as audio_io
+from qasr_jax import audio_files
 from qasr_jax.errors import AudioDecodeError, EmptyAudioError, QasrError
 
 # Decoded audio held ahead of the device, in batches.
 DEFAULT_PREFETCH_BATCHES = 2
+# The job path that stands for standard input (when the reader is given one).
+STDIN_PATH = "-"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +143,63 @@ def job_seconds(
 ) -> list[float | None]:
     """Each job's duration: the manifest's, else its header's (None when unknown)."""
     return [job.seconds if job.seconds is not None else probe(job.path) for job in jobs]
+
+
+class AudioReader:
+    """How a job's path becomes audio: a file path or http(s) URL (``audio.load_audio``), or ``-`` for the bytes
+    of ``stdin`` when one is given; with ``raw_pcm_rate`` each input is headerless signed 16-bit little-endian
+    mono PCM at that rate instead of an audio file.
+
+    Standard input can be read only once: its bytes are read by the first load that asks for them (from any
+    worker thread) and kept for the run.
+    """
+
+    def __init__(self, raw_pcm_rate: int | None = None, stdin: BinaryIO | None = None) -> None:
+        if raw_pcm_rate is not None and raw_pcm_rate <= 0:
+            raise ValueError(f"raw_pcm_rate must be a positive sample rate, got {raw_pcm_rate}")
+        self.raw_pcm_rate = raw_pcm_rate
+        self._stdin = stdin
+        self._stdin_bytes: bytes | None = None
+        self._lock = threading.Lock()
+
+    def is_stdin(self, path: str) -> bool:
+        return path == STDIN_PATH and self._stdin is not None
+
+    def _read_stdin(self) -> bytes:
+        with self._lock:
+            if self._stdin_bytes is None:
+                self._stdin_bytes = self._stdin.read()
+            return self._stdin_bytes
+
+    def load(self, path: str, max_seconds: float | None = None) -> np.ndarray:
+        """``path``'s audio as mono 16 kHz float32 samples; errors as ``audio.load_audio`` raises them, named by
+        the path (``<stdin>`` for standard input)."""
+        stdin = self.is_stdin(path)
+        name = "<stdin>" if stdin else None
+        if self.raw_pcm_rate is None:
+            source = self._read_stdin() if stdin else path
+            return audio_io.load_audio(source, name=name, max_seconds=max_seconds)
+        label = name or audio_files.describe(path, "<input>")
+        if stdin:
+            data = self._read_stdin()
+        else:
+            data = audio_files.read_source(path, label)  # a local path, or a URL's bytes
+            if isinstance(data, str):
+                with open(data, "rb") as handle:
+                    data = handle.read()
+        samples = audio_files.raw_pcm(data, label)
+        return audio_io.load_audio((samples, self.raw_pcm_rate), name=label, max_seconds=max_seconds)
+
+    def probe_seconds(self, path: str) -> float | None:
+        """``path``'s duration without decoding it (``probe_seconds``; raw PCM by its file size); None for
+        standard input, URLs and anything else whose length cannot be told up front."""
+        if self.is_stdin(path):
+            return None
+        if self.raw_pcm_rate is None:
+            return probe_seconds(path)
+        if not os.path.isfile(path):
+            return None
+        return os.path.getsize(path) // 2 / self.raw_pcm_rate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,12 +319,13 @@ class Loaded:
     seconds: float
 
 
-def load_job(job: Job, max_seconds: float | None = None) -> Loaded:
-    """Decode ``job``'s audio to mono 16 kHz (``audio.load_audio``); a bad file is that item's error, named by
-    its path."""
+def load_job(job: Job, max_seconds: float | None = None, reader: AudioReader | None = None) -> Loaded:
+    """Decode ``job``'s audio to mono 16 kHz (with ``reader``, default: ``job.path`` is a file or URL); a bad
+    file is that item's error, named by its path."""
     started = time.perf_counter()
+    reader = reader if reader is not None else AudioReader()
     try:
-        samples = audio_io.load_audio(job.path, max_seconds=max_seconds)
+        samples = reader.load(job.path, max_seconds=max_seconds)
         if audio_io.num_frames(len(samples)) == 0:
             raise EmptyAudioError(
                 f"{job.path}: {len(samples)} samples is shorter than one feature frame "
@@ -284,19 +348,46 @@ def run_batches(
     context: str = "",
     language: str | None = None,
     return_time_stamps: bool = False,
+    reader: AudioReader | None = None,
     workers: int = 2,
     prefetch_batches: int = DEFAULT_PREFETCH_BATCHES,
     stats: PipelineStats | None = None,
 ) -> Iterator[tuple[Job, Any]]:
-    """``(job, ASRTranscription)`` for every item of ``plan``, batch by batch, as they complete.
+    """``(job, ASRTranscription)`` for every item of ``plan``, batch by batch, as they complete
+    (``run_batches_indexed``, with the job in place of its index)."""
+    results = run_batches_indexed(
+        model, jobs, plan, context=context, language=language, return_time_stamps=return_time_stamps,
+        reader=reader, workers=workers, prefetch_batches=prefetch_batches, stats=stats,
+    )  # fmt: skip
+    for index, result in results:
+        yield jobs[index], result
 
-    ``model`` is a ``Qwen3ASRModel``. ``workers`` threads decode the audio of up to ``prefetch_batches`` batches
-    ahead of the one the model is running. ``context``/``language`` apply to items that do not set their own.
-    An item that cannot be decoded is yielded with its error; the rest of its batch goes on.
+
+def run_batches_indexed(
+    model: Any,
+    jobs: Sequence[Job],
+    plan: Iterable[PlannedBatch],
+    *,
+    context: str = "",
+    language: str | None = None,
+    return_time_stamps: bool = False,
+    reader: AudioReader | None = None,
+    workers: int = 2,
+    prefetch_batches: int = DEFAULT_PREFETCH_BATCHES,
+    stats: PipelineStats | None = None,
+) -> Iterator[tuple[int, Any]]:
+    """``(index in jobs, ASRTranscription)`` for every item of ``plan``, batch by batch, as they complete; the
+    index tells apart jobs that are equal (the same file named twice).
+
+    ``model`` is a ``Qwen3ASRModel``. ``reader`` reads each job's audio (default: paths and URLs). ``workers``
+    threads decode the audio of up to ``prefetch_batches`` batches ahead of the one the model is running.
+    ``context``/``language`` apply to items that do not set their own. An item that cannot be decoded is yielded
+    with its error; the rest of its batch goes on.
     """
     from qasr_jax.asr import ASRTranscription
 
     stats = stats if stats is not None else PipelineStats()
+    reader = reader if reader is not None else AudioReader()
     max_seconds = getattr(model, "max_audio_seconds", None)
     pending: collections.deque[tuple[PlannedBatch, list[concurrent.futures.Future]]] = collections.deque()
     batches = iter(plan)
@@ -305,7 +396,8 @@ def run_batches(
         def submit_next() -> None:
             batch = next(batches, None)
             if batch is not None:
-                pending.append((batch, [pool.submit(load_job, jobs[i], max_seconds) for i in batch.items]))
+                futures = [pool.submit(load_job, jobs[i], max_seconds, reader) for i in batch.items]
+                pending.append((batch, futures))
 
         for _ in range(max(1, prefetch_batches) + 1):
             submit_next()
@@ -321,7 +413,7 @@ def run_batches(
             for position, item in zip(batch.items, loaded):
                 if item.error is not None:
                     stats.items += 1
-                    yield jobs[position], ASRTranscription("", "", error=item.error)
+                    yield position, ASRTranscription("", "", error=item.error)
                 else:
                     good.append((position, item.samples))
             if not good:
@@ -338,7 +430,7 @@ def run_batches(
             for index, result in results:
                 stats.model_seconds += time.perf_counter() - started
                 stats.items += 1
-                yield kept[index], result
+                yield good[index][0], result
                 started = time.perf_counter()
             stats.model_seconds += time.perf_counter() - started
             del good, loaded
@@ -492,6 +584,8 @@ def merge_parts(output: str) -> int:
 
 __all__ = [
     "DEFAULT_PREFETCH_BATCHES",
+    "STDIN_PATH",
+    "AudioReader",
     "Job",
     "Loaded",
     "PipelineStats",
@@ -513,4 +607,5 @@ __all__ = [
     "rejected_path",
     "row_limit",
     "run_batches",
+    "run_batches_indexed",
 ]

@@ -25,7 +25,7 @@ bucket), insert per (rows, prompt bucket) and state shape, generate and compact 
 run-time argument of generate. The state is donated to insert, generate and compact.
 
 Adapters (``qasr_jax.adapters``): prefill, generate and run take an ``AdapterStack``; each request names its slot
-(``GenerationRequest.adapter``, 0 = the base model), each decode slot keeps it (``DecodeState.adapters``), and the
+(``DecodeRequest.adapter``, 0 = the base model), each decode slot keeps it (``DecodeState.adapters``), and the
 programs give every row its own low-rank updates (the stacked weights gathered by row once per call), so rows
 with different adapters share one prefill and one decode step.
 
@@ -50,13 +50,16 @@ from jax.sharding import Mesh
 from qasr_jax import adapters as lora
 from qasr_jax import audio, buckets, sharding
 from qasr_jax.config import ThinkerConfig
-from qasr_jax.model import Qwen3ASR, decode_layer_params, decode_step
+from qasr_jax.model import Qwen3ASR, decode_layer_params, decode_step, extend_cache
 from qasr_jax.model.attention import KVCache
-from qasr_jax.model.decoder import CACHE_SEQ_AXIS, cache_length, layer_cache_shape
+from qasr_jax.model.decoder import CACHE_AXES, CACHE_SEQ_AXIS, cache_length, layer_cache_shape
 
 # The released generation_config.json stops on <|im_end|> or <|endoftext|>.
 DEFAULT_EOS_TOKEN_IDS = (151645, 151643)
 DEFAULT_PAD_TOKEN_ID = 151643
+# Cache slots of a continued sequence, on a two-steps-per-octave ladder from this size: few programs, at most a
+# third unused.
+MIN_CACHE_LEN = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +93,7 @@ class DecodeOptions:
 
 
 @dataclasses.dataclass(frozen=True)
-class GenerationRequest:
+class DecodeRequest:
     """One request: 16 kHz samples ``[n]``, its prompt ids (audio slot expanded to the encoder output length of
     ``n // 160`` frames), and how many tokens it may generate."""
 
@@ -101,7 +104,7 @@ class GenerationRequest:
 
 
 @dataclasses.dataclass(frozen=True)
-class Generation:
+class DecodeResult:
     """One request's result: generated ids (up to and including the end token), whether it stopped on an
     end token (else it used its whole budget), and the log-probability of each id (natural log, fp32 model
     logits; empty when not recorded)."""
@@ -130,6 +133,21 @@ class PrefillShape:
 
 
 @dataclasses.dataclass(frozen=True)
+class BatchShape:
+    """The bucket of a one-shot batch (``Engine.run``): prefill rows, mel frames and prompt length, and the token
+    slots per row."""
+
+    rows: int
+    frames: int
+    prompt_len: int
+    steps: int
+
+    @property
+    def prefill(self) -> PrefillShape:
+        return PrefillShape(self.rows, self.frames, self.prompt_len)
+
+
+@dataclasses.dataclass(frozen=True)
 class StateShape:
     """The static shape of a decode state."""
 
@@ -155,6 +173,27 @@ class Prefilled:
     budgets: jax.Array
     count: int = flax.struct.field(pytree_node=False, default=0)
     adapters: jax.Array | None = None  # [rows] each row's adapter slot
+
+
+@dataclasses.dataclass(frozen=True)
+class Continuation:
+    """A request that continues a cached sequence (``Prefix``): the ids to run after the kept tokens (its audio
+    slots take the rows of ``audio [tokens, hidden]`` in order) and how many tokens it may generate."""
+
+    ids: Sequence[int]
+    audio: np.ndarray
+    max_new_tokens: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Prefix:
+    """The cached sequences a prefill continues, one per request: each one's per-layer caches ``{"k", "v"}: [1,
+    kv, cache_len, hd]`` (None: nothing cached yet), how many of its cached tokens are kept, and the cache slot of
+    its first token. The caches are donated: the decode state holds them afterwards (``Engine.row_caches``)."""
+
+    caches: Sequence[list[KVCache] | None]
+    keeps: Sequence[int]
+    offsets: Sequence[int]
 
 
 @flax.struct.dataclass
@@ -189,11 +228,11 @@ class DecodeState:
         return StateShape(slots, cache_length(self.caches[0]), max_new)
 
 
-def min_slots() -> int:
-    """The fewest slots a decode state gets. On XLA:CPU a one-row step fuses each layer's in-place cache write
-    into two consumers and copies whole cache layers to feed both (≈ 2× the step time of two rows at the
-    0.6B config), so a state there has at least two slots; the spare one stays free."""
-    return 2 if jax.default_backend() == "cpu" else 1
+def min_slots(backend: str) -> int:
+    """The fewest slots a decode state gets on ``backend``. On XLA:CPU a one-row step fuses each layer's in-place
+    cache write into two consumers and copies whole cache layers to feed both, so a state there has at least two
+    slots (the spare one stays free)."""
+    return 2 if backend == "cpu" else 1
 
 
 def next_token(
@@ -249,6 +288,39 @@ def is_eos(tokens: jax.Array, options: DecodeOptions) -> jax.Array:
     return jnp.isin(tokens, jnp.asarray(options.eos_token_ids, jnp.int32))
 
 
+def choose_first(options: DecodeOptions, logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Each row's first generated token ``[rows]`` from the prompt's last logits ``[rows, vocab]`` (nothing
+    generated before it), and its log-probability."""
+    rows = logits.shape[0]
+    first = next_token(logits, jnp.zeros((rows, 1), jnp.int32), jnp.int32(0), None, options)
+    return first, token_logprob(logits, first)
+
+
+def start_rows(
+    options: DecodeOptions,
+    first: jax.Array,
+    first_logprob: jax.Array,
+    budgets: jax.Array,
+    max_new: int,
+    vocab_size: int | None,
+) -> dict[str, jax.Array | None]:
+    """The decode-state fields of rows that start generating with ``first`` (``choose_first``): their token and
+    log-prob slots, count, budget, whether they go on, whether they stopped, the tokens seen (with a ``vocab_size``
+    when a repetition penalty tracks them, else None). Every way into a decode state (``insert``, a prefill that
+    continues a cached prefix) starts its rows here."""
+    ended = is_eos(first, options)
+    tokens = jnp.full((first.shape[0], max_new), options.pad_token_id, jnp.int32).at[:, 0].set(first)
+    return dict(
+        tokens=tokens,
+        logprobs=jnp.zeros(tokens.shape, jnp.float32).at[:, 0].set(first_logprob),
+        counts=jnp.ones_like(first),
+        budgets=budgets,
+        live=~ended & (budgets > 1),
+        stopped=ended,
+        seen=None if vocab_size is None else jax.nn.one_hot(first, vocab_size, dtype=bool),
+    )
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The programs (pure functions; ``Engine`` compiles them per shape)
 
@@ -279,11 +351,8 @@ def prefill_program(
         frames,
         method=Qwen3ASR.prefill,
     )
-    rows = input_ids.shape[0]
-    first = next_token(logits, jnp.zeros((rows, 1), jnp.int32), jnp.int32(0), None, options)
-    return Prefilled(
-        cache, kv_start, lengths, first, token_logprob(logits, first), budgets, adapters=adapter_rows
-    )
+    first, first_logprob = choose_first(options, logits)
+    return Prefilled(cache, kv_start, lengths, first, first_logprob, budgets, adapters=adapter_rows)
 
 
 def init_state_program(
@@ -332,14 +401,10 @@ def insert_program(
             updated[name] = jax.lax.dynamic_update_slice(cache[name], region, (zero, zero, start, zero))
         caches.append(updated)
     first = prefilled.first_token
-    ended = is_eos(first, options)
-    row_tokens = jnp.full((first.shape[0], state.tokens.shape[1]), options.pad_token_id, jnp.int32)
-    row_tokens = row_tokens.at[:, 0].set(first)
-    row_logprobs = jnp.zeros(row_tokens.shape, jnp.float32).at[:, 0].set(prefilled.first_logprob)
-    seen = state.seen
-    if seen is not None:
-        rows_seen = jax.nn.one_hot(first, seen.shape[1], dtype=bool)
-        seen = seen.at[slots].set(rows_seen, mode="drop")
+    rows = start_rows(
+        options, first, prefilled.first_logprob, prefilled.budgets, state.tokens.shape[1],
+        None if state.seen is None else state.seen.shape[1],
+    )  # fmt: skip
 
     def put(array: jax.Array, values: jax.Array) -> jax.Array:
         return array.at[slots].set(values.astype(array.dtype), mode="drop")
@@ -350,13 +415,8 @@ def insert_program(
         kv_start=put(state.kv_start, start + prefilled.kv_start),
         positions=put(state.positions, prefilled.positions),
         last_token=put(state.last_token, first),
-        tokens=put(state.tokens, row_tokens),
-        logprobs=put(state.logprobs, row_logprobs),
-        counts=put(state.counts, jnp.ones_like(first)),
-        budgets=put(state.budgets, prefilled.budgets),
-        live=put(state.live, ~ended & (prefilled.budgets > 1)),
-        stopped=put(state.stopped, ended),
-        seen=seen,
+        **{name: put(getattr(state, name), value) for name, value in rows.items() if name != "seen"},
+        seen=None if state.seen is None else put(state.seen, rows["seen"]),
         adapters=None if state.adapters is None else put(
             state.adapters, jnp.zeros_like(first) if prefilled.adapters is None else prefilled.adapters
         ),
@@ -424,6 +484,107 @@ def compact_program(state: DecodeState, shift: jax.Array) -> DecodeState:
     return state.replace(caches=caches, index=state.index - shift, kv_start=state.kv_start - shift)
 
 
+def roll_rows(x: jax.Array, shift: jax.Array) -> jax.Array:
+    """Each row's cache slots moved right by its own ``shift`` (cyclically): ``x [rows, kv, cache_len, hd]``,
+    ``shift [rows]``. One contiguous slice per row of the cache laid out twice (a per-element gather is much
+    slower on the CPU)."""
+    length = x.shape[CACHE_SEQ_AXIS]
+    doubled = jnp.concatenate([x, x], axis=CACHE_SEQ_AXIS)
+    rows = [
+        jax.lax.dynamic_slice_in_dim(
+            doubled[b : b + 1], jnp.mod(-shift[b], length), length, axis=CACHE_SEQ_AXIS
+        )
+        for b in range(x.shape[0])
+    ]
+    return jnp.concatenate(rows, axis=0)
+
+
+def pad_rows(x: jax.Array, rows: int, value: Any = 0) -> jax.Array:
+    """``x`` with rows of ``value`` appended up to ``rows`` (axis 0)."""
+    if x.shape[0] >= rows:
+        return x
+    return jnp.concatenate([x, jnp.full((rows - x.shape[0], *x.shape[1:]), value, x.dtype)], axis=0)
+
+
+def stack_rows(rows: int, sequences: list[list[KVCache]]) -> list[KVCache]:
+    """The caches of ``len(sequences)`` sequences (per layer ``[1, kv, cache_len, hd]``) as the first rows of one
+    cache of ``rows`` rows (the rest zeros)."""
+    return [
+        {name: pad_rows(jnp.concatenate([seq[layer][name] for seq in sequences], axis=0), rows)
+         for name in ("k", "v")}
+        for layer in range(len(sequences[0]))
+    ]  # fmt: skip
+
+
+def split_rows(n: int, caches: list[KVCache]) -> list[list[KVCache]]:
+    """The first ``n`` rows of a decode state's caches, each as a sequence's own cache (per layer
+    ``[1, kv, cache_len, hd]``, its tokens where the state has them)."""
+    return [[{name: layer[name][b : b + 1] for name in ("k", "v")} for layer in caches] for b in range(n)]
+
+
+def prefill_after_program(
+    model: Qwen3ASR,
+    options: DecodeOptions,
+    max_new: int,
+    slots: int,
+    params: Any,
+    caches: list[KVCache],
+    keeps: jax.Array,
+    offsets: jax.Array,
+    ids: jax.Array,
+    lengths: jax.Array,
+    audio: jax.Array,
+    budgets: jax.Array,
+) -> DecodeState:
+    """Every row's run ``ids[b, :lengths[b]]`` (its audio slots taking ``audio[b]`` in order) prefilled after the
+    ``keeps[b]`` tokens its cache holds from slot ``offsets[b]``, and a decode state of ``slots`` slots (the rows,
+    then empty ones) that continues them all.
+
+    caches: per layer ``[rows, kv, cache_len, hd]``. The rows of a decode state share one write index, while they
+    keep different numbers of tokens and run different lengths. So row b's kept tokens are moved to end at slot
+    K = max(keeps), the runs are written at K (right-padded), then row b is moved right by its padding: every
+    row's sequence ends at the state's index K + run_len (keys carry their positions, so a move changes no key or
+    value; what falls off a row's end is past its sequence). A lone row moves nothing: its run is written after
+    its kept tokens where they are, and the index is its own end.
+    """
+    rows, run_len = ids.shape
+    x = model.apply({"params": params}, ids, audio, method=Qwen3ASR.embed_inputs)
+    positions = keeps[:, None] + jnp.arange(run_len, dtype=jnp.int32)[None, :]
+    layer_params = decode_layer_params(model, params)
+    if rows == 1:
+        write, kv_start = offsets[0] + keeps[0], offsets
+    else:
+        top = jnp.max(keeps)
+        caches = [
+            {name: roll_rows(layer[name], top - keeps - offsets) for name in ("k", "v")} for layer in caches
+        ]
+        write, kv_start = top, top - keeps
+    logits, caches = extend_cache(
+        model, params, layer_params, x, positions, kv_start, caches, write, lengths - 1
+    )
+    if rows == 1:
+        index = write + lengths[0]
+    else:
+        caches = [{name: roll_rows(layer[name], run_len - lengths) for name in ("k", "v")} for layer in caches]
+        index = write + run_len
+        kv_start = index - lengths - keeps
+    caches = [{name: pad_rows(layer[name], slots) for name in ("k", "v")} for layer in caches]
+    first, first_logprob = choose_first(options, logits)
+    started = start_rows(
+        options, pad_rows(first, slots, options.pad_token_id), pad_rows(first_logprob, slots),
+        pad_rows(budgets, slots),  # empty slots: no budget, never live
+        max_new, model.config.text.vocab_size if options.tracks_seen else None,
+    )  # fmt: skip
+    return DecodeState(
+        caches=caches,
+        index=index,
+        kv_start=jnp.where(jnp.arange(slots) < rows, pad_rows(kv_start, slots), index),  # empty slots: nothing
+        positions=pad_rows(keeps + lengths, slots),
+        last_token=started["tokens"][:, 0],
+        **started,
+    )
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The engine
 
@@ -453,10 +614,14 @@ class Engine:
         self.mesh = mesh
         self.sharding_rules = sharding_rules
         self.programs = buckets.ProgramCache()
+        self.batch_shapes: dict[BatchShape, None] = {}  # the one-shot buckets run so far, in order
+        backend = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+        self.min_slots = min_slots(backend)  # chosen once, for the devices the programs run on
+        self.window_tokens = config.audio.output_length(config.audio.window_frames)
 
     # -- shapes --
 
-    def prefill_shape(self, requests: Sequence[GenerationRequest], max_rows: int) -> PrefillShape:
+    def prefill_shape(self, requests: Sequence[DecodeRequest], max_rows: int) -> PrefillShape:
         """The bucket that prefills ``requests`` together."""
         window_frames = self.config.audio.window_frames
         frames = max(audio.num_frames(len(r.samples)) for r in requests)
@@ -491,12 +656,20 @@ class Engine:
         return self.programs.get(key, build)
 
     def _state_shardings(self, abstract_state: Any) -> Any:
-        def place(x: Any) -> Any:
+        """A state's placement: KV caches (the ``"k"``/``"v"`` leaves) split like the keys the model writes into
+        them (rows over the batch axes, kv heads over ``tensor``: ``CACHE_AXES``), other arrays by their rows,
+        scalars replicated."""
+
+        def place(path: Any, x: Any) -> Any:
             if x.ndim == 0:
                 return sharding.replicated(self.mesh)
+            if path and getattr(path[-1], "key", None) in ("k", "v"):
+                logical = (None,) * (x.ndim - len(CACHE_AXES)) + CACHE_AXES  # a stacked cache: layers first
+                spec = sharding.logical_to_spec(logical, x.shape, self.mesh, self.sharding_rules)
+                return jax.sharding.NamedSharding(self.mesh, spec)
             return sharding.batch_sharding(self.mesh, x.shape, self.sharding_rules)
 
-        return jax.tree_util.tree_map(place, abstract_state)
+        return jax.tree_util.tree_map_with_path(place, abstract_state)
 
     def abstract(self, tree: Any, is_state: bool = False) -> Any:
         """ShapeDtypeStructs of ``tree``; on a mesh with the state's shardings (``is_state``: split by rows as
@@ -515,8 +688,8 @@ class Engine:
         )
 
     def place_state(self, tree: Any) -> Any:
-        """Device arrays of ``tree`` (caches made outside a program) placed as a state is: split by rows on a
-        mesh, on the default device otherwise."""
+        """Device arrays of ``tree`` (caches made outside a program) placed as a state is (``_state_shardings``)
+        on a mesh, on the default device otherwise."""
         if self.mesh is None:
             return tree
         return jax.device_put(tree, self._state_shardings(tree))
@@ -524,10 +697,10 @@ class Engine:
     # -- the four verbs --
 
     def init_state(self, slots: int, cache_len: int, max_new_tokens: int, start: int = 0) -> DecodeState:
-        """An empty state: ``slots`` free slots (at least ``min_slots()``) over a cache of ``cache_len``; the
+        """An empty state: ``slots`` free slots (at least ``min_slots``) over a cache of ``cache_len``; the
         first insert puts prompts so that they end at cache slot ``start`` (at least the longest prompt bucket to
         be inserted)."""
-        shape = StateShape(max(slots, min_slots()), cache_len, max_new_tokens)
+        shape = StateShape(max(slots, self.min_slots), cache_len, max_new_tokens)
         fn = functools.partial(init_state_program, self.config, self.dtype, self.options, shape)
         program = self.compile_program(
             ("init", shape, self.options), fn, jax.ShapeDtypeStruct((), jnp.int32), state_out=True
@@ -537,12 +710,20 @@ class Engine:
     def prefill(
         self,
         params: Any,
-        requests: Sequence[GenerationRequest],
+        requests: Sequence[DecodeRequest] | Sequence[Continuation],
         shape: PrefillShape | None = None,
         adapters: lora.AdapterStack | None = None,
-    ) -> Prefilled:
+        prefix: Prefix | None = None,
+    ) -> Prefilled | DecodeState:
         """Encoder and prompts of ``requests`` (one program per ``PrefillShape``; default: their own bucket), each
-        with the adapter of its ``adapter`` slot in ``adapters``."""
+        with the adapter of its ``adapter`` slot in ``adapters``: KV blocks and first tokens to ``insert``.
+
+        With a ``prefix``, the requests are ``Continuation``s of cached sequences (a stream's earlier prompt): each
+        one's run is prefilled after its kept tokens, in its own cache, and the result is the decode state of those
+        rows, ready to ``generate`` (``row_caches`` gives each row's cache back). One program per bucket of rows,
+        run length, audio tokens, token slots and cache length."""
+        if prefix is not None:
+            return self._prefill_after(params, requests, prefix)
         shape = shape or self.prefill_shape(requests, max(len(requests), 1))
         arrays = pack_prefill(requests, shape, self.options.pad_token_id)
         if adapters is not None:
@@ -562,7 +743,7 @@ class Engine:
         return program(params, *placed).replace(count=len(requests))
 
     def _prefill_adapters(
-        self, params: Any, requests: Sequence[GenerationRequest], shape: PrefillShape, arrays: tuple,
+        self, params: Any, requests: Sequence[DecodeRequest], shape: PrefillShape, arrays: tuple,
         adapters: lora.AdapterStack,
     ) -> Prefilled:  # fmt: skip
         slots = len(adapters.names) + 1
@@ -582,6 +763,116 @@ class Engine:
         )  # fmt: skip
         placed = sharding.place_batch([*arrays, rows], mesh, rules)
         return program(params, *placed, adapters.weights).replace(count=len(requests))
+
+    def _prefill_after(self, params: Any, requests: Sequence[Continuation], prefix: Prefix) -> DecodeState:
+        n = len(requests)
+        if n == 0 or not len(prefix.caches) == len(prefix.keeps) == len(prefix.offsets) == n:
+            raise ValueError(f"{n} continuations need a prefix of as many cached sequences")
+        if any(r.max_new_tokens < 1 for r in requests) or any(not r.ids for r in requests):
+            raise ValueError("every continuation needs ids to run and max_new_tokens >= 1")
+        cfg, mesh, rules = self.config.text, self.mesh, self.sharding_rules
+        rows = buckets.bucket_size(n, 1, 2)
+        run_len = buckets.PROMPT_LADDER.size(max(len(r.ids) for r in requests))
+        windows = max(1, max(-(-len(r.audio) // self.window_tokens) for r in requests))
+        audio_len = buckets.WINDOW_LADDER.size(windows) * self.window_tokens
+        max_new = buckets.STEP_LADDER.size(max(r.max_new_tokens for r in requests))
+        top = max(prefix.keeps)
+        if n == 1:  # a lone row continues where its tokens are (see prefill_after_program)
+            slots = 1
+            need = prefix.offsets[0] + top + max(run_len, len(requests[0].ids) + max_new)
+        else:
+            slots = max(rows, self.min_slots)
+            need = top + run_len + max_new
+        held = [cache_length(kv[0]) for kv in prefix.caches if kv is not None]
+        cache_len = max([buckets.bucket_size(need, MIN_CACHE_LEN, 2), *held])
+
+        ids = np.full((rows, run_len), self.options.pad_token_id, np.int32)
+        lengths, budgets = np.ones((rows,), np.int32), np.ones((rows,), np.int32)
+        keeps, offsets = np.zeros((rows,), np.int32), np.zeros((rows,), np.int32)
+        keeps[:n], offsets[:n] = prefix.keeps, prefix.offsets
+        audio_rows = np.zeros((rows, audio_len, cfg.hidden_size), np.float32)
+        for b, r in enumerate(requests):
+            ids[b, : len(r.ids)] = r.ids
+            lengths[b], budgets[b] = len(r.ids), r.max_new_tokens
+            audio_rows[b, : len(r.audio)] = r.audio
+        caches = [self.grow_cache(kv, cache_len) for kv in prefix.caches]
+        if n == 1:
+            (stacked,) = caches
+        else:
+            stacked = self._rows_program(("stack-rows", n, rows, cache_len), functools.partial(stack_rows, rows),
+                                         self.abstract([self._layers(1, cache_len)] * n, True))(caches)  # fmt: skip
+        del caches
+        vector = sharding.batch_struct((rows,), jnp.int32, mesh, rules)
+        program = self.compile_program(
+            ("prefill-after", rows, slots, cache_len, run_len, audio_len, max_new, self.options),
+            functools.partial(prefill_after_program, self.model, self.options, max_new, slots),
+            sharding.abstract_arrays(params), self.abstract(self._layers(rows, cache_len), True), vector, vector,
+            sharding.batch_struct((rows, run_len), jnp.int32, mesh, rules), vector,
+            sharding.batch_struct((rows, audio_len, cfg.hidden_size), jnp.float32, mesh, rules), vector,
+            donate=(1,), state_out=True,
+        )  # fmt: skip
+        placed = sharding.place_batch([keeps, offsets, ids, lengths, audio_rows, budgets], mesh, rules)
+        return program(params, stacked, *placed)
+
+    def row_caches(self, state: DecodeState, n: int) -> list[tuple[list[KVCache], int]]:
+        """The first ``n`` rows of ``state`` as cached sequences to continue (a ``Prefix``): each row's per-layer
+        caches ``[1, kv, cache_len, hd]`` and the slot of its first token. ``state``'s caches are then theirs."""
+        starts = jax.device_get(state.kv_start)
+        slots, cache_len = state.tokens.shape[0], cache_length(state.caches[0])
+        if slots == 1:
+            split = [state.caches]
+        else:
+            split = self._rows_program(("split-rows", n, slots, cache_len), functools.partial(split_rows, n),
+                                       self.abstract(self._layers(slots, cache_len), True))(state.caches)  # fmt: skip
+        return [(kv, int(starts[b])) for b, kv in enumerate(split)]
+
+    def grow_cache(self, kv: list[KVCache] | None, cache_len: int) -> list[KVCache]:
+        """One sequence's per-layer caches with ``cache_len`` slots (zeros for None; the same arrays when already
+        that long), its tokens where they were."""
+        if kv is not None and cache_length(kv[0]) == cache_len:
+            return kv
+        shape = layer_cache_shape(self.config.text, 1, cache_len)
+        fresh = [{"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
+                 for _ in range(self.config.text.num_hidden_layers)]  # fmt: skip
+        if kv is not None:
+            fresh = [
+                {name: jax.lax.dynamic_update_slice(fresh[i][name], layer[name], (0,) * layer[name].ndim)
+                 for name in ("k", "v")}
+                for i, layer in enumerate(kv)
+            ]  # fmt: skip
+        return self.place_state(fresh)
+
+    def encode_windows(
+        self, params: Any, features: np.ndarray, lengths: np.ndarray, clip_frames: np.ndarray
+    ) -> np.ndarray:
+        """Audio embeddings ``[rows, window_tokens, hidden]`` of encoder windows: ``features [rows, n_mels,
+        window_frames]`` (row i valid for ``lengths[i]`` frames), each row one window of a clip of
+        ``clip_frames[i]`` frames."""
+        rows, n_mels, wf = features.shape
+        model, mesh, rules = self.model, self.mesh, self.sharding_rules
+
+        def encode(params: Any, features: jax.Array, lengths: jax.Array, clip_frames: jax.Array) -> jax.Array:
+            mask = (jnp.arange(wf)[None, :] < lengths[:, None]).astype(jnp.int32)
+            embeds, _ = model.apply(
+                {"params": params}, features, mask, None, clip_frames, method=Qwen3ASR.encode_audio
+            )
+            return embeds
+
+        vector = sharding.batch_struct((rows,), jnp.int32, mesh, rules)
+        program = self.compile_program(
+            ("encode-windows", rows, n_mels, wf), encode, sharding.abstract_arrays(params),
+            sharding.batch_struct((rows, n_mels, wf), jnp.float32, mesh, rules), vector, vector,
+        )  # fmt: skip
+        placed = sharding.place_batch([features, lengths, clip_frames], mesh, rules)
+        return np.asarray(program(params, *placed))
+
+    def _layers(self, rows: int, cache_len: int) -> list[KVCache]:
+        layer = jax.ShapeDtypeStruct(layer_cache_shape(self.config.text, rows, cache_len), self.dtype)
+        return [{"k": layer, "v": layer} for _ in range(self.config.text.num_hidden_layers)]
+
+    def _rows_program(self, key: Any, fn: Any, args: Any) -> Any:
+        """A program that restacks caches (no params): compiled once per key, its result placed as a state."""
+        return self.compile_program(key, fn, args, state_out=True)
 
     def insert(self, state: DecodeState, prefilled: Prefilled, slots: Sequence[int]) -> DecodeState:
         """Prefilled request i into slot ``slots[i]`` (``state`` is donated). The state's ``index`` must be at
@@ -638,51 +929,61 @@ class Engine:
             return state, 0
         return self.compact(state, shift), shift
 
-    def collect(self, state: DecodeState, slots: Sequence[int]) -> list[Generation]:
-        """The tokens of ``slots`` (finished or not) as ``Generation``s, with their log-probabilities (one
+    def collect(self, state: DecodeState, slots: Sequence[int]) -> list[DecodeResult]:
+        """The tokens of ``slots`` (finished or not) as ``DecodeResult``s, with their log-probabilities (one
         transfer for all of it)."""
         tokens, logprobs, counts, stopped = jax.device_get(
             (state.tokens, state.logprobs, state.counts, state.stopped)
         )
-        return [generation_of(tokens, logprobs, counts, stopped, s) for s in slots]
+        return [result_of(tokens, logprobs, counts, stopped, s) for s in slots]
 
     # -- one policy --
+
+    def batch_shape(self, requests: Sequence[DecodeRequest], max_rows: int) -> BatchShape:
+        """The bucket that runs ``requests`` together in one batch of at most ``max_rows`` rows: the prefill's
+        rows, frames and prompt length, and the token slots (the step bucket of the largest budget)."""
+        prefill = self.prefill_shape(requests, max_rows)
+        steps = buckets.STEP_LADDER.size(max(r.max_new_tokens for r in requests))
+        return BatchShape(prefill.rows, prefill.frames, prefill.prompt_len, steps)
 
     def run(
         self,
         params: Any,
-        requests: Sequence[GenerationRequest],
-        shape: PrefillShape | None = None,
-        max_new: int | None = None,
+        requests: Sequence[DecodeRequest],
+        shape: BatchShape | None = None,
         adapters: lora.AdapterStack | None = None,
-    ) -> list[Generation]:
-        """Every request to completion in one batch: prefill, insert all, one loop until all are done (the
-        one-shot policy). ``max_new``: token slots per request (default: the step bucket of the largest budget).
-        ``adapters``: the stack the requests' adapter slots refer to."""
+    ) -> list[DecodeResult]:
+        """Every request to completion in one batch (the one-shot policy): prefill, insert all, then one loop on
+        the device until every row has emitted an end token or used its budget. ``shape``: the batch's bucket
+        (default: ``batch_shape`` of the requests alone); ``adapters``: the stack the requests' adapter slots
+        refer to. Rows are independent: a row's tokens do not depend on what else is in the batch."""
         if not requests:
             return []
-        shape = shape or self.prefill_shape(requests, len(requests))
-        max_new = max_new or buckets.STEP_LADDER.size(max(r.max_new_tokens for r in requests))
-        if max(r.max_new_tokens for r in requests) > max_new:
-            raise ValueError(f"a request's max_new_tokens exceeds the {max_new} token slots")
-        state = self.init_state(shape.rows, shape.prompt_len + max_new, max_new, start=shape.prompt_len)
-        prefilled = self.prefill(params, requests, shape, adapters)
+        for i, r in enumerate(requests):
+            if r.max_new_tokens < 1:
+                raise ValueError(f"request {i}: max_new_tokens must be >= 1, got {r.max_new_tokens}")
+        shape = shape or self.batch_shape(requests, len(requests))
+        if max(r.max_new_tokens for r in requests) > shape.steps:
+            raise ValueError(f"a request's max_new_tokens exceeds the {shape.steps} token slots")
+        self.batch_shapes.setdefault(shape, None)
+        state = self.init_state(shape.rows, shape.prompt_len + shape.steps, shape.steps, start=shape.prompt_len)
+        prefilled = self.prefill(params, requests, shape.prefill, adapters)
         state = self.insert(state, prefilled, list(range(len(requests))))
-        state = self.generate(params, state, max_new, adapters)
+        state = self.generate(params, state, shape.steps, adapters)
         return self.collect(state, range(len(requests)))
 
 
-def generation_of(
+def result_of(
     tokens: np.ndarray, logprobs: np.ndarray, counts: np.ndarray, stopped: np.ndarray, slot: int
-) -> Generation:
-    """Slot ``slot``'s ``Generation`` from host copies of a state's ``tokens``, ``logprobs``, ``counts`` and
+) -> DecodeResult:
+    """Slot ``slot``'s ``DecodeResult`` from host copies of a state's ``tokens``, ``logprobs``, ``counts`` and
     ``stopped``."""
     n = int(counts[slot])
-    return Generation(tokens[slot, :n].tolist(), bool(stopped[slot]), logprobs[slot, :n].tolist())
+    return DecodeResult(tokens[slot, :n].tolist(), bool(stopped[slot]), logprobs[slot, :n].tolist())
 
 
 def pack_prefill(
-    requests: Sequence[GenerationRequest], shape: PrefillShape, pad_token_id: int
+    requests: Sequence[DecodeRequest], shape: PrefillShape, pad_token_id: int
 ) -> tuple[np.ndarray, ...]:
     """Host arrays for a prefill in ``shape``: waveforms, lengths, left-padded ids, mask, budgets.
 
@@ -715,17 +1016,20 @@ def pack_prefill(
 __all__ = [
     "DEFAULT_EOS_TOKEN_IDS",
     "DEFAULT_PAD_TOKEN_ID",
+    "BatchShape",
+    "Continuation",
     "DecodeOptions",
+    "DecodeRequest",
+    "DecodeResult",
     "DecodeState",
     "Engine",
-    "Generation",
-    "GenerationRequest",
     "PrefillShape",
     "Prefilled",
+    "Prefix",
     "StateShape",
-    "generation_of",
     "is_eos",
     "next_token",
     "pack_prefill",
+    "result_of",
     "token_logprob",
 ]

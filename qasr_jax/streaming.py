@@ -17,8 +17,11 @@ Fed naively that costs O(stream) per update. Here an update recomputes only what
   (``max(log_spec, max − 8)``) changed — a louder chunk raises the maximum;
 - decoder: the stream keeps its KV cache. Every prompt token before the first audio token of the first
   recomputed window has the same id, embedding and position as in the previous update, so its keys and values
-  are kept and the prefill starts there (``model.extend_cache``): the open window's audio tokens, the prompt
-  tail and the text prefix. Greedy decoding then runs in the engine's decode state (``Engine.generate``).
+  are kept and the prefill starts there (``Engine.prefill`` with a ``Prefix``): the open window's audio tokens,
+  the prompt tail and the text prefix. Greedy decoding then runs in the engine's decode state
+  (``Engine.generate``). A lone stream is one row of the same programs that run many streams at once.
+
+The transcriber keeps host-side state only (windows, prompts, prefixes); every device program is the engine's.
 
 ``incremental=False`` recomputes everything every update (what the official code does): the baseline of
 ``benchmarks.stream``, through the same programs.
@@ -27,29 +30,24 @@ Fed naively that costs O(stream) per update. Here an update recomputes only what
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from qasr_jax import audio as audio_io
-from qasr_jax import buckets, sharding
+from qasr_jax import buckets
 from qasr_jax import text as text_io
 from qasr_jax.config import ThinkerConfig
-from qasr_jax.engine import DecodeOptions, DecodeState, Engine, Generation, is_eos, next_token, token_logprob
+from qasr_jax.engine import Continuation, DecodeOptions, DecodeResult, Engine, Prefix
 from qasr_jax.errors import EmptyAudioError, InvalidAudioError, QasrError
-from qasr_jax.model import Qwen3ASR, decode_layer_params, extend_cache
+from qasr_jax.model import Qwen3ASR
 from qasr_jax.model.attention import KVCache
-from qasr_jax.model.decoder import cache_length, layer_cache_shape
 from qasr_jax.transcript import Segment, mean_logprob, segment_of_output
 
 SAMPLE_RATE = audio_io.SAMPLE_RATE
-# Cache slots on a two-steps-per-octave ladder from this size: few programs, at most a third unused.
-MIN_CACHE_LEN = 256
 
 
 class StreamStateError(QasrError, ValueError):
@@ -147,8 +145,7 @@ class StreamCache:
     window_features: per encoder window, the features ``[n_mels, frames]`` its output was computed from;
     window_embeds: per window, its audio embeddings ``[tokens, hidden]``; kv: the decoder's per-layer caches
     ``[1, kv_heads, cache_len, head_dim]``, slot ``kv_offset + i`` holding token i of ``kv_ids`` (the last
-    prompt); kv_offset is 0 for a lone stream (``StreamingEngine`` leaves a stream's tokens where its batched step
-    put them); raw_tokens: the tokens behind the latest raw output, whose scores the next update's prefix keeps.
+    prompt; where a batched step left them); raw_tokens: the tokens behind the latest raw output, whose scores the next update's prefix keeps.
     """
 
     window_features: list[np.ndarray] = dataclasses.field(default_factory=list)
@@ -454,13 +451,13 @@ class StreamingTranscriber:
                 "init_streaming_state()"
             )
 
-    # -- one update, in four phases (``StreamingEngine`` runs the middle two for many streams at once) --
+    # -- one update, in four phases (``StreamScheduler`` runs the middle two for many streams at once) --
 
     def _update(self, state: ASRStreamingState, final: bool) -> None:
         pending = self.begin_update(state, final)
         self.encode_windows([pending])
         self.plan_decode(pending)
-        generation = self._decode(state.cache, pending.keep, pending.run, pending.audio, pending.budget)
+        (generation,) = decode_updates(self.engine, self.params, [pending])
         self.complete_update(pending, generation)
 
     def begin_update(self, state: ASRStreamingState, final: bool) -> PendingUpdate:
@@ -515,8 +512,7 @@ class StreamingTranscriber:
             piece = p.features[:, w * wf : (w + 1) * wf]
             batch[i, :, : piece.shape[1]] = piece
             lengths[i], clip[i] = piece.shape[1], p.frames
-        placed = self._place([batch, lengths, clip])
-        embeds = np.asarray(self._encode_program(rows)(self.params, *placed))
+        embeds = self.engine.encode_windows(self.params, batch, lengths, clip)
         for i, (p, w) in enumerate(rows_of):
             cache = p.state.cache
             piece = p.features[:, w * wf : (w + 1) * wf].copy()
@@ -550,7 +546,7 @@ class StreamingTranscriber:
         pending.audio = self._audio_embeds(cache, max(0, keep - head), audio_tokens)
         pending.budget = int(self.budget(pending.samples / SAMPLE_RATE))
 
-    def complete_update(self, pending: PendingUpdate, generation: Generation) -> StreamUpdate:
+    def complete_update(self, pending: PendingUpdate, generation: DecodeResult) -> StreamUpdate:
         """Parse the update's output into the state, record it (with its work) and advance the chunk count."""
         state = pending.state
         state.cache.kv_ids = pending.ids
@@ -596,29 +592,6 @@ class StreamingTranscriber:
         mel, _ = audio_io.log_mel(jnp.asarray(wave), jnp.asarray([len(samples)], jnp.int32), frames=padded)
         return np.asarray(mel[0, :, :frames])
 
-    def _encode_program(self, rows: int) -> Any:
-        wf, n_mels = self.window_frames, self.config.audio.num_mel_bins
-        model = self.model
-
-        def encode(params: Any, features: jax.Array, lengths: jax.Array, clip_frames: jax.Array) -> jax.Array:
-            mask = (jnp.arange(wf)[None, :] < lengths[:, None]).astype(jnp.int32)
-            embeds, _ = model.apply(
-                {"params": params}, features, mask, None, clip_frames, method=Qwen3ASR.encode_audio
-            )
-            return embeds
-
-        mesh, rules = self.engine.mesh, self.engine.sharding_rules
-        return self.engine.compile_program(
-            ("stream-encode", rows), encode, sharding.abstract_arrays(self.params),
-            sharding.batch_struct((rows, n_mels, wf), jnp.float32, mesh, rules),
-            sharding.batch_struct((rows,), jnp.int32, mesh, rules),
-            sharding.batch_struct((rows,), jnp.int32, mesh, rules),
-        )  # fmt: skip
-
-    def _place(self, arrays: list[np.ndarray]) -> list[jax.Array]:
-        """Host ``[rows, ...]`` inputs of a program, split over the mesh's batch axes as its abstract inputs are."""
-        return sharding.place_batch(arrays, self.engine.mesh, self.engine.sharding_rules)
-
     def _audio_embeds(self, cache: StreamCache, first: int, total: int) -> np.ndarray:
         """Audio embeddings ``[total − first, hidden]`` of tokens ``first..total`` of the stream."""
         start_window = first // self.window_tokens
@@ -628,118 +601,27 @@ class StreamingTranscriber:
         offset = first - start_window * self.window_tokens
         return joined[offset : offset + total - first]
 
-    # -- decoder --
-
-    def _decode(
-        self, cache: StreamCache, keep: int, run: list[int], audio: np.ndarray, budget: int
-    ) -> Generation:
-        """Prefill ``run`` after the ``keep`` cached slots, then greedy decoding in the engine's decode state."""
-        run_len = buckets.PROMPT_LADDER.size(len(run))
-        audio_len = (
-            buckets.WINDOW_LADDER.size(max(1, -(-len(audio) // self.window_tokens))) * self.window_tokens
-        )
-        max_new = buckets.STEP_LADDER.size(budget)
-        need = keep + max(run_len, len(run) + max_new)
-        cache_len = max(cache_length(cache.kv[0]) if cache.kv is not None else 0,
-                        buckets.bucket_size(need, MIN_CACHE_LEN, 2))  # fmt: skip
-        if cache.kv_offset:
-            raise StreamStateError("this stream's cache belongs to a StreamingEngine; continue it there")
-        cache.kv = self.grow_cache(cache.kv, cache_len)
-        ids = np.full((1, run_len), self.options.pad_token_id, np.int32)
-        ids[0, : len(run)] = run
-        embeds = np.zeros((1, audio_len, self.config.text.hidden_size), np.float32)
-        embeds[0, : len(audio)] = audio
-        program = self._extend_program(cache_len, run_len, audio_len, max_new)
-        ids, embeds = self._place([ids, embeds])
-        state = program(
-            self.params, cache.kv, np.int32(keep), ids, np.int32(len(run)), embeds, np.int32(budget)
-        )
-        state = self.engine.generate(self.params, state, budget)
-        (generation,) = self.engine.collect(state, [0])
-        cache.kv = state.caches
-        return generation
-
-    def grow_cache(self, kv: list[KVCache] | None, cache_len: int) -> list[KVCache]:
-        """A stream's per-layer caches with ``cache_len`` slots (new zeros for None; the same ones when already that
-        long), its tokens where they were."""
-        cfg = self.config.text
-        if kv is not None and cache_length(kv[0]) == cache_len:
-            return kv
-        shape = layer_cache_shape(cfg, 1, cache_len)
-        fresh = [{"k": jnp.zeros(shape, self.engine.dtype), "v": jnp.zeros(shape, self.engine.dtype)}
-                 for _ in range(cfg.num_hidden_layers)]  # fmt: skip
-        if kv is not None:
-            fresh = [
-                {name: jax.lax.dynamic_update_slice(fresh[i][name], layer[name], (0,) * layer[name].ndim)
-                 for name in ("k", "v")}
-                for i, layer in enumerate(kv)
-            ]  # fmt: skip
-        return self.engine.place_state(fresh)
-
-    def _extend_program(self, cache_len: int, run_len: int, audio_len: int, max_new: int) -> Any:
-        key = ("stream-extend", cache_len, run_len, audio_len, max_new, self.options)
-        fn = functools.partial(extend_program, self.model, self.options, max_new)
-        cfg = self.config.text
-        mesh, rules = self.engine.mesh, self.engine.sharding_rules
-        layer = jax.ShapeDtypeStruct(layer_cache_shape(cfg, 1, cache_len), self.engine.dtype)
-        scalar = jax.ShapeDtypeStruct((), jnp.int32)
-        return self.engine.compile_program(
-            key, fn, sharding.abstract_arrays(self.params),
-            self.engine.abstract([{"k": layer, "v": layer} for _ in range(cfg.num_hidden_layers)], True),
-            scalar, sharding.batch_struct((1, run_len), jnp.int32, mesh, rules), scalar,
-            sharding.batch_struct((1, audio_len, cfg.hidden_size), jnp.float32, mesh, rules), scalar,
-            donate=(1,), state_out=True,
-        )  # fmt: skip
-
 
 def window_unchanged(cached: np.ndarray, fresh: np.ndarray) -> bool:
     """Whether a window's features are exactly those its cached encoder output was computed from."""
     return cached.shape == fresh.shape and np.array_equal(cached, fresh)
 
 
-def extend_program(
-    model: Qwen3ASR,
-    options: DecodeOptions,
-    max_new: int,
-    params: Any,
-    caches: list[KVCache],
-    keep: jax.Array,
-    ids: jax.Array,
-    length: jax.Array,
-    audio: jax.Array,
-    budget: jax.Array,
-) -> DecodeState:
-    """The run ``ids[:, :length]`` (its audio slots taking ``audio`` in order) prefilled into one stream's caches
-    at slots ``keep..``, and a one-slot decode state that continues from it."""
-    x = model.apply({"params": params}, ids, audio, method=Qwen3ASR.embed_inputs)
-    positions = keep + jnp.arange(ids.shape[1], dtype=jnp.int32)[None, :]
-    kv_start = jnp.zeros((1,), jnp.int32)
-    layer_params = decode_layer_params(model, params)
-    logits, caches = extend_cache(
-        model, params, layer_params, x, positions, kv_start, caches, keep, jnp.reshape(length - 1, (1,))
-    )
-    first = next_token(logits, jnp.zeros((1, 1), jnp.int32), jnp.int32(0), None, options)
-    ended = is_eos(first, options)
-    tokens = jnp.full((1, max_new), options.pad_token_id, jnp.int32).at[:, 0].set(first)
-    logprobs = jnp.zeros((1, max_new), jnp.float32).at[:, 0].set(token_logprob(logits, first))
-    seen = None
-    if options.tracks_seen:
-        seen = jax.nn.one_hot(first, model.config.text.vocab_size, dtype=bool)
-    end = keep + length
-    return DecodeState(
-        caches=caches,
-        index=end,
-        kv_start=kv_start,
-        positions=jnp.reshape(end, (1,)),
-        last_token=first,
-        tokens=tokens,
-        logprobs=logprobs,
-        counts=jnp.ones((1,), jnp.int32),
-        budgets=jnp.reshape(budget, (1,)),
-        live=~ended & (budget > 1),
-        stopped=ended,
-        seen=seen,
-    )
+def decode_updates(engine: Engine, params: Any, pending: Sequence[PendingUpdate]) -> list[DecodeResult]:
+    """The decoder's part of updates (``plan_decode`` done): every update's run prefilled after its stream's kept
+    prefix, then greedy decoding of all of them as the rows of one decode state (a lone stream: one row); each
+    stream's cache comes back holding its new prompt."""
+    requests = [Continuation(p.run, p.audio, p.budget) for p in pending]
+    caches = [p.state.cache for p in pending]
+    prefix = Prefix([c.kv for c in caches], [p.keep for p in pending], [c.kv_offset for c in caches])
+    for cache in caches:
+        cache.kv = None  # donated: the decode state holds them now
+    state = engine.prefill(params, requests, prefix=prefix)
+    state = engine.generate(params, state, max(p.budget for p in pending))
+    generations = engine.collect(state, range(len(pending)))
+    for cache, (kv, offset) in zip(caches, engine.row_caches(state, len(pending))):
+        cache.kv, cache.kv_offset = kv, offset
+    return generations
 
 
 __all__ = [

@@ -14,7 +14,7 @@ after it, so the pieces concatenate back to the text), and a word's ``confidence
 ``probability``). A token that spans two words (a Chinese token of two characters) counts for both. The same
 numbers go into the forced aligner's words when it runs (``with_word_confidences``).
 
-``decode_segment`` turns a ``Generation`` into a ``Segment``; the transcription API, manifest jobs and the server
+``decode_segment`` turns a ``DecodeResult`` into a ``Segment``; the transcription API, manifest jobs and the server
 all make their segments with it, so they report the same values for the same audio.
 """
 
@@ -32,7 +32,7 @@ from typing import Any
 from qasr_jax import audio as audio_io
 from qasr_jax import text as text_io
 from qasr_jax.aligner import ForcedAlignResult
-from qasr_jax.engine import Generation
+from qasr_jax.engine import DecodeResult
 from qasr_jax.errors import MissingExtraError
 
 
@@ -188,7 +188,7 @@ class Segment:
 
 def decode_segment(
     tokenizer: text_io.Tokenizer,
-    generation: Generation,
+    generation: DecodeResult,
     piece: audio_io.AudioPiece,
     forced_language: str | None,
     no_speech: float | None = None,

@@ -106,7 +106,7 @@ def test_adapt_demo_adapter_evaluation_equals_the_merged_model(smoke_run: tuple[
     adapter = lora.load_peft(out / "lora32" / "export", model.config)
     # lora_b starts at zero: the two steps moved it
     assert max(float(np.abs(np.asarray(b)).max()) for b in _lora_b(adapter.weights)) > 0
-    merged = lora.merge_adapter(model.generator.params, adapter.weights)  # the scale is folded into lora_b
+    merged = lora.merge_adapter(model.params, adapter.weights)  # the scale is folded into lora_b
     merged_dir = weights.export_pretrained(out / "merged", model.config, merged, BASE, "float32")
     rows = demo_eval.read_rows(report["domain_test"], 4)
     merged_report = demo_eval.asr_report(Qwen3ASRModel.from_pretrained(merged_dir, weights_cache=False), rows)

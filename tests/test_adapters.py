@@ -19,7 +19,7 @@ import pytest
 
 from qasr_jax import adapters as lora
 from qasr_jax import audio as audio_io
-from qasr_jax.engine import Engine, GenerationRequest
+from qasr_jax.engine import DecodeRequest, Engine
 from qasr_jax.errors import AdapterError, UnknownAdapterError
 from qasr_jax.model import Qwen3ASR
 from qasr_jax.text import Tokenizer, build_prompt_ids
@@ -213,17 +213,17 @@ def test_mixed_adapter_batch_equals_each_adapter_alone(case: Case):
     clip = case.clips[1][: 3 * audio_io.SAMPLE_RATE]
     slots = [1, 2, 0, 3]
 
-    def request(slot: int, i: int) -> GenerationRequest:
+    def request(slot: int, i: int) -> DecodeRequest:
         wav = np.roll(clip, 800 * i)[: len(clip) - 1600 * i]
         tokens = case.config.audio.output_length(audio_io.num_frames(len(wav)))
-        return GenerationRequest(wav, build_prompt_ids(tokenizer, tokens, "", None), 10, adapter=slot)
+        return DecodeRequest(wav, build_prompt_ids(tokenizer, tokens, "", None), 10, adapter=slot)
 
     requests = [request(slot, i) for i, slot in enumerate(slots)]
     engine = Engine(case.config, attention_impl="xla")
     mixed = engine.run(case.params, requests, adapters=stack)
     for i, (slot, r) in enumerate(zip(slots, requests)):
         params = case.params if slot == 0 else lora.combine(case.params, loaded[slot - 1].weights)
-        alone = engine.run(params, [GenerationRequest(r.samples, r.prompt_ids, r.max_new_tokens)])[0]
+        alone = engine.run(params, [DecodeRequest(r.samples, r.prompt_ids, r.max_new_tokens)])[0]
         assert mixed[i].token_ids == alone.token_ids, (i, slot)
         np.testing.assert_allclose(mixed[i].logprobs, alone.logprobs, atol=1e-4)
     # Different adapters do decode differently here (else the equality above would say little).

@@ -22,8 +22,8 @@ import pytest
 
 from qasr_jax import audio as audio_io
 from qasr_jax.asr import ASRTranscription, Qwen3ASRModel, default_token_budget
+from qasr_jax.engine import DecodeResult
 from qasr_jax.errors import AudioError, AudioFileNotFoundError, EmptyAudioError, LanguageError, QasrError
-from qasr_jax.generate import Generation
 from tests.support import official, speech
 
 EOS = list(official.EOS_TOKEN_IDS)
@@ -58,7 +58,7 @@ def seconds(samples: np.ndarray, duration: float) -> np.ndarray:
 def spy_generations(model: Qwen3ASRModel) -> Iterator[dict[tuple[int, ...], list[int]]]:
     """Within the block, record every generated row as {prompt ids: generated ids}."""
     captured: dict[tuple[int, ...], list[int]] = {}
-    original = model.generator.generate
+    original = model.decode_batch
 
     def generate(requests, options=None, adapters=None):
         out = original(requests, options, adapters=adapters)
@@ -66,11 +66,11 @@ def spy_generations(model: Qwen3ASRModel) -> Iterator[dict[tuple[int, ...], list
             captured[tuple(int(i) for i in request.prompt_ids)] = generation.token_ids
         return out
 
-    model.generator.generate = generate
+    model.decode_batch = generate
     try:
         yield captured
     finally:
-        del model.generator.generate
+        del model.decode_batch
 
 
 def official_transcribe(
@@ -211,7 +211,7 @@ def test_long_audio_splits_and_merges_like_official(checkpoint, clips, reference
 def test_compilations_stay_within_buckets_and_are_reused(job_model, mixed_results):
     results, _, compiled = mixed_results
     assert all(r.error is None for r in results)
-    shapes = job_model.generator.compiled_shapes
+    shapes = job_model.compiled_shapes
     assert compiled == len(set(shapes)) == 2  # three batches, two buckets
 
 
@@ -335,7 +335,7 @@ def test_token_budget_grows_with_duration_and_truncation_is_flagged(job_model, c
     assert ASRTranscription("English", "hi").truncated is False
 
     scaled = Qwen3ASRModel(
-        job_model.config, job_model.generator.params, job_model.tokenizer, max_chunk_seconds=2.0
+        job_model.config, job_model.params, job_model.tokenizer, max_chunk_seconds=2.0
     )
     budgets = []
 
@@ -343,9 +343,9 @@ def test_token_budget_grows_with_duration_and_truncation_is_flagged(job_model, c
         requests, options=None, adapters=None
     ):  # stands in for the decode: chunk 0 of the long item hits its budget
         budgets.extend(r.max_new_tokens for r in requests)
-        return [Generation([15, 16], stopped=r.max_new_tokens != max(budgets)) for r in requests]
+        return [DecodeResult([15, 16], stopped=r.max_new_tokens != max(budgets)) for r in requests]
 
-    scaled.generator.generate = generate
+    scaled.decode_batch = generate
     out = scaled.transcribe([(clips["medium"], 16000), (clips["short"], 16000)])
     pieces = audio_io.split_audio(clips["medium"], 2.0) + audio_io.split_audio(clips["short"], 2.0)
     assert sorted(budgets) == sorted(default_token_budget(len(p.samples) / 16000) for p in pieces)

@@ -114,6 +114,33 @@ def test_manifest_job_resumes_and_reports_failures_last(tmp_path):
     assert "warning:" in files.stderr  # truncated items are warned about
 
 
+def test_file_mode_runs_stdin_and_files_as_one_job_in_argument_order(tmp_path):
+    """FILEs are planned as a manifest is (longest first, stdin's unknown length last), yet written in the order
+    of the arguments; stdin's audio gives the text of the same file named by path, and a missing file fails
+    alone, reported last."""
+    checkpoint = cached_small_checkpoint()
+    hi, fox, missing = tmp_path / "hi.wav", tmp_path / "fox.flac", tmp_path / "missing.wav"
+    soundfile.write(hi, speech.synth(speech.SHORT_EN), 16000)
+    soundfile.write(fox, speech.synth(speech.MEDIUM_EN)[: 3 * 16000], 16000)
+    args = ["transcribe", str(hi), "-", str(missing), str(fox), "--model", checkpoint, "--batch-size", "2",
+            "--max-new-tokens", "4", "--format", "jsonl", "--no-progress"]  # fmt: skip
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run([sys.executable, "-m", "infer", *args], cwd=REPO, env=env, input=fox.read_bytes(),
+                            capture_output=True, timeout=600)  # fmt: skip
+    stderr = result.stderr.decode()
+    assert result.returncode == 1, stderr
+    records = [json.loads(line) for line in result.stdout.decode().splitlines()]
+    assert [r["id"] for r in records] == [str(hi), "-", str(missing), str(fox)]
+    piped, absent, named = records[1], records[2], records[3]
+    assert piped["text"] and piped["text"] == named["text"] and piped["language"] == named["language"]
+    assert piped["segments"][0]["token_ids"] == named["segments"][0]["token_ids"]
+    assert absent["finish_reason"] == "error" and "missing.wav" in absent["error"] and not absent["text"]
+    assert records[0]["text"] and "error" not in records[0]
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {missing}: AudioFileNotFoundError: {missing}: no such audio file"]
+    assert stderr.rstrip().endswith("1 item(s) failed")
+
+
 FILTER_SENTENCES = ["Hi.", "Good morning to you.", "The cat sat on the mat.", "Seven green apples.",
                     "Please call me back tomorrow.", "Where is the station?"]  # fmt: skip
 

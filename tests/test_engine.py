@@ -12,7 +12,6 @@ import pytest
 
 from qasr_jax import buckets
 from qasr_jax.engine import DecodeOptions, Engine
-from qasr_jax.generate import Generator
 from tests.test_generate import full_forward, loaded, reference_greedy, requests  # noqa: F401 (the fixtures of test_generate)
 
 
@@ -62,8 +61,7 @@ def test_requests_joining_mid_decode_and_freed_slots_give_their_alone_tokens(loa
         assert generation.token_ids == expected[name], name
         assert generation.truncated  # no end tokens: every request used its budget
     # The same requests run alone through the one-shot policy give the same tokens.
-    alone = Generator(config, params, max_batch=1, options=options)
-    assert alone.generate([again])[0].token_ids == expected["again"]
+    assert Engine(config, options=options).run(params, [again])[0].token_ids == expected["again"]
 
 
 def test_insert_refuses_bad_slots(loaded, requests):  # noqa: F811

@@ -16,8 +16,7 @@ import pytest
 
 from qasr_jax import audio as audio_io
 from qasr_jax.buckets import batch_bucket, bucket_size
-from qasr_jax.engine import PrefillShape, pack_prefill
-from qasr_jax.generate import DecodeOptions, GenerationRequest, Generator
+from qasr_jax.engine import DecodeOptions, DecodeRequest, Engine, PrefillShape, pack_prefill
 from qasr_jax.model import Qwen3ASR
 from qasr_jax.text import Tokenizer, build_prompt_ids
 from qasr_jax.weights import load_pretrained
@@ -35,7 +34,7 @@ def loaded():
 
 
 @pytest.fixture(scope="module")
-def requests(loaded) -> list[GenerationRequest]:
+def requests(loaded) -> list[DecodeRequest]:
     """Two rows of different audio and prompt lengths (so one is left-padded) and budgets. Decoded plainly, the
     second repeats a token four times, which the repetition controls must change."""
     config, _, tokenizer = loaded
@@ -44,7 +43,7 @@ def requests(loaded) -> list[GenerationRequest]:
     rows = []
     for wav, context, language, budget in ((short, "", "English", STEPS), (long, "Topic: foxes.", None, 9)):
         tokens = config.audio.output_length(audio_io.num_frames(len(wav)))
-        rows.append(GenerationRequest(wav, build_prompt_ids(tokenizer, tokens, context, language), budget))
+        rows.append(DecodeRequest(wav, build_prompt_ids(tokenizer, tokens, context, language), budget))
     return rows
 
 
@@ -125,13 +124,13 @@ def test_cached_loop_matches_full_recomputation_and_stops_each_row(loaded, reque
     expected = reference_greedy(full_forward, requests, options)
     assert len(expected[0]) == 5 and expected[0][-1] == eos
 
-    generator = Generator(config, params, max_batch=4, options=options)
-    out = generator.generate(requests)
+    engine = Engine(config, options=options)
+    out = engine.run(params, requests, engine.batch_shape(requests, 4))
     assert [g.token_ids for g in out] == expected
     assert out[0].stopped and not out[0].truncated
     assert out[1].truncated == (eos not in expected[1])
-    assert generator.compile_count == 1
-    assert generator.compiled_shapes[0].batch == 2 and generator.compiled_shapes[0].steps == 16
+    (shape,) = engine.batch_shapes
+    assert shape.rows == 2 and shape.steps == 16
 
 
 def test_repetition_controls_match_hf_processors(loaded, requests, full_forward, plain):
@@ -142,7 +141,7 @@ def test_repetition_controls_match_hf_processors(loaded, requests, full_forward,
     expected = reference_greedy(full_forward, requests, options)
     assert len(set(plain[1])) < len(plain[1])
     assert expected != plain  # the controls change the greedy path of these rows
-    out = Generator(config, params, max_batch=2, options=options).generate(requests)
+    out = Engine(config, options=options).run(params, requests)
     assert [g.token_ids for g in out] == expected
     for tokens in expected:
         bigrams = list(itertools.pairwise(tokens))

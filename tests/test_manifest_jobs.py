@@ -191,3 +191,51 @@ def test_pipeline_results_equal_the_models_own_transcribe_and_a_bad_file_fails_a
     assert stats.host_wait_seconds >= 0.5 * load_delay, stats  # the first batch's audio was not decoded yet
     # The driver either waits for audio or runs the model: the two account for its time, and no more.
     assert 0.8 * wall <= stats.host_wait_seconds + stats.model_seconds <= wall, (stats, wall)
+
+
+def test_audio_reader_reads_stdin_once_and_raw_pcm_from_files_and_stdin(tmp_path):
+    from qasr_jax import audio
+    from qasr_jax.errors import AudioFileNotFoundError, InvalidAudioError
+
+    clip = speech.speech_clips()[0][: 16000 + 800]  # 1.05 s at 16 kHz
+    pcm = np.round(clip * 32767).astype("<i2")
+    raw = tmp_path / "clip.s16le"
+    raw.write_bytes(pcm.tobytes())
+    wav = tmp_path / "clip.wav"
+    soundfile.write(wav, clip, 16000, subtype="PCM_16")
+
+    class Stdin:  # counts reads: a pipe can be read once
+        def __init__(self, data: bytes) -> None:
+            self.data, self.reads = data, 0
+
+        def read(self) -> bytes:
+            self.reads += 1
+            return self.data if self.reads == 1 else b""
+
+    piped = Stdin(wav.read_bytes())
+    reader = batch_jobs.AudioReader(stdin=piped)
+    from_file = audio.load_audio(str(wav))
+    np.testing.assert_array_equal(reader.load("-"), from_file)
+    np.testing.assert_array_equal(reader.load("-"), from_file)  # kept, not read again
+    assert piped.reads == 1 and reader.probe_seconds("-") is None
+    assert reader.probe_seconds(str(wav)) == pytest.approx(len(clip) / 16000)
+
+    expected = audio.load_audio((pcm.astype(np.float32) / 32768, 8000))  # at 8 kHz: resampled to 16 kHz
+    pcm_reader = batch_jobs.AudioReader(raw_pcm_rate=8000, stdin=Stdin(pcm.tobytes()))
+    np.testing.assert_array_equal(pcm_reader.load(str(raw)), expected)
+    np.testing.assert_array_equal(pcm_reader.load("-"), expected)
+    assert len(expected) == 2 * len(clip)
+    assert pcm_reader.probe_seconds(str(raw)) == pytest.approx(len(clip) / 8000)  # from the size
+    assert pcm_reader.probe_seconds(str(tmp_path / "missing.s16le")) is None
+    (tmp_path / "odd.s16le").write_bytes(b"\x00\x01\x02")
+    with pytest.raises(InvalidAudioError, match=r"odd\.s16le: raw s16le PCM has an odd number of bytes"):
+        pcm_reader.load(str(tmp_path / "odd.s16le"))
+    with pytest.raises(ValueError, match="raw_pcm_rate"):
+        batch_jobs.AudioReader(raw_pcm_rate=0)
+
+    # Without a stdin, "-" is a file name like any other; a bad item is its job's error, not an exception.
+    loaded = batch_jobs.load_job(Job("-", "-"), reader=batch_jobs.AudioReader())
+    assert loaded.samples is None and isinstance(loaded.error, AudioFileNotFoundError)
+    assert str(loaded.error).startswith("-: ")
+    loaded = batch_jobs.load_job(Job("odd", str(tmp_path / "odd.s16le")), reader=pcm_reader)
+    assert isinstance(loaded.error, InvalidAudioError) and loaded.samples is None

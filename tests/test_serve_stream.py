@@ -3,7 +3,7 @@ package) on a free local port.
 
 The truth for every stream is ``StreamingTranscriber`` alone on the same audio, fed the same pieces (itself
 proven equal to the official streaming algorithm), on the small random-weight checkpoint whose weights matter.
-Concurrent connections share the server's ``StreamingEngine`` steps; bad messages get an error naming the problem
+Concurrent connections share the server's ``StreamScheduler`` steps; bad messages get an error naming the problem
 and a close code while the other streams go on. The aligner's words are checked on the same server over both
 routes: the live final result and the upload's ``verbose_json``, each against the library's own alignment.
 """

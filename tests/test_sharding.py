@@ -124,7 +124,7 @@ def test_transcription_api_on_a_mesh_matches_single_device(tmp_path):
 
 
 def test_streams_on_a_mesh_match_single_device(tmp_path):
-    """A model loaded with ``mesh=`` streams: a lone stream and three streams batched by ``StreamingEngine``
+    """A model loaded with ``mesh=`` streams: a lone stream and three streams batched by ``StreamScheduler``
     give every update of the single-device model (text, prefix, tokens; log-probabilities to 1e-4)."""
     result = run_mesh_check("stream", str(tmp_path), ("data=2,fsdp=2,tensor=2",))
     assert result["devices"] == 8

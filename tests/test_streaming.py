@@ -249,7 +249,7 @@ def test_broken_variants_fail_the_comparison(ours, reference, clips, monkeypatch
 
 def test_incremental_and_refeeding_give_the_same_tokens(ours, clips):
     refeed = streaming.StreamingTranscriber(
-        ours.config, ours.generator.params, ours.tokenizer, ours.generator.engine(), lambda _: MAX_NEW,
+        ours.config, ours.params, ours.tokenizer, ours.engine(), lambda _: MAX_NEW,
         incremental=False,
     )  # fmt: skip
     samples = clips["long"][: 13 * SR]

@@ -22,7 +22,7 @@ from qasr_jax import demo as demo_models
 from qasr_jax import text as text_io
 from qasr_jax.asr import ASRTranscription, Qwen3ASRModel
 from qasr_jax.batch_jobs import Job
-from qasr_jax.engine import DecodeOptions, Generation
+from qasr_jax.engine import DecodeOptions, DecodeResult
 from qasr_jax.errors import EmptyAudioError
 from qasr_jax.transcript import FinishReason, compression_ratio, decode_segment, item_finish_reason
 from tests.support import official, speech
@@ -105,7 +105,7 @@ def test_finish_reason_is_length_at_the_budget_and_stop_on_an_end_token(model, c
     # Make a token the model generates at step k (for the first time) an end token: it stops right there.
     k = next(k for k in range(2, len(ids)) if ids[k] not in ids[:k])
     stopping = Qwen3ASRModel(
-        model.config, model.generator.params, model.tokenizer, max_new_tokens=MAX_NEW,
+        model.config, model.params, model.tokenizer, max_new_tokens=MAX_NEW,
         decode_options=DecodeOptions(eos_token_ids=(ids[k],)),
     )  # fmt: skip
     [stopped] = stopping.transcribe(wav, language="English")
@@ -114,7 +114,7 @@ def test_finish_reason_is_length_at_the_budget_and_stop_on_an_end_token(model, c
     np.testing.assert_allclose(stopped.token_logprobs, budgeted.token_logprobs[: k + 1], rtol=0, atol=1e-5)
     # A budget of exactly k + 1 tokens that ends on the end token is a stop, not a length.
     exact = Qwen3ASRModel(
-        model.config, model.generator.params, model.tokenizer, max_new_tokens=k + 1,
+        model.config, model.params, model.tokenizer, max_new_tokens=k + 1,
         decode_options=DecodeOptions(eos_token_ids=(ids[k],)),
     )  # fmt: skip
     [at_budget] = exact.transcribe(wav, language="English")
@@ -134,7 +134,7 @@ def test_repetition_cut_and_compression_ratio(model):
 
     def segment(raw: str, stopped: bool):
         ids = tokenizer.encode(raw)
-        return decode_segment(tokenizer, Generation(ids, stopped, [-0.25] * len(ids)), piece, None)
+        return decode_segment(tokenizer, DecodeResult(ids, stopped, [-0.25] * len(ids)), piece, None)
 
     cut = segment(loop, stopped=False)
     assert cut.finish_reason is FinishReason.REPETITION and cut.truncated
@@ -274,7 +274,7 @@ def test_token_spans_follow_split_characters_punctuation_and_the_repetition_cut(
     def segment(raw: str, forced: str | None):
         ids = tokenizer.encode(raw)
         logprobs = [-0.05 * (k + 1) for k in range(len(ids))]  # every token its own value
-        return ids, decode_segment(tokenizer, Generation(ids, True, logprobs), piece, forced)
+        return ids, decode_segment(tokenizer, DecodeResult(ids, True, logprobs), piece, forced)
 
     # "今天天气很好" encodes as "今", "天天" + the first bytes of "气", the rest of "气" + "很好", "。".
     ids, zh = segment("language Chinese<asr_text>今天天气很好。我们走吧！", None)

@@ -69,13 +69,13 @@ def detector() -> SpeechDetector:
 def count_generated_rows(model: Qwen3ASRModel) -> list[int]:
     """Patch the model's generator to count the rows it decodes; the list's one entry is the count."""
     rows = [0]
-    original = model.generator.generate
+    original = model.decode_batch
 
     def generate(requests, *args, **kwargs):
         rows[0] += len(requests)
         return original(requests, *args, **kwargs)
 
-    model.generator.generate = generate
+    model.decode_batch = generate
     return rows
 
 
@@ -92,7 +92,7 @@ def test_silence_noise_and_tones_give_words_without_the_detector_and_none_with_i
         long = noise_and_tones(65.0, seed=1)
         with_detector = model.transcribe([*batch, *((long[n], SR) for n in names)], vad=True)
     finally:
-        del model.generator.generate
+        del model.decode_batch
     assert rows[0] == 0  # nothing was decoded at all
     for name, result in zip(names + [f"{n}, 65 s" for n in names], with_detector):
         assert result.error is None, name
@@ -132,7 +132,7 @@ def test_speech_padded_with_silence_keeps_its_words(model):
     try:
         [result] = model.transcribe((samples, SR), vad=True)
     finally:
-        del model.generator.generate
+        del model.decode_batch
     segments = result.segments
     decoded = [s for s in segments if s.finish_reason is not FinishReason.NO_SPEECH]
     assert rows[0] == len(decoded) == 2  # one chunk per sentence; the silences are not decoded

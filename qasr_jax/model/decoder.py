@@ -155,6 +155,9 @@ def decode_step_unrolled(
 
 # The sequence axis of one layer's cache array (a stacked cache has the layer axis in front of it).
 CACHE_SEQ_AXIS = 2
+# The logical axes of one layer's cache array, ``[batch, kv_heads, cache_len, head_dim]``: split as the keys and
+# values written into it are (``k_proj``/``v_proj`` put kv heads on ``tensor``), so a step reads its own shard.
+CACHE_AXES = ("activation_batch", "kv_heads", "activation_length", "head_dim")
 
 
 def layer_cache_shape(config: TextConfig, batch: int, cache_len: int) -> tuple[int, ...]:

@@ -2,7 +2,7 @@
 
 Routes: ``POST /v1/audio/transcriptions`` (multipart; json, text, srt, vtt, verbose_json; ``stream=true`` gives
 server-sent ``transcript.text.delta`` … ``transcript.text.done`` events), ``WS /v1/audio/stream`` (live streams
-over the ``StreamingEngine``; ``qasr_jax.serve.live``), ``GET /v1/models``, ``GET /health``, ``GET /metrics``
+over the ``StreamScheduler``; ``qasr_jax.serve.live``), ``GET /v1/models``, ``GET /health``, ``GET /metrics``
 (Prometheus text). Errors have the OpenAI shape ``{"error": {"message", "type", "param",
 "code"}}``. Uploads are read as bytes only: a request never makes the server open a path or a URL.
 """
@@ -38,8 +38,8 @@ from qasr_jax.errors import AudioError, LanguageError, PromptError, QasrError
 from qasr_jax.formats import render
 from qasr_jax.memory import heap_stats
 from qasr_jax.serve.live import add_live_route
-from qasr_jax.serve.scheduler import Job, QueueFullError, Scheduler, ShuttingDownError
-from qasr_jax.stream_engine import StreamingEngine
+from qasr_jax.serve.scheduler import QueueFullError, Scheduler, ShuttingDownError, Upload
+from qasr_jax.serve.streams import StreamScheduler
 from qasr_jax.transcript import with_word_confidences
 
 RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
@@ -115,7 +115,7 @@ class Metrics:
         with self.lock:
             self.requests[status] = self.requests.get(status, 0) + 1
 
-    def render(self, scheduler: Scheduler, streams: StreamingEngine | None = None) -> str:
+    def render(self, scheduler: Scheduler, streams: StreamScheduler | None = None) -> str:
         with self.lock:
             lines = ["# TYPE qasr_requests_total counter"]
             lines += [f'qasr_requests_total{{status="{s}"}} {n}' for s, n in sorted(self.requests.items())]
@@ -161,7 +161,7 @@ def parse_language(value: str | None) -> str | None:
         raise ApiError(400, f"language: {error}", param="language", code="unsupported_language") from None
 
 
-def _segments(job: Job) -> list[dict[str, Any]]:
+def _segments(job: Upload) -> list[dict[str, Any]]:
     """verbose_json segments, one per chunk: the generated ids, their mean log-probability and the text's
     compression ratio (``qasr_jax.transcript``), and ``no_speech_prob`` only when the server runs the
     voice-activity detector (``--vad``): the fraction of the chunk's 32 ms windows it scored as non-speech
@@ -182,7 +182,7 @@ def _segments(job: Job) -> list[dict[str, Any]]:
     return segments
 
 
-def _cues_without_words(job: Job, kind: str) -> str:
+def _cues_without_words(job: Upload, kind: str) -> str:
     """srt/vtt with one cue per chunk when no aligner gives word times."""
     from qasr_jax.formats import Cue, cues_to_srt, cues_to_vtt
 
@@ -194,7 +194,7 @@ def _cues_without_words(job: Job, kind: str) -> str:
 
 
 def create_app(
-    model: Qwen3ASRModel, scheduler: Scheduler, config: ServeConfig, streams: StreamingEngine | None = None
+    model: Qwen3ASRModel, scheduler: Scheduler, config: ServeConfig, streams: StreamScheduler | None = None
 ) -> FastAPI:
     """The app over ``scheduler`` (uploads) and, when given, ``streams`` (the WebSocket live route)."""
     metrics = Metrics()
@@ -363,7 +363,7 @@ def create_app(
             )
         except AudioError as error:
             raise ApiError(400, str(error), param="file", code=_code(error)) from None
-        job = Job(samples, context=context, language=language, adapter=adapter)
+        job = Upload(samples, context=context, language=language, adapter=adapter)
         try:
             # In a thread: the voice-activity detector, when it runs, takes a while for long audio.
             await asyncio.to_thread(scheduler.prepare, job)
@@ -374,11 +374,11 @@ def create_app(
         events: asyncio.Queue[str | None] = asyncio.Queue()
         done = loop.create_future()
 
-        def on_done(j: Job) -> None:
+        def on_done(j: Upload) -> None:
             loop.call_soon_threadsafe(lambda: done.done() or done.set_result(j))
             loop.call_soon_threadsafe(events.put_nowait, None)
 
-        def on_update(j: Job) -> None:
+        def on_update(j: Upload) -> None:
             loop.call_soon_threadsafe(events.put_nowait, j.partial_text)
 
         job.on_done = on_done
@@ -408,11 +408,11 @@ def create_app(
         metrics.latency.observe(time.monotonic() - job.submitted)
         return await _render(job, response_format, words_wanted)
 
-    def _observe_first_token(job: Job) -> None:
+    def _observe_first_token(job: Upload) -> None:
         if job.first_token_at is not None:
             metrics.first_token.observe(job.first_token_at - job.submitted)
 
-    async def _sse(job: Job, events: asyncio.Queue, done: asyncio.Future) -> Any:
+    async def _sse(job: Upload, events: asyncio.Queue, done: asyncio.Future) -> Any:
         sent = ""
         try:
             while True:
@@ -437,13 +437,13 @@ def create_app(
             if not job.finished:
                 job.cancel()  # the client went away mid-stream
 
-    def _raise_failure(job: Job) -> None:
+    def _raise_failure(job: Upload) -> None:
         if job.error is not None:
             raise ApiError(
                 500, f"transcription failed: {job.error}", code="internal_error", kind="server_error"
             )
 
-    async def _render(job: Job, response_format: str, words_wanted: bool) -> Response:
+    async def _render(job: Upload, response_format: str, words_wanted: bool) -> Response:
         text = job.text
         if response_format == "text":
             return PlainTextResponse(text + "\n")
@@ -480,7 +480,7 @@ def create_app(
             for w in result.items
         ]
 
-    def _align(job: Job) -> Any:
+    def _align(job: Upload) -> Any:
         """The job's words on its time line, each with its confidence from the chunk it came from."""
         with aligner_lock:
             [result] = model.forced_aligner.align_transcripts(
@@ -503,7 +503,7 @@ def create_app(
     return app
 
 
-def _usage(job: Job) -> dict[str, Any]:
+def _usage(job: Upload) -> dict[str, Any]:
     return {"type": "duration", "seconds": round(job.duration, 3)}
 
 

@@ -1,4 +1,4 @@
-"""Live transcription over WebSocket: ``WS /v1/audio/stream``, served by the ``StreamingEngine``'s batched steps.
+"""Live transcription over WebSocket: ``WS /v1/audio/stream``, served by the ``StreamScheduler``'s batched steps.
 
 The protocol (one stream per connection):
 
@@ -39,7 +39,7 @@ from starlette.websockets import WebSocketDisconnect
 
 from qasr_jax import audio as audio_io
 from qasr_jax.errors import AudioTooLongError, QasrError
-from qasr_jax.stream_engine import LiveStream, StreamEvent, StreamingEngine, TooManyStreamsError
+from qasr_jax.serve.streams import LiveStream, StreamEvent, StreamScheduler, TooManyStreamsError
 from qasr_jax.streaming import StreamStateError, fixed_text
 
 UNSUPPORTED_DATA = 1003
@@ -122,7 +122,7 @@ class Resampler:
 
 def add_live_route(
     app: FastAPI,
-    streams: StreamingEngine,
+    streams: StreamScheduler,
     *,
     key_matches: Callable[[Any], bool],
     parse_language: Callable[[str | None], str | None],
@@ -164,7 +164,7 @@ class LiveSession:
     def __init__(
         self,
         websocket: WebSocket,
-        streams: StreamingEngine,
+        streams: StreamScheduler,
         align: Callable[[np.ndarray, str, str, Any], list[dict[str, Any]]] | None,
     ) -> None:
         self.websocket = websocket

@@ -1,6 +1,6 @@
-"""Continuous batching for a server: many transcription jobs share the engine's slots.
+"""Continuous batching for a server's uploads: many transcription jobs share the engine's slots.
 
-One thread owns the engine. Its loop:
+One thread owns the engine (``qasr_jax.serve.loop``). Its turns:
 
 1. admit: waiting chunks are prefilled one by one (up to the number of free slots), each in its own length
    bucket, and inserted into free slots, while the slots already decoding keep their state — a request arriving
@@ -12,14 +12,14 @@ One thread owns the engine. Its loop:
 5. give freed heap pages back to the system after every ``trim_every`` finished jobs and whenever the loop goes
    idle (``qasr_jax.memory``), so the resident set stays flat under sustained traffic.
 
-A job is one uploaded audio: it is split into chunks as ``Qwen3ASRModel.transcribe`` splits it (same rule, same
-prompts, same token budgets: ``plan_chunks`` and ``chunk_request``), and its chunks spread over slots. With the
-model's voice-activity detector, chunks without speech are done when planned and never take a slot; a job with
-no speech at all completes at the loop's next turn. A request's tokens depend only on itself (see
+A job (``Upload``) is one uploaded audio: it is split into chunks as ``Qwen3ASRModel.transcribe`` splits it (same
+rule, same prompts, same token budgets, same merge: ``Qwen3ASRModel.item_chunks`` and ``qasr_jax.chunks``), and its
+chunks spread over slots. With the model's voice-activity detector, chunks without speech are done when planned
+and never take a slot; a job with no speech at all completes at the loop's next turn. A request's tokens depend only on itself (see
 ``qasr_jax.engine``), so the text equals ``transcribe``'s for the same audio and options.
 
 ``submit`` refuses a job with ``QueueFullError`` when ``max_queue`` jobs already wait for slots (back-pressure);
-``Job.cancel`` (a client that went away) drops its waiting chunks and frees its slots at the next boundary.
+``Upload.cancel`` (a client that went away) drops its waiting chunks and frees its slots at the next boundary.
 Nothing here knows about HTTP.
 """
 
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -39,11 +38,10 @@ from qasr_jax import audio as audio_io
 from qasr_jax import buckets
 from qasr_jax import text as text_io
 from qasr_jax.asr import Qwen3ASRModel, default_token_budget
-from qasr_jax.engine import Engine, GenerationRequest, generation_of
+from qasr_jax.chunks import Chunk, finish, merged_language, merged_text, partial_result, text_so_far
+from qasr_jax.engine import Engine, result_of
 from qasr_jax.errors import EmptyAudioError, PromptError, QasrError
-from qasr_jax.memory import HeapTrimmer
-from qasr_jax.transcript import Segment, decode_segment, no_speech_segment
-from qasr_jax.vad import join_texts
+from qasr_jax.serve.loop import WorkLoop
 
 
 class QueueFullError(QasrError, RuntimeError):
@@ -54,24 +52,7 @@ class ShuttingDownError(QasrError, RuntimeError):
     """The scheduler is stopping and takes no new jobs."""
 
 
-@dataclasses.dataclass
-class Chunk:
-    """One chunk of a job: its text so far, and once done its ``Segment`` (ids, log-probabilities, finish
-    reason; the detector's ``no_speech`` when it ran). A chunk without speech has no request and is done."""
-
-    job: Job
-    index: int
-    piece: audio_io.AudioPiece
-    request: GenerationRequest | None
-    language: str = ""
-    text: str = ""
-    done: bool = False
-    truncated: bool = False
-    segment: Segment | None = None
-    no_speech: float | None = None
-
-
-class Job:
+class Upload:
     """One transcription request: its chunks, and callbacks for progress and completion.
 
     on_update(job): called (from the scheduler thread) when the streamed text grows; on_done(job): once, when all
@@ -84,8 +65,8 @@ class Job:
         *,
         context: str = "",
         language: str | None = None,
-        on_update: Callable[[Job], None] | None = None,
-        on_done: Callable[[Job], None] | None = None,
+        on_update: Callable[[Upload], None] | None = None,
+        on_done: Callable[[Upload], None] | None = None,
         adapter: str | None = None,
     ) -> None:
         self.samples = samples
@@ -109,11 +90,11 @@ class Job:
 
     @property
     def text(self) -> str:
-        return join_texts((c.text, c.request is not None) for c in self.chunks)
+        return merged_text(self.chunks)
 
     @property
     def detected_language(self) -> str:
-        return text_io.merge_languages(c.language for c in self.chunks)
+        return merged_language(self.chunks)
 
     @property
     def truncated(self) -> bool:
@@ -136,7 +117,7 @@ class Stats:
     cancelled: int = 0
 
 
-class Scheduler:
+class Scheduler(WorkLoop):
     """The continuous-batching loop over ``model``'s engine and params (see the module docstring).
 
     slots: decode slots (requests decoded together); max_queue: jobs that may wait for slots before ``submit``
@@ -162,10 +143,11 @@ class Scheduler:
             raise ValueError(
                 f"slots and step_chunk must be >= 1 and max_queue >= 0: {slots}, {step_chunk}, {max_queue}"
             )
+        super().__init__("qasr-scheduler", trim_every)
         self.model = model
         self.tokenizer = model.tokenizer
-        self.params = model.generator.params
-        self.engine: Engine = model.generator.engine()
+        self.params = model.params
+        self.engine: Engine = model.engine()
         self.slots = slots
         self.max_queue = max_queue
         self.step_chunk = step_chunk
@@ -182,25 +164,20 @@ class Scheduler:
         self.max_new = buckets.STEP_LADDER.size(self._budget(longest_seconds))
         self.cache_len = 2 * (self.max_prompt + self.max_new) + step_chunk
         self.stats = Stats()
-        self.heap = HeapTrimmer(trim_every)
-        self._lock = threading.Condition()
         self._waiting: collections.deque[Chunk] = collections.deque()
-        self._waiting_jobs: dict[int, Job] = {}
-        self._ready: collections.deque[Job] = collections.deque()  # submitted with nothing to decode
+        self._waiting_jobs: dict[int, Upload] = {}
+        self._ready: collections.deque[Upload] = collections.deque()  # submitted with nothing to decode
         self._slot_chunk: list[Chunk | None] = [None] * slots
         self._admitting: list[Chunk] = []  # taken from the queue, not yet in a slot
         self.fault_context = fault_context
-        self._stopping = False
-        self._thread: threading.Thread | None = None
         self._state: Any = None
-        self.failure: BaseException | None = None
 
     # -- outside the loop --
 
     def _budget(self, seconds: float) -> int:
         return self.model.max_new_tokens or default_token_budget(seconds)
 
-    def prepare(self, job: Job, *, vad: bool = True) -> None:
+    def prepare(self, job: Upload, *, vad: bool = True) -> None:
         """Split ``job``'s audio and build its chunks' prompts (raises a QasrError for unusable input), with the
         model's voice-activity detector when it has one and ``vad`` is True (a warm-up passes False: its noise
         must reach the decoder)."""
@@ -210,17 +187,14 @@ class Scheduler:
                 f"{len(job.samples)} samples is shorter than one feature frame ({audio_io.HOP_LENGTH} samples)"
             )
         detector = self.model.speech_detector if vad else None
-        plan = self.model.plan_chunks(job.samples, self.model.max_chunk_seconds, detector)
-        for i, planned in enumerate(plan):
-            if not planned.speech:
-                segment = no_speech_segment(planned.piece, planned.no_speech)
-                job.chunks.append(Chunk(job, i, planned.piece, None, done=True, segment=segment))
-                continue
-            request = self.model.chunk_request(planned.piece, job.context, job.language, slot)
-            tokens = len(request.prompt_ids)
+        chunks = self.model.item_chunks(
+            job, job.samples, job.context, job.language, slot, self.model.max_chunk_seconds, detector
+        )
+        for chunk in chunks:
+            tokens = len(chunk.request.prompt_ids) if chunk.request is not None else 0
             if tokens > self.max_prompt:
                 raise PromptError(f"the prompt has {tokens} tokens; at most {self.max_prompt} fit")
-            job.chunks.append(Chunk(job, i, planned.piece, request, no_speech=planned.no_speech))
+        job.chunks = chunks
 
     @property
     def queue_depth(self) -> int:
@@ -230,7 +204,7 @@ class Scheduler:
     def busy_slots(self) -> int:
         return sum(c is not None for c in self._slot_chunk)
 
-    def submit(self, job: Job) -> None:
+    def submit(self, job: Upload) -> None:
         """Queue a prepared job; ``QueueFullError`` when ``max_queue`` jobs already wait."""
         with self._lock:
             if self._stopping:
@@ -249,67 +223,51 @@ class Scheduler:
 
     def start(self) -> None:
         self._state = self.engine.init_state(self.slots, self.cache_len, self.max_new, start=self.max_prompt)
-        self._thread = threading.Thread(target=self._loop, name="qasr-scheduler", daemon=True)
-        self._thread.start()
+        super().start()
 
-    def stop(self, timeout: float | None = None) -> None:
-        """Finish the jobs already submitted, then end the loop."""
+    # -- the loop's turns --
+
+    def _has_work(self) -> bool:
+        return bool(self._waiting or self._ready or self.busy_slots)
+
+    def _turn(self) -> None:
         with self._lock:
-            self._stopping = True
-            self._lock.notify()
-        if self._thread is not None:
-            self._thread.join(timeout)
+            ready = list(self._ready)
+            self._ready.clear()
+        for job in ready:
+            self._finish(job, None)
+        self._admit()
+        if self.busy_slots:
+            self._step()
 
-    # -- the loop --
-
-    def _loop(self) -> None:
-        try:
-            while True:
-                if not self._waiting and self.busy_slots == 0:
-                    self.heap.idle()
-                with self._lock:
-                    while not self._waiting and not self._ready and self.busy_slots == 0:
-                        if self._stopping:
-                            return
-                        self._lock.wait(0.5)
-                    ready = list(self._ready)
-                    self._ready.clear()
-                for job in ready:
-                    self._finish(job, None)
-                self._admit()
-                if self.busy_slots:
-                    self._step()
-                self.heap.due()
-        except BaseException as error:  # a bug or out of memory: every job still open fails with it
-            self.failure = error
-            with self._lock:
-                self._stopping = True
-                chunks = [*self._waiting, *self._admitting, *(c for c in self._slot_chunk if c)]
-                jobs = {id(c.job): c.job for c in chunks}
-                self._waiting.clear()
-            for job in jobs.values():
-                self._finish(job, error)
-            raise
+    def _fail_open(self, error: BaseException) -> None:
+        """Every job still open fails with the loop's error."""
+        with self._lock:
+            chunks = [*self._waiting, *self._admitting, *(c for c in self._slot_chunk if c)]
+            jobs = {id(c.owner): c.owner for c in chunks}
+            self._waiting.clear()
+        for job in jobs.values():
+            self._finish(job, error)
 
     def _admit(self) -> None:
         free = [s for s, c in enumerate(self._slot_chunk) if c is None]
         # A cancelled job's chunks in slots stop counting: their slots are overwritten by the next insert.
         for s, c in enumerate(self._slot_chunk):
-            if c is not None and c.job.cancelled:
+            if c is not None and c.owner.cancelled:
                 self._slot_chunk[s] = None
                 free.append(s)
-                self._finish(c.job, None)
+                self._finish(c.owner, None)
         with self._lock:
             batch: list[Chunk] = []
             while self._waiting and len(batch) < len(free):
                 chunk = self._waiting.popleft()
-                if chunk.job.cancelled:
-                    self._waiting_jobs.pop(id(chunk.job), None)
-                    self._finish(chunk.job, None)
+                if chunk.owner.cancelled:
+                    self._waiting_jobs.pop(id(chunk.owner), None)
+                    self._finish(chunk.owner, None)
                     continue
                 batch.append(chunk)
-                if not any(c.job is chunk.job for c in self._waiting):
-                    self._waiting_jobs.pop(id(chunk.job), None)
+                if not any(c.owner is chunk.owner for c in self._waiting):
+                    self._waiting_jobs.pop(id(chunk.owner), None)
         if not batch:
             return
         self._admitting = batch
@@ -318,7 +276,7 @@ class Scheduler:
         # are those of one request at a time whatever the concurrency (traffic never compiles a new batch shape
         # mid-service). Decoding is where the slots are shared.
         for slot, chunk in zip(sorted(free), batch):
-            if self.fault_context is not None and chunk.job.context == self.fault_context:
+            if self.fault_context is not None and chunk.owner.context == self.fault_context:
                 raise RuntimeError(f"fault injected for a job with the context {self.fault_context!r}")
             adapters = self.model.adapter_stack if chunk.request.adapter else None
             prefilled = self.engine.prefill(self.params, [chunk.request], adapters=adapters)
@@ -348,43 +306,32 @@ class Scheduler:
         live, counts, tokens, logprobs, stopped = jax.device_get(
             (state.live, state.counts, state.tokens, state.logprobs, state.stopped)
         )
-        touched: dict[int, Job] = {}
+        touched: dict[int, Upload] = {}
         for slot, chunk in enumerate(self._slot_chunk):
             if chunk is None:
                 continue
-            job = chunk.job
+            job = chunk.owner
             if job.first_token_at is None and counts[slot] > 0:
                 job.first_token_at = time.monotonic()
             if live[slot] and job.on_update is None:
                 continue
             if not live[slot]:
-                generation = generation_of(tokens, logprobs, counts, stopped, slot)
-                chunk.segment = decode_segment(
-                    self.tokenizer, generation, chunk.piece, job.language, chunk.no_speech
-                )
-                chunk.language, chunk.text = chunk.segment.language, chunk.segment.text
-                chunk.truncated = chunk.segment.truncated
-                chunk.done = True
+                finish(chunk, self.tokenizer, result_of(tokens, logprobs, counts, stopped, slot), job.language)
                 self._slot_chunk[slot] = None
             else:
                 raw = self.tokenizer.decode(tokens[slot, : counts[slot]].tolist(), skip_special_tokens=True)
-                chunk.language, chunk.text = _partial(raw, job.language)
+                chunk.partial = partial_result(raw, job.language)
             touched[id(job)] = job
         for job in touched.values():
             if all(c.done for c in job.chunks):
                 self._finish(job, None)
             elif job.on_update is not None and not job.cancelled:
-                parts = []
-                for c in job.chunks:
-                    parts.append((c.text, c.request is not None))
-                    if not c.done:
-                        break
-                text = join_texts(parts)
+                text = text_so_far(job.chunks)
                 if text != job.partial_text and not text.endswith("\ufffd"):
                     job.partial_text = text
                     job.on_update(job)
 
-    def _finish(self, job: Job, error: BaseException | None) -> None:
+    def _finish(self, job: Upload, error: BaseException | None) -> None:
         if job.finished:
             return
         job.finished = True
@@ -403,13 +350,4 @@ class Scheduler:
         job.on_done = job.on_update = None
 
 
-def _partial(raw: str, forced_language: str | None) -> tuple[str, str]:
-    """(language, text so far) of an unfinished chunk: nothing until the ``<asr_text>`` header is complete."""
-    if forced_language:
-        return forced_language, raw.strip()
-    if text_io.ASR_TEXT not in raw:
-        return "", ""
-    return text_io.parse_asr_output(raw, None)
-
-
-__all__ = ["Chunk", "Job", "QueueFullError", "Scheduler", "ShuttingDownError", "Stats"]
+__all__ = ["QueueFullError", "Scheduler", "ShuttingDownError", "Stats", "Upload"]

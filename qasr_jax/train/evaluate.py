@@ -25,7 +25,7 @@ import numpy as np
 from qasr_jax import audio as audio_io
 from qasr_jax import buckets, sharding
 from qasr_jax import text as text_io
-from qasr_jax.engine import DecodeOptions, Engine, GenerationRequest
+from qasr_jax.engine import DecodeOptions, DecodeRequest, Engine
 from qasr_jax.train import losses
 from qasr_jax.train.data import Batch, BatchLoader, Example, Shapes, eval_specs, load_samples
 from qasr_jax.train.step import Trainer
@@ -234,12 +234,12 @@ class Evaluator:
                 samples = load_samples(example)
                 audio_tokens = cfg.audio.output_length(audio_io.num_frames(len(samples)))
                 prompt = text_io.build_prompt_ids(self.tokenizer, audio_tokens, "", None)
-                requests.append(GenerationRequest(samples, prompt, self.max_new_tokens))
+                requests.append(DecodeRequest(samples, prompt, self.max_new_tokens))
             # A fixed row count (the eval batch size): one program per audio/prompt bucket whatever the params.
             shape = dataclasses.replace(
-                self.engine.prefill_shape(requests, self.batch_size), rows=self.batch_size
+                self.engine.batch_shape(requests, self.batch_size), rows=self.batch_size, steps=steps
             )
-            for generation in self.engine.run(params, requests, shape, steps):
+            for generation in self.engine.run(params, requests, shape):
                 raw = self.tokenizer.decode(generation.token_ids, skip_special_tokens=True)
                 results.append(text_io.parse_asr_output(raw))
         return results

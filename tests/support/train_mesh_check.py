@@ -81,7 +81,7 @@ def run_train(work_dir: str, specs: list[str]) -> dict[str, Any]:
 
 
 def run_infer(work_dir: str, specs: list[str]) -> dict[str, Any]:
-    from qasr_jax.engine import DecodeOptions, Engine, GenerationRequest
+    from qasr_jax.engine import DecodeOptions, DecodeRequest, Engine
     from qasr_jax.model import Qwen3ASR
     from qasr_jax.weights import export_pretrained, load_pretrained, save_params
     from tests.support.train_fixtures import DEMO_ASR_DIR
@@ -111,7 +111,7 @@ def run_infer(work_dir: str, specs: list[str]) -> dict[str, Any]:
     options = DecodeOptions(eos_token_ids=(), pad_token_id=0)
     # Greedy decoding of each row's valid prefix as its prompt, 12 tokens.
     requests = [
-        GenerationRequest(
+        DecodeRequest(
             batch.waveforms[r, : batch.wave_lengths[r]],
             batch.input_ids[r, : int(batch.attention_mask[r].sum())].tolist(),
             12,
@@ -172,9 +172,9 @@ def run_api(work_dir: str, specs: list[str]) -> dict[str, Any]:
 
 def run_stream(work_dir: str, specs: list[str]) -> dict[str, Any]:
     """Live streams on a model loaded with ``mesh=``: one stream through the streaming API, and three streams
-    updated together by a ``StreamingEngine``, against the single-device model."""
+    updated together by a ``StreamScheduler``, against the single-device model."""
     from qasr_jax.asr import Qwen3ASRModel
-    from qasr_jax.stream_engine import StreamingEngine
+    from qasr_jax.serve.streams import StreamScheduler
     from qasr_jax.weights import export_pretrained
     from tests.support.speech import LONG_EN, MEDIUM_EN, SHORT_EN, synth
     from tests.support.train_fixtures import DEMO_ASR_DIR
@@ -195,7 +195,7 @@ def run_stream(work_dir: str, specs: list[str]) -> dict[str, Any]:
         for start in range(0, len(clips[0]), piece):
             model.streaming_transcribe(clips[0][start : start + piece], state)
         model.finish_streaming_transcribe(state)
-        engine = StreamingEngine(model.streamer, max_batch=4)
+        engine = StreamScheduler(model.streamer, max_batch=4)
         streams = [engine.open(chunk_size_sec=1.0) for _ in clips]
         for stream, clip in zip(streams, clips):
             engine.feed(stream, clip)

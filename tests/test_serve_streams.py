@@ -1,4 +1,4 @@
-"""Many concurrent streams through ``StreamingEngine`` against each stream run alone.
+"""Many concurrent streams through ``StreamScheduler`` against each stream run alone.
 
 The truth for every stream is ``StreamingTranscriber`` on that stream alone, fed the same pieces (itself proven
 equal to the official streaming algorithm in ``tests/test_streaming.py``), on the small random-weight checkpoint
@@ -16,7 +16,7 @@ import pytest
 from qasr_jax.asr import Qwen3ASRModel
 from qasr_jax.engine import Engine
 from qasr_jax.errors import AudioTooLongError, EmptyAudioError, InvalidAudioError
-from qasr_jax.stream_engine import StreamingEngine, TooManyStreamsError
+from qasr_jax.serve.streams import StreamScheduler, TooManyStreamsError
 from qasr_jax.streaming import StreamingTranscriber, StreamStateError
 from tests.support import speech
 from tests.test_asr import cached_small_checkpoint
@@ -36,7 +36,7 @@ def model() -> Qwen3ASRModel:
 
 @pytest.fixture(scope="module")
 def transcriber(model: Qwen3ASRModel) -> StreamingTranscriber:
-    return StreamingTranscriber(model.config, model.generator.params, model.tokenizer, model.generator.engine(),
+    return StreamingTranscriber(model.config, model.params, model.tokenizer, model.engine(),
                                 budget)  # fmt: skip
 
 
@@ -85,7 +85,7 @@ def test_concurrent_streams_equal_each_stream_alone(transcriber, clips):
     feeds = {name: pieces(audio, sizes) for name, (audio, sizes, _, _) in plan.items()}
     truth = {name: alone(transcriber, feeds[name], **plan[name][3]) for name in plan}
 
-    engine = StreamingEngine(transcriber, max_batch=8)
+    engine = StreamScheduler(transcriber, max_batch=8)
     streams, step_sizes, seen = {}, [], {name: 0 for name in plan}
 
     def check(events) -> None:
@@ -138,7 +138,7 @@ def work(update) -> tuple[int, ...]:
 
 
 def test_a_bad_stream_gets_a_typed_error_and_the_others_go_on(transcriber, model, clips):
-    engine = StreamingEngine(transcriber, max_streams=3, max_stream_seconds=10.0)
+    engine = StreamScheduler(transcriber, max_streams=3, max_stream_seconds=10.0)
     good, bad = engine.open(), engine.open(chunk_size_sec=1.0)
     audio = clips["medium"]
     engine.feed(good, audio[: 3 * SR])
@@ -155,7 +155,7 @@ def test_a_bad_stream_gets_a_typed_error_and_the_others_go_on(transcriber, model
         engine.feed(bad, np.zeros(10 * SR, np.float32))
     with pytest.raises(StreamStateError, match="LiveStream"):
         engine.feed(bad.state, audio[:SR])
-    other = StreamingEngine(model.streamer)
+    other = StreamScheduler(model.streamer)
     with pytest.raises(StreamStateError, match="another streaming engine"):
         other.feed(bad, audio[:SR])
     tiny = engine.open()
@@ -188,13 +188,13 @@ def test_a_bad_stream_gets_a_typed_error_and_the_others_go_on(transcriber, model
 def test_rows_not_aligned_to_the_shared_index_fail_the_comparison(transcriber, model, clips, monkeypatch):
     """Negative control: without moving each row's kept tokens and run to the shared write index, streams that
     keep different prefixes attend to the wrong cache slots, and their results differ from their lone runs."""
-    from qasr_jax import stream_engine
+    from qasr_jax import engine as engine_module
 
     feeds = {"long": pieces(clips["long"][: 12 * SR], [1.0]), "medium": pieces(clips["medium"], [0.5])}
     truth = {name: alone(transcriber, feed) for name, feed in feeds.items()}
-    monkeypatch.setattr(stream_engine, "roll_rows", lambda x, shift: x)
+    monkeypatch.setattr(engine_module, "roll_rows", lambda x, shift: x)
     fresh = Engine(model.config, options=transcriber.options)  # programs compiled with the broken rows
-    engine = StreamingEngine(
+    engine = StreamScheduler(
         StreamingTranscriber(model.config, transcriber.params, model.tokenizer, fresh, budget)
     )
     streams = {name: engine.open() for name in feeds}
