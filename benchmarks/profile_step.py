@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     import jax.numpy as jnp
 
     from qasr_jax.model import Qwen3ASR
-    from qasr_jax.model.decoder import Decoder, decode_step_unrolled, init_cache
+    from qasr_jax.model.decoder import decode_step_unrolled, init_cache
     from qasr_jax.model.thinker import decode_layer_params, decode_step
     from qasr_jax.weights import load_pretrained
 
@@ -36,7 +36,6 @@ def main(argv: list[str] | None = None) -> int:
     model = Qwen3ASR(config)
     layers = decode_layer_params(model, params)
     cfg = config.text
-    decoder = Decoder(cfg, model.attention_impl, model.dtype, model.param_dtype)
     nbytes = lambda tree: sum(x.nbytes for x in jax.tree_util.tree_leaves(tree))  # noqa: E731
     layer_bytes = nbytes(layers) + nbytes(params["decoder"]["norm"])
     head_bytes = cfg.vocab_size * cfg.hidden_size * 4
@@ -53,7 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     def layers_only(lp, norm, x, pos, start, c, i):
-        return decode_step_unrolled(decoder, norm, lp, x, pos, start, c, i)
+        return decode_step_unrolled(
+            cfg, norm, lp, x, pos, start, c, i,
+            attention_impl=model.attention_impl, dtype=model.dtype, param_dtype=model.param_dtype,
+        )  # fmt: skip
 
     layers_jit = jax.jit(layers_only, donate_argnums=(5,))
     head = jax.jit(lambda p, h: model.apply({"params": p}, h, method=Qwen3ASR.head))

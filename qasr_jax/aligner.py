@@ -33,7 +33,7 @@ from qasr_jax import text as text_io
 from qasr_jax.config import ThinkerConfig, load_config
 from qasr_jax.errors import AlignmentError, ConfigError, LanguageError, QasrError
 from qasr_jax.hub import resolve_model
-from qasr_jax.model import Qwen3ASR, first_valid, positions_from_mask
+from qasr_jax.model import Qwen3ASR
 
 # The transcription pipeline aligns transcripts in pieces of at most this many seconds (the official
 # MAX_FORCE_ALIGN_INPUT_SECONDS).
@@ -332,18 +332,14 @@ class Qwen3ForcedAligner:
         input_ids, attention_mask: ``[batch, seq]``, left-padded, so every row ends with its text.
         input_features: ``[batch, n_mels, frames]``; feature_attention_mask: ``[batch, frames]``.
         """
-
-        def forward(module: Qwen3ASR) -> jax.Array:
-            audio, _ = module.encode_audio(input_features, feature_attention_mask)
-            embeddings = module.embed_inputs(input_ids, audio)
-            hidden, _ = module.decoder(
-                embeddings, positions_from_mask(attention_mask), first_valid(attention_mask)
-            )
-            # The head only where timestamp slots can be: the text at the end of each row.
-            logits = module.head(hidden[:, -text_tokens:])
-            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-        return self._model.apply({"params": params}, method=forward)
+        batch, seq = input_ids.shape
+        # The head only where timestamp slots can be: the text at the end of each row.
+        text = jnp.broadcast_to(jnp.arange(seq - text_tokens, seq, dtype=jnp.int32), (batch, text_tokens))
+        variables = {"params": params}
+        logits = self._model.apply(
+            variables, input_ids, attention_mask, input_features, feature_attention_mask, logits_at=text
+        )
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     # -- preparing pairs --
 

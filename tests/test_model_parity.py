@@ -76,8 +76,8 @@ def base_case(cases, tmp_path_factory) -> Case:
     return get_case(cases, "gqa2-tied-window800", tmp_path_factory)
 
 
-def encode(params, config, features, mask, window_chunks=None, attention_impl="xla"):
-    model = Qwen3ASR(config, attention_impl=attention_impl)
+def encode(params, config, features, mask, window_chunks=None, attention_impl="xla", backend=None):
+    model = Qwen3ASR(config, attention_impl=attention_impl, backend=backend)
     fn = jax.jit(
         lambda p, f, m: model.apply({"params": p}, f, m, window_chunks, method=Qwen3ASR.encode_audio)
     )
@@ -145,6 +145,25 @@ def test_front_end_skipping_padding_chunks_matches_official_and_a_wrong_skip_fai
     )
     broken = encode(params, single, base_case.input_features, base_case.feature_mask)
     assert max(rel_max_error(mine, ref) for mine, ref in zip(broken, base_case.ref_encoded)) > 100 * TOL
+
+
+def test_cpu_and_accelerator_encoder_layouts_agree(base_case: Case):
+    """The encoder's platform layout is a construction option: on the CPU the convolutions run as tap matmuls
+    in groups of 8 chunks, elsewhere as ``lax.conv_general_dilated`` in groups of ``conv_chunksize``. Both,
+    run here, give the same embeddings to fp32 rounding and match the official encoder."""
+    config, params = load_pretrained(base_case.dir)
+    features, mask = jnp.asarray(base_case.input_features), jnp.asarray(base_case.feature_mask)
+    for backend, convolution_op in (("cpu", False), ("gpu", True)):
+        model = Qwen3ASR(config, attention_impl="xla", backend=backend)
+        program = jax.make_jaxpr(
+            lambda p, model=model: model.apply({"params": p}, features, mask, method=Qwen3ASR.encode_audio)
+        )
+        assert ("conv_general_dilated" in str(program(params))) == convolution_op, backend
+    cpu = encode(params, config, base_case.input_features, base_case.feature_mask, backend="cpu")
+    accelerator = encode(params, config, base_case.input_features, base_case.feature_mask, backend="gpu")
+    for mine, theirs, ref in zip(cpu, accelerator, base_case.ref_encoded):
+        np.testing.assert_allclose(mine, theirs, rtol=0, atol=1e-5 * np.std(theirs))
+        assert rel_max_error(theirs, ref) <= TOL
 
 
 def test_encoder_batch_result_equals_each_item_alone(case: Case):

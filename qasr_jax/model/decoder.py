@@ -121,7 +121,7 @@ def unstack_layers(stacked: Any, num_layers: int) -> list[Any]:
 
 
 def decode_step_unrolled(
-    decoder: Decoder,
+    config: TextConfig,
     norm_params: Any,
     layer_params: Sequence[Any],
     x: jax.Array,
@@ -129,27 +129,35 @@ def decode_step_unrolled(
     kv_start: jax.Array,
     layer_caches: Sequence[KVCache],
     cache_index: jax.Array,
+    *,
+    attention_impl: str = "auto",
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
 ) -> tuple[jax.Array, list[KVCache]]:
-    """The decoder on one token per row, its layers unrolled over separate per-layer weights and caches.
+    """The decoder on tokens that continue cached rows (one per row when decoding), its layers unrolled over
+    separate per-layer weights and caches.
 
-    The same layers as ``Decoder.__call__``, run one by one instead of scanned: a scan reads each layer's
-    weights and cache as slices of stacked arrays, which XLA copies out before every matrix-vector product;
-    with one token per row those copies cost more than the products (2-3x the step time on CPU). So decoding
-    takes the weights once as a list (``unstack_layers``) and keeps one cache per layer.
+    The same layers as ``Decoder.__call__`` (built with the same ``attention_impl``, ``dtype`` and
+    ``param_dtype``), run one by one instead of scanned: a scan reads each layer's weights and cache as slices
+    of stacked arrays, which XLA copies out before every matrix-vector product; with one token per row those
+    copies cost more than the products. So decoding takes the weights once as a list (``unstack_layers``) and
+    keeps one cache per layer.
 
-    x: ``[batch, 1, hidden]``; positions: ``[3, batch, 1]``; cache_index: the cache slot of this token (shared by
-    the rows). Returns the final-normed hidden states ``[batch, 1, hidden]`` and the updated caches.
+    x: ``[batch, seq, hidden]`` (seq is 1 for a decoding step); positions: ``[3, batch, seq]``; cache_index:
+    the cache slot of the first token (shared by the rows). Returns the final-normed hidden states
+    ``[batch, seq, hidden]`` and the updated caches.
     """
-    cfg = decoder.config
-    cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, cfg.mrope_interleaved)
-    kw = dict(dtype=decoder.dtype, param_dtype=decoder.param_dtype)
-    layer = DecoderLayer(cfg, attention_impl=decoder.attention_impl, **kw)
-    x = x.astype(decoder.dtype)
+    cos, sin = rope_cos_sin(
+        positions, config.head_dim, config.rope_theta, config.mrope_section, config.mrope_interleaved
+    )
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    layer = DecoderLayer(config, attention_impl=attention_impl, **kw)
+    x = x.astype(dtype)
     updated = []
     for weights, cache in zip(layer_params, layer_caches):
         x, cache = layer.apply({"params": weights}, x, cache, cos, sin, kv_start, cache_index)
         updated.append(cache)
-    x = RMSNorm(cfg.rms_norm_eps, **kw).apply({"params": norm_params}, x)
+    x = RMSNorm(config.rms_norm_eps, **kw).apply({"params": norm_params}, x)
     return x, updated
 
 

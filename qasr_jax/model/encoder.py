@@ -86,9 +86,9 @@ def conv3x3_stride2(x: jax.Array, kernel: jax.Array, patches: bool) -> jax.Array
 
     ``patches=True`` gathers the nine strided taps into ``[N, H', W', 9·Cin]`` and does one matmul. XLA:CPU has
     no fast path for a strided convolution's kernel gradient (a convolution with a dilated right-hand side),
-    which made this three-layer front end's backward pass ~30× its forward; as slices and a matmul, the
-    backward pass is a scatter-free pad and two matmuls. ``patches=False`` is ``lax.conv_general_dilated``
-    (cuDNN / the TPU convolution units). Both compute the same sums.
+    which makes this three-layer front end's backward pass many times slower than its forward; as slices and a
+    matmul, the backward pass is a scatter-free pad and two matmuls. ``patches=False`` is
+    ``lax.conv_general_dilated`` (cuDNN / the TPU convolution units). Both compute the same sums.
     """
     if not patches:
         return jax.lax.conv_general_dilated(
@@ -156,10 +156,10 @@ def front_end(
     convs: list[tuple[jax.Array, jax.Array]],
     out_kernel: jax.Array,
     dtype: Dtype,
+    patches: bool,
 ) -> jax.Array:
     """Three stride-2 3×3 convolutions (+GELU) and the output projection: ``[G, n_mels, C, 1]`` chunks with ``seen
-    [G]`` → ``[G, tokens_per_chunk, d_model]``."""
-    patches = jax.default_backend() == "cpu"
+    [G]`` → ``[G, tokens_per_chunk, d_model]``. ``patches``: the convolutions' form (``conv3x3_stride2``)."""
     x = x.astype(dtype)
     for i, (kernel, bias) in enumerate(convs):
         x = gelu(conv3x3_stride2(x, kernel.astype(dtype), patches) + bias.astype(dtype))
@@ -183,6 +183,7 @@ class ConvFrontEnd(nn.Module):
     config: AudioEncoderConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    patches: bool = False  # the convolutions as tap gathers and a matmul (``conv3x3_stride2``)
 
     @nn.compact
     def __call__(self, carry: None, inputs: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[None, jax.Array]:
@@ -199,7 +200,7 @@ class ConvFrontEnd(nn.Module):
         shape = (x.shape[0], steps, cfg.d_model)
         y = jax.lax.cond(
             active,
-            lambda x, seen: front_end(x, seen, convs, out_kernel, self.dtype),
+            lambda x, seen: front_end(x, seen, convs, out_kernel, self.dtype, self.patches),
             lambda x, seen: jnp.zeros(shape, self.dtype),
             x,
             seen,
@@ -217,10 +218,18 @@ class AudioEncoder(nn.Module):
     lora_dropout: float = 0.0  # dropout on the adapters' input (training with a "dropout" rng)
     remat: bool = False
     # Chunks per conv front-end group (None: 8 on the CPU, the config's ``conv_chunksize`` elsewhere). On the CPU
-    # small groups keep the im2col activations in cache-sized blocks (ASR-0.6B encoder, batch 8 × 30 s: 12.1 s
-    # with groups of 256 chunks, 7.4–7.8 s with 8) and skip padding chunks at a fine grain; an accelerator wants
-    # few, large groups.
+    # small groups keep the im2col activations in cache-sized blocks, which runs faster, and skip padding
+    # chunks at a fine grain; an accelerator wants few, large groups.
     front_group: int | None = None
+    # The platform the computation is laid out for ("cpu", "gpu", "tpu"; None: ``jax.default_backend()`` when
+    # the module is built). It picks the convolutions' form and the default ``front_group``, not the function:
+    # either layout runs on any platform and agrees with the other to rounding.
+    backend: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.backend is None:
+            object.__setattr__(self, "backend", jax.default_backend())
+        super().__post_init__()
 
     @nn.compact
     def __call__(
@@ -278,7 +287,8 @@ class AudioEncoder(nn.Module):
         n = batch * n_chunks
         holds_audio = chunk_len.reshape(-1) > 0
         order = jnp.argsort(jnp.logical_not(holds_audio).astype(jnp.int32), stable=True)
-        front_group = self.front_group or (8 if jax.default_backend() == "cpu" else cfg.conv_chunksize)
+        on_cpu = self.backend == "cpu"
+        front_group = self.front_group or (8 if on_cpu else cfg.conv_chunksize)
         n_groups = -(-n // min(n, cfg.conv_chunksize, front_group))
         group = -(-n // n_groups)
         pad = n_groups * group - n
@@ -296,7 +306,7 @@ class AudioEncoder(nn.Module):
             out_axes=0,
             length=n_groups,
         )
-        _, x = front(cfg, self.dtype, self.param_dtype, name="frontend")(
+        _, x = front(cfg, self.dtype, self.param_dtype, on_cpu, name="frontend")(
             None, (x.reshape(n_groups, group, *x.shape[1:]), seen.reshape(n_groups, group), active)
         )
         x = x.reshape(n_groups * group, *x.shape[2:])[:n]

@@ -2,11 +2,14 @@
 
 Entry points (all pure: ``Qwen3ASR(config).apply({"params": p}, ..., method=...)``):
 
-* ``__call__(input_ids, attention_mask, input_features, feature_attention_mask)`` → logits, with the
-  arguments of the reference thinker forward: left-padded ids holding one ``<|audio_pad|>`` run per row
-  (its length = that row's encoder output length), padded log-mel ``[B, n_mels, T]``, frame mask ``[B, T]``.
+* ``__call__(input_ids, attention_mask, input_features, feature_attention_mask, logits_at=...)`` → logits:
+  the one forward pass (encoder → audio merge → decoder → head) that training and the aligner call, with the
+  arguments of the reference thinker forward: left-padded ids holding one ``<|audio_pad|>`` run per row (its
+  length = that row's encoder output length), padded log-mel ``[B, n_mels, T]``, frame mask ``[B, T]``; or
+  with ``audio_embeds`` already encoded. ``logits_at`` runs the head on those positions only.
 * ``encode_audio(input_features, feature_attention_mask)`` → (embeddings ``[B, N, D]``, lengths ``[B]``).
-* ``embed_inputs(input_ids, audio_embeds, audio_lengths)`` → input embeddings with audio merged.
+* ``encode_waveforms(waveforms, wave_lengths, frames)`` → the same from 16 kHz audio (log-mel on device).
+* ``embed_inputs(input_ids, audio_embeds)`` → input embeddings with audio merged.
 * ``decode(inputs_embeds, positions, kv_start, cache, cache_index)`` → (logits, cache): the decoder against
   an explicit KV cache (``init_cache``), scanned over its layers.
 * ``prefill(waveforms, wave_lengths, input_ids, attention_mask, frames)`` → (last-position logits, cache,
@@ -17,6 +20,7 @@ Entry points (all pure: ``Qwen3ASR(config).apply({"params": p}, ..., method=...)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -51,11 +55,21 @@ class Qwen3ASR(nn.Module):
     remat: bool = False
     # Dropout on the input of every adapter (``qasr_jax.adapters``) when applied with a "dropout" rng.
     lora_dropout: float = 0.0
+    # The platform the encoder's layout is chosen for (``AudioEncoder.backend``); None:
+    # ``jax.default_backend()`` when the model is built.
+    backend: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.backend is None:
+            object.__setattr__(self, "backend", jax.default_backend())
+        super().__post_init__()
 
     def setup(self) -> None:
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, lora_dropout=self.lora_dropout)
-        self.audio_tower = AudioEncoder(cfg.audio, self.attention_impl, remat=self.remat, **kw)
+        self.audio_tower = AudioEncoder(
+            cfg.audio, self.attention_impl, remat=self.remat, backend=self.backend, **kw
+        )
         self.embed_tokens = nn.Embed(
             cfg.text.vocab_size,
             cfg.text.hidden_size,
@@ -82,6 +96,30 @@ class Qwen3ASR(nn.Module):
         frames = jnp.sum(feature_attention_mask.astype(jnp.int32), axis=-1)
         return self.audio_tower(input_features, frames, window_chunks, clip_frames)
 
+    def encode_waveforms(
+        self,
+        waveforms: jax.Array,
+        wave_lengths: jax.Array,
+        frames: int,
+        window_chunks: int | None = None,
+        frequency_scale: jax.Array | None = None,
+        transform_features: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+    ) -> tuple[jax.Array, jax.Array]:
+        """Audio embeddings ``[batch, tokens, hidden]`` and valid lengths ``[batch]`` of 16 kHz waveforms.
+
+        waveforms: ``[batch, samples]``, zero past ``wave_lengths``; ``frames`` (static): mel frames to
+        compute. Training augmentation: ``frequency_scale`` ``[batch]`` stretches each row's spectrum
+        (``audio.log_mel``); ``transform_features(log_mel [batch, n_mels, frames], valid frames [batch])``
+        perturbs the features before the encoder. Without them the features are exactly those of inference.
+        """
+        features, feature_frames = audio_io.log_mel(
+            waveforms, wave_lengths, frames=frames, frequency_scale=frequency_scale
+        )
+        if transform_features is not None:
+            features = transform_features(features, feature_frames)
+        feature_mask = (jnp.arange(frames)[None, :] < feature_frames[:, None]).astype(jnp.int32)
+        return self.encode_audio(features, feature_mask, window_chunks)
+
     def embed_inputs(self, input_ids: jax.Array, audio_embeds: jax.Array | None = None) -> jax.Array:
         """Token embeddings ``[batch, seq, hidden]``; the k-th ``<|audio_pad|>`` of row b gets audio token k of b."""
         x = self.embed_tokens(input_ids).astype(self.dtype)
@@ -105,12 +143,16 @@ class Qwen3ASR(nn.Module):
         kv_start: jax.Array,
         cache: KVCache | None = None,
         cache_index: jax.Array | int = 0,
-        last_only: bool = False,
+        logits_at: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
-        """Decoder + head. ``last_only`` returns only the last position's logits ``[batch, 1, V]``."""
+        """Decoder + head: logits ``[batch, seq, V]`` (fp32) and the updated cache.
+
+        logits_at: ``[batch, k]`` int positions: the head (the largest matmul: hidden × vocabulary) runs on
+        these positions only and the logits are ``[batch, k, V]``.
+        """
         hidden, cache = self.decoder(inputs_embeds, positions, kv_start, cache, cache_index)
-        if last_only:
-            hidden = hidden[:, -1:]
+        if logits_at is not None:
+            hidden = jnp.take_along_axis(hidden, logits_at[..., None].astype(jnp.int32), axis=1)
         return self.head(hidden), cache
 
     def prefill(
@@ -130,16 +172,14 @@ class Qwen3ASR(nn.Module):
         Returns last-position logits ``[batch, V]`` (fp32), the cache ``[layers, batch, kv, prompt_len, hd]``,
         each row's first valid slot ``[batch]`` and its prompt length ``[batch]`` (the next token's position).
         """
-        features, feature_frames = audio_io.log_mel(waveforms, wave_lengths, frames=frames)
-        feature_mask = (jnp.arange(frames)[None, :] < feature_frames[:, None]).astype(jnp.int32)
-        audio_embeds, _ = self.encode_audio(features, feature_mask)
+        audio_embeds, _ = self.encode_waveforms(waveforms, wave_lengths, frames)
         x = self.embed_inputs(input_ids, audio_embeds)
         batch, prompt_len = input_ids.shape
         cache = init_cache(self.config.text, batch, prompt_len, self.dtype)
         kv_start = first_valid(attention_mask)
-        logits, cache = self.decode(
-            x, positions_from_mask(attention_mask), kv_start, cache, 0, last_only=True
-        )
+        last = jnp.full((batch, 1), prompt_len - 1, jnp.int32)
+        positions = positions_from_mask(attention_mask)
+        logits, cache = self.decode(x, positions, kv_start, cache, 0, logits_at=last)
         lengths = jnp.sum(attention_mask.astype(jnp.int32), axis=-1)
         return logits[:, 0], cache, kv_start, lengths
 
@@ -150,15 +190,27 @@ class Qwen3ASR(nn.Module):
         input_features: jax.Array | None = None,
         feature_attention_mask: jax.Array | None = None,
         window_chunks: int | None = None,
+        *,
+        audio_embeds: jax.Array | None = None,
+        logits_at: jax.Array | None = None,
     ) -> jax.Array:
-        """Logits ``[batch, seq, vocab]`` (or ``[batch, seq, classify_num]`` for the aligner), fp32."""
-        audio = None
+        """The forward pass: logits ``[batch, seq, vocab]`` (``[batch, seq, classify_num]`` for the aligner),
+        fp32.
+
+        The audio comes as log-mel (``input_features``, encoded here) or as ``audio_embeds`` ``[batch, tokens,
+        hidden]`` already encoded (``encode_audio``/``encode_waveforms``), or not at all (text only).
+        logits_at: ``[batch, k]`` int positions: only their logits, ``[batch, k, ...]`` (see ``decode``).
+        """
         if input_features is not None:
+            if audio_embeds is not None:
+                raise ValueError("pass input_features or audio_embeds, not both")
             if feature_attention_mask is None:
                 feature_attention_mask = jnp.ones(input_features.shape[::2], jnp.int32)
-            audio, _ = self.encode_audio(input_features, feature_attention_mask, window_chunks)
-        x = self.embed_inputs(input_ids, audio)
-        logits, _ = self.decode(x, positions_from_mask(attention_mask), first_valid(attention_mask))
+            audio_embeds, _ = self.encode_audio(input_features, feature_attention_mask, window_chunks)
+        x = self.embed_inputs(input_ids, audio_embeds)
+        logits, _ = self.decode(
+            x, positions_from_mask(attention_mask), first_valid(attention_mask), logits_at=logits_at
+        )
         return logits
 
 
@@ -166,6 +218,32 @@ def decode_layer_params(model: Qwen3ASR, params: Any) -> list[Any]:
     """The decoder layers' weights as one tree per layer, the layout ``decode_step`` reads (a copy: make it
     once per batch of steps, not per step)."""
     return unstack_layers(params["decoder"]["layers"], model.config.text.num_hidden_layers)
+
+
+def _decode_unrolled(
+    model: Qwen3ASR,
+    params: Any,
+    layer_params: list[Any],
+    x: jax.Array,
+    positions: jax.Array,
+    kv_start: jax.Array,
+    layer_caches: list[KVCache],
+    cache_index: jax.Array,
+) -> tuple[jax.Array, list[KVCache]]:
+    """``decode_step_unrolled`` with the model's decoder options."""
+    return decode_step_unrolled(
+        model.config.text,
+        params["decoder"]["norm"],
+        layer_params,
+        x,
+        positions,
+        kv_start,
+        layer_caches,
+        cache_index,
+        attention_impl=model.attention_impl,
+        dtype=model.dtype,
+        param_dtype=model.param_dtype,
+    )
 
 
 def decode_step(
@@ -187,9 +265,8 @@ def decode_step(
     variables = {"params": params}
     x = model.apply(variables, tokens[:, None], method=Qwen3ASR.embed_inputs)
     pos = jnp.broadcast_to(positions[None, :, None], (3, tokens.shape[0], 1))
-    decoder = Decoder(model.config.text, model.attention_impl, model.dtype, model.param_dtype)
-    hidden, layer_caches = decode_step_unrolled(
-        decoder, params["decoder"]["norm"], layer_params, x, pos, kv_start, layer_caches, cache_index
+    hidden, layer_caches = _decode_unrolled(
+        model, params, layer_params, x, pos, kv_start, layer_caches, cache_index
     )
     return model.apply(variables, hidden, method=Qwen3ASR.head)[:, 0], layer_caches
 
@@ -215,16 +292,8 @@ def extend_cache(
     """
     batch, seq = inputs_embeds.shape[:2]
     pos = jnp.broadcast_to(positions[None], (3, batch, seq))
-    decoder = Decoder(model.config.text, model.attention_impl, model.dtype, model.param_dtype)
-    hidden, layer_caches = decode_step_unrolled(
-        decoder,
-        params["decoder"]["norm"],
-        layer_params,
-        inputs_embeds,
-        pos,
-        kv_start,
-        layer_caches,
-        cache_index,
+    hidden, layer_caches = _decode_unrolled(
+        model, params, layer_params, inputs_embeds, pos, kv_start, layer_caches, cache_index
     )
     hidden = jnp.take_along_axis(hidden, last[:, None, None].astype(jnp.int32), axis=1)
     return model.apply({"params": params}, hidden, method=Qwen3ASR.head)[:, 0], layer_caches

@@ -15,6 +15,7 @@ micro-batches, devices and processes add up to the exact means of the whole batc
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -23,7 +24,7 @@ import optax
 
 from qasr_jax import audio as audio_io
 from qasr_jax.config import AudioEncoderConfig
-from qasr_jax.model import Qwen3ASR, first_valid, positions_from_mask
+from qasr_jax.model import Qwen3ASR
 from qasr_jax.train.augment import SpecAugment
 from qasr_jax.train.data import Batch
 
@@ -55,25 +56,26 @@ def encode(
     """``(audio embeddings [batch, tokens, hidden], their lengths)``: log-mel on device, exactly as the inference
     program computes it, then the encoder. With ``augment`` and ``key`` the features are perturbed first."""
     frames = batch_frames(batch.waveforms)
-    scales = None
+    scales, transform = None, None
     if augment is not None and augment.active and key is not None:
         scales = augment.scales(key, batch.waveforms.shape[0])
-    features, feature_frames = audio_io.log_mel(
-        batch.waveforms, batch.wave_lengths, frames=frames, frequency_scale=scales
+        transform = functools.partial(augment, key=key)
+    window = training_window(module.config.audio, frames)
+    return module.encode_waveforms(
+        batch.waveforms,
+        batch.wave_lengths,
+        frames,
+        window,
+        frequency_scale=scales,
+        transform_features=transform,
     )
-    if augment is not None and augment.active and key is not None:
-        features = augment(features, feature_frames, key)
-    feature_mask = (jnp.arange(frames)[None, :] < feature_frames[:, None]).astype(jnp.int32)
-    return module.encode_audio(features, feature_mask, training_window(module.config.audio, frames))
 
 
 def decode_targets(module: Qwen3ASR, batch: Batch, audio_embeds: jax.Array) -> jax.Array:
     """Logits ``[batch, labels, head]`` (fp32) at ``label_positions``, the audio slots filled with ``audio_embeds``."""
-    x = module.embed_inputs(batch.input_ids, audio_embeds)
-    mask = batch.attention_mask
-    hidden, _ = module.decoder(x, positions_from_mask(mask), first_valid(mask))
-    picked = jnp.take_along_axis(hidden, batch.label_positions[..., None], axis=1)
-    return module.head(picked)
+    return module(
+        batch.input_ids, batch.attention_mask, audio_embeds=audio_embeds, logits_at=batch.label_positions
+    )
 
 
 def target_logits(module: Qwen3ASR, batch: Batch) -> jax.Array:
