@@ -187,7 +187,8 @@ def run_path(name: str, args: argparse.Namespace, checkpoint: str, manifest: str
     if name == "planned":
         seconds = batch_jobs.job_seconds(jobs)
         plan = batch_jobs.plan_batches(seconds, args.batch_size, model.max_chunk_seconds)
-        results = batch_jobs.run_batches(model, jobs, plan, workers=args.workers, stats=stats)
+        results = ((jobs[i], r) for i, r in batch_jobs.run_batches(model, jobs, plan, workers=args.workers,
+                                                                     stats=stats))  # fmt: skip
     else:
         results = file_order_groups(model, jobs, args.batch_size)
     for job, result in results:

@@ -185,7 +185,8 @@ def run_manifest(
     plan = batch_jobs.plan_batches(seconds, batch_size, model.max_chunk_seconds)
     chunks = errors = words = 0
     started = time.perf_counter()
-    for job, result in batch_jobs.run_batches(model, jobs, plan, workers=2):
+    for index, result in batch_jobs.run_batches(model, jobs, plan, workers=2):
+        job = jobs[index]
         assert result.error is None, result.error
         chunks += sum(s.finish_reason.value != "no_speech" for s in result.segments)
         reference = normalize_text(references[job.id]).split()

@@ -356,10 +356,11 @@ def run_manifest(args: argparse.Namespace) -> int:
             side_path = rejected_output if count == 1 else batch_jobs.part_path(rejected_output, index, count)
             side = batch_jobs.ResultsFile(side_path)
         try:
-            for job, result in batch_jobs.run_batches(
+            for position, result in batch_jobs.run_batches(
                 model, jobs, mine, context=args.context, language=args.language,
                 return_time_stamps=args.timestamps, reader=reader, workers=args.workers,
             ):  # fmt: skip
+                job = jobs[position]
                 progress.advance(job)
                 if result.error:
                     failures.append((job, f"{type(result.error).__name__}: {result.error}"))
@@ -406,7 +407,7 @@ def run_files(args: argparse.Namespace) -> int:
     results: list[Any] = [None] * len(jobs)
     progress = Progress(jobs, seconds, enabled=not args.no_progress)
     try:
-        for position, result in batch_jobs.run_batches_indexed(
+        for position, result in batch_jobs.run_batches(
             model, jobs, plan, context=args.context, language=args.language,
             return_time_stamps=args.timestamps, reader=reader, workers=args.workers,
         ):  # fmt: skip

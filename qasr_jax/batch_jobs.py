@@ -352,32 +352,9 @@ def run_batches(
     workers: int = 2,
     prefetch_batches: int = DEFAULT_PREFETCH_BATCHES,
     stats: PipelineStats | None = None,
-) -> Iterator[tuple[Job, Any]]:
-    """``(job, ASRTranscription)`` for every item of ``plan``, batch by batch, as they complete
-    (``run_batches_indexed``, with the job in place of its index)."""
-    results = run_batches_indexed(
-        model, jobs, plan, context=context, language=language, return_time_stamps=return_time_stamps,
-        reader=reader, workers=workers, prefetch_batches=prefetch_batches, stats=stats,
-    )  # fmt: skip
-    for index, result in results:
-        yield jobs[index], result
-
-
-def run_batches_indexed(
-    model: Any,
-    jobs: Sequence[Job],
-    plan: Iterable[PlannedBatch],
-    *,
-    context: str = "",
-    language: str | None = None,
-    return_time_stamps: bool = False,
-    reader: AudioReader | None = None,
-    workers: int = 2,
-    prefetch_batches: int = DEFAULT_PREFETCH_BATCHES,
-    stats: PipelineStats | None = None,
 ) -> Iterator[tuple[int, Any]]:
-    """``(index in jobs, ASRTranscription)`` for every item of ``plan``, batch by batch, as they complete; the
-    index tells apart jobs that are equal (the same file named twice).
+    """``(index in jobs, ASRTranscription)`` for every item of ``plan``, batch by batch, as they complete (the
+    index tells apart jobs that are equal: the same file named twice).
 
     ``model`` is a ``Qwen3ASRModel``. ``reader`` reads each job's audio (default: paths and URLs). ``workers``
     threads decode the audio of up to ``prefetch_batches`` batches ahead of the one the model is running.
@@ -607,5 +584,4 @@ __all__ = [
     "rejected_path",
     "row_limit",
     "run_batches",
-    "run_batches_indexed",
 ]

@@ -212,9 +212,9 @@ class ASRStreamingState:
 @dataclasses.dataclass
 class PendingUpdate:
     """One stream's update while it runs: set by ``begin_update`` (prefix, the stream's features ``[n_mels,
-    frames]``, the encoder windows to encode and the work they mean) and ``plan_decode`` (the prompt ids, the
-    cached prompt tokens kept, the run to prefill after them, its audio embeddings ``[tokens, hidden]``, the token
-    budget)."""
+    frames]``, ``windows``: the encoder windows to encode, and the work they mean) and ``plan_decode`` (``ids``:
+    the prompt's ids, ``kept``: how many of them the stream's cache keeps, ``run_ids``: the rest, to prefill after
+    them, ``audio``: the run's audio embeddings ``[tokens, hidden]``, the token budget)."""
 
     state: ASRStreamingState
     final: bool
@@ -223,12 +223,12 @@ class PendingUpdate:
     samples: int
     frames: int
     features: np.ndarray
-    todo: list[int]
+    windows: list[int]
     recomputed: int
     chunks: int
     ids: list[int] = dataclasses.field(default_factory=list)
-    keep: int = 0
-    run: list[int] = dataclasses.field(default_factory=list)
+    kept: int = 0
+    run_ids: list[int] = dataclasses.field(default_factory=list)
     audio: np.ndarray | None = None
     budget: int = 0
 
@@ -478,7 +478,7 @@ class StreamingTranscriber:
         features = self._features(state.audio_accum, frames)
         cache, wf = state.cache, self.window_frames
         n_windows = -(-frames // wf)
-        todo = []
+        windows = []
         for w in range(n_windows):
             piece = features[:, w * wf : (w + 1) * wf]
             if (
@@ -487,21 +487,21 @@ class StreamingTranscriber:
                 and window_unchanged(cache.window_features[w], piece)
             ):
                 continue
-            todo.append(w)
+            windows.append(w)
         del cache.window_features[n_windows:], cache.window_embeds[n_windows:]
         cached = cache.window_features
-        recomputed = sum(1 for w in todo if w < len(cached) and cached[w].shape[1] == wf)
+        recomputed = sum(1 for w in windows if w < len(cached) and cached[w].shape[1] == wf)
         chunk_frames = self.config.audio.chunk_frames
-        chunks = sum(-(-min(wf, frames - w * wf) // chunk_frames) for w in todo)
+        chunks = sum(-(-min(wf, frames - w * wf) // chunk_frames) for w in windows)
         return PendingUpdate(
-            state, final, started, prefix, samples, frames, features, todo, recomputed, chunks
+            state, final, started, prefix, samples, frames, features, windows, recomputed, chunks
         )
 
     def encode_windows(self, pending: Sequence[PendingUpdate]) -> None:
         """Encode the windows every update in ``pending`` needs, all in one batch of encoder rows, and store their
         features and outputs in the streams' caches."""
         wf = self.window_frames
-        rows_of = [(p, w) for p in pending for w in p.todo]
+        rows_of = [(p, w) for p in pending for w in p.windows]
         if not rows_of:
             return
         rows = buckets.bucket_size(len(rows_of), 1, 4)  # little padding when every window is encoded
@@ -527,7 +527,7 @@ class StreamingTranscriber:
         """The prompt of the update (its audio slot expanded), how much of the cached prompt is kept, the run to
         prefill after it with its audio embeddings, and the token budget."""
         cache = pending.state.cache
-        first_changed = pending.todo[0] if pending.todo else -(-pending.frames // self.window_frames)
+        first_changed = pending.windows[0] if pending.windows else -(-pending.frames // self.window_frames)
         audio_tokens = self.config.audio.output_length(pending.frames)
         # The prompt string with the prefix is tokenised whole, as the official pipeline does (a prefix can
         # merge with the template's last characters); added tokens split the text first, so the audio slot is
@@ -542,7 +542,7 @@ class StreamingTranscriber:
             while common < limit and ids[common] == cache.kv_ids[common]:
                 common += 1
             keep = min(common, len(ids) - 1)
-        pending.ids, pending.keep, pending.run = ids, keep, ids[keep:]
+        pending.ids, pending.kept, pending.run_ids = ids, keep, ids[keep:]
         pending.audio = self._audio_embeds(cache, max(0, keep - head), audio_tokens)
         pending.budget = int(self.budget(pending.samples / SAMPLE_RATE))
 
@@ -569,7 +569,7 @@ class StreamingTranscriber:
         )  # fmt: skip
         state.language, state.text = segment.language, segment.text
         stats = UpdateStats(
-            pending.chunks, len(pending.todo), pending.recomputed, len(pending.run), pending.keep,
+            pending.chunks, len(pending.windows), pending.recomputed, len(pending.run_ids), pending.kept,
             len(generation.token_ids), time.perf_counter() - pending.started,
         )  # fmt: skip
         update = StreamUpdate(
@@ -611,9 +611,9 @@ def decode_updates(engine: Engine, params: Any, pending: Sequence[PendingUpdate]
     """The decoder's part of updates (``plan_decode`` done): every update's run prefilled after its stream's kept
     prefix, then greedy decoding of all of them as the rows of one decode state (a lone stream: one row); each
     stream's cache comes back holding its new prompt."""
-    requests = [Continuation(p.run, p.audio, p.budget) for p in pending]
+    requests = [Continuation(p.run_ids, p.audio, p.budget) for p in pending]
     caches = [p.state.cache for p in pending]
-    prefix = Prefix([c.kv for c in caches], [p.keep for p in pending], [c.kv_offset for c in caches])
+    prefix = Prefix([c.kv for c in caches], [p.kept for p in pending], [c.kv_offset for c in caches])
     for cache in caches:
         cache.kv = None  # donated: the decode state holds them now
     state = engine.prefill(params, requests, prefix=prefix)

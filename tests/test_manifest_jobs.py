@@ -169,8 +169,9 @@ def test_pipeline_results_equal_the_models_own_transcribe_and_a_bad_file_fails_a
         patch.setattr(batch_jobs.audio_io, "load_audio", slow_load)
         patch.setattr(model, "iter_transcribe", slow_model)
         started = time.perf_counter()
-        results = list(batch_jobs.run_batches(model, jobs, plan, context="Topic: tests.", workers=2,
-                                              stats=stats))  # fmt: skip
+        results = [(jobs[i], result) for i, result in batch_jobs.run_batches(
+            model, jobs, plan, context="Topic: tests.", workers=2, stats=stats
+        )]  # fmt: skip
         wall = time.perf_counter() - started
     assert sorted(job.id for job, _ in results) == sorted(job.id for job in jobs)
     by_id = {job.id: result for job, result in results}
