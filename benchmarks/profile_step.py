@@ -44,8 +44,7 @@ def main(argv: list[str] | None = None) -> int:
           f"head {head_bytes / 2**30:.2f} GiB (fp32)")  # fmt: skip
 
     def caches_for(batch: int, cache_len: int) -> list:
-        stacked = init_cache(cfg, batch, cache_len, jnp.float32)
-        return [{"k": stacked["k"][i], "v": stacked["v"][i]} for i in range(cfg.num_hidden_layers)]
+        return init_cache(cfg, batch, cache_len, jnp.float32)
 
     step = jax.jit(
         lambda p, lp, t, pos, start, c, i: decode_step(model, p, lp, t, pos, start, c, i), donate_argnums=(5,)

@@ -52,7 +52,7 @@ from qasr_jax import audio, buckets, sharding
 from qasr_jax.config import ThinkerConfig
 from qasr_jax.model import Qwen3ASR, decode_layer_params, decode_step, extend_cache
 from qasr_jax.model.attention import KVCache
-from qasr_jax.model.decoder import CACHE_AXES, CACHE_SEQ_AXIS, cache_length, layer_cache_shape
+from qasr_jax.model.decoder import CACHE_AXES, CACHE_SEQ_AXIS, cache_length, init_cache, layer_cache_shape
 
 # The released generation_config.json stops on <|im_end|> or <|endoftext|>.
 DEFAULT_EOS_TOKEN_IDS = (151645, 151643)
@@ -160,12 +160,12 @@ class StateShape:
 class Prefilled:
     """Prefilled requests, one per row (rows past ``count`` are padding and are never inserted).
 
-    caches: ``{"k", "v"}: [layers, rows, kv, prompt_len, hd]``; kv_start: ``[rows]`` first valid slot (left
+    caches: one ``{"k", "v"}: [rows, kv, prompt_len, hd]`` per layer; kv_start: ``[rows]`` first valid slot (left
     padding); positions: ``[rows]`` the next token's position (the prompt length); first_token: ``[rows]``;
     first_logprob: ``[rows]`` its log-probability; budgets: ``[rows]`` tokens each request may generate.
     """
 
-    caches: KVCache
+    caches: list[KVCache]
     kv_start: jax.Array
     positions: jax.Array
     first_token: jax.Array
@@ -359,11 +359,7 @@ def init_state_program(
     config: ThinkerConfig, dtype: Any, options: DecodeOptions, shape: StateShape, start: jax.Array
 ) -> DecodeState:
     cfg = config.text
-    cache_shape = layer_cache_shape(cfg, shape.slots, shape.cache_len)
-    caches = [
-        {"k": jnp.zeros(cache_shape, dtype), "v": jnp.zeros(cache_shape, dtype)}
-        for _ in range(cfg.num_hidden_layers)
-    ]
+    caches = init_cache(cfg, shape.slots, shape.cache_len, dtype)
     slots = shape.slots
     zeros = jnp.zeros((slots,), jnp.int32)
     return DecodeState(
@@ -388,14 +384,14 @@ def insert_program(
 ) -> DecodeState:
     """Prefilled row i into slot ``slots[i]`` (rows whose slot is out of range are dropped), its KV block at
     cache slots ``[index − prompt_len, index)``."""
-    prompt_len = prefilled.caches["k"].shape[1 + CACHE_SEQ_AXIS]
+    prompt_len = cache_length(prefilled.caches[0])
     start = state.index - prompt_len
     zero = jnp.int32(0)
     caches = []
     for layer, cache in enumerate(state.caches):
         updated = {}
         for name in ("k", "v"):
-            block = prefilled.caches[name][layer].astype(cache[name].dtype)  # [rows, kv, prompt_len, hd]
+            block = prefilled.caches[layer][name].astype(cache[name].dtype)  # [rows, kv, prompt_len, hd]
             region = jax.lax.dynamic_slice_in_dim(cache[name], start, prompt_len, axis=CACHE_SEQ_AXIS)
             region = region.at[slots].set(block, mode="drop")
             updated[name] = jax.lax.dynamic_update_slice(cache[name], region, (zero, zero, start, zero))
@@ -831,9 +827,7 @@ class Engine:
         that long), its tokens where they were."""
         if kv is not None and cache_length(kv[0]) == cache_len:
             return kv
-        shape = layer_cache_shape(self.config.text, 1, cache_len)
-        fresh = [{"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
-                 for _ in range(self.config.text.num_hidden_layers)]  # fmt: skip
+        fresh = init_cache(self.config.text, 1, cache_len, self.dtype)
         if kv is not None:
             fresh = [
                 {name: jax.lax.dynamic_update_slice(fresh[i][name], layer[name], (0,) * layer[name].ndim)
@@ -886,7 +880,7 @@ class Engine:
         targets = np.full((rows,), n_slots, np.int32)  # out of range: padding rows are dropped
         targets[: len(slots)] = slots
         fn = functools.partial(insert_program, self.options)
-        key = ("insert", state.shape, rows, prefilled.caches["k"].shape[1 + CACHE_SEQ_AXIS], self.options,
+        key = ("insert", state.shape, rows, cache_length(prefilled.caches[0]), self.options,
                prefilled.adapters is not None)  # fmt: skip
         prefilled = prefilled.replace(count=0)  # the count is host bookkeeping, not part of the program
         program = self.compile_program(

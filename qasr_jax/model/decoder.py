@@ -1,8 +1,14 @@
-"""The Qwen3 decoder: pre-norm layers (RMSNorm → GQA attention → RMSNorm → SwiGLU), scanned, with a KV cache.
+"""The Qwen3 decoder: pre-norm layers (RMSNorm → GQA attention → RMSNorm → SwiGLU), with a KV cache.
 
-The cache is a dict ``{"k", "v"}`` of ``[layers, batch, kv_heads, cache_len, head_dim]``; a call writes its
-new keys/values at slots ``[cache_index, cache_index + seq)``. Rows are left-padded: row b's valid slots
-start at ``kv_start[b]``.
+One cache layout everywhere: a list with one ``{"k", "v"}`` per layer, each ``[batch, kv_heads, cache_len,
+head_dim]`` (logical axes ``CACHE_AXES``; ``init_cache``). A call writes its new keys/values at slots
+``[cache_index, cache_index + seq)``. Rows are left-padded: row b's valid slots start at ``kv_start[b]``.
+
+The layers run two ways over the same weights (the scanned layers' params, stacked on a leading layer axis):
+``Decoder`` scans them (prompts, training, the aligner: one traced layer, however deep the model), and
+``decode_step_unrolled`` runs them one by one over per-layer weights (``unstack_layers``) for decoding and for
+continuing a cached sequence, where a scan's per-layer slices of stacked weights and caches cost more than the
+few-row products themselves.
 """
 
 from __future__ import annotations
@@ -84,10 +90,11 @@ class Decoder(nn.Module):
         x: jax.Array,
         positions: jax.Array,
         kv_start: jax.Array,
-        cache: KVCache | None = None,
+        cache: list[KVCache] | None = None,
         cache_index: jax.Array | int = 0,
-    ) -> tuple[jax.Array, KVCache | None]:
-        """x: [batch, seq, hidden]; positions: [3, batch, seq] (or [batch, seq]); kv_start: [batch]."""
+    ) -> tuple[jax.Array, list[KVCache] | None]:
+        """x: [batch, seq, hidden]; positions: [3, batch, seq] (or [batch, seq]); kv_start: [batch]; cache: one
+        ``{"k", "v"}`` per layer (stacked for the scan and handed back per layer)."""
         cfg = self.config
         cos, sin = rope_cos_sin(
             positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, cfg.mrope_interleaved
@@ -102,16 +109,17 @@ class Decoder(nn.Module):
             length=cfg.num_hidden_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        x, cache = stack(cfg, self.attention_impl, self.dtype, self.param_dtype, self.lora_dropout, name="layers")(
+        stacked = None if cache is None else jax.tree_util.tree_map(lambda *layers: jnp.stack(layers), *cache)
+        x, stacked = stack(cfg, self.attention_impl, self.dtype, self.param_dtype, self.lora_dropout, name="layers")(
             x.astype(self.dtype),
-            cache,
+            stacked,
             cos,
             sin,
             jnp.asarray(kv_start, jnp.int32),
             jnp.asarray(cache_index, jnp.int32),
         )
         x = RMSNorm(cfg.rms_norm_eps, name="norm", dtype=self.dtype, param_dtype=self.param_dtype)(x)
-        return x, cache
+        return x, None if stacked is None else unstack_layers(stacked, cfg.num_hidden_layers)
 
 
 def unstack_layers(stacked: Any, num_layers: int) -> list[Any]:
@@ -161,7 +169,7 @@ def decode_step_unrolled(
     return x, updated
 
 
-# The sequence axis of one layer's cache array (a stacked cache has the layer axis in front of it).
+# The sequence axis of one layer's cache array.
 CACHE_SEQ_AXIS = 2
 # The logical axes of one layer's cache array, ``[batch, kv_heads, cache_len, head_dim]``: split as the keys and
 # values written into it are (``k_proj``/``v_proj`` put kv heads on ``tensor``), so a step reads its own shard.
@@ -178,7 +186,7 @@ def cache_length(layer_cache: KVCache) -> int:
     return layer_cache["k"].shape[CACHE_SEQ_AXIS]
 
 
-def init_cache(config: TextConfig, batch: int, cache_len: int, dtype=jnp.float32) -> KVCache:
-    """An empty KV cache ``{"k", "v"}``, the layers stacked in front of ``layer_cache_shape``."""
-    shape = (config.num_hidden_layers, *layer_cache_shape(config, batch, cache_len))
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+def init_cache(config: TextConfig, batch: int, cache_len: int, dtype=jnp.float32) -> list[KVCache]:
+    """An empty KV cache: one ``{"k", "v"}`` of ``layer_cache_shape`` per layer."""
+    shape = layer_cache_shape(config, batch, cache_len)
+    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.num_hidden_layers)]

@@ -141,10 +141,10 @@ class Qwen3ASR(nn.Module):
         inputs_embeds: jax.Array,
         positions: jax.Array,
         kv_start: jax.Array,
-        cache: KVCache | None = None,
+        cache: list[KVCache] | None = None,
         cache_index: jax.Array | int = 0,
         logits_at: jax.Array | None = None,
-    ) -> tuple[jax.Array, KVCache | None]:
+    ) -> tuple[jax.Array, list[KVCache] | None]:
         """Decoder + head: logits ``[batch, seq, V]`` (fp32) and the updated cache.
 
         logits_at: ``[batch, k]`` int positions: the head (the largest matmul: hidden × vocabulary) runs on
@@ -162,14 +162,14 @@ class Qwen3ASR(nn.Module):
         input_ids: jax.Array,
         attention_mask: jax.Array,
         frames: int,
-    ) -> tuple[jax.Array, KVCache, jax.Array, jax.Array]:
+    ) -> tuple[jax.Array, list[KVCache], jax.Array, jax.Array]:
         """Audio and prompts of a batch into a new KV cache of the prompts' length.
 
         waveforms: ``[batch, samples]`` 16 kHz, zero past ``wave_lengths``; ``frames`` (static): mel frames to
         compute (whole encoder windows). input_ids/attention_mask: ``[batch, prompt_len]``, left-padded, the
         audio slot of each row expanded to its encoder output length.
 
-        Returns last-position logits ``[batch, V]`` (fp32), the cache ``[layers, batch, kv, prompt_len, hd]``,
+        Returns last-position logits ``[batch, V]`` (fp32), the cache (per layer ``[batch, kv, prompt_len, hd]``),
         each row's first valid slot ``[batch]`` and its prompt length ``[batch]`` (the next token's position).
         """
         audio_embeds, _ = self.encode_waveforms(waveforms, wave_lengths, frames)
