@@ -302,6 +302,18 @@ def local_mesh(spec: str | None) -> Any:
     return sharding.make_mesh(spec, jax.local_devices())
 
 
+def model_on_mesh(args: argparse.Namespace) -> Any:
+    """The model on the ``--mesh`` of this process's devices, or the exit code when there is none: 2 for a bad
+    mesh, 1 when the model cannot be loaded (the error is printed)."""
+    try:
+        mesh = local_mesh(args.mesh)
+    except ValueError as error:
+        print(f"error: --mesh: {error}", file=sys.stderr)
+        return 2
+    model = load_model(args, mesh)
+    return 1 if model is None else model
+
+
 def run_manifest(args: argparse.Namespace) -> int:
     """A manifest job: plan it, transcribe this process's share, append results; process 0 merges the parts."""
     import jax
@@ -335,14 +347,9 @@ def run_manifest(args: argparse.Namespace) -> int:
     truncated: list[Job] = []
     rejected = 0
     if jobs:
-        try:
-            mesh = local_mesh(args.mesh)
-        except ValueError as error:
-            print(f"error: --mesh: {error}", file=sys.stderr)
-            return 2
-        model = load_model(args, mesh)
-        if model is None:
-            return 1
+        model = model_on_mesh(args)
+        if isinstance(model, int):
+            return model
         reader = batch_jobs.AudioReader(args.raw_pcm)  # a manifest names files: "-" is no stdin there
         seconds, plan = plan_jobs(jobs, args, reader)
         mine = batch_jobs.process_share(plan, index, count)
@@ -393,14 +400,9 @@ def run_files(args: argparse.Namespace) -> int:
     from qasr_jax import batch_jobs
 
     jobs = [batch_jobs.Job(path, path) for path in args.files]
-    try:
-        mesh = local_mesh(args.mesh)
-    except ValueError as error:
-        print(f"error: --mesh: {error}", file=sys.stderr)
-        return 2
-    model = load_model(args, mesh)
-    if model is None:
-        return 1
+    model = model_on_mesh(args)
+    if isinstance(model, int):
+        return model
     stdin = sys.stdin.buffer if batch_jobs.STDIN_PATH in args.files else None
     reader = batch_jobs.AudioReader(args.raw_pcm, stdin=stdin)
     seconds, plan = plan_jobs(jobs, args, reader)
