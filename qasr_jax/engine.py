@@ -670,17 +670,15 @@ class Engine:
     def abstract(self, tree: Any, is_state: bool = False) -> Any:
         """ShapeDtypeStructs of ``tree``; on a mesh with the state's shardings (``is_state``: split by rows as
         ``compile_program`` places a state) or replicated."""
-        abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+        shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
         if self.mesh is None:
-            return abstract
-        shardings = self._state_shardings(abstract) if is_state else None
-        if shardings is None:
-            return jax.tree_util.tree_map(
-                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated(self.mesh)),
-                abstract,
-            )
+            return shapes
+        if is_state:
+            placement = self._state_shardings(shapes)
+        else:
+            placement = jax.tree_util.tree_map(lambda _: sharding.replicated(self.mesh), shapes)
         return jax.tree_util.tree_map(
-            lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), abstract, shardings
+            lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), shapes, placement
         )
 
     def place_state(self, tree: Any) -> Any:
@@ -721,44 +719,26 @@ class Engine:
         if prefix is not None:
             return self._prefill_after(params, requests, prefix)
         shape = shape or self.prefill_shape(requests, max(len(requests), 1))
-        arrays = pack_prefill(requests, shape, self.options.pad_token_id)
-        if adapters is not None:
-            return self._prefill_adapters(params, requests, shape, arrays, adapters)
-        if any(r.adapter for r in requests):
+        arrays = list(pack_prefill(requests, shape, self.options.pad_token_id))
+        mesh, rules = self.mesh, self.sharding_rules
+        int_vec = sharding.batch_struct((shape.rows,), jnp.int32, mesh, rules)
+        prompt = sharding.batch_struct((shape.rows, shape.prompt_len), jnp.int32, mesh, rules)
+        waves = sharding.batch_struct((shape.rows, shape.samples), jnp.float32, mesh, rules)
+        structs, key, weights = [waves, int_vec, prompt, prompt, int_vec], ("prefill", shape, self.options), []
+        if adapters is not None:  # each row's adapter slot, and the stack
+            slots = len(adapters.names) + 1
+            for i, r in enumerate(requests):
+                if not 0 <= r.adapter < slots:
+                    raise ValueError(f"request {i}: adapter slot {r.adapter} is not in [0, {slots})")
+            arrays.append(np.asarray([r.adapter for r in requests] + [0] * (shape.rows - len(requests)), np.int32))
+            structs += [int_vec, sharding.abstract_arrays(adapters.weights)]
+            key, weights = (*key, adapters.signature), [adapters.weights]
+        elif any(r.adapter for r in requests):
             raise ValueError("a request names an adapter slot, but no adapters were passed")
-        mesh, rules = self.mesh, self.sharding_rules
         fn = functools.partial(prefill_program, self.model, self.options, shape.frames)
-        int_vec = sharding.batch_struct((shape.rows,), jnp.int32, mesh, rules)
-        prompt = sharding.batch_struct((shape.rows, shape.prompt_len), jnp.int32, mesh, rules)
-        waves = sharding.batch_struct((shape.rows, shape.samples), jnp.float32, mesh, rules)
-        program = self.compile_program(
-            ("prefill", shape, self.options), fn, sharding.abstract_arrays(params), waves, int_vec, prompt, prompt,
-            int_vec,
-        )  # fmt: skip
-        placed = sharding.place_batch(list(arrays), mesh, rules)
-        return program(params, *placed).replace(count=len(requests))
-
-    def _prefill_adapters(
-        self, params: Any, requests: Sequence[DecodeRequest], shape: PrefillShape, arrays: tuple,
-        adapters: lora.AdapterStack,
-    ) -> Prefilled:  # fmt: skip
-        slots = len(adapters.names) + 1
-        rows = np.zeros((shape.rows,), np.int32)
-        for i, r in enumerate(requests):
-            if not 0 <= r.adapter < slots:
-                raise ValueError(f"request {i}: adapter slot {r.adapter} is not in [0, {slots})")
-            rows[i] = r.adapter
-        mesh, rules = self.mesh, self.sharding_rules
-        fn = functools.partial(prefill_program, self.model, self.options, shape.frames)
-        int_vec = sharding.batch_struct((shape.rows,), jnp.int32, mesh, rules)
-        prompt = sharding.batch_struct((shape.rows, shape.prompt_len), jnp.int32, mesh, rules)
-        waves = sharding.batch_struct((shape.rows, shape.samples), jnp.float32, mesh, rules)
-        program = self.compile_program(
-            ("prefill", shape, self.options, adapters.signature), fn, sharding.abstract_arrays(params), waves,
-            int_vec, prompt, prompt, int_vec, int_vec, sharding.abstract_arrays(adapters.weights),
-        )  # fmt: skip
-        placed = sharding.place_batch([*arrays, rows], mesh, rules)
-        return program(params, *placed, adapters.weights).replace(count=len(requests))
+        program = self.compile_program(key, fn, sharding.abstract_arrays(params), *structs)
+        placed = sharding.place_batch(arrays, mesh, rules)
+        return program(params, *placed, *weights).replace(count=len(requests))
 
     def _prefill_after(self, params: Any, requests: Sequence[Continuation], prefix: Prefix) -> DecodeState:
         n = len(requests)
@@ -795,8 +775,10 @@ class Engine:
         if n == 1:
             (stacked,) = caches
         else:
-            stacked = self._rows_program(("stack-rows", n, rows, cache_len), functools.partial(stack_rows, rows),
-                                         self.abstract([self._layers(1, cache_len)] * n, True))(caches)  # fmt: skip
+            stacked = self.compile_program(("stack-rows", n, rows, cache_len), functools.partial(stack_rows, rows),
+                                           self.abstract([self._layers(1, cache_len)] * n, True), state_out=True)(
+                caches
+            )  # fmt: skip
         del caches
         vector = sharding.batch_struct((rows,), jnp.int32, mesh, rules)
         program = self.compile_program(
@@ -818,8 +800,10 @@ class Engine:
         if slots == 1:
             split = [state.caches]
         else:
-            split = self._rows_program(("split-rows", n, slots, cache_len), functools.partial(split_rows, n),
-                                       self.abstract(self._layers(slots, cache_len), True))(state.caches)  # fmt: skip
+            split = self.compile_program(("split-rows", n, slots, cache_len), functools.partial(split_rows, n),
+                                         self.abstract(self._layers(slots, cache_len), True), state_out=True)(
+                state.caches
+            )  # fmt: skip
         return [(kv, int(starts[b])) for b, kv in enumerate(split)]
 
     def grow_cache(self, kv: list[KVCache] | None, cache_len: int) -> list[KVCache]:
@@ -863,10 +847,6 @@ class Engine:
     def _layers(self, rows: int, cache_len: int) -> list[KVCache]:
         layer = jax.ShapeDtypeStruct(layer_cache_shape(self.config.text, rows, cache_len), self.dtype)
         return [{"k": layer, "v": layer} for _ in range(self.config.text.num_hidden_layers)]
-
-    def _rows_program(self, key: Any, fn: Any, args: Any) -> Any:
-        """A program that restacks caches (no params): compiled once per key, its result placed as a state."""
-        return self.compile_program(key, fn, args, state_out=True)
 
     def insert(self, state: DecodeState, prefilled: Prefilled, slots: Sequence[int]) -> DecodeState:
         """Prefilled request i into slot ``slots[i]`` (``state`` is donated). The state's ``index`` must be at

@@ -41,10 +41,11 @@ def platform() -> str:
     return jax.default_backend()
 
 
-def resolve_impl(impl: str) -> Literal["xla", "pallas"]:
-    """Turn a user's ``impl`` option into the implementation to run on the default backend."""
+def resolve_impl(impl: str, on: str | None = None) -> Literal["xla", "pallas"]:
+    """Turn a user's ``impl`` option into the implementation to run on the platform ``on`` (default: the default
+    backend's)."""
     if impl == "auto":
-        return "pallas" if platform() in _ACCELERATOR_PLATFORMS else "xla"
+        return "pallas" if (on or platform()) in _ACCELERATOR_PLATFORMS else "xla"
     if impl in ("xla", "pallas"):
         return impl
     raise ValueError(f"impl must be 'auto', 'xla' or 'pallas', got {impl!r}")

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from qasr_jax import audio as audio_io
 from qasr_jax.config import ThinkerConfig
+from qasr_jax.kernels.backend import resolve_impl
 from qasr_jax.model.attention import KVCache
 from qasr_jax.model.decoder import Decoder, decode_step_unrolled, init_cache, unstack_layers
 from qasr_jax.model.encoder import AudioEncoder
@@ -62,6 +63,8 @@ class Qwen3ASR(nn.Module):
     def __post_init__(self) -> None:
         if self.backend is None:
             object.__setattr__(self, "backend", jax.default_backend())
+        # "auto" becomes the attention for that platform once, here: Pallas kernels on TPU/GPU, XLA on the CPU.
+        object.__setattr__(self, "attention_impl", resolve_impl(self.attention_impl, self.backend))
         super().__post_init__()
 
     def setup(self) -> None:
@@ -220,32 +223,6 @@ def decode_layer_params(model: Qwen3ASR, params: Any) -> list[Any]:
     return unstack_layers(params["decoder"]["layers"], model.config.text.num_hidden_layers)
 
 
-def _decode_unrolled(
-    model: Qwen3ASR,
-    params: Any,
-    layer_params: list[Any],
-    x: jax.Array,
-    positions: jax.Array,
-    kv_start: jax.Array,
-    layer_caches: list[KVCache],
-    cache_index: jax.Array,
-) -> tuple[jax.Array, list[KVCache]]:
-    """``decode_step_unrolled`` with the model's decoder options."""
-    return decode_step_unrolled(
-        model.config.text,
-        params["decoder"]["norm"],
-        layer_params,
-        x,
-        positions,
-        kv_start,
-        layer_caches,
-        cache_index,
-        attention_impl=model.attention_impl,
-        dtype=model.dtype,
-        param_dtype=model.param_dtype,
-    )
-
-
 def decode_step(
     model: Qwen3ASR,
     params: Any,
@@ -256,19 +233,15 @@ def decode_step(
     layer_caches: list[KVCache],
     cache_index: jax.Array,
 ) -> tuple[jax.Array, list[KVCache]]:
-    """One token per row through embeddings, the unrolled decoder layers and the head.
+    """One token per row through embeddings, the unrolled decoder layers and the head (``extend_cache`` with a
+    run of one).
 
     tokens: ``[batch]``; positions: ``[batch]`` (the tokens' positions; text positions are equal in all three
     MRoPE sections); layer_caches: one ``{"k", "v"}: [batch, kv, cache_len, hd]`` per layer; cache_index: the slot
     these tokens are written to (shared). Returns logits ``[batch, V]`` (fp32) and the updated caches.
     """
-    variables = {"params": params}
-    x = model.apply(variables, tokens[:, None], method=Qwen3ASR.embed_inputs)
-    pos = jnp.broadcast_to(positions[None, :, None], (3, tokens.shape[0], 1))
-    hidden, layer_caches = _decode_unrolled(
-        model, params, layer_params, x, pos, kv_start, layer_caches, cache_index
-    )
-    return model.apply(variables, hidden, method=Qwen3ASR.head)[:, 0], layer_caches
+    x = model.apply({"params": params}, tokens[:, None], method=Qwen3ASR.embed_inputs)
+    return extend_cache(model, params, layer_params, x, positions[:, None], kv_start, layer_caches, cache_index)
 
 
 def extend_cache(
@@ -280,22 +253,24 @@ def extend_cache(
     kv_start: jax.Array,
     layer_caches: list[KVCache],
     cache_index: jax.Array,
-    last: jax.Array,
+    last: jax.Array | None = None,
 ) -> tuple[jax.Array, list[KVCache]]:
-    """A run of tokens per row appended to per-layer caches (the layout ``decode_step`` reads), as a prefill
-    that continues a sequence whose earlier keys/values are already cached.
+    """A run of tokens per row appended to per-layer caches, its layers unrolled over ``layer_params``
+    (``decode_layer_params``): a prefill that continues a sequence whose earlier keys/values are cached.
 
     inputs_embeds: ``[batch, seq, hidden]`` (``Qwen3ASR.embed_inputs``); positions: ``[batch, seq]``; the run is
     written at cache slots ``[cache_index, cache_index + seq)`` and attends to every valid slot up to its own.
-    last: ``[batch]`` index in the run whose logits are returned (the run may be padded past it). Returns logits
-    ``[batch, V]`` (fp32) and the updated caches.
+    last: ``[batch]`` index in the run whose logits are returned (the run may be padded past it; None: a run of
+    one). Returns logits ``[batch, V]`` (fp32) and the updated caches.
     """
     batch, seq = inputs_embeds.shape[:2]
-    pos = jnp.broadcast_to(positions[None], (3, batch, seq))
-    hidden, layer_caches = _decode_unrolled(
-        model, params, layer_params, inputs_embeds, pos, kv_start, layer_caches, cache_index
-    )
-    hidden = jnp.take_along_axis(hidden, last[:, None, None].astype(jnp.int32), axis=1)
+    hidden, layer_caches = decode_step_unrolled(
+        model.config.text, params["decoder"]["norm"], layer_params, inputs_embeds,
+        jnp.broadcast_to(positions[None], (3, batch, seq)), kv_start, layer_caches, cache_index,
+        attention_impl=model.attention_impl, dtype=model.dtype, param_dtype=model.param_dtype,
+    )  # fmt: skip
+    if last is not None:
+        hidden = jnp.take_along_axis(hidden, last[:, None, None].astype(jnp.int32), axis=1)
     return model.apply({"params": params}, hidden, method=Qwen3ASR.head)[:, 0], layer_caches
 
 
