@@ -29,9 +29,13 @@ Adapters (``qasr_jax.adapters``): prefill, generate and run take an ``AdapterSta
 programs give every row its own low-rank updates (the stacked weights gathered by row once per call), so rows
 with different adapters share one prefill and one decode step.
 
-Callers: ``Generator`` (one-shot batches: prefill, insert all, generate to completion), the streaming and
-serving loops (insert as requests arrive, generate a few steps, collect finished slots) and the trainer's
-evaluator (params change between calls; the programs do not).
+A prefill can also continue cached sequences (``prefill(..., prefix=Prefix(...))``, a stream's kept prompt): each
+row's run is written after the keys and values its own cache keeps, and the result is a decode state of those
+rows (``prefill_after_program``).
+
+Callers: ``run`` (the one-shot policy: prefill, insert all, generate to completion), the streaming and serving
+loops (insert as requests arrive, generate a few steps, collect finished slots; streams continue their prefixes)
+and the trainer's evaluator (params change between calls; the programs do not).
 """
 
 from __future__ import annotations
