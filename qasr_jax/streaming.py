@@ -43,7 +43,6 @@ from qasr_jax import text as text_io
 from qasr_jax.config import ThinkerConfig
 from qasr_jax.engine import Continuation, DecodeOptions, DecodeResult, Engine, Prefix
 from qasr_jax.errors import EmptyAudioError, InvalidAudioError, QasrError
-from qasr_jax.model import Qwen3ASR
 from qasr_jax.model.attention import KVCache
 from qasr_jax.transcript import Segment, mean_logprob, segment_of_output
 
@@ -356,10 +355,6 @@ class StreamingTranscriber:
         self.incremental = incremental
         self.window_frames = config.audio.window_frames
         self.window_tokens = config.audio.output_length(self.window_frames)
-
-    @property
-    def model(self) -> Qwen3ASR:
-        return self.engine.model
 
     @property
     def options(self) -> DecodeOptions:

@@ -33,7 +33,6 @@ from typing import Any
 
 import numpy as np
 
-from qasr_jax.engine import DecodeOptions
 from qasr_jax.errors import AudioTooLongError, QasrError
 from qasr_jax.serve.loop import WorkLoop
 from qasr_jax.streaming import (
@@ -147,10 +146,6 @@ class StreamScheduler(WorkLoop):
         self._streams: dict[int, LiveStream] = {}
         self._ids = itertools.count()
         self.fault_context = fault_context
-
-    @property
-    def options(self) -> DecodeOptions:
-        return self.engine.options
 
     @property
     def open_streams(self) -> int:
