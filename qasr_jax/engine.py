@@ -164,12 +164,13 @@ class StateShape:
 class Prefilled:
     """Prefilled requests, one per row (rows past ``count`` are padding and are never inserted).
 
-    caches: one ``{"k", "v"}: [rows, kv, prompt_len, hd]`` per layer; kv_start: ``[rows]`` first valid slot (left
+    caches: the prompts' keys/values as the scanned decoder made them, ``{"k", "v"}: [layers, rows, kv,
+    prompt_len, hd]`` (``insert`` copies layer l's block into the state's cache of layer l); kv_start: ``[rows]`` first valid slot (left
     padding); positions: ``[rows]`` the next token's position (the prompt length); first_token: ``[rows]``;
     first_logprob: ``[rows]`` its log-probability; budgets: ``[rows]`` tokens each request may generate.
     """
 
-    caches: list[KVCache]
+    caches: KVCache
     kv_start: jax.Array
     positions: jax.Array
     first_token: jax.Array
@@ -388,14 +389,14 @@ def insert_program(
 ) -> DecodeState:
     """Prefilled row i into slot ``slots[i]`` (rows whose slot is out of range are dropped), its KV block at
     cache slots ``[index − prompt_len, index)``."""
-    prompt_len = cache_length(prefilled.caches[0])
+    prompt_len = prefilled.caches["k"].shape[1 + CACHE_SEQ_AXIS]
     start = state.index - prompt_len
     zero = jnp.int32(0)
     caches = []
     for layer, cache in enumerate(state.caches):
         updated = {}
         for name in ("k", "v"):
-            block = prefilled.caches[layer][name].astype(cache[name].dtype)  # [rows, kv, prompt_len, hd]
+            block = prefilled.caches[name][layer].astype(cache[name].dtype)  # [rows, kv, prompt_len, hd]
             region = jax.lax.dynamic_slice_in_dim(cache[name], start, prompt_len, axis=CACHE_SEQ_AXIS)
             region = region.at[slots].set(block, mode="drop")
             updated[name] = jax.lax.dynamic_update_slice(cache[name], region, (zero, zero, start, zero))
@@ -864,7 +865,7 @@ class Engine:
         targets = np.full((rows,), n_slots, np.int32)  # out of range: padding rows are dropped
         targets[: len(slots)] = slots
         fn = functools.partial(insert_program, self.options)
-        key = ("insert", state.shape, rows, cache_length(prefilled.caches[0]), self.options,
+        key = ("insert", state.shape, rows, prefilled.caches["k"].shape[1 + CACHE_SEQ_AXIS], self.options,
                prefilled.adapters is not None)  # fmt: skip
         prefilled = prefilled.replace(count=0)  # the count is host bookkeeping, not part of the program
         program = self.compile_program(

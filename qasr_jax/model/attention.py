@@ -49,7 +49,8 @@ class CausalSelfAttention(nn.Module):
     """Qwen3 attention: q/k/v/o without bias, RMSNorm per head on q and k, MRoPE, GQA, causal.
 
     With a cache, the new keys/values are written at slots ``[cache_index, cache_index + seq)`` and the
-    queries attend to every valid slot up to their own; without one, to the new tokens only.
+    queries attend to every valid slot up to their own; without one, to the new tokens only (``keep_kv``: their
+    keys/values are returned as a cache of exactly their length, as a prompt's prefill wants it).
     """
 
     config: TextConfig
@@ -57,6 +58,7 @@ class CausalSelfAttention(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     lora_dropout: float = 0.0  # dropout on the adapters' input (training with a "dropout" rng)
+    keep_kv: bool = False
 
     @nn.compact
     def __call__(
@@ -88,7 +90,7 @@ class CausalSelfAttention(nn.Module):
         v = v.transpose(0, 2, 1, 3)
         if cache is None:
             keys, values, q_offset = k, v, jnp.int32(0)
-            new_cache = None
+            new_cache = {"k": k.astype(self.dtype), "v": v.astype(self.dtype)} if self.keep_kv else None
         else:
             idx = jnp.asarray(cache_index, jnp.int32)
             zero = jnp.int32(0)

@@ -1,8 +1,11 @@
 """The Qwen3 decoder: pre-norm layers (RMSNorm → GQA attention → RMSNorm → SwiGLU), with a KV cache.
 
-One cache layout everywhere: a list with one ``{"k", "v"}`` per layer, each ``[batch, kv_heads, cache_len,
-head_dim]`` (logical axes ``CACHE_AXES``; ``init_cache``). A call writes its new keys/values at slots
-``[cache_index, cache_index + seq)``. Rows are left-padded: row b's valid slots start at ``kv_start[b]``.
+A KV cache is a list with one ``{"k", "v"}`` per layer, each ``[batch, kv_heads, cache_len, head_dim]`` (logical
+axes ``CACHE_AXES``; ``init_cache``): the engine's decode states, a stream's cache, any cache a call continues. A
+call writes its new keys/values at slots ``[cache_index, cache_index + seq)``. Rows are left-padded: row b's valid
+slots start at ``kv_start[b]``. A prompt's prefill starts from no cache and hands back its keys/values as the scan
+made them, stacked by layer (``keep_kv``), so that no empty cache is filled and no block is copied per layer
+before ``insert`` copies it into a decode state.
 
 The layers run two ways over the same weights (the scanned layers' params, stacked on a leading layer axis):
 ``Decoder`` scans them (prompts, training, the aligner: one traced layer, however deep the model), and
@@ -49,6 +52,7 @@ class DecoderLayer(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     lora_dropout: float = 0.0  # dropout on the adapters' input (training with a "dropout" rng)
+    keep_kv: bool = False  # without a cache: return the new keys/values as one (``CausalSelfAttention``)
 
     @nn.compact
     def __call__(
@@ -64,7 +68,8 @@ class DecoderLayer(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = RMSNorm(cfg.rms_norm_eps, name="input_layernorm", **kw)(x)
         lora = dict(lora_dropout=self.lora_dropout)
-        h, layer_cache = CausalSelfAttention(cfg, self.attention_impl, name="self_attn", **kw, **lora)(
+        h, layer_cache = CausalSelfAttention(cfg, self.attention_impl, name="self_attn", keep_kv=self.keep_kv, **kw,
+                                             **lora)(
             h, cos, sin, kv_start, layer_cache, cache_index
         )
         x = x + h
@@ -92,9 +97,13 @@ class Decoder(nn.Module):
         kv_start: jax.Array,
         cache: list[KVCache] | None = None,
         cache_index: jax.Array | int = 0,
+        keep_kv: bool = False,
     ) -> tuple[jax.Array, list[KVCache] | None]:
         """x: [batch, seq, hidden]; positions: [3, batch, seq] (or [batch, seq]); kv_start: [batch]; cache: one
-        ``{"k", "v"}`` per layer (stacked for the scan and handed back per layer)."""
+        ``{"k", "v"}`` per layer (stacked for the scan and handed back per layer). ``keep_kv`` without a cache:
+        the tokens' own keys/values come back as they are, ``{"k", "v"}: [layers, batch, kv_heads, seq,
+        head_dim]`` (a prompt's prefill: no empty cache to fill, and no copy of the block per layer; ``insert``
+        copies each layer's part into a decode state)."""
         cfg = self.config
         cos, sin = rope_cos_sin(
             positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, cfg.mrope_interleaved
@@ -110,7 +119,8 @@ class Decoder(nn.Module):
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
         stacked = None if cache is None else jax.tree_util.tree_map(lambda *layers: jnp.stack(layers), *cache)
-        x, stacked = stack(cfg, self.attention_impl, self.dtype, self.param_dtype, self.lora_dropout, name="layers")(
+        x, stacked = stack(cfg, self.attention_impl, self.dtype, self.param_dtype, self.lora_dropout, keep_kv,
+                           name="layers")(
             x.astype(self.dtype),
             stacked,
             cos,
@@ -119,7 +129,9 @@ class Decoder(nn.Module):
             jnp.asarray(cache_index, jnp.int32),
         )
         x = RMSNorm(cfg.rms_norm_eps, name="norm", dtype=self.dtype, param_dtype=self.param_dtype)(x)
-        return x, None if stacked is None else unstack_layers(stacked, cfg.num_hidden_layers)
+        if stacked is None or cache is None:  # no cache, or a prompt's own keys/values: stacked as the scan made them
+            return x, stacked
+        return x, unstack_layers(stacked, cfg.num_hidden_layers)
 
 
 def unstack_layers(stacked: Any, num_layers: int) -> list[Any]:

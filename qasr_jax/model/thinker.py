@@ -147,13 +147,15 @@ class Qwen3ASR(nn.Module):
         cache: list[KVCache] | None = None,
         cache_index: jax.Array | int = 0,
         logits_at: jax.Array | None = None,
+        keep_kv: bool = False,
     ) -> tuple[jax.Array, list[KVCache] | None]:
-        """Decoder + head: logits ``[batch, seq, V]`` (fp32) and the updated cache.
+        """Decoder + head: logits ``[batch, seq, V]`` (fp32) and the updated cache (``keep_kv`` without a cache:
+        a new cache of the inputs' length, see ``Decoder``).
 
         logits_at: ``[batch, k]`` int positions: the head (the largest matmul: hidden × vocabulary) runs on
         these positions only and the logits are ``[batch, k, V]``.
         """
-        hidden, cache = self.decoder(inputs_embeds, positions, kv_start, cache, cache_index)
+        hidden, cache = self.decoder(inputs_embeds, positions, kv_start, cache, cache_index, keep_kv)
         if logits_at is not None:
             hidden = jnp.take_along_axis(hidden, logits_at[..., None].astype(jnp.int32), axis=1)
         return self.head(hidden), cache
@@ -165,24 +167,24 @@ class Qwen3ASR(nn.Module):
         input_ids: jax.Array,
         attention_mask: jax.Array,
         frames: int,
-    ) -> tuple[jax.Array, list[KVCache], jax.Array, jax.Array]:
+    ) -> tuple[jax.Array, KVCache, jax.Array, jax.Array]:
         """Audio and prompts of a batch into a new KV cache of the prompts' length.
 
         waveforms: ``[batch, samples]`` 16 kHz, zero past ``wave_lengths``; ``frames`` (static): mel frames to
         compute (whole encoder windows). input_ids/attention_mask: ``[batch, prompt_len]``, left-padded, the
         audio slot of each row expanded to its encoder output length.
 
-        Returns last-position logits ``[batch, V]`` (fp32), the cache (per layer ``[batch, kv, prompt_len, hd]``),
+        Returns last-position logits ``[batch, V]`` (fp32), the prompts' keys/values ``{"k", "v"}: [layers, batch,
+        kv, prompt_len, hd]``,
         each row's first valid slot ``[batch]`` and its prompt length ``[batch]`` (the next token's position).
         """
         audio_embeds, _ = self.encode_waveforms(waveforms, wave_lengths, frames)
         x = self.embed_inputs(input_ids, audio_embeds)
         batch, prompt_len = input_ids.shape
-        cache = init_cache(self.config.text, batch, prompt_len, self.dtype)
         kv_start = first_valid(attention_mask)
         last = jnp.full((batch, 1), prompt_len - 1, jnp.int32)
         positions = positions_from_mask(attention_mask)
-        logits, cache = self.decode(x, positions, kv_start, cache, 0, logits_at=last)
+        logits, cache = self.decode(x, positions, kv_start, logits_at=last, keep_kv=True)
         lengths = jnp.sum(attention_mask.astype(jnp.int32), axis=-1)
         return logits[:, 0], cache, kv_start, lengths
 
