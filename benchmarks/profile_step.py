@@ -27,17 +27,17 @@ def main(argv: list[str] | None = None) -> int:
     import jax.numpy as jnp
 
     from qasr_jax.model import Qwen3ASR
-    from qasr_jax.model.decoder import decode_step_unrolled, init_cache
-    from qasr_jax.model.thinker import decode_layer_params, decode_step
+    from qasr_jax.model.decoder import Decoder, init_cache
+    from qasr_jax.model.thinker import decode_step, unrolled
     from qasr_jax.weights import load_pretrained
 
     path = args.checkpoint or common.random_checkpoint("asr-0.6b")
     config, params = load_pretrained(path, jnp.float32)
     model = Qwen3ASR(config)
-    layers = decode_layer_params(model, params)
+    step_model, step_params = unrolled(model, params)
     cfg = config.text
     nbytes = lambda tree: sum(x.nbytes for x in jax.tree_util.tree_leaves(tree))  # noqa: E731
-    layer_bytes = nbytes(layers) + nbytes(params["decoder"]["norm"])
+    layer_bytes = nbytes(step_params["decoder"])
     head_bytes = cfg.vocab_size * cfg.hidden_size * 4
     print(f"load average at start: {os.getloadavg()[0]:.2f}; {jax.devices()[0].device_kind}, "
           f"{cfg.num_hidden_layers} layers, decoder weights {layer_bytes / 2**30:.2f} GiB, "
@@ -47,16 +47,14 @@ def main(argv: list[str] | None = None) -> int:
         return init_cache(cfg, batch, cache_len, jnp.float32)
 
     step = jax.jit(
-        lambda p, lp, t, pos, start, c, i: decode_step(model, p, lp, t, pos, start, c, i), donate_argnums=(5,)
+        lambda p, t, pos, start, c, i: decode_step(step_model, p, t, pos, start, c, i), donate_argnums=(4,)
     )
 
-    def layers_only(lp, norm, x, pos, start, c, i):
-        return decode_step_unrolled(
-            cfg, norm, lp, x, pos, start, c, i,
-            attention_impl=model.attention_impl, dtype=model.dtype, param_dtype=model.param_dtype,
-        )  # fmt: skip
+    def layers_only(decoder_params, x, pos, start, c, i):
+        decoder = Decoder(cfg, step_model.attention_impl, scan_layers=False)
+        return decoder.apply({"params": decoder_params}, x, pos, start, c, i)
 
-    layers_jit = jax.jit(layers_only, donate_argnums=(5,))
+    layers_jit = jax.jit(layers_only, donate_argnums=(4,))
     head = jax.jit(lambda p, h: model.apply({"params": p}, h, method=Qwen3ASR.head))
 
     def measure(batch: int, cache_len: int) -> tuple[float, float, float]:
@@ -67,14 +65,13 @@ def main(argv: list[str] | None = None) -> int:
         state = {"caches": caches_for(batch, cache_len)}
         x = jnp.ones((batch, 1, cfg.hidden_size), jnp.float32)
         pos3 = jnp.broadcast_to(positions[None, :, None], (3, batch, 1))
-        norm = params["decoder"]["norm"]
 
         def run_step():
-            logits, state["caches"] = step(params, layers, tokens, positions, start, state["caches"], index)
+            logits, state["caches"] = step(step_params, tokens, positions, start, state["caches"], index)
             return logits
 
         def run_layers():
-            hidden, state["caches"] = layers_jit(layers, norm, x, pos3, start, state["caches"], index)
+            hidden, state["caches"] = layers_jit(step_params["decoder"], x, pos3, start, state["caches"], index)
             return hidden
 
         return (

@@ -54,7 +54,7 @@ from jax.sharding import Mesh
 from qasr_jax import adapters as lora
 from qasr_jax import audio, buckets, sharding
 from qasr_jax.config import ThinkerConfig
-from qasr_jax.model import Qwen3ASR, decode_layer_params, decode_step, extend_cache
+from qasr_jax.model import Qwen3ASR, decode_step, extend_cache, unrolled
 from qasr_jax.model.attention import KVCache
 from qasr_jax.model.decoder import CACHE_AXES, CACHE_SEQ_AXIS, cache_length, init_cache, layer_cache_shape
 
@@ -432,7 +432,7 @@ def generate_program(
     if stack is not None:
         # The slots' adapters do not change within a call: gather each row's weights once, before the loop.
         params = lora.combine(params, lora.select_rows(stack, state.adapters))
-    layer_params = decode_layer_params(model, params)  # one copy per call, not per step
+    step_model, step_params = unrolled(model, params)  # one copy of the layers per call, not per step
     slots, max_new = state.tokens.shape
     cache_len = cache_length(state.caches[0])
     rows = jnp.arange(slots)
@@ -444,7 +444,7 @@ def generate_program(
     def one_step(carry: tuple[jax.Array, DecodeState]) -> tuple[jax.Array, DecodeState]:
         step, s = carry
         logits, caches = decode_step(
-            model, params, layer_params, s.last_token, s.positions, s.kv_start, s.caches, s.index
+            step_model, step_params, s.last_token, s.positions, s.kv_start, s.caches, s.index
         )
         new = next_token(logits, s.tokens, s.counts, s.seen, options)
         new = jnp.where(s.live, new, options.pad_token_id)
@@ -551,7 +551,6 @@ def prefill_after_program(
     rows, run_len = ids.shape
     x = model.apply({"params": params}, ids, audio, method=Qwen3ASR.embed_inputs)
     positions = keeps[:, None] + jnp.arange(run_len, dtype=jnp.int32)[None, :]
-    layer_params = decode_layer_params(model, params)
     if rows == 1:
         write, kv_start = offsets[0] + keeps[0], offsets
     else:
@@ -560,9 +559,7 @@ def prefill_after_program(
             {name: roll_rows(layer[name], top - keeps - offsets) for name in ("k", "v")} for layer in caches
         ]
         write, kv_start = top, top - keeps
-    logits, caches = extend_cache(
-        model, params, layer_params, x, positions, kv_start, caches, write, lengths - 1
-    )
+    logits, caches = extend_cache(*unrolled(model, params), x, positions, kv_start, caches, write, lengths - 1)
     if rows == 1:
         index = write + lengths[0]
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +10,8 @@ import pytest
 
 from qasr_jax.config import config_from_dict
 from qasr_jax.errors import ConfigError
-from qasr_jax.model import Qwen3ASR, first_valid, init_cache, positions_from_mask
+from qasr_jax.model import Qwen3ASR, first_valid, init_cache, positions_from_mask, unrolled
+from qasr_jax.model.decoder import Decoder
 from qasr_jax.model.rope import apply_rope, rope_cos_sin
 from tests.support import official
 
@@ -108,6 +110,33 @@ def test_cached_decoding_equals_full_forward(small_model):
     # A decoding step whose position is one ahead of its cache slot is caught by the same comparison.
     broken = _cached_logits(model, params, ids, mask, extra, step_position_shift=1)
     assert np.abs(broken[:, ids.shape[1] :] - full[:, ids.shape[1] :]).max() > 1e-2 * scale
+
+
+def test_unrolled_layers_compute_what_the_scan_computes(small_model):
+    config, params = small_model
+    model = Qwen3ASR(config, attention_impl="xla")
+    step_model, step_params = unrolled(model, params)
+    # The unrolled layout is the one an unrolled decoder builds: a module per layer, each with one layer's shapes.
+    x, positions, start = jnp.zeros((1, 3, config.text.hidden_size)), jnp.zeros((1, 3), jnp.int32), jnp.zeros(1, int)
+    built = jax.eval_shape(Decoder(config.text, scan_layers=False).init, jax.random.key(0), x, positions, start)
+    shapes = lambda tree: jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), tree)  # noqa: E731
+    assert shapes(nn.unbox(built["params"])) == shapes(step_params["decoder"])
+    assert len([k for k in step_params["decoder"] if k.startswith("layers_")]) == config.text.num_hidden_layers
+
+    # Prefill and decoding steps on the unrolled decoder give the scanned model's full forward.
+    ids, mask = _prompt_batch(seed=2)
+    extra = np.random.default_rng(2).integers(0, 3000, (ids.shape[0], 3))
+    full_ids, full_mask = np.concatenate([ids, extra], axis=1), np.concatenate([mask, np.ones_like(extra)], axis=1)
+    full = np.asarray(model.apply({"params": params}, full_ids, full_mask))
+    valid = full_mask.astype(bool)
+    scale = full[valid].std()
+    cached = _cached_logits(step_model, step_params, ids, mask, extra)
+    assert np.abs(cached[valid] - full[valid]).max() <= 1e-4 * scale
+    # The layers run in their order: the first two swapped give other logits.
+    swapped = dict(step_params["decoder"], layers_0=step_params["decoder"]["layers_1"],
+                   layers_1=step_params["decoder"]["layers_0"])  # fmt: skip
+    broken = _cached_logits(step_model, {**step_params, "decoder": swapped}, ids, mask, extra)
+    assert np.abs(broken[valid] - full[valid]).max() > 1e-2 * scale
 
 
 def test_left_padding_does_not_change_a_rows_logits(small_model):

@@ -4,20 +4,20 @@ from qasr_jax.model.decoder import init_cache
 from qasr_jax.model.encoder import AudioEncoder
 from qasr_jax.model.thinker import (
     Qwen3ASR,
-    decode_layer_params,
     decode_step,
     extend_cache,
     first_valid,
     positions_from_mask,
+    unrolled,
 )
 
 __all__ = [
     "AudioEncoder",
     "Qwen3ASR",
-    "decode_layer_params",
     "decode_step",
     "extend_cache",
     "first_valid",
     "init_cache",
     "positions_from_mask",
+    "unrolled",
 ]

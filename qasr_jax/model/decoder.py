@@ -7,16 +7,16 @@ slots start at ``kv_start[b]``. A prompt's prefill starts from no cache and hand
 made them, stacked by layer (``keep_kv``), so that no empty cache is filled and no block is copied per layer
 before ``insert`` copies it into a decode state.
 
-The layers run two ways over the same weights (the scanned layers' params, stacked on a leading layer axis):
-``Decoder`` scans them (prompts, training, the aligner: one traced layer, however deep the model), and
-``decode_step_unrolled`` runs them one by one over per-layer weights (``unstack_layers``) for decoding and for
-continuing a cached sequence, where a scan's per-layer slices of stacked weights and caches cost more than the
-few-row products themselves.
+The layers run scanned or unrolled, a construction option (``scan_layers``, as MaxText's): scanned, their
+params are stacked on a leading layer axis under ``layers`` (the stored layout: loading, training, adapters,
+sharding) and one traced layer serves any depth (prompts, training, the aligner); unrolled, each layer has its own
+params, ``layers_0`` … (``unscan_layers`` makes them from the stacked ones), and decoding and continuing a cached
+sequence run that way, where a scan's per-layer slices of stacked weights and caches cost more than the few-row
+products themselves.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -88,6 +88,7 @@ class Decoder(nn.Module):
     param_dtype: Dtype = jnp.float32
     lora_dropout: float = 0.0  # dropout on the adapters' input (training with a "dropout" rng)
     remat: bool = False
+    scan_layers: bool = True  # False: one module per layer, ``layers_0`` … (``unscan_layers``)
 
     @nn.compact
     def __call__(
@@ -100,38 +101,40 @@ class Decoder(nn.Module):
         keep_kv: bool = False,
     ) -> tuple[jax.Array, list[KVCache] | None]:
         """x: [batch, seq, hidden]; positions: [3, batch, seq] (or [batch, seq]); kv_start: [batch]; cache: one
-        ``{"k", "v"}`` per layer (stacked for the scan and handed back per layer). ``keep_kv`` without a cache:
-        the tokens' own keys/values come back as they are, ``{"k", "v"}: [layers, batch, kv_heads, seq,
-        head_dim]`` (a prompt's prefill: no empty cache to fill, and no copy of the block per layer; ``insert``
+        ``{"k", "v"}`` per layer (stacked for a scan and handed back per layer). ``keep_kv`` without a cache:
+        the tokens' own keys/values come back as they are, scanned ``{"k", "v"}: [layers, batch, kv_heads, seq,
+        head_dim]``, unrolled one ``{"k", "v"}`` per layer (a prompt's prefill: no empty cache to fill, and no copy of the block per layer; ``insert``
         copies each layer's part into a decode state)."""
         cfg = self.config
         cos, sin = rope_cos_sin(
             positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, cfg.mrope_interleaved
         )
         layer = nn.remat(DecoderLayer, prevent_cse=False) if self.remat else DecoderLayer
-        stack = nn.scan(
-            layer,
-            variable_axes={"params": 0},
-            split_rngs={"params": True, "dropout": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-            out_axes=0,
-            length=cfg.num_hidden_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )
-        stacked = None if cache is None else jax.tree_util.tree_map(lambda *layers: jnp.stack(layers), *cache)
-        x, stacked = stack(cfg, self.attention_impl, self.dtype, self.param_dtype, self.lora_dropout, keep_kv,
-                           name="layers")(
-            x.astype(self.dtype),
-            stacked,
-            cos,
-            sin,
-            jnp.asarray(kv_start, jnp.int32),
-            jnp.asarray(cache_index, jnp.int32),
-        )
-        x = RMSNorm(cfg.rms_norm_eps, name="norm", dtype=self.dtype, param_dtype=self.param_dtype)(x)
-        if stacked is None or cache is None:  # no cache, or a prompt's own keys/values: stacked as the scan made them
-            return x, stacked
-        return x, unstack_layers(stacked, cfg.num_hidden_layers)
+        args = (cfg, self.attention_impl, self.dtype, self.param_dtype, self.lora_dropout, keep_kv)
+        x = x.astype(self.dtype)
+        kv_start, cache_index = jnp.asarray(kv_start, jnp.int32), jnp.asarray(cache_index, jnp.int32)
+        if not self.scan_layers:
+            caches = [None] * cfg.num_hidden_layers if cache is None else cache
+            out = []
+            for i, layer_cache in enumerate(caches):
+                x, layer_cache = layer(*args, name=f"layers_{i}")(x, layer_cache, cos, sin, kv_start, cache_index)
+                out.append(layer_cache)
+            cache = None if out[0] is None else out
+        else:
+            stack = nn.scan(
+                layer,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                out_axes=0,
+                length=cfg.num_hidden_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            stacked = None if cache is None else jax.tree_util.tree_map(lambda *layers: jnp.stack(layers), *cache)
+            x, stacked = stack(*args, name="layers")(x, stacked, cos, sin, kv_start, cache_index)
+            # No cache, or a prompt's own keys/values: stacked as the scan made them.
+            cache = stacked if stacked is None or cache is None else unstack_layers(stacked, cfg.num_hidden_layers)
+        return RMSNorm(cfg.rms_norm_eps, name="norm", dtype=self.dtype, param_dtype=self.param_dtype)(x), cache
 
 
 def unstack_layers(stacked: Any, num_layers: int) -> list[Any]:
@@ -140,45 +143,11 @@ def unstack_layers(stacked: Any, num_layers: int) -> list[Any]:
     return [jax.tree_util.tree_map(lambda leaf, i=i: leaf[i], stacked) for i in range(num_layers)]
 
 
-def decode_step_unrolled(
-    config: TextConfig,
-    norm_params: Any,
-    layer_params: Sequence[Any],
-    x: jax.Array,
-    positions: jax.Array,
-    kv_start: jax.Array,
-    layer_caches: Sequence[KVCache],
-    cache_index: jax.Array,
-    *,
-    attention_impl: str = "auto",
-    dtype: Dtype = jnp.float32,
-    param_dtype: Dtype = jnp.float32,
-) -> tuple[jax.Array, list[KVCache]]:
-    """The decoder on tokens that continue cached rows (one per row when decoding), its layers unrolled over
-    separate per-layer weights and caches.
-
-    The same layers as ``Decoder.__call__`` (built with the same ``attention_impl``, ``dtype`` and
-    ``param_dtype``), run one by one instead of scanned: a scan reads each layer's weights and cache as slices
-    of stacked arrays, which XLA copies out before every matrix-vector product; with one token per row those
-    copies cost more than the products. So decoding takes the weights once as a list (``unstack_layers``) and
-    keeps one cache per layer.
-
-    x: ``[batch, seq, hidden]`` (seq is 1 for a decoding step); positions: ``[3, batch, seq]``; cache_index:
-    the cache slot of the first token (shared by the rows). Returns the final-normed hidden states
-    ``[batch, seq, hidden]`` and the updated caches.
-    """
-    cos, sin = rope_cos_sin(
-        positions, config.head_dim, config.rope_theta, config.mrope_section, config.mrope_interleaved
-    )
-    kw = dict(dtype=dtype, param_dtype=param_dtype)
-    layer = DecoderLayer(config, attention_impl=attention_impl, **kw)
-    x = x.astype(dtype)
-    updated = []
-    for weights, cache in zip(layer_params, layer_caches):
-        x, cache = layer.apply({"params": weights}, x, cache, cos, sin, kv_start, cache_index)
-        updated.append(cache)
-    x = RMSNorm(config.rms_norm_eps, **kw).apply({"params": norm_params}, x)
-    return x, updated
+def unscan_layers(decoder_params: Any, num_layers: int) -> dict[str, Any]:
+    """A scanned ``Decoder``'s params in the unrolled layout: ``layers`` split into ``layers_0`` … (a copy: make it
+    once per batch of steps, not per step)."""
+    params = {name: value for name, value in decoder_params.items() if name != "layers"}
+    return params | {f"layers_{i}": p for i, p in enumerate(unstack_layers(decoder_params["layers"], num_layers))}
 
 
 # The sequence axis of one layer's cache array.

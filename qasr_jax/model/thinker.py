@@ -14,8 +14,9 @@ Entry points (all pure: ``Qwen3ASR(config).apply({"params": p}, ..., method=...)
   an explicit KV cache (``init_cache``), scanned over its layers.
 * ``prefill(waveforms, wave_lengths, input_ids, attention_mask, frames)`` → (last-position logits, cache,
   kv_start, prompt lengths): log-mel, encoder, audio merge and the prompt through the decoder into a new cache.
-* ``decode_step(model, params, layer_params, tokens, positions, kv_start, caches, cache_index)`` (a function:
-  its layers run unrolled over ``decode_layer_params(params)``) → (logits, caches): one token per row.
+* ``decode_step(model, params, tokens, positions, kv_start, caches, cache_index)`` and ``extend_cache`` (functions)
+  → (logits, caches): one token, or a run of tokens, per row after cached ones; with ``unrolled(model, params)``
+  the decoder's layers run one by one over their own weights (``scan_layers=False``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from qasr_jax import audio as audio_io
 from qasr_jax.config import ThinkerConfig
 from qasr_jax.kernels.backend import resolve_impl
 from qasr_jax.model.attention import KVCache
-from qasr_jax.model.decoder import Decoder, decode_step_unrolled, init_cache, unstack_layers
+from qasr_jax.model.decoder import Decoder, init_cache, unscan_layers
 from qasr_jax.model.encoder import AudioEncoder
 from qasr_jax.model.layers import Dense, Dtype, default_init
 
@@ -59,6 +60,9 @@ class Qwen3ASR(nn.Module):
     # The platform the encoder's layout is chosen for (``AudioEncoder.backend``); None:
     # ``jax.default_backend()`` when the model is built.
     backend: str | None = None
+    # The decoder's layers scanned over stacked params (the stored layout) or unrolled, one module each (decoding;
+    # ``unrolled``).
+    scan_layers: bool = True
 
     def __post_init__(self) -> None:
         if self.backend is None:
@@ -80,7 +84,7 @@ class Qwen3ASR(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )
-        self.decoder = Decoder(cfg.text, self.attention_impl, remat=self.remat, **kw)
+        self.decoder = Decoder(cfg.text, self.attention_impl, remat=self.remat, scan_layers=self.scan_layers, **kw)
         if not cfg.tied_head:
             self.lm_head = Dense((cfg.text.hidden_size,), (cfg.head_size,), ("embed", "vocab"), use_bias=False,
                                  **kw)  # fmt: skip
@@ -219,37 +223,35 @@ class Qwen3ASR(nn.Module):
         return logits
 
 
-def decode_layer_params(model: Qwen3ASR, params: Any) -> list[Any]:
-    """The decoder layers' weights as one tree per layer, the layout ``decode_step`` reads (a copy: make it
-    once per batch of steps, not per step)."""
-    return unstack_layers(params["decoder"]["layers"], model.config.text.num_hidden_layers)
+def unrolled(model: Qwen3ASR, params: Any) -> tuple[Qwen3ASR, Any]:
+    """The model with its decoder layers unrolled (``scan_layers=False``) and its params in that layout (the
+    decoder's layers are copied out of the stacked weights: make it once per batch of steps, not per step)."""
+    layers = unscan_layers(params["decoder"], model.config.text.num_hidden_layers)
+    return model.clone(scan_layers=False), {**params, "decoder": layers}
 
 
 def decode_step(
     model: Qwen3ASR,
     params: Any,
-    layer_params: list[Any],
     tokens: jax.Array,
     positions: jax.Array,
     kv_start: jax.Array,
     layer_caches: list[KVCache],
     cache_index: jax.Array,
 ) -> tuple[jax.Array, list[KVCache]]:
-    """One token per row through embeddings, the unrolled decoder layers and the head (``extend_cache`` with a
-    run of one).
+    """One token per row through embeddings, the decoder layers and the head (``extend_cache`` with a run of one).
 
     tokens: ``[batch]``; positions: ``[batch]`` (the tokens' positions; text positions are equal in all three
     MRoPE sections); layer_caches: one ``{"k", "v"}: [batch, kv, cache_len, hd]`` per layer; cache_index: the slot
     these tokens are written to (shared). Returns logits ``[batch, V]`` (fp32) and the updated caches.
     """
     x = model.apply({"params": params}, tokens[:, None], method=Qwen3ASR.embed_inputs)
-    return extend_cache(model, params, layer_params, x, positions[:, None], kv_start, layer_caches, cache_index)
+    return extend_cache(model, params, x, positions[:, None], kv_start, layer_caches, cache_index)
 
 
 def extend_cache(
     model: Qwen3ASR,
     params: Any,
-    layer_params: list[Any],
     inputs_embeds: jax.Array,
     positions: jax.Array,
     kv_start: jax.Array,
@@ -257,8 +259,8 @@ def extend_cache(
     cache_index: jax.Array,
     last: jax.Array | None = None,
 ) -> tuple[jax.Array, list[KVCache]]:
-    """A run of tokens per row appended to per-layer caches, its layers unrolled over ``layer_params``
-    (``decode_layer_params``): a prefill that continues a sequence whose earlier keys/values are cached.
+    """A run of tokens per row appended to per-layer caches: a prefill that continues a sequence whose earlier
+    keys/values are cached (decoding runs it on ``unrolled(model, params)``).
 
     inputs_embeds: ``[batch, seq, hidden]`` (``Qwen3ASR.embed_inputs``); positions: ``[batch, seq]``; the run is
     written at cache slots ``[cache_index, cache_index + seq)`` and attends to every valid slot up to its own.
@@ -266,22 +268,19 @@ def extend_cache(
     one). Returns logits ``[batch, V]`` (fp32) and the updated caches.
     """
     batch, seq = inputs_embeds.shape[:2]
-    hidden, layer_caches = decode_step_unrolled(
-        model.config.text, params["decoder"]["norm"], layer_params, inputs_embeds,
-        jnp.broadcast_to(positions[None], (3, batch, seq)), kv_start, layer_caches, cache_index,
-        attention_impl=model.attention_impl, dtype=model.dtype, param_dtype=model.param_dtype,
+    logits, layer_caches = model.apply(
+        {"params": params}, inputs_embeds, jnp.broadcast_to(positions[None], (3, batch, seq)), kv_start,
+        layer_caches, cache_index, logits_at=None if last is None else last[:, None], method=Qwen3ASR.decode,
     )  # fmt: skip
-    if last is not None:
-        hidden = jnp.take_along_axis(hidden, last[:, None, None].astype(jnp.int32), axis=1)
-    return model.apply({"params": params}, hidden, method=Qwen3ASR.head)[:, 0], layer_caches
+    return logits[:, 0], layer_caches
 
 
 __all__ = [
     "Qwen3ASR",
-    "decode_layer_params",
     "decode_step",
     "extend_cache",
     "first_valid",
     "init_cache",
     "positions_from_mask",
+    "unrolled",
 ]
