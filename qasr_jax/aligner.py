@@ -18,6 +18,7 @@ in that pair's result (``ForcedAlignResult.error``) and never affect the others.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -31,6 +32,7 @@ from qasr_jax import audio as audio_io
 from qasr_jax import audio_files, buckets, compile_cache, sharding
 from qasr_jax import text as text_io
 from qasr_jax.config import ThinkerConfig, load_config
+from qasr_jax.engine import Engine
 from qasr_jax.errors import AlignmentError, ConfigError, LanguageError, QasrError
 from qasr_jax.hub import resolve_model
 from qasr_jax.model import Qwen3ASR
@@ -221,10 +223,9 @@ class Qwen3ForcedAligner:
         self._model = Qwen3ASR(config, dtype=dtype, param_dtype=dtype, attention_impl=attention_impl)
         self.mesh = mesh
         self.sharding_rules = sharding_rules
-        placement = {} if mesh is None else {"out_shardings": sharding.replicated(mesh)}
-        self._program = jax.jit(self._timestamp_classes, static_argnames=("text_tokens",), **placement)
-        # One compiled program per batch bucket, keyed by (rows, mel frames, text tokens).
-        self.programs = buckets.ProgramCache()
+        # Its programs compile through an engine over the same model: one per batch bucket, keyed by (rows, mel
+        # frames, text tokens).
+        self.engine = Engine(config, model=self._model, mesh=mesh, sharding_rules=sharding_rules)
 
     @classmethod
     def from_pretrained(
@@ -284,37 +285,23 @@ class Qwen3ForcedAligner:
     @property
     def buckets(self) -> set[tuple[int, int, int]]:
         """The (rows, mel frames, text tokens) batch shapes compiled so far."""
-        return set(self.programs.keys())
+        return {key[0] for key in self.engine.programs.keys()}  # noqa: SIM118 (not a dict)
 
     @property
     def compiled_programs(self) -> int:
         """Programs compiled so far (one per batch bucket)."""
-        return self.programs.count
+        return self.engine.programs.count
 
     def _executable(self, rows: int, frames: int, text_tokens: int) -> Any:
         """The compiled program of one batch bucket, compiled on first use."""
-
-        def build() -> Any:
-            mesh, rules = self.mesh, self.sharding_rules
-            tokens = sharding.batch_struct(
-                (rows, self._sequence_length(frames, text_tokens)), jnp.int32, mesh, rules
-            )
-            mel = sharding.batch_struct(
-                (rows, self.config.audio.num_mel_bins, frames), jnp.float32, mesh, rules
-            )
-            mel_mask = sharding.batch_struct((rows, frames), jnp.int32, mesh, rules)
-            with sharding.use_mesh(mesh, rules):
-                lowered = self._program.lower(
-                    sharding.abstract_arrays(self.params),
-                    tokens,
-                    tokens,
-                    mel,
-                    mel_mask,
-                    text_tokens=text_tokens,
-                )
-                return lowered.compile()
-
-        return self.programs.get((rows, frames, text_tokens), build)
+        mesh, rules = self.mesh, self.sharding_rules
+        tokens = sharding.batch_struct((rows, self._sequence_length(frames, text_tokens)), jnp.int32, mesh, rules)
+        mel = sharding.batch_struct((rows, self.config.audio.num_mel_bins, frames), jnp.float32, mesh, rules)
+        mel_mask = sharding.batch_struct((rows, frames), jnp.int32, mesh, rules)
+        fn = functools.partial(self._timestamp_classes, text_tokens=text_tokens)
+        return self.engine.compile_program(
+            (rows, frames, text_tokens), fn, sharding.abstract_arrays(self.params), tokens, tokens, mel, mel_mask
+        )
 
     # -- the device program --
 
@@ -490,7 +477,7 @@ class Qwen3ForcedAligner:
 
         Returns how many programs were compiled (0 when every bucket was compiled already).
         """
-        before = self.programs.count
+        before = self.engine.programs.count
         pairs = [item for item in self._prepare_all(audio, text, language) if isinstance(item, _Pair)]
         for batch in self._batches(pairs):
             rows, frames, text_tokens = self._bucket(batch)
@@ -499,7 +486,7 @@ class Qwen3ForcedAligner:
             audio_io.features(
                 [np.zeros(frames * audio_io.HOP_LENGTH, np.float32)] * rows, pad_to_multiple=frames
             )
-        return self.programs.count - before
+        return self.engine.programs.count - before
 
     def align(
         self,

@@ -123,6 +123,15 @@ def test_transcription_api_on_a_mesh_matches_single_device(tmp_path):
         assert r["equal"], (spec, result)
 
 
+def test_aligner_on_a_mesh_matches_single_device(tmp_path):
+    """``Qwen3ForcedAligner.from_pretrained(..., mesh=...)``: the same words and times as on one device."""
+    result = run_mesh_check("align", str(tmp_path), ("fsdp=8", "data=2,fsdp=2,tensor=2"))
+    assert result["devices"] == 8
+    assert [len(words) for words in result["reference"]] == [1, 15]  # words with times to compare
+    for spec, r in result["meshes"].items():
+        assert r["equal"], (spec, result)
+
+
 def test_streams_on_a_mesh_match_single_device(tmp_path):
     """A model loaded with ``mesh=`` streams: a lone stream and three streams batched by ``StreamScheduler``
     give every update of the single-device model (text, prefix, tokens; log-probabilities to 1e-4)."""

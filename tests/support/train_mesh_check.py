@@ -224,9 +224,27 @@ def run_stream(work_dir: str, specs: list[str]) -> dict[str, Any]:
     return out
 
 
+def run_align(work_dir: str, specs: list[str]) -> dict[str, Any]:
+    """``Qwen3ForcedAligner.from_pretrained(..., mesh=spec).align`` against the single-device aligner."""
+    from qasr_jax.aligner import Qwen3ForcedAligner
+    from tests.support import official
+    from tests.support.speech import MEDIUM_EN, SHORT_EN, synth
+
+    path = official.build_checkpoint(os.path.join(work_dir, "aligner"), official.small_aligner_config(), seed=3)
+    pairs = [(synth(SHORT_EN), 16000), (synth(MEDIUM_EN), 16000)], [SHORT_EN, MEDIUM_EN], ["English", "English"]
+
+    def run(mesh: Any) -> list[list[tuple[str, float, float]]]:
+        aligner = Qwen3ForcedAligner.from_pretrained(path, mesh=mesh)
+        return [[(w.text, w.start_time, w.end_time) for w in r] for r in aligner.align(*pairs)]
+
+    reference = run(None)
+    return {"reference": reference, "meshes": {spec: {"equal": run(spec) == reference} for spec in specs}}
+
+
 def main() -> None:
     mode, work_dir, *specs = sys.argv[1:]
-    runners = {"train": run_train, "infer": run_infer, "api": run_api, "stream": run_stream}
+    runners = {"train": run_train, "infer": run_infer, "api": run_api, "stream": run_stream,
+               "align": run_align}  # fmt: skip
     out = runners[mode](work_dir, specs)
     out["devices"] = jax.device_count()
     print(json.dumps(out))
