@@ -445,10 +445,7 @@ class Qwen3ASRModel:
         why when the stream cannot be aligned, e.g. longer than the aligner's limit), each word with its
         confidence from the tokens behind the final text (``StreamUpdate.segment``).
         """
-        if return_time_stamps and self.forced_aligner is None:
-            raise ValueError(
-                "return_time_stamps=True requires `forced_aligner` to be provided at initialization."
-            )
+        self._check_time_stamps(return_time_stamps)
         state = self.streamer.finish(state)
         if return_time_stamps:
             audio = (state.audio_accum, audio_io.SAMPLE_RATE)
@@ -492,10 +489,7 @@ class Qwen3ASRModel:
         vad: bool | None = None,
     ) -> Iterator[tuple[int, ASRTranscription]]:
         """Like ``transcribe``, but yields ``(input index, result)`` as each item completes."""
-        if return_time_stamps and self.forced_aligner is None:
-            raise ValueError(
-                "return_time_stamps=True requires `forced_aligner` to be provided at initialization."
-            )
+        self._check_time_stamps(return_time_stamps)
         sources = audio if isinstance(audio, list) else [audio]
         n = len(sources)
         if n == 0:
@@ -550,6 +544,10 @@ class Qwen3ASRModel:
             if return_time_stamps:
                 self._align(items, [i for i in completed if items[i].error is None], results)
             yield from sorted(results.items())
+
+    def _check_time_stamps(self, return_time_stamps: bool) -> None:
+        if return_time_stamps and self.forced_aligner is None:
+            raise ValueError("return_time_stamps=True requires `forced_aligner` to be provided at initialization.")
 
     def _planner(self) -> concurrent.futures.ThreadPoolExecutor:
         """The threads that plan items with the detector (made on first use, kept: each keeps its detector

@@ -811,16 +811,13 @@ class Engine:
     def grow_cache(self, kv: list[KVCache] | None, cache_len: int) -> list[KVCache]:
         """One sequence's per-layer caches with ``cache_len`` slots (zeros for None; the same arrays when already
         that long), its tokens where they were."""
-        if kv is not None and cache_length(kv[0]) == cache_len:
+        if kv is None:
+            return self.place_state(init_cache(self.config.text, 1, cache_len, self.dtype))
+        if cache_length(kv[0]) == cache_len:
             return kv
-        fresh = init_cache(self.config.text, 1, cache_len, self.dtype)
-        if kv is not None:
-            fresh = [
-                {name: jax.lax.dynamic_update_slice(fresh[i][name], layer[name], (0,) * layer[name].ndim)
-                 for name in ("k", "v")}
-                for i, layer in enumerate(kv)
-            ]  # fmt: skip
-        return self.place_state(fresh)
+        pad = [(0, 0)] * kv[0]["k"].ndim
+        pad[CACHE_SEQ_AXIS] = (0, cache_len - cache_length(kv[0]))
+        return self.place_state([{name: jnp.pad(layer[name], pad) for name in ("k", "v")} for layer in kv])
 
     def encode_windows(
         self, params: Any, features: np.ndarray, lengths: np.ndarray, clip_frames: np.ndarray
