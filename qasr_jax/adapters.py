@@ -146,9 +146,7 @@ def select_targets(config: ThinkerConfig, patterns: Sequence[str]) -> list[Targe
     for target in projections(config):
         names = target.names()
         hits = [any(matches(n, p) for p in patterns) for n in names]
-        for p in patterns:
-            if any(matches(n, p) for n in names):
-                used.add(p)
+        used.update(p for p in patterns if any(matches(n, p) for n in names))
         if all(hits):
             chosen.append(target)
         elif any(hits):
@@ -165,13 +163,6 @@ def select_targets(config: ThinkerConfig, patterns: Sequence[str]) -> list[Targe
     return chosen
 
 
-def _tree_set(tree: dict, path: tuple[str, ...], value: Any) -> None:
-    node = tree
-    for key in path[:-1]:
-        node = node.setdefault(key, {})
-    node[path[-1]] = value
-
-
 def adapter_paths(tree: Mapping) -> list[tuple[str, ...]]:
     """Module paths of an adapter tree (those holding ``lora_a``)."""
     return [path[:-1] for path, _ in weights.flatten_params(dict(tree)) if path[-1] == LORA_A]
@@ -180,35 +171,35 @@ def adapter_paths(tree: Mapping) -> list[tuple[str, ...]]:
 def init_adapters(config: ThinkerConfig, spec: LoraSpec, key: jax.Array) -> dict:
     """Fresh adapters for ``spec``: A uniform in ±1/√fan_in (peft's default Kaiming draw), B zeros, so the
     adapted model starts equal to the base. A nested dict shaped like the params (only the adapted modules)."""
-    tree: dict = {}
+    flat: dict = {}
     for i, target in enumerate(select_targets(config, spec.targets)):
         shape_a, shape_b = target.shapes(spec.rank)
         bound = 1.0 / math.sqrt(target.fan_in)
         a = jax.random.uniform(jax.random.fold_in(key, i), shape_a, jnp.float32, -bound, bound)
-        _tree_set(tree, (*target.path, LORA_A), a)
-        _tree_set(tree, (*target.path, LORA_B), jnp.zeros(shape_b, jnp.float32))
-    return tree
+        flat[(*target.path, LORA_A)] = a
+        flat[(*target.path, LORA_B)] = jnp.zeros(shape_b, jnp.float32)
+    return weights.unflatten_params(flat)
 
 
 def abstract_adapters(config: ThinkerConfig, spec: LoraSpec, dtype: Any = jnp.float32) -> dict:
     """The adapter tree of ``spec`` as ShapeDtypeStructs."""
-    tree: dict = {}
+    flat: dict = {}
     for target in select_targets(config, spec.targets):
         shape_a, shape_b = target.shapes(spec.rank)
-        _tree_set(tree, (*target.path, LORA_A), jax.ShapeDtypeStruct(shape_a, dtype))
-        _tree_set(tree, (*target.path, LORA_B), jax.ShapeDtypeStruct(shape_b, dtype))
-    return tree
+        flat[(*target.path, LORA_A)] = jax.ShapeDtypeStruct(shape_a, dtype)
+        flat[(*target.path, LORA_B)] = jax.ShapeDtypeStruct(shape_b, dtype)
+    return weights.unflatten_params(flat)
 
 
 def adapter_logical_axes(config: ThinkerConfig, spec: LoraSpec) -> dict:
     """Logical axis names of the adapter tree: A takes its kernel's input axes, B its output axes, and the rank
     axis is ``lora_rank`` (replicated by the default rules); stacked layers keep ``layers`` in front."""
-    tree: dict = {}
+    flat: dict = {}
     for target in select_targets(config, spec.targets):
         lead = () if target.layers is None else ("layers",)
-        _tree_set(tree, (*target.path, LORA_A), (*lead, *target.in_axes, RANK_AXIS))
-        _tree_set(tree, (*target.path, LORA_B), (*lead, RANK_AXIS, *target.out_axes))
-    return tree
+        flat[(*target.path, LORA_A)] = (*lead, *target.in_axes, RANK_AXIS)
+        flat[(*target.path, LORA_B)] = (*lead, RANK_AXIS, *target.out_axes)
+    return weights.unflatten_params(flat)
 
 
 def adapter_shardings(config: ThinkerConfig, spec: LoraSpec, mesh: Any, rules: Any) -> dict:
@@ -274,7 +265,7 @@ def low_rank_delta(a: jax.Array, b: jax.Array, stacked: bool) -> jax.Array:
 def merge_adapter(params: Mapping, adapter: Mapping, scale: float = 1.0) -> dict:
     """The params with ``scale · A · B`` added to each adapted kernel (in the kernel's dtype): a plain param tree
     that computes what base + adapter compute."""
-    out = _copy_dicts(strip_adapters(params))
+    out = strip_adapters(params)  # new dicts all the way down: the kernels can be replaced in place
     for path in adapter_paths(adapter):
         module = _lookup(adapter, path)
         node = _lookup(out, path)
@@ -478,7 +469,7 @@ def load_peft(path: str | os.PathLike, config: ThinkerConfig, name: str | None =
         entry = built.setdefault(target.path, {})
         entry[location[1]] = (a, b * scale)
     rank = max(ranks)
-    tree: dict = {}
+    flat: dict = {}
     for module_path, layers in built.items():
         target = targets[module_path]
         shape_a, shape_b = target.shapes(rank)
@@ -491,9 +482,9 @@ def load_peft(path: str | os.PathLike, config: ThinkerConfig, name: str | None =
                 a_all[..., :r], b_all[:r] = a_k, b_k
             else:
                 a_all[layer, ..., :r], b_all[layer, :r] = a_k, b_k
-        _tree_set(tree, (*module_path, LORA_A), a_all)
-        _tree_set(tree, (*module_path, LORA_B), b_all)
-    return Adapter(name or os.path.basename(os.path.normpath(path)), tree, rank, path)
+        flat[(*module_path, LORA_A)] = a_all
+        flat[(*module_path, LORA_B)] = b_all
+    return Adapter(name or os.path.basename(os.path.normpath(path)), weights.unflatten_params(flat), rank, path)
 
 
 def save_adapter(out_dir: str | os.PathLike, config: ThinkerConfig, adapter: Adapter) -> str:
@@ -540,7 +531,7 @@ def stack_adapters(config: ThinkerConfig, adapters: Sequence[Adapter], dtype: An
     rank = max((a.rank for a in adapters), default=1)
     paths = sorted({p for a in adapters for p in a.paths})
     n = len(adapters) + 1
-    tree: dict = {}
+    flat: dict = {}
     for path in paths:
         target = targets.get(path)
         if target is None:
@@ -559,9 +550,9 @@ def stack_adapters(config: ThinkerConfig, adapters: Sequence[Adapter], dtype: An
                 a_all[slot, ..., :r], b_all[slot, :r] = a, b
             else:
                 a_all[:, slot, ..., :r], b_all[:, slot, :r] = a, b
-        _tree_set(tree, (*path, LORA_A), jnp.asarray(a_all, dtype))
-        _tree_set(tree, (*path, LORA_B), jnp.asarray(b_all, dtype))
-    return AdapterStack(tuple(names), tree, rank)
+        flat[(*path, LORA_A)] = jnp.asarray(a_all, dtype)
+        flat[(*path, LORA_B)] = jnp.asarray(b_all, dtype)
+    return AdapterStack(tuple(names), weights.unflatten_params(flat), rank)
 
 
 def select_rows(stacked: Mapping, rows: jax.Array, layered: bool | None = None) -> dict:

@@ -67,10 +67,6 @@ class AudioEncoderConfig:
         whole windows."""
         return self.chunk_frames * self.window_chunks
 
-    @property
-    def conv_freq_bins(self) -> int:
-        return chunk_tokens(self.num_mel_bins)
-
     def output_length(self, frames: int) -> int:
         """Encoder output tokens for an audio of ``frames`` mel frames."""
         full, rest = divmod(int(frames), self.chunk_frames)

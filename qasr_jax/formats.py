@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Iterable, Sequence
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from qasr_jax.text import is_cjk_ideograph, word_pieces
 
@@ -72,8 +72,7 @@ class Cue:
         return "\n".join(self.lines)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Piece:
+class _Piece(NamedTuple):
     """A word as displayed: its text (with the punctuation around it) and what separates it from the previous
     word ("" or " ")."""
 
@@ -126,9 +125,7 @@ def display_pieces(words: Sequence[str], text: str | None = None) -> list[tuple[
     """``(separator, displayed text)`` of each word: taken from ``text`` when the words came from it, else the
     word itself separated by a space where its script uses spaces."""
     pieces = _pieces_from_text(words, text) if text else None
-    if pieces is None:
-        pieces = _joined_pieces(words)
-    return [(piece.separator, piece.text) for piece in pieces]
+    return _joined_pieces(words) if pieces is None else pieces
 
 
 def _ends_sentence(piece: _Piece) -> bool:
@@ -188,7 +185,7 @@ def group_cues(
     timed = list(words)
     if not timed:
         return []
-    pieces = [_Piece(*pair) for pair in display_pieces([word.text for word in timed], text)]
+    pieces = display_pieces([word.text for word in timed], text)
 
     groups: list[list[int]] = []
     for index, word in enumerate(timed):

@@ -22,7 +22,6 @@ Typical use::
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import os
 import re
@@ -38,8 +37,6 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from qasr_jax import weights
 from qasr_jax.config import ThinkerConfig
-
-log = logging.getLogger(__name__)
 
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
 
@@ -145,7 +142,7 @@ def merge_rules(
             axes = value
         else:
             axes = tuple(str(v) for v in value)
-        for axis in (axes,) if isinstance(axes, str) else (axes or ()):
+        for axis in _axes_tuple(axes):
             if axis not in MESH_AXES:
                 raise ValueError(
                     f"sharding rule {name!r} → {value!r}: {axis!r} is not a mesh axis {MESH_AXES}"

@@ -572,11 +572,7 @@ def _char_spans_of_bytes(pieces: Sequence[bytes]) -> tuple[str, list[tuple[int, 
 
 
 def _common_prefix_length(a: str, b: str) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import traverse_util
 from flax.core import meta
 from jax.sharding import PartitionSpec
 from safetensors import SafetensorError, safe_open
@@ -240,13 +241,7 @@ def flatten_params(tree: dict, prefix: tuple[str, ...] = ()) -> Iterator[tuple[t
 
 def unflatten_params(flat: dict[tuple[str, ...], Any]) -> dict:
     """The nested dict of ``{path: leaf}`` (the inverse of ``flatten_params``)."""
-    tree: dict = {}
-    for path, v in flat.items():
-        node = tree
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = v
-    return tree
+    return traverse_util.unflatten_dict(flat)
 
 
 def params_from_state_dict(
@@ -656,8 +651,7 @@ def _torch_layout(value: np.ndarray, path: tuple[str, ...]) -> np.ndarray:
     if leaf == "kernel" and value.ndim == 4:  # Conv2d HWIO → OIHW
         return value.transpose(3, 2, 0, 1)
     if leaf == "kernel":
-        n_in = 2 if path[-2] in _MERGED_INPUT else 1
-        fan_in = int(np.prod(value.shape[:n_in]))
+        fan_in = int(np.prod(value.shape[: linear_input_axes(path[-2])]))
         return value.reshape(fan_in, -1).T  # [in, out] → Linear [out, in]
     if leaf == "bias":
         return value.reshape(-1)  # per-head biases [heads, head_dim] → [out]
@@ -666,10 +660,6 @@ def _torch_layout(value: np.ndarray, path: tuple[str, ...]) -> np.ndarray:
 
 def host_array(value: Any) -> np.ndarray:
     """A (possibly sharded, multi-process) array as one host numpy array (a collective on several processes)."""
-    return _host(value)
-
-
-def _host(value: Any) -> np.ndarray:
     if isinstance(value, jax.Array) and not value.is_fully_addressable:
         from jax.experimental import multihost_utils
 
@@ -682,7 +672,7 @@ def released_tensors(
 ) -> Iterator[tuple[str, np.ndarray]]:
     """``(name, array)`` in the released ``thinker.*`` layout for every tensor of ``params``."""
     for path, value in flatten_params(params):
-        host = _host(value)
+        host = host_array(value)
         if dtype is not None:
             host = host.astype(dtype)
         if len(path) > 2 and path[1] == "layers":

@@ -29,11 +29,17 @@ from __future__ import annotations
 from typing import Literal
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 Impl = Literal["auto", "xla", "pallas"]
 Target = Literal["tpu", "gpu"]
 
 _ACCELERATOR_PLATFORMS = ("tpu", "gpu")
+
+# Masked logits in the kernels get a large finite value rather than -inf so that exp(mask - max) is exactly 0
+# without ever forming inf - inf.
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 
 def platform() -> str:
@@ -76,3 +82,17 @@ def round_up(value: int, multiple: int) -> int:
 def next_power_of_2(value: int) -> int:
     """The smallest power of two that is at least ``value`` (and at least 1)."""
     return 1 << max(value - 1, 0).bit_length()
+
+
+def kernel_precision(dtype: jnp.dtype) -> jax.lax.Precision:
+    """The matmul precision of a kernel's inputs: fp32 inputs must not be rounded to bf16 by the MXU (TPU default
+    precision); bf16 inputs multiply exactly either way."""
+    return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else jax.lax.Precision.DEFAULT
+
+
+def kernel_dot(a: jax.Array, b: jax.Array, b_axis: int, precision: jax.lax.Precision) -> jax.Array:
+    """``a [m, k]`` times ``b`` contracted over its axis ``b_axis`` (1: ``a @ b.T``, 0: ``a @ b``), accumulated in
+    fp32: the two matmuls of a kernel body."""
+    return jax.lax.dot_general(
+        a, b, (((1,), (b_axis,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
+    )

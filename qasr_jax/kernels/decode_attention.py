@@ -33,13 +33,15 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
 from qasr_jax.kernels.backend import (
+    MASK_VALUE,
     Target,
+    kernel_dot,
+    kernel_precision,
     next_power_of_2,
     resolve_impl,
     resolve_interpret,
@@ -47,9 +49,6 @@ from qasr_jax.kernels.backend import (
     round_up,
 )
 from qasr_jax.kernels.softmax import masked_softmax
-
-# See windowed_attention: a finite mask keeps exp(mask - max) exactly 0 without inf - inf.
-_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 # Largest first. TPU: long blocks amortise the ~0.35 us per grid step (a 1024×128 bf16 K+V tile, double
 # buffered, is 1 MiB of VMEM). GPU: one block per program; 256 keeps the merged partials (16 padded query rows
@@ -165,32 +164,21 @@ def _attend_kv_block(
     @pl.when(jnp.logical_not(block_visible))
     def _skip():
         out_ref[...] = jnp.zeros((group_padded, head_dim), jnp.float32)
-        max_ref[...] = jnp.full((group_padded, 1), _MASK_VALUE, jnp.float32)
+        max_ref[...] = jnp.full((group_padded, 1), MASK_VALUE, jnp.float32)
         sum_ref[...] = jnp.zeros((group_padded, 1), jnp.float32)
 
     @pl.when(block_visible)
     def _attend():
         q = q_ref[...]
-        k = k_ref[...]
         v = v_ref[...]
-        # fp32 inputs must not be rounded to bf16 by the MXU (TPU default precision).
-        precision = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else jax.lax.Precision.DEFAULT
-        logits = jax.lax.dot_general(
-            q, k, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
-        )  # [group_padded, block_k]
-        logits = logits * scale
+        precision = kernel_precision(q.dtype)
+        logits = kernel_dot(q, k_ref[...], 1, precision) * scale  # [group_padded, block_k]
         slot = block_start + jax.lax.broadcasted_iota(jnp.int32, (group_padded, block_k), 1)
-        logits = jnp.where((slot >= kv_start) & (slot <= q_offset), logits, _MASK_VALUE)
+        logits = jnp.where((slot >= kv_start) & (slot <= q_offset), logits, MASK_VALUE)
         # The block holds at least one visible slot, so the row max is a real logit.
         row_max = jnp.max(logits, axis=1, keepdims=True)
         probs = jnp.exp(logits - row_max)
-        out_ref[...] = jax.lax.dot_general(
-            probs.astype(v.dtype),
-            v,
-            (((1,), (0,)), ((), ())),
-            precision=precision,
-            preferred_element_type=jnp.float32,
-        )
+        out_ref[...] = kernel_dot(probs.astype(v.dtype), v, 0, precision)
         max_ref[...] = row_max
         sum_ref[...] = jnp.sum(probs, axis=1, keepdims=True)
 
@@ -265,10 +253,7 @@ def decode_attention_pallas(
             last = jax.lax.div(jnp.clip(q_offset_ref[0], 0, kv_len - 1), block_k)
             return b, h, jnp.clip(j, jnp.minimum(first, last), last), 0
 
-        def fixed_index(b, h, j, *scalars):
-            return b, h, 0, 0
-
-        def partial_index(b, h, j, *scalars):
+        def partial_index(b, h, j, *_):
             return b, h, j, 0, 0
 
         call = pl.pallas_call(
@@ -277,7 +262,7 @@ def decode_attention_pallas(
                 num_scalar_prefetch=2,
                 grid=grid,
                 in_specs=[
-                    pl.BlockSpec(query_block, fixed_index),
+                    pl.BlockSpec(query_block, lambda b, h, j, *_: (b, h, 0, 0)),
                     pl.BlockSpec(kv_block, kv_index),
                     pl.BlockSpec(kv_block, kv_index),
                 ],

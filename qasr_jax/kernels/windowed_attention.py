@@ -29,13 +29,15 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
 from qasr_jax.kernels.backend import (
+    MASK_VALUE,
     Target,
+    kernel_dot,
+    kernel_precision,
     next_power_of_2,
     resolve_impl,
     resolve_interpret,
@@ -44,10 +46,8 @@ from qasr_jax.kernels.backend import (
 )
 from qasr_jax.kernels.softmax import masked_softmax
 
-# Masked logits get a large finite value rather than -inf so that exp(mask - max) is exactly 0 without ever
-# forming inf - inf; every key block the kernel visits holds at least one valid key, so the running max is a
-# real logit by the time a masked entry is exponentiated.
-_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+# Masked logits get MASK_VALUE; every key block the kernel visits holds at least one valid key, so the running
+# max is a real logit by the time a masked entry is exponentiated.
 
 # Past this many tokens a window is split into several query and key blocks (GPU: 64×64 tiles keep the
 # fp32 accumulator of a 128-wide head in registers with 8 warps).
@@ -127,37 +127,25 @@ def _attend_query_block(
     @pl.when(q_start < valid_len)
     def _token_rows():
         q = q_ref[...]
-        # fp32 inputs must not be rounded to bf16 by the MXU (TPU default precision); bf16 inputs multiply
-        # exactly either way. Both accumulate in fp32.
-        precision = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else jax.lax.Precision.DEFAULT
+        precision = kernel_precision(q.dtype)  # both matmuls accumulate in fp32
 
         def attend_key_block(key_block, carry):
             acc, row_max, row_sum = carry
             key_slice = pl.ds(pl.multiple_of(key_block * block_k, block_k), block_k)
-            k = k_ref[key_slice, :]
             v = v_ref[key_slice, :]
-            logits = jax.lax.dot_general(
-                q, k, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
-            )  # [block_q, block_k]
-            logits = logits * scale
+            logits = kernel_dot(q, k_ref[key_slice, :], 1, precision) * scale  # [block_q, block_k]
             key_pos = key_block * block_k + jax.lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
-            logits = jnp.where(key_pos < valid_len, logits, _MASK_VALUE)
+            logits = jnp.where(key_pos < valid_len, logits, MASK_VALUE)
             new_max = jnp.maximum(row_max, jnp.max(logits, axis=1, keepdims=True))
             rescale = jnp.exp(row_max - new_max)
             probs = jnp.exp(logits - new_max)
             row_sum = rescale * row_sum + jnp.sum(probs, axis=1, keepdims=True)
-            acc = rescale * acc + jax.lax.dot_general(
-                probs.astype(v.dtype),
-                v,
-                (((1,), (0,)), ((), ())),
-                precision=precision,
-                preferred_element_type=jnp.float32,
-            )
+            acc = rescale * acc + kernel_dot(probs.astype(v.dtype), v, 0, precision)
             return acc, new_max, row_sum
 
         carry = (
             jnp.zeros((block_q, head_dim), jnp.float32),
-            jnp.full((block_q, 1), _MASK_VALUE, jnp.float32),
+            jnp.full((block_q, 1), MASK_VALUE, jnp.float32),
             jnp.zeros((block_q, 1), jnp.float32),
         )
         # Only key blocks holding tokens are visited; valid_len > 0 here, so at least one is. (lax.div:

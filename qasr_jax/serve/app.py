@@ -210,7 +210,6 @@ def create_app(
             await asyncio.to_thread(streams.stop, 60.0)
 
     app = FastAPI(title="qasr-jax", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.scheduler, app.state.metrics, app.state.ready = scheduler, metrics, ready
 
     def key_matches(connection: HTTPConnection) -> bool:
         """Whether the connection may use the routes: no key is set, or its Authorization header holds it
@@ -404,13 +403,13 @@ def create_app(
                 job.cancel()
                 raise ApiError(499, "client closed the request", code="client_closed")
         _raise_failure(job)
-        _observe_first_token(job)
-        metrics.latency.observe(time.monotonic() - job.submitted)
+        _observe_latency(job)
         return await _render(job, response_format, words_wanted)
 
-    def _observe_first_token(job: Upload) -> None:
+    def _observe_latency(job: Upload) -> None:
         if job.first_token_at is not None:
             metrics.first_token.observe(job.first_token_at - job.submitted)
+        metrics.latency.observe(time.monotonic() - job.submitted)
 
     async def _sse(job: Upload, events: asyncio.Queue, done: asyncio.Future) -> Any:
         sent = ""
@@ -426,8 +425,7 @@ def create_app(
             final = job.text
             if final.startswith(sent) and len(final) > len(sent):
                 yield _event({"type": "transcript.text.delta", "delta": final[len(sent) :], "logprobs": None})
-            _observe_first_token(job)
-            metrics.latency.observe(time.monotonic() - job.submitted)
+            _observe_latency(job)
             yield _event({"type": "transcript.text.done", "text": final, "logprobs": None,
                           "usage": _usage(job)})  # fmt: skip
         except ApiError as error:
@@ -464,10 +462,7 @@ def create_app(
                                 "duration": round(job.duration, 3), "text": text, "segments": _segments(job),
                                 "usage": _usage(job)}  # fmt: skip
         if words_wanted:
-            body["words"] = [
-                {"word": w.text, "start": w.start_time, "end": w.end_time, "confidence": w.confidence}
-                for w in words or []
-            ]
+            body["words"] = _words(words or [])
         return JSONResponse(body)
 
     def _align_stream(samples: Any, text: str, language: str, segment: Any) -> list[dict[str, Any]]:
@@ -475,10 +470,7 @@ def create_app(
         with aligner_lock:
             [result] = model.forced_aligner.align((samples, audio_io.SAMPLE_RATE), text, language or None)
         result = with_word_confidences(result, [segment] if segment is not None else [])
-        return [
-            {"word": w.text, "start": w.start_time, "end": w.end_time, "confidence": w.confidence}
-            for w in result.items
-        ]
+        return _words(result.items)
 
     def _align(job: Upload) -> Any:
         """The job's words on its time line, each with its confidence from the chunk it came from."""
@@ -501,6 +493,12 @@ def create_app(
                        align=_align_stream if model.forced_aligner is not None else None,
                        max_context=config.max_field_bytes, start_timeout=config.stream_start_timeout)  # fmt: skip
     return app
+
+
+def _words(items: Any) -> list[dict[str, Any]]:
+    return [
+        {"word": w.text, "start": w.start_time, "end": w.end_time, "confidence": w.confidence} for w in items
+    ]
 
 
 def _usage(job: Upload) -> dict[str, Any]:

@@ -81,7 +81,6 @@ class Upload:
         self.error: BaseException | None = None
         self.submitted = time.monotonic()
         self.first_token_at: float | None = None
-        self.finished_at: float | None = None
         self.partial_text = ""  # finished chunks in order plus the first unfinished one's text so far
 
     @property
@@ -110,10 +109,8 @@ class Stats:
     """Counters the server's /metrics reads (updated by the scheduler thread)."""
 
     steps: int = 0
-    prefills: int = 0
     busy_slot_steps: int = 0  # sum over generate calls of busy slots × steps asked
     slot_steps: int = 0
-    completed: int = 0
     cancelled: int = 0
 
 
@@ -281,7 +278,6 @@ class Scheduler(WorkLoop):
             adapters = self.model.adapter_stack if chunk.request.adapter else None
             prefilled = self.engine.prefill(self.params, [chunk.request], adapters=adapters)
             self._state = self.engine.insert(self._state, prefilled, [slot])
-            self.stats.prefills += 1
             self._slot_chunk[slot] = chunk
         self._admitting = []
         self._harvest()  # a chunk can end on its first token
@@ -336,12 +332,9 @@ class Scheduler(WorkLoop):
             return
         job.finished = True
         job.error = error
-        job.finished_at = time.monotonic()
         self.heap.finished()
         if job.cancelled:
             self.stats.cancelled += 1
-        else:
-            self.stats.completed += 1
         if job.on_done is not None:
             job.on_done(job)
         # The callbacks close over their caller's state (a server's future holds the job as its result): dropping

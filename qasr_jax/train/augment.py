@@ -16,21 +16,14 @@ runs at evaluation or inference.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 
+from qasr_jax.train.config import AugmentConfig
 
-@dataclasses.dataclass(frozen=True)
-class SpecAugment:
-    """How much to perturb (all 0: nothing; see the module docstring)."""
 
-    frequency_scale: float = 0.0
-    freq_masks: int = 0
-    freq_width: int = 0
-    time_masks: int = 0
-    time_width: int = 0
+class SpecAugment(AugmentConfig):
+    """How much to perturb (all 0: nothing; see the module docstring): the fields of ``AugmentConfig``."""
 
     @property
     def active(self) -> bool:

@@ -187,9 +187,6 @@ class TrainConfig:
     augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
     adapters: AdaptersConfig = dataclasses.field(default_factory=AdaptersConfig)
 
-    def replace(self, **sections: Any) -> TrainConfig:
-        return dataclasses.replace(self, **sections)
-
 
 _CHOICES = {
     ("model", "init"): ("pretrained", "random"),
@@ -201,15 +198,8 @@ _CHOICES = {
     ("run", "objective"): ("asr", "aligner"),
     ("run", "export_dtype"): ("float32", "bfloat16"),
 }
-_SECTION_CLASSES = {
-    "model": ModelConfig,
-    "data": DataConfig,
-    "optim": OptimConfig,
-    "mesh": MeshConfig,
-    "run": RunConfig,
-    "augment": AugmentConfig,
-    "adapters": AdaptersConfig,
-}
+# Each TOML section and its dataclass: TrainConfig's fields, whose default factories are the section classes.
+_SECTION_CLASSES = {f.name: f.default_factory for f in dataclasses.fields(TrainConfig)}
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:

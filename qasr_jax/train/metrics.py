@@ -38,7 +38,6 @@ class MetricsWriter:
         if self.path:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
-                f.flush()
         if not echo:
             return
         shown = " ".join(f"{k}={_format(v)}" for k, v in record.items() if k not in ("kind", "step", "time"))
