@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from qasr_jax.model import Qwen3ASR
     from qasr_jax.model.decoder import Decoder, init_cache
-    from qasr_jax.model.thinker import decode_step, unrolled
+    from qasr_jax.model.thinker import extend_cache, unrolled
     from qasr_jax.weights import load_pretrained
 
     path = args.checkpoint or common.random_checkpoint("asr-0.6b")
@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         return init_cache(cfg, batch, cache_len, jnp.float32)
 
     step = jax.jit(
-        lambda p, t, pos, start, c, i: decode_step(step_model, p, t, pos, start, c, i), donate_argnums=(4,)
+        lambda p, t, pos, start, c, i: extend_cache(step_model, p, t[:, None], pos[:, None], start, c, i),
+        donate_argnums=(4,),
     )
 
     def layers_only(decoder_params, x, pos, start, c, i):

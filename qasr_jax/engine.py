@@ -54,7 +54,7 @@ from jax.sharding import Mesh
 from qasr_jax import adapters as lora
 from qasr_jax import audio, buckets, sharding
 from qasr_jax.config import ThinkerConfig
-from qasr_jax.model import Qwen3ASR, decode_step, extend_cache, unrolled
+from qasr_jax.model import Qwen3ASR, extend_cache, unrolled
 from qasr_jax.model.attention import KVCache
 from qasr_jax.model.decoder import CACHE_AXES, CACHE_SEQ_AXIS, cache_length, init_cache, layer_cache_shape
 
@@ -443,8 +443,8 @@ def generate_program(
 
     def one_step(carry: tuple[jax.Array, DecodeState]) -> tuple[jax.Array, DecodeState]:
         step, s = carry
-        logits, caches = decode_step(
-            step_model, step_params, s.last_token, s.positions, s.kv_start, s.caches, s.index
+        logits, caches = extend_cache(
+            step_model, step_params, s.last_token[:, None], s.positions[:, None], s.kv_start, s.caches, s.index
         )
         new = next_token(logits, s.tokens, s.counts, s.seen, options)
         new = jnp.where(s.live, new, options.pad_token_id)
@@ -549,7 +549,6 @@ def prefill_after_program(
     its kept tokens where they are, and the index is its own end.
     """
     rows, run_len = ids.shape
-    x = model.apply({"params": params}, ids, audio, method=Qwen3ASR.embed_inputs)
     positions = keeps[:, None] + jnp.arange(run_len, dtype=jnp.int32)[None, :]
     if rows == 1:
         write, kv_start = offsets[0] + keeps[0], offsets
@@ -559,7 +558,9 @@ def prefill_after_program(
             {name: roll_rows(layer[name], top - keeps - offsets) for name in ("k", "v")} for layer in caches
         ]
         write, kv_start = top, top - keeps
-    logits, caches = extend_cache(*unrolled(model, params), x, positions, kv_start, caches, write, lengths - 1)
+    logits, caches = extend_cache(
+        *unrolled(model, params), ids, positions, kv_start, caches, write, lengths - 1, audio
+    )
     if rows == 1:
         index = write + lengths[0]
     else:

@@ -4,7 +4,6 @@ from qasr_jax.model.decoder import init_cache
 from qasr_jax.model.encoder import AudioEncoder
 from qasr_jax.model.thinker import (
     Qwen3ASR,
-    decode_step,
     extend_cache,
     first_valid,
     positions_from_mask,
@@ -14,7 +13,6 @@ from qasr_jax.model.thinker import (
 __all__ = [
     "AudioEncoder",
     "Qwen3ASR",
-    "decode_step",
     "extend_cache",
     "first_valid",
     "init_cache",

@@ -14,9 +14,9 @@ Entry points (all pure: ``Qwen3ASR(config).apply({"params": p}, ..., method=...)
   an explicit KV cache (``init_cache``), scanned over its layers.
 * ``prefill(waveforms, wave_lengths, input_ids, attention_mask, frames)`` → (last-position logits, cache,
   kv_start, prompt lengths): log-mel, encoder, audio merge and the prompt through the decoder into a new cache.
-* ``decode_step(model, params, tokens, positions, kv_start, caches, cache_index)`` and ``extend_cache`` (functions)
-  → (logits, caches): one token, or a run of tokens, per row after cached ones; with ``unrolled(model, params)``
-  the decoder's layers run one by one over their own weights (``scan_layers=False``).
+* ``extend_cache(model, params, ids, positions, kv_start, caches, cache_index)`` (a function) → (logits, caches):
+  one token (a decoding step), or a run of tokens, per row after cached ones; with ``unrolled(model, params)`` the
+  decoder's layers run one by one over their own weights (``scan_layers=False``).
 """
 
 from __future__ import annotations
@@ -230,54 +230,37 @@ def unrolled(model: Qwen3ASR, params: Any) -> tuple[Qwen3ASR, Any]:
     return model.clone(scan_layers=False), {**params, "decoder": layers}
 
 
-def decode_step(
-    model: Qwen3ASR,
-    params: Any,
-    tokens: jax.Array,
-    positions: jax.Array,
-    kv_start: jax.Array,
-    layer_caches: list[KVCache],
-    cache_index: jax.Array,
-) -> tuple[jax.Array, list[KVCache]]:
-    """One token per row through embeddings, the decoder layers and the head (``extend_cache`` with a run of one).
-
-    tokens: ``[batch]``; positions: ``[batch]`` (the tokens' positions; text positions are equal in all three
-    MRoPE sections); layer_caches: one ``{"k", "v"}: [batch, kv, cache_len, hd]`` per layer; cache_index: the slot
-    these tokens are written to (shared). Returns logits ``[batch, V]`` (fp32) and the updated caches.
-    """
-    x = model.apply({"params": params}, tokens[:, None], method=Qwen3ASR.embed_inputs)
-    return extend_cache(model, params, x, positions[:, None], kv_start, layer_caches, cache_index)
-
-
 def extend_cache(
     model: Qwen3ASR,
     params: Any,
-    inputs_embeds: jax.Array,
+    ids: jax.Array,
     positions: jax.Array,
     kv_start: jax.Array,
     layer_caches: list[KVCache],
     cache_index: jax.Array,
     last: jax.Array | None = None,
+    audio: jax.Array | None = None,
 ) -> tuple[jax.Array, list[KVCache]]:
-    """A run of tokens per row appended to per-layer caches: a prefill that continues a sequence whose earlier
-    keys/values are cached (decoding runs it on ``unrolled(model, params)``).
+    """A run of tokens per row appended to per-layer caches: a decoding step (a run of one) or a prefill that
+    continues a sequence whose earlier keys/values are cached (decoding runs it on ``unrolled(model, params)``).
 
-    inputs_embeds: ``[batch, seq, hidden]`` (``Qwen3ASR.embed_inputs``); positions: ``[batch, seq]``; the run is
-    written at cache slots ``[cache_index, cache_index + seq)`` and attends to every valid slot up to its own.
-    last: ``[batch]`` index in the run whose logits are returned (the run may be padded past it; None: a run of
-    one). Returns logits ``[batch, V]`` (fp32) and the updated caches.
+    ids: ``[batch, seq]`` (the audio slots take the rows of ``audio [batch, tokens, hidden]`` in order); positions:
+    ``[batch, seq]``; layer_caches: one ``{"k", "v"}: [batch, kv, cache_len, hd]`` per layer. The run is written at
+    cache slots ``[cache_index, cache_index + seq)`` (shared by the rows) and attends to every valid slot up to its
+    own. last: ``[batch]`` index in the run whose logits are returned (the run may be padded past it; None: a run
+    of one). Returns logits ``[batch, V]`` (fp32) and the updated caches.
     """
-    batch, seq = inputs_embeds.shape[:2]
+    batch, seq = ids.shape
+    x = model.apply({"params": params}, ids, audio, method=Qwen3ASR.embed_inputs)
     logits, layer_caches = model.apply(
-        {"params": params}, inputs_embeds, jnp.broadcast_to(positions[None], (3, batch, seq)), kv_start,
-        layer_caches, cache_index, logits_at=None if last is None else last[:, None], method=Qwen3ASR.decode,
+        {"params": params}, x, jnp.broadcast_to(positions[None], (3, batch, seq)), kv_start, layer_caches,
+        cache_index, logits_at=None if last is None else last[:, None], method=Qwen3ASR.decode,
     )  # fmt: skip
     return logits[:, 0], layer_caches
 
 
 __all__ = [
     "Qwen3ASR",
-    "decode_step",
     "extend_cache",
     "first_valid",
     "init_cache",
