@@ -42,9 +42,9 @@ def thinker_config(name: str) -> Any:
 
 
 def synthetic_batch(config: Any, batch: int, seconds: float, targets: int, seed: int = 0) -> Any:
-    """A training batch in the data pipeline's layout (``qasr_jax.train.data.BatchLoader``)."""
+    """A training batch in the data pipeline's layout (``qasr_jax.training.data.BatchLoader``)."""
     from qasr_jax import audio as audio_io
-    from qasr_jax.train.data import Batch
+    from qasr_jax.training.data import Batch
 
     rng = np.random.default_rng(seed)
     samples = int(seconds * audio_io.SAMPLE_RATE)
@@ -84,10 +84,10 @@ def time_steps(name: str, repeats: int) -> float:
     import jax
 
     from qasr_jax import sharding
-    from qasr_jax.train.augment import SpecAugment
-    from qasr_jax.train.config import ModelConfig, OptimConfig
-    from qasr_jax.train.losses import Objective
-    from qasr_jax.train.step import Trainer
+    from qasr_jax.training.augment import SpecAugment
+    from qasr_jax.training.config import ModelConfig, OptimConfig
+    from qasr_jax.training.losses import Objective
+    from qasr_jax.training.step import Trainer
 
     size = SIZES[name]
     config = thinker_config(name)

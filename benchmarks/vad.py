@@ -12,7 +12,7 @@ WER of a manifest that is half silence.
    silence making up the rest. Transcribed as a ``--manifest`` job does it (``batch_jobs.run_batches``), once
    without and once with the detector, each with a fresh model object and no persistent compilation cache: wall
    time, compile time, the detector's own time (summed over the threads that plan items), the decoded chunks and
-   the WER on the speech (the normalisation and edit distance of ``qasr_jax.train.evaluate``), each timing with
+   the WER on the speech (the normalisation and edit distance of ``qasr_jax.training.evaluate``), each timing with
    ``os.getloadavg()`` taken when it ended (a shared machine's load says how much of it the run had).
 
 The model defaults to the small random-weight test checkpoint (built once under ``--work-dir``): it writes words
@@ -163,7 +163,7 @@ def run_manifest(
     checkpoint: str, manifest: str, references: dict[str, str], vad: bool, batch_size: int
 ) -> dict:
     from qasr_jax import batch_jobs
-    from qasr_jax.train.evaluate import edit_distance, normalize_text
+    from qasr_jax.training.evaluate import edit_distance, normalize_text
     from qasr_jax.vad import SpeechDetector
 
     model = load_model(checkpoint, None, batch_size)

@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-from qasr_jax.convert import convert_checkpoint, verify_conversion
+from qasr_jax.conversion import convert_checkpoint, verify_conversion
 from qasr_jax.errors import QasrError
 from qasr_jax.hub import resolve_model
 

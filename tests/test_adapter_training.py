@@ -17,9 +17,9 @@ import pytest
 from qasr_jax import adapters as lora
 from qasr_jax.config import load_config
 from qasr_jax.errors import ConfigError
-from qasr_jax.train import train
-from qasr_jax.train.config import load_train_config
-from qasr_jax.train.metrics import read_metrics
+from qasr_jax.training import train
+from qasr_jax.training.config import load_train_config
+from qasr_jax.training.metrics import read_metrics
 from qasr_jax.weights import load_pretrained
 from tests.support import train_fixtures as tf
 from tests.test_train import load_checkpoint_params
@@ -104,7 +104,7 @@ def test_lora_run_trains_adapters_only_resumes_exactly_and_exports_peft_files(tm
 def _base_kernel(tmp_path, model_dir: str, manifest: str) -> np.ndarray:
     """The frozen base's down_proj kernel (the run's random init, drawn again)."""
     from qasr_jax import sharding
-    from qasr_jax.train.step import Trainer
+    from qasr_jax.training.step import Trainer
 
     cfg = _config(tmp_path, "base", model_dir, manifest)
     trainer = Trainer(load_config(model_dir), cfg.model, cfg.optim, 6, sharding.make_mesh("data=-1"))

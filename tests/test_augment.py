@@ -1,4 +1,4 @@
-"""Training-time feature augmentation (qasr_jax.train.augment): what each perturbation does, checked on inputs
+"""Training-time feature augmentation (qasr_jax.training.augment): what each perturbation does, checked on inputs
 whose perturbed values can be computed by hand, and its wiring into the config and the train step."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qasr_jax.train.augment import SpecAugment
-from qasr_jax.train.config import ConfigError, config_from_dict
+from qasr_jax.training.augment import SpecAugment
+from qasr_jax.training.config import ConfigError, config_from_dict
 
 MELS, WIDTH = 128, 60
 FRAMES = np.array([60, 37, 9])
@@ -109,10 +109,10 @@ def test_train_step_augments_with_the_step_key(tmp_path) -> None:
     from qasr_jax import sharding
     from qasr_jax import text as text_io
     from qasr_jax.config import load_config
-    from qasr_jax.train import data as data_lib
-    from qasr_jax.train import losses
-    from qasr_jax.train.config import ModelConfig, OptimConfig
-    from qasr_jax.train.step import Trainer
+    from qasr_jax.training import data as data_lib
+    from qasr_jax.training import losses
+    from qasr_jax.training.config import ModelConfig, OptimConfig
+    from qasr_jax.training.step import Trainer
     from tests.support import train_fixtures as tf
     from tests.test_train import _random_params, _tiny_model_dir
 

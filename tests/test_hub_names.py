@@ -185,7 +185,7 @@ def test_convert_takes_a_name_and_a_revision(hub, tmp_path) -> None:
 
 
 def test_train_config_takes_a_revision() -> None:
-    from qasr_jax.train.config import load_train_config
+    from qasr_jax.training.config import load_train_config
 
     cfg = load_train_config(None, [f'model.checkpoint="{ASR_NAME}"', 'model.revision="other"',
                                    'data.train_manifest="train.jsonl"'])  # fmt: skip

@@ -212,7 +212,7 @@ def test_no_weights_at_all_is_an_error(tmp_path):
 
 
 def test_orbax_checkpoint_for_another_config_is_refused(ckpt, tmp_path):
-    from qasr_jax.convert import convert_checkpoint
+    from qasr_jax.conversion import convert_checkpoint
 
     dst = str(tmp_path / "orbax")
     convert_checkpoint(ckpt, dst)

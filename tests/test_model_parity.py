@@ -198,7 +198,7 @@ def test_hf_layout_aligner_head_loads(tmp_path):
 
 
 def test_converted_orbax_checkpoint_gives_the_same_logits(base_case: Case, tmp_path):
-    from qasr_jax.convert import convert_checkpoint, verify_conversion
+    from qasr_jax.conversion import convert_checkpoint, verify_conversion
 
     dst = str(tmp_path / "orbax")
     convert_checkpoint(base_case.dir, dst)

@@ -21,12 +21,18 @@ from qasr_jax import audio as audio_io
 from qasr_jax import text as text_io
 from qasr_jax.config import config_from_dict, load_config
 from qasr_jax.errors import ConfigError
-from qasr_jax.train import data as data_lib
-from qasr_jax.train import losses
-from qasr_jax.train.config import load_train_config
-from qasr_jax.train.evaluate import ErrorCounts, boundary_shift_ms, edit_distance, label_words, normalize_text
-from qasr_jax.train.metrics import read_metrics
-from qasr_jax.train.optim import learning_rate_schedule
+from qasr_jax.training import data as data_lib
+from qasr_jax.training import losses
+from qasr_jax.training.config import load_train_config
+from qasr_jax.training.evaluate import (
+    ErrorCounts,
+    boundary_shift_ms,
+    edit_distance,
+    label_words,
+    normalize_text,
+)
+from qasr_jax.training.metrics import read_metrics
+from qasr_jax.training.optim import learning_rate_schedule
 from qasr_jax.weights import export_pretrained, load_pretrained
 from tests.support import speech
 from tests.support import train_fixtures as tf
@@ -77,7 +83,7 @@ def test_example_configs_are_valid():
 
 
 def test_learning_rate_warms_up_then_decays():
-    from qasr_jax.train.config import OptimConfig
+    from qasr_jax.training.config import OptimConfig
 
     cosine = learning_rate_schedule(OptimConfig(learning_rate=1.0, warmup_steps=4, end_lr_ratio=0.1), 104)
     assert [float(cosine(s)) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
@@ -151,7 +157,7 @@ def test_bad_manifest_rows_are_counted_and_skipped_with_reasons(tmp_path, caplog
         json.dumps({**rows[2], "audio": str(vanishing)}),
     ]
     manifest = tf.write_manifest(tmp_path / "train.jsonl", lines)
-    with caplog.at_level("WARNING", logger="qasr_jax.train.data"):
+    with caplog.at_level("WARNING", logger="qasr_jax.training.data"):
         report = data_lib.read_manifest(manifest, tokens, "asr", max_seconds=3.0)
     assert [e.line for e in report.examples] == [1, 10, 11]
     assert [line for line, _ in report.skipped] == [2, 3, 4, 5, 6, 7, 8]
@@ -174,7 +180,7 @@ def test_bad_manifest_rows_are_counted_and_skipped_with_reasons(tmp_path, caplog
     shapes = data_lib.Shapes(config, 16, 16)
     (spec,) = data_lib.eval_specs(report.examples, shapes, 4)
     caplog.clear()
-    with caplog.at_level("WARNING", logger="qasr_jax.train.data"):
+    with caplog.at_level("WARNING", logger="qasr_jax.training.data"):
         loaded = data_lib.BatchLoader(report.examples, tokens)(spec)
     batch = loaded.batch
     rows_by_line = {report.examples[i].line: r for r, i in enumerate(spec.rows)}
@@ -295,7 +301,7 @@ def test_loss_matches_official_pytorch_model(tmp_path):
 @pytest.fixture(scope="module")
 def overfit_run(tmp_path_factory):
     """A tiny model trained on four espeak-ng utterances (bf16 compute, fp32 master weights), then exported."""
-    from qasr_jax.train import train
+    from qasr_jax.training import train
 
     root = tmp_path_factory.mktemp("overfit")
     model_dir = _tiny_model_dir(root / "model")
@@ -406,7 +412,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_loss_trajectory(tmp_path):
 
     reference = run("reference", keep_last=4)  # keeps step 2, to check the frozen encoder against
     assert reference.returncode == 0, reference.stderr[-3000:]
-    from qasr_jax.train.checkpointing import Checkpoints
+    from qasr_jax.training.checkpointing import Checkpoints
 
     first = run("resumed", "--kill-in-save", "4")
     assert first.returncode == -9, first.stderr[-3000:]
@@ -459,9 +465,9 @@ def load_checkpoint_params(path) -> dict[str, np.ndarray]:
 def test_aligner_targets_are_timestamp_classes_and_eval_measures_boundary_shift(tmp_path):
     from qasr_jax import sharding
     from qasr_jax.model import Qwen3ASR
-    from qasr_jax.train.config import ModelConfig, OptimConfig
-    from qasr_jax.train.evaluate import Evaluator
-    from qasr_jax.train.step import Trainer
+    from qasr_jax.training.config import ModelConfig, OptimConfig
+    from qasr_jax.training.evaluate import Evaluator
+    from qasr_jax.training.step import Trainer
 
     model_dir = _tiny_model_dir(tmp_path / "aligner", aligner=True)
     config = load_config(model_dir)
@@ -645,7 +651,7 @@ def test_frame_targets_put_each_word_under_its_tokens():
 
 
 def test_conditions_parse_and_name_their_errors():
-    from qasr_jax.train.config import parse_condition
+    from qasr_jax.training.config import parse_condition
 
     stop = parse_condition("ctc_wer <= 0.25")
     assert (stop.metric, stop.op, stop.value, stop.step) == ("ctc_wer", "<=", 0.25, 0)
@@ -663,8 +669,8 @@ def test_conditions_parse_and_name_their_errors():
 def test_stop_when_ends_the_run_and_a_rerun_exports_without_training_on(tmp_path):
     """A met ``run.stop_when`` ends the run at that evaluation (checkpoint, export); rerunning the command finds
     the marker and exports the same step. A failed gate raises GateFailed naming the gate and the value."""
-    from qasr_jax.train import train
-    from qasr_jax.train.loop import GateFailed
+    from qasr_jax.training import train
+    from qasr_jax.training.loop import GateFailed
 
     model_dir = _tiny_model_dir(tmp_path / "model")
     manifest = tf.write_manifest(tmp_path / "train.jsonl", tf.speech_rows(tf.SENTENCES[:2]))

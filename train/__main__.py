@@ -17,8 +17,8 @@ import sys
 
 from qasr_jax import compile_cache
 from qasr_jax.errors import QasrError
-from qasr_jax.train import load_train_config, train
-from qasr_jax.train.loop import GateFailed
+from qasr_jax.training import load_train_config, train
+from qasr_jax.training.loop import GateFailed
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,10 +44,10 @@ import jax
 from qasr_jax import adapters as lora
 from qasr_jax import compile_cache, weights
 from qasr_jax.config import load_config
-from qasr_jax.train import load_train_config
-from qasr_jax.train.config import TrainConfig
-from qasr_jax.train.metrics import read_metrics
-from qasr_jax.train.optim import trainable_mask
+from qasr_jax.training import load_train_config
+from qasr_jax.training.config import TrainConfig
+from qasr_jax.training.metrics import read_metrics
+from qasr_jax.training.optim import trainable_mask
 from train import demo_eval
 
 REPO = Path(__file__).resolve().parent.parent

@@ -12,7 +12,7 @@ The floor below which no demo model ships (``FLOOR``): word error rate ≤ 10% w
 language) and ≤ 20% continuous, language identification ≥ 95%; the aligner's word boundaries closer to the exact
 times, on average, than the proportional baseline's.
 
-Word error rates use the one normalisation and edit distance of ``qasr_jax.train.evaluate``.
+Word error rates use the one normalisation and edit distance of ``qasr_jax.training.evaluate``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from qasr_jax.train.evaluate import edit_distance, normalize_text
+from qasr_jax.training.evaluate import edit_distance, normalize_text
 
 MAX_WER = 0.05
 MAX_CONTINUOUS_WER = 0.10

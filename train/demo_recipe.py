@@ -331,7 +331,7 @@ STAGE_METRICS = {
 
 def stage_tables(runs: Path) -> str:
     """Each training stage's evaluations on the validation set (val + val-continuous), as Markdown tables."""
-    from qasr_jax.train.metrics import read_metrics
+    from qasr_jax.training.metrics import read_metrics
 
     parts = []
     for stage, columns in STAGE_METRICS.items():

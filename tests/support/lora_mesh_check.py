@@ -35,8 +35,8 @@ SPEC = adapters.LoraSpec(
 
 
 def run(work_dir: str, specs: list[str]) -> dict[str, Any]:
-    from qasr_jax.train.config import ModelConfig, OptimConfig
-    from qasr_jax.train.step import Trainer
+    from qasr_jax.training.config import ModelConfig, OptimConfig
+    from qasr_jax.training.step import Trainer
 
     config = mesh_test_config()
     base = random_params(config)

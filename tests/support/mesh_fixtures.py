@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from qasr_jax.config import config_from_dict
-from qasr_jax.train.data import Batch
+from qasr_jax.training.data import Batch
 from qasr_jax.weights import flatten_params
 
 # The encoder key bias only shifts every attention logit of a query by the same amount, which softmax ignores:

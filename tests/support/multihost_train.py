@@ -37,8 +37,8 @@ def flat(tree: Any) -> dict[str, np.ndarray]:
 
 
 def trainer_for(mesh: Any) -> tuple[Any, Any, Any]:
-    from qasr_jax.train.config import ModelConfig, OptimConfig
-    from qasr_jax.train.step import Trainer
+    from qasr_jax.training.config import ModelConfig, OptimConfig
+    from qasr_jax.training.step import Trainer
     from tests.support.mesh_fixtures import mesh_test_config, random_params, synthetic_batch
 
     config = mesh_test_config()
@@ -59,7 +59,7 @@ def run_multi(work_dir: str, port: str, process_id: int) -> dict[str, Any]:
         coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=process_id
     )
     from qasr_jax import sharding
-    from qasr_jax.train.checkpointing import Checkpoints
+    from qasr_jax.training.checkpointing import Checkpoints
 
     assert jax.device_count() == 8 and jax.local_device_count() == 4
     trainer, params, batch = trainer_for(sharding.make_mesh(MULTI_MESH))
@@ -103,7 +103,7 @@ def run_multi(work_dir: str, port: str, process_id: int) -> dict[str, Any]:
 
 def run_single(work_dir: str) -> dict[str, Any]:
     from qasr_jax import sharding
-    from qasr_jax.train.checkpointing import Checkpoints
+    from qasr_jax.training.checkpointing import Checkpoints
     from tests.support.mesh_fixtures import ZERO_GRADIENT_LEAVES, relative
 
     trainer, params, batch = trainer_for(sharding.make_mesh("data=1", jax.devices()[:1]))

@@ -49,7 +49,7 @@ def main() -> None:
 
         callbacks.append(kill_after)
 
-    from qasr_jax.train import load_train_config, train
+    from qasr_jax.training import load_train_config, train
 
     summary = train(load_train_config(args.config), callbacks=callbacks)
     print("finished at step", summary["step"])

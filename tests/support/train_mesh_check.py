@@ -39,8 +39,8 @@ from tests.support.mesh_fixtures import (
 
 
 def run_train(work_dir: str, specs: list[str]) -> dict[str, Any]:
-    from qasr_jax.train.config import ModelConfig, OptimConfig
-    from qasr_jax.train.step import Trainer
+    from qasr_jax.training.config import ModelConfig, OptimConfig
+    from qasr_jax.training.step import Trainer
 
     config = mesh_test_config()
     params = random_params(config)

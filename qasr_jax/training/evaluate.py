@@ -26,9 +26,9 @@ from qasr_jax import audio as audio_io
 from qasr_jax import buckets, sharding
 from qasr_jax import text as text_io
 from qasr_jax.engine import DecodeOptions, DecodeRequest, Engine
-from qasr_jax.train import losses
-from qasr_jax.train.data import Batch, BatchLoader, Example, Shapes, eval_specs, load_samples
-from qasr_jax.train.step import Trainer
+from qasr_jax.training import losses
+from qasr_jax.training.data import Batch, BatchLoader, Example, Shapes, eval_specs, load_samples
+from qasr_jax.training.step import Trainer
 
 CHARACTER_LANGUAGES = frozenset({"Chinese", "Cantonese", "Japanese", "Korean", "Thai"})
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from qasr_jax.train.config import AugmentConfig
+from qasr_jax.training.config import AugmentConfig
 
 
 class SpecAugment(AugmentConfig):

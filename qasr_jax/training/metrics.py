@@ -10,7 +10,7 @@ import sys
 import time
 from typing import Any
 
-log = logging.getLogger("qasr_jax.train")
+log = logging.getLogger("qasr_jax.training")
 
 
 def _plain(value: Any) -> Any:

@@ -25,8 +25,8 @@ import optax
 from qasr_jax import audio as audio_io
 from qasr_jax.config import AudioEncoderConfig
 from qasr_jax.model import Qwen3ASR
-from qasr_jax.train.augment import SpecAugment
-from qasr_jax.train.data import Batch
+from qasr_jax.training.augment import SpecAugment
+from qasr_jax.training.data import Batch
 
 
 def batch_frames(waveforms: jax.Array) -> int:

@@ -7,7 +7,7 @@ from typing import Any
 import jax
 import optax
 
-from qasr_jax.train.config import OptimConfig
+from qasr_jax.training.config import OptimConfig
 
 # Which top-level param subtrees each freezable part covers (a tied head lives in embed_tokens).
 PARTS: dict[str, tuple[str, ...]] = {

@@ -25,10 +25,10 @@ from qasr_jax import adapters as lora
 from qasr_jax import sharding, weights
 from qasr_jax.config import ThinkerConfig
 from qasr_jax.model import Qwen3ASR
-from qasr_jax.train import losses
-from qasr_jax.train.config import ModelConfig, OptimConfig
-from qasr_jax.train.data import Batch
-from qasr_jax.train.optim import make_optimizer, trainable_mask
+from qasr_jax.training import losses
+from qasr_jax.training.config import ModelConfig, OptimConfig
+from qasr_jax.training.data import Batch
+from qasr_jax.training.optim import make_optimizer, trainable_mask
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 

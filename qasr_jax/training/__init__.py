@@ -7,7 +7,7 @@
 * ``loop.train``: all of it together (the trained params are exported with ``qasr_jax.weights.export_pretrained``).
 """
 
-from qasr_jax.train.config import TrainConfig, load_train_config
-from qasr_jax.train.loop import train
+from qasr_jax.training.config import TrainConfig, load_train_config
+from qasr_jax.training.loop import train
 
 __all__ = ["TrainConfig", "load_train_config", "train"]

@@ -88,7 +88,7 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
-    """Perturbation of the training features (``qasr_jax.train.augment``; all 0: none). frequency_scale: each
+    """Perturbation of the training features (``qasr_jax.training.augment``; all 0: none). frequency_scale: each
     row's spectrum is stretched by a factor drawn log-uniformly in [1 / (1 + f), 1 + f] (voices of other
     vocal-tract lengths); freq_masks bands of up to freq_width mel bins and time_masks spans of up to time_width
     frames are set to the row's mean (SpecAugment). Evaluation and inference never augment."""

@@ -13,7 +13,7 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
-from qasr_jax.train.step import TrainState
+from qasr_jax.training.step import TrainState
 
 
 class Checkpoints:

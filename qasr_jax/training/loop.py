@@ -24,16 +24,16 @@ from qasr_jax import sharding, weights
 from qasr_jax import text as text_io
 from qasr_jax.config import load_config
 from qasr_jax.hub import resolve_model
-from qasr_jax.train import data as data_lib
-from qasr_jax.train.augment import SpecAugment
-from qasr_jax.train.checkpointing import Checkpoints
-from qasr_jax.train.config import TrainConfig, config_to_dict, parse_condition
-from qasr_jax.train.evaluate import Evaluator
-from qasr_jax.train.losses import Objective
-from qasr_jax.train.metrics import MetricsWriter, Progress
-from qasr_jax.train.step import StepCallback, Trainer
+from qasr_jax.training import data as data_lib
+from qasr_jax.training.augment import SpecAugment
+from qasr_jax.training.checkpointing import Checkpoints
+from qasr_jax.training.config import TrainConfig, config_to_dict, parse_condition
+from qasr_jax.training.evaluate import Evaluator
+from qasr_jax.training.losses import Objective
+from qasr_jax.training.metrics import MetricsWriter, Progress
+from qasr_jax.training.step import StepCallback, Trainer
 
-log = logging.getLogger("qasr_jax.train")
+log = logging.getLogger("qasr_jax.training")
 
 
 class GateFailed(RuntimeError):
