@@ -757,7 +757,7 @@ class Engine:
         max_new = buckets.STEP_LADDER.size(max(r.max_new_tokens for r in requests))
         top = max(prefix.keeps)
         if n == 1:  # a lone row continues where its tokens are (see prefill_after_program)
-            slots = self.min_slots  # on the CPU, a spare row keeps each step from copying whole cache layers
+            slots = 1
             need = prefix.offsets[0] + top + max(run_len, len(requests[0].ids) + max_new)
         else:
             slots = max(rows, self.min_slots)
