@@ -165,9 +165,10 @@ class Prefilled:
     """Prefilled requests, one per row (rows past ``count`` are padding and are never inserted).
 
     caches: the prompts' keys/values as the scanned decoder made them, ``{"k", "v"}: [layers, rows, kv,
-    prompt_len, hd]`` (``insert`` copies layer l's block into the state's cache of layer l); kv_start: ``[rows]`` first valid slot (left
-    padding); positions: ``[rows]`` the next token's position (the prompt length); first_token: ``[rows]``;
-    first_logprob: ``[rows]`` its log-probability; budgets: ``[rows]`` tokens each request may generate.
+    prompt_len, hd]`` (``insert`` copies layer l's block into the state's cache of layer l); kv_start: ``[rows]``
+    first valid slot (left padding); positions: ``[rows]`` the next token's position (the prompt length);
+    first_token: ``[rows]``; first_logprob: ``[rows]`` its log-probability; budgets: ``[rows]`` tokens each
+    request may generate.
     """
 
     caches: KVCache
@@ -178,6 +179,11 @@ class Prefilled:
     budgets: jax.Array
     count: int = flax.struct.field(pytree_node=False, default=0)
     adapters: jax.Array | None = None  # [rows] each row's adapter slot
+
+    @property
+    def prompt_len(self) -> int:
+        """The prompt bucket: cache slots of each row's block."""
+        return self.caches["k"].shape[1 + CACHE_SEQ_AXIS]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -389,7 +395,7 @@ def insert_program(
 ) -> DecodeState:
     """Prefilled row i into slot ``slots[i]`` (rows whose slot is out of range are dropped), its KV block at
     cache slots ``[index − prompt_len, index)``."""
-    prompt_len = prefilled.caches["k"].shape[1 + CACHE_SEQ_AXIS]
+    prompt_len = prefilled.prompt_len
     start = state.index - prompt_len
     zero = jnp.int32(0)
     caches = []
@@ -860,7 +866,7 @@ class Engine:
         targets = np.full((rows,), n_slots, np.int32)  # out of range: padding rows are dropped
         targets[: len(slots)] = slots
         fn = functools.partial(insert_program, self.options)
-        key = ("insert", state.shape, rows, prefilled.caches["k"].shape[1 + CACHE_SEQ_AXIS], self.options,
+        key = ("insert", state.shape, rows, prefilled.prompt_len, self.options,
                prefilled.adapters is not None)  # fmt: skip
         prefilled = prefilled.replace(count=0)  # the count is host bookkeeping, not part of the program
         program = self.compile_program(

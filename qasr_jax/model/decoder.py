@@ -68,10 +68,8 @@ class DecoderLayer(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = RMSNorm(cfg.rms_norm_eps, name="input_layernorm", **kw)(x)
         lora = dict(lora_dropout=self.lora_dropout)
-        h, layer_cache = CausalSelfAttention(cfg, self.attention_impl, name="self_attn", keep_kv=self.keep_kv, **kw,
-                                             **lora)(
-            h, cos, sin, kv_start, layer_cache, cache_index
-        )
+        attention = CausalSelfAttention(cfg, self.attention_impl, name="self_attn", keep_kv=self.keep_kv, **kw, **lora)
+        h, layer_cache = attention(h, cos, sin, kv_start, layer_cache, cache_index)
         x = x + h
         h = RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
         x = x + MLP(cfg, name="mlp", **kw, **lora)(h)
@@ -103,8 +101,8 @@ class Decoder(nn.Module):
         """x: [batch, seq, hidden]; positions: [3, batch, seq] (or [batch, seq]); kv_start: [batch]; cache: one
         ``{"k", "v"}`` per layer (stacked for a scan and handed back per layer). ``keep_kv`` without a cache:
         the tokens' own keys/values come back as they are, scanned ``{"k", "v"}: [layers, batch, kv_heads, seq,
-        head_dim]``, unrolled one ``{"k", "v"}`` per layer (a prompt's prefill: no empty cache to fill, and no copy of the block per layer; ``insert``
-        copies each layer's part into a decode state)."""
+        head_dim]``, unrolled one ``{"k", "v"}`` per layer (a prompt's prefill: no empty cache to fill, and no
+        copy of the block per layer; ``insert`` copies each layer's part into a decode state)."""
         cfg = self.config
         cos, sin = rope_cos_sin(
             positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, cfg.mrope_interleaved
